@@ -1,0 +1,20 @@
+"""The one exception root and the one warning category of the project."""
+
+
+class AllocatorError(Exception):
+    """Raised for an impossible request or a failed run. The message names the fix.
+
+    ``exit_code`` is what the CLI exits with: 1 for a failure, 2 for bad input (see :class:`InputError`).
+    """
+
+    exit_code = 1
+
+
+class InputError(AllocatorError, ValueError):
+    """Bad user input: a malformed budget, a missing file, an unknown family. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class AllocatorWarning(UserWarning):
+    """Warned when the allocator had to guess; the message says how to make it go away."""
