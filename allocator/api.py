@@ -1,0 +1,219 @@
+"""The main job as one call: model + a little data + a budget -> :class:`~allocator.plan.Plan`.
+
+    plan = allocator.allocate("Qwen/Qwen3.5-0.8B", data="train.jsonl", budget="r8")
+    peft_model = plan.apply(model)
+
+Each stage is its own function (see docs/design.md); this module only chains them and records provenance.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from allocator.errors import AllocatorError, InputError
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How calibration batches are drawn from ``data``."""
+
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
+    samples: int = field(default=32, metadata={"help": "Calibration sequences in all."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward micro-batch."})
+    seed: int = field(default=0, metadata={"help": "Seed for drawing and ordering calibration samples."})
+    text_field: str = field(default="text", metadata={"help": "JSONL field holding plain text records."})
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def resolve_model_ref(model: Any) -> Any:
+    """``None`` -> the built-in reference model's folder; anything else unchanged."""
+    if model is None:
+        from allocator.reference import DEFAULT_MODEL, reference_model_path
+
+        return str(reference_model_path(DEFAULT_MODEL))
+    if isinstance(model, os.PathLike):
+        return os.fspath(model)
+    return model
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import peft
+    import scipy
+    import torch
+    import transformers
+
+    import allocator
+
+    return {
+        "allocator": allocator.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "scipy": scipy.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def allocate(
+    model: Any = None,
+    data: str | os.PathLike[str] = "builtin",
+    budget: str | int = "r8",
+    *,
+    data_settings: DataSettings | None = None,
+    probe_settings: Any = None,
+    utility_settings: Any = None,
+    solver_settings: Any = None,
+    retention_data: str | os.PathLike[str] | None = None,
+    fused_kernels: bool = True,
+    alpha_ratio: float = 2.0,
+    use_rslora: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: Any = None,
+) -> Any:
+    """Measure where LoRA parameters pay off on ``data`` and choose ranks under ``budget``.
+
+    Args:
+        model: a hub id, a local folder, or a loaded ``PreTrainedModel``; ``None`` takes the built-in reference
+            model (a small pretrained Qwen3.5-architecture model shipped with the package).
+        data: calibration data: a ``.txt``/``.jsonl`` file, a ``datasets`` folder, or ``"builtin"``.
+        budget: trainable LoRA parameters: ``"2.5M"``, ``"0.5%"`` of the base model, or ``"r16"`` (what
+            uniform rank 16 on every eligible target costs).
+        retention_data: general text whose probes give each module a retention risk (used when the utility
+            settings' retention weight is > 0); ``"builtin"`` is the package's general corpus.
+        fused_kernels: assume fused Mamba kernels (GPU training): modules they bypass get no adapter.
+        cache_dir: reuse probe reports whose model, data and settings match.
+
+    Returns:
+        A :class:`~allocator.plan.Plan`; ``plan.cost <= plan.budget`` always.
+
+    Raises:
+        InputError: bad input (unknown model, empty data, malformed or infeasible budget), naming the fix.
+        AllocatorError: the run failed (non-finite loss, solver failure).
+    """
+    import probes
+    from allocator.budget import Budget
+    from allocator.components import find_components
+    from allocator.modelio import count_base_params, load_model
+    from allocator.plan import Plan
+    from allocator.solve import SolverSettings, solve
+    from allocator.utility import UtilitySettings, compute_utilities
+
+    data_settings = data_settings or DataSettings()
+    probe_settings = probe_settings or probes.ProbeSettings()
+    utility_settings = utility_settings or UtilitySettings()
+    solver_settings = solver_settings or SolverSettings()
+    parsed_budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
+
+    model_ref = resolve_model_ref(model)
+    if isinstance(model_ref, str):
+        model_id = model_ref
+        model_obj = load_model(model_ref, trust_remote_code=trust_remote_code)
+    else:
+        model_obj = model_ref
+        model_id = getattr(model_obj.config, "_name_or_path", "") or type(model_obj).__name__
+    tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code)
+
+    components = find_components(model_obj, fused_kernels=fused_kernels)
+    eligible = [c for c in components if c.eligible and not c.is_parameter]
+    if not eligible:
+        raise AllocatorError(f"no adaptable modules found in {model_id}; see `allocate inspect {model_id}`")
+    budget_params = parsed_budget.resolve(components, count_base_params(model_obj))
+
+    names = [c.name for c in eligible]
+    report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir)
+    risk_report = None
+    if retention_data is not None and getattr(utility_settings, "retention_weight", 0.0) > 0:
+        risk_report = _probe(
+            model_obj, model_id, retention_data, tokenizer, names, data_settings, probe_settings, cache_dir
+        )
+    table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
+    allocation = solve(components, table, budget_params, solver_settings)
+
+    row = {n: i for i, n in enumerate(table.names)}
+    col = {r: j for j, r in enumerate(table.ranks)}
+    utility = {n: float(table.values[row[n], col[r]]) for n, r in allocation.ranks.items() if n in row and r in col}
+    risk = {}
+    if table.risk is not None:
+        risk = {n: float(table.risk[row[n], col[r]]) for n, r in allocation.ranks.items() if n in row and r in col}
+    provenance = {
+        "model_id": model_id,
+        "model_revision": getattr(model_obj.config, "_commit_hash", None),
+        "data": str(data),
+        "data_hash": report.meta.get("data_hash"),
+        "retention_data": None if retention_data is None else str(retention_data),
+        "budget_spec": str(parsed_budget),
+        "data_settings": asdict(data_settings),
+        "probe_settings": _settings_dict(probe_settings),
+        "utility_settings": _settings_dict(utility_settings),
+        "solver_settings": _settings_dict(solver_settings),
+        "fused_kernels": fused_kernels,
+        "versions": library_versions(),
+    }
+    return Plan(
+        model_id=model_id,
+        components=tuple(components),
+        ranks=dict(allocation.ranks),
+        budget=int(budget_params),
+        utility=utility,
+        risk=risk,
+        solver={
+            "status": allocation.status,
+            "mip_gap": float(allocation.mip_gap),
+            "granularity": allocation.granularity,
+            "groups": {k: list(v) for k, v in allocation.groups.items()},
+        },
+        provenance=provenance,
+        alpha_ratio=alpha_ratio,
+        use_rslora=use_rslora,
+    )
+
+
+def _settings_dict(settings: Any) -> dict[str, Any]:
+    if hasattr(settings, "to_dict"):
+        return settings.to_dict()
+    return asdict(settings)
+
+
+def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"could not load a tokenizer for {model_id!r} ({type(exc).__name__}); pass tokenizer=... or a folder "
+            "that holds tokenizer files"
+        ) from None
+
+
+def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir):
+    import probes
+    from probes.errors import ProbeError
+
+    try:
+        batches = probes.load_batches(
+            str(data),
+            tokenizer,
+            seq_len=data_settings.seq_len,
+            samples=data_settings.samples,
+            batch_size=data_settings.batch_size,
+            seed=data_settings.seed,
+            text_field=data_settings.text_field,
+        )
+        meta = {"model_id": model_id, "data": str(data), **asdict(data_settings)}
+        if cache_dir is not None:
+            return probes.run_cached(model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta)
+        return probes.run(model, batches, names, probe_settings, meta=meta)
+    except ProbeError as exc:
+        raise InputError(str(exc)) from None

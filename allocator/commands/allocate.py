@@ -1,0 +1,138 @@
+"""`allocate [MODEL] --data PATH --budget B -o OUT_DIR`: plan a LoRA config. One API call: ``allocator.allocate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from allocator.commands._options import add_settings_options, settings_from_args
+from allocator.errors import AllocatorError
+
+EXAMPLES = """\
+examples:
+  allocate
+      the built-in demo: the shipped Qwen3.5-architecture reference model, built-in calibration text,
+      budget r8, written to ./lora-plan
+  allocate Qwen/Qwen3.5-0.8B --data train.jsonl --budget r16 -o plans/qwen-r16
+      ranks for your data at the cost of uniform rank 16 over all eligible targets
+  allocate ./my-model --data notes.txt --budget 2.5M --granularity module --share attention=0.1:0.5 -o out
+      2.5M trainable parameters, one rank per module, attention gets 10-50% of the budget
+  allocate ./my-model --data chat.jsonl --budget 0.5% --retention-data builtin --utility-retention-weight 0.5 -o out
+      trade target fit against damage to general ability (probes on general text)
+
+then, in Python:
+  from peft import LoraConfig, get_peft_model
+  model = get_peft_model(model, LoraConfig.from_pretrained("out"))   # trainable params == allocation.json "cost"
+
+budgets: an absolute count (2500000, 2.5M, 800k), a share of the base model (0.5%), or a uniform
+equivalent (r16 = what rank 16 on every eligible target costs).
+exit codes: 0 success, 1 failure, 2 bad input.
+"""
+
+
+def _settings_classes():
+    import probes
+    from allocator.api import DataSettings
+    from allocator.solve import SolverSettings
+    from allocator.utility import UtilitySettings
+
+    return DataSettings, probes.ProbeSettings, UtilitySettings, SolverSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="allocate",
+        description="Measure where LoRA parameters pay off in a (hybrid) causal LM and choose per-layer, "
+        "per-component ranks under an exact trainable-parameter budget. Writes a PEFT adapter_config.json, "
+        "allocation.json, report.md and heatmap.png.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "model", nargs="?", default=None, help="hub id, local folder, or omitted for the built-in reference model"
+    )
+    parser.add_argument("--data", default="builtin", help="calibration data: .txt, .jsonl, a datasets folder, or 'builtin' (default)")
+    parser.add_argument("--budget", default="r8", help="trainable LoRA parameters: 2.5M | 0.5%% | r16 (default: r8)")
+    parser.add_argument("-o", "--output", default="lora-plan", help="output folder (default: ./lora-plan)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--retention-data", default=None, help="general text for the retention risk ('builtin' for the package corpus)")
+    parser.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r per module (default: 2)")
+    parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r) with one alpha")
+    parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels: adapters on modules they bypass do work")
+    parser.add_argument("--cache-dir", default=None, help="reuse probe reports stored here when model, data and settings match")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub (off by default)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
+    add_settings_options(parser, data_cls, title="calibration data")
+    add_settings_options(parser, solver_cls, title="solver")
+    add_settings_options(parser, utility_cls, prefix="utility", title="utility (how probe signals become rank values)")
+    add_settings_options(parser, probe_cls, prefix="probe", title="probes")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import allocator
+
+    data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
+    out = Path(args.output)
+    from allocator.plan import check_output_dir
+
+    check_output_dir(out.resolve(), overwrite=args.overwrite)  # fail before the expensive part
+    started = time.perf_counter()
+    plan = allocator.allocate(
+        args.model,
+        data=args.data,
+        budget=args.budget,
+        data_settings=settings_from_args(args, data_cls),
+        probe_settings=settings_from_args(args, probe_cls, prefix="probe", **({"progress": False} if args.quiet else {})),
+        utility_settings=settings_from_args(args, utility_cls, prefix="utility"),
+        solver_settings=settings_from_args(args, solver_cls),
+        retention_data=args.retention_data,
+        fused_kernels=not args.no_fused_kernels,
+        alpha_ratio=args.alpha_ratio,
+        use_rslora=args.rslora,
+        cache_dir=args.cache_dir,
+        trust_remote_code=args.trust_remote_code,
+    )
+    folder = plan.save(out, overwrite=args.overwrite)
+    print(format_summary(plan, folder, time.perf_counter() - started))
+    return 0
+
+
+def format_summary(plan, folder: Path, seconds: float) -> str:
+    from allocator.report import family_rows, uniform_comparison
+
+    uniform = uniform_comparison(plan)
+    lines = [
+        f"model   {plan.model_id}",
+        f"budget  {plan.budget:,} parameters; plan cost {plan.cost:,} ({plan.cost / max(plan.budget, 1):.1%})",
+        f"        uniform rank {uniform.rank} on all {uniform.n_targets} targets would cost {uniform.cost:,}",
+        "",
+        f"{'family':<10} {'adapted':>9} {'ranks':<20} {'parameters':>12} {'budget':>7}",
+    ]
+    for row in family_rows(plan):
+        lines.append(
+            f"{row.family:<10} {row.adapted:>4}/{row.modules:<4} {row.ranks:<20} {row.params:>12,} {row.share_budget:>7.1%}"
+        )
+    lines += [
+        "",
+        f"wrote {folder}/adapter_config.json, allocation.json, report.md, heatmap.png ({seconds:.0f} s)",
+        f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder)!r}))",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except AllocatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 1

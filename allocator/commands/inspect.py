@@ -1,0 +1,162 @@
+"""`allocate inspect [MODEL]`: print what LoRA could adapt, layer by layer. One API call: ``inspect_model``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from importlib import resources
+
+from allocator.errors import AllocatorError
+
+DEFAULT_CONFIG = "qwen3_5-0.8b.config.json"  # allocator/data: the Qwen3.5-0.8B architecture, config only
+
+EXAMPLES = """\
+examples:
+  allocate inspect
+      the built-in Qwen3.5-0.8B config (allocator/data/qwen3_5-0.8b.config.json): 18 GatedDeltaNet
+      layers, 6 attention layers, 24 MLPs
+  allocate inspect ./Falcon-H1-0.5B/config.json --rank 16
+      any config.json: built on the meta device in seconds, no weights needed
+  allocate inspect tiiuae/Falcon-H1-0.5B-Instruct --no-fused-kernels
+      a hub id (HF cache first); count Mamba-2 out_proj as adaptable, as on a CPU-only or kernel-free run
+  allocate inspect ./my-model --json > components.json
+      machine-readable: totals, per-kind and per-layer groups, and every component
+
+columns: modules / LoRA parameters per rank unit (Σ d_in + d_out, times experts). Multiply by a rank
+to get a cost: "at r=16" does it for you. "not effective" modules are never offered: their forward
+is bypassed (fused Mamba kernels, dt_proj), they never run (dead Zamba2 adapter entries), or PEFT
+refuses them (out_proj on falcon_h1 / mamba / nemotron_h).
+exit codes: 0 success, 1 failure, 2 bad input.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="allocate inspect",
+        description="List every module a LoRA could adapt, labelled by decoder layer, family (attention, "
+        "recurrent, mlp, moe, other) and kind (softmax, gated_deltanet, mamba2, expert, ...), with the "
+        "LoRA cost of one rank unit per group.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", default=None,
+                        help="hub id, model folder or path to a config.json (default: the built-in Qwen3.5-0.8B "
+                        "config, allocator/data/qwen3_5-0.8b.config.json)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                        help="assume training without the fused mamba_ssm kernels (CPU, no mamba_ssm): adapters "
+                        "only those kernels bypass count as effective")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model folder's own modeling code (transformers trust_remote_code)")
+    parser.add_argument("--rank", type=int, default=16, help="rank used for the 'at r=R' column (default: 16)")
+    parser.add_argument("--modules", action="store_true", help="also list every component, one per line")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from allocator.inspect import inspect_model
+
+    try:
+        if args.rank < 1:
+            raise _input_error(f"--rank must be >= 1, got {args.rank}")
+        ref, name = args.model, args.model
+        if ref is None:
+            ref = str(resources.files("allocator") / "data" / DEFAULT_CONFIG)
+            name = f"{DEFAULT_CONFIG} (built-in)"
+        report = inspect_model(ref, fused_kernels=args.fused_kernels, trust_remote_code=args.trust_remote_code,
+                               name=name)
+    except AllocatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for message in report.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+    else:
+        print(format_report(report, rank=args.rank, modules=args.modules))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def format_report(report, rank: int = 16, modules: bool = False) -> str:
+    totals = report.totals()
+    lines = [f"{report.model}: {report.architecture} (model_type {report.model_type})",
+             f"{report.n_layers} decoder layers, typed by "
+             f"{('config field ' + report.layer_field) if report.layer_field else 'module classes'}; "
+             f"{report.n_base_params:,} base parameters; fused kernels "
+             f"{'assumed' if report.fused_kernels else 'not assumed (--no-fused-kernels)'}", ""]
+    lines += _layer_table(report) + [""] + _kind_table(report, rank, totals) + [""]
+    lines += _group_lines("not effective, never offered", report.not_effective())
+    lines += _group_lines("tied call sites (adapt the first)", report.tied())
+    lines += _group_lines("left out unless asked for", report.not_default())
+    if modules:
+        lines += ["", "components:"] + [
+            f"  {c.name}  layer={c.layer} {c.family}/{c.kind} {c.d_in}->{c.d_out}"
+            f"{' x' + str(c.n_experts) if c.n_experts > 1 else ''}"
+            f"{'' if c.eligible else '  [' + (c.note or 'not targeted by default') + ']'}"
+            for c in report.components]
+    return "\n".join(lines)
+
+
+def _layer_table(report) -> list[str]:
+    """Rows of layers (consecutive identical layers merged), columns family/kind, cells modules / per rank."""
+    columns = [f"{f}/{k}" for f, k in report.kinds()]
+    rows: list[tuple[str, list[str]]] = []
+    start = None
+    for row in report.per_layer():
+        cells = ["-" if col not in row["cells"] else f"{row['cells'][col][0]} / {row['cells'][col][1]:,}"
+                 for col in columns]
+        if rows and rows[-1][1] == cells and start is not None:
+            rows[-1] = (f"{start}-{row['layer']}", cells)
+        else:
+            start = row["layer"]
+            rows.append((str(row["layer"]), cells))
+    header = ["layers", *columns]
+    table = [header] + [[label, *cells] for label, cells in rows]
+    title = "per layer: modules / LoRA parameters per rank unit"
+    return [title] + _align(table)
+
+
+def _kind_table(report, rank: int, totals: dict) -> list[str]:
+    table = [["family/kind", "layers", "modules", "params/rank", f"at r={rank}"]]
+    for row in report.per_kind():
+        table.append([f"{row['family']}/{row['kind']}", str(row["n_layers"]), str(row["n_modules"]),
+                      f"{row['params_per_rank']:,}", f"{row['params_per_rank'] * rank:,}"])
+    per_rank = totals["params_per_rank"]
+    table.append(["total offered", "", str(totals["n_eligible"]), f"{per_rank:,}", f"{per_rank * rank:,}"])
+    lines = ["per kind"] + _align(table)
+    if report.n_base_params:
+        lines.append(f"uniform rank {rank} on every offered module: {100 * per_rank * rank / report.n_base_params:.2f}%"
+                     " of the base parameters")
+    return lines
+
+
+def _group_lines(title: str, groups: list[dict]) -> list[str]:
+    if not groups:
+        return [f"{title}: none"]
+    n = sum(g["n_modules"] for g in groups)
+    out = [f"{title}: {n} module{'s' if n != 1 else ''}"]
+    for g in groups:
+        out.append(f"  {g['n_modules']:>4} x {g['pattern']} ({g['family']}/{g['kind']}): {g['reason']}")
+    return out
+
+
+def _align(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+            .rstrip() for row in table]
+
+
+def _input_error(message: str):
+    from allocator.errors import InputError
+
+    return InputError(message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

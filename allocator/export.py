@@ -1,0 +1,116 @@
+"""Stage 5: ranks -> a PEFT ``LoraConfig`` that ``get_peft_model`` takes unchanged.
+
+PEFT matches ``target_modules`` (as a list) by exact name or ``.suffix``, and ``rank_pattern``/``alpha_pattern``
+keys as the regex ``(.*\\.)?(KEY)$``, first match wins (``peft.utils.other.get_pattern_key``). We therefore list
+exactly the modules with rank > 0 by their full names and key both patterns by the escaped full name, so no key
+can match another module (``model.layers.1.`` never matches ``model.layers.11.``). :func:`check_matching` replays
+PEFT's own matching to prove it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from allocator.components import Component
+from allocator.errors import AllocatorError, InputError
+
+
+def _pattern_key(name: str) -> str:
+    return re.escape(name)
+
+
+def lora_config_kwargs(
+    ranks: Mapping[str, int],
+    components: Sequence[Component],
+    *,
+    alpha_ratio: float = 2.0,
+    use_rslora: bool = False,
+    rslora_alpha: float | None = None,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of a ``peft.LoraConfig`` for ``ranks`` (module or parameter name -> rank).
+
+    Alpha: by default ``alpha = alpha_ratio * r`` per module, so the LoRA scale alpha/r is the same everywhere
+    and ranks change capacity, not step size. With ``use_rslora`` PEFT scales by alpha/sqrt(r) and one alpha
+    (``rslora_alpha``, default ``alpha_ratio * median rank``) is used for every module.
+    """
+    if alpha_ratio <= 0:
+        raise InputError(f"alpha_ratio must be > 0, got {alpha_ratio}; try 1 or 2")
+    by_name = {c.name: c for c in components}
+    unknown = sorted(set(ranks) - set(by_name))
+    if unknown:
+        raise AllocatorError(f"ranks name modules the model does not have: {unknown[:5]}")
+    chosen = {name: int(r) for name, r in sorted(ranks.items()) if int(r) > 0}
+    if not chosen:
+        raise AllocatorError("the allocation gives every module rank 0; raise the budget")
+    modules = [n for n in chosen if not by_name[n].is_parameter]
+    parameters = [n for n in chosen if by_name[n].is_parameter]
+    common_rank = Counter(chosen.values()).most_common(1)[0][0]
+    rank_pattern = {_pattern_key(n): r for n, r in chosen.items()}
+    if use_rslora:
+        ranks_sorted = sorted(chosen.values())
+        alpha = float(rslora_alpha if rslora_alpha is not None else alpha_ratio * ranks_sorted[len(ranks_sorted) // 2])
+        alpha_pattern: dict[str, float] = {}
+    else:
+        alpha = alpha_ratio * common_rank
+        alpha_pattern = {_pattern_key(n): alpha_ratio * r for n, r in chosen.items()}
+    kwargs: dict[str, Any] = {
+        "r": common_rank,
+        "lora_alpha": alpha,
+        "target_modules": modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    if parameters:
+        kwargs["target_parameters"] = parameters
+    if base_model_name_or_path is not None:
+        kwargs["base_model_name_or_path"] = base_model_name_or_path
+    return kwargs
+
+
+def to_lora_config(ranks: Mapping[str, int], components: Sequence[Component], **options: Any):
+    """Build the ``peft.LoraConfig``; ``options`` are those of :func:`lora_config_kwargs` plus any LoraConfig field
+    (``lora_dropout``, ``init_lora_weights``, ...) passed through unchanged."""
+    from peft import LoraConfig
+
+    own = {k: options.pop(k) for k in list(options) if k in _OWN_OPTIONS}
+    kwargs = lora_config_kwargs(ranks, components, **own)
+    overlap = sorted(set(options) & {"target_modules", "rank_pattern", "alpha_pattern", "r", "target_parameters"})
+    if overlap:
+        raise InputError(f"{overlap} are set by the plan; pass only other LoraConfig fields")
+    kwargs.update(options)
+    base = kwargs.pop("base_model_name_or_path", None)
+    if not kwargs["target_modules"]:
+        kwargs["target_modules"] = None  # PEFT needs None, not [], when only parameters are targeted
+    config = LoraConfig(**kwargs)
+    config.base_model_name_or_path = base
+    return config
+
+
+_OWN_OPTIONS = ("alpha_ratio", "use_rslora", "rslora_alpha", "base_model_name_or_path")
+
+
+def check_matching(config: Any, ranks: Mapping[str, int], all_module_names: Sequence[str]) -> None:
+    """Replay PEFT's own matching: every chosen module is targeted with its own rank, and nothing else is.
+
+    Raises ``AllocatorError`` naming the first mismatch; used by tests and by ``Plan.to_lora_config``.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    chosen = {n: r for n, r in ranks.items() if r > 0}
+    targets = set(config.target_modules or ())
+    for name in all_module_names:
+        hit = bool(check_target_module_exists(config, name))
+        if hit != (name in targets):
+            raise AllocatorError(f"PEFT would {'target' if hit else 'skip'} {name!r} against the plan")
+    for name in targets:
+        key = get_pattern_key(list(config.rank_pattern), name)
+        if config.rank_pattern.get(key) != chosen[name]:
+            raise AllocatorError(f"PEFT would give {name!r} rank {config.rank_pattern.get(key)}, plan says {chosen[name]}")

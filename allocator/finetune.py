@@ -1,0 +1,243 @@
+"""A short LoRA (or full) fine-tune with a fixed step count: the objective of the benchmark and the tuner.
+
+Input: a causal LM, a ``peft.LoraConfig`` (or ``None`` for a full fine-tune), train and eval batches (dicts of
+``input_ids`` / ``attention_mask`` / ``labels`` tensors, labels ``-100`` where no loss is taken). Output: a
+frozen :class:`FinetuneResult`.
+
+Why a plain loop and not ``transformers.Trainer``: the runs are a few hundred steps on a tiny model, so the
+Trainer's setup (accelerate state, logging, callbacks, output dirs) costs as much as the training; the step count
+is fixed rather than epoch-derived; every random draw (LoRA init, data order, dropout) comes from one explicit
+seed inside a forked RNG, so two calls with the same arguments give the same numbers and the caller's RNG is left
+alone; and the intermediate eval feeds a ``callback`` that an Optuna objective uses to report and prune.
+
+The caller's model is never mutated: the loop trains a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from allocator.errors import InputError
+
+Batch = Mapping[str, torch.Tensor]
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What one fine-tune run measured."""
+
+    eval_loss: float = field(metadata={"help": "token-weighted eval loss after the last step (nats/token)"})
+    initial_eval_loss: float = field(metadata={"help": "eval loss of the untrained adapter (step 0)"})
+    eval_curve: tuple[tuple[int, float], ...] = field(
+        metadata={"help": "(step, eval loss) at step 0, every `eval_every` steps and at the end"}
+    )
+    train_losses: tuple[float, ...] = field(metadata={"help": "per-step mean train loss over label tokens"})
+    trainable_params: int = field(metadata={"help": "trainable parameters as PEFT counts them"})
+    steps: int = field(metadata={"help": "steps run (fewer than asked when the callback stopped the run)"})
+    stopped_early: bool = field(metadata={"help": "True when the callback returned True"})
+    wall_time_s: float = field(metadata={"help": "wall time of the whole call, evals included"})
+    metrics: Mapping[str, float] = field(
+        default_factory=dict, metadata={"help": "what `metrics_fn` returned on the trained model"}
+    )
+    model: Any = field(
+        default=None,
+        compare=False,
+        repr=False,
+        metadata={"help": "the trained model (a PeftModel for LoRA), only with `return_model=True`"},
+    )
+
+
+def lr_at(step: int, *, steps: int, lr: float, warmup_steps: int, schedule: str = "cosine") -> float:
+    """Learning rate for 0-based ``step``: linear warmup to ``lr``, then ``schedule`` down to 0 at ``steps``.
+
+    >>> lr_at(0, steps=10, lr=1.0, warmup_steps=2), lr_at(2, steps=10, lr=1.0, warmup_steps=2)
+    (0.5, 1.0)
+    """
+    if step < warmup_steps:  # 1) warmup: reach lr at the end of step warmup_steps - 1
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)  # 2) 0 -> 1 over the rest
+    assert 0.0 <= progress <= 1.0
+    if schedule == "linear":
+        return lr * (1.0 - progress)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))  # 3) cosine to 0
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label tokens, and their count."""
+    device = _device(model)
+    input_ids = batch["input_ids"].to(device)
+    labels = batch.get("labels", batch["input_ids"]).to(device)
+    mask = batch.get("attention_mask")
+    logits = model(input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)).logits
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    n_tokens = int((targets != -100).sum())
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, n_tokens
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
+    """Token-weighted mean next-token loss (nats/token) over all label tokens of ``batches``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            loss, n = _loss_sum(model, batch)
+            total, count = total + float(loss), count + n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise InputError("evaluate_loss got no label tokens; pass batches whose `labels` are not all -100")
+    return total / count
+
+
+def _pool_rows(batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """Concatenate batches into one pool of rows, right-padding shorter ones (pad labels are -100)."""
+    if not batches:
+        raise InputError("finetune got no train batches; pass at least one batch")
+    width = max(b["input_ids"].shape[1] for b in batches)
+    parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for b in batches:
+        ids = b["input_ids"]
+        pad = width - ids.shape[1]
+        mask = b.get("attention_mask", torch.ones_like(ids))
+        labels = b.get("labels", ids)
+        parts["input_ids"].append(F.pad(ids, (0, pad), value=0))
+        parts["attention_mask"].append(F.pad(mask, (0, pad), value=0))
+        parts["labels"].append(F.pad(labels, (0, pad), value=-100))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _trainable(model: torch.nn.Module, lora_config: Any, seed: int) -> tuple[torch.nn.Module, int]:
+    """A deep copy of ``model`` ready to train, and its trainable parameter count."""
+    model = copy.deepcopy(model)
+    if lora_config is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, sum(p.numel() for p in model.parameters())
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # LoRA A matrices are drawn here
+    model = get_peft_model(model, lora_config)
+    return model, int(model.get_nb_trainable_parameters()[0])
+
+
+def finetune(
+    model: torch.nn.Module,
+    lora_config: Any,
+    train_batches: Sequence[Batch],
+    eval_batches: Sequence[Batch],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int,
+    eval_every: int | None = None,
+    callback: Callable[[int, float], bool | None] | None = None,
+    weight_decay: float = 0.0,
+    warmup: float = 0.1,
+    schedule: str = "cosine",
+    max_grad_norm: float | None = 1.0,
+    metrics_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+    return_model: bool = False,
+) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` for ``steps`` AdamW steps and report eval losses.
+
+    Args:
+        model: a causal LM; left untouched (a deep copy is trained).
+        lora_config: a ``peft.LoraConfig`` (``rank_pattern`` / ``alpha_pattern`` honoured), or ``None`` to train
+            every parameter.
+        train_batches: rows are pooled and re-batched: each step draws ``batch_size`` rows from a permutation
+            seeded by ``seed``, a new permutation per pass.
+        eval_batches: scored by :func:`evaluate_loss` at step 0, every ``eval_every`` steps, and at the end.
+        steps, lr, batch_size, weight_decay: the optimiser run (AdamW, betas (0.9, 0.999)).
+        seed: LoRA initialisation (``torch.manual_seed`` before ``get_peft_model``), data order and dropout.
+        callback: ``callback(step, eval_loss)`` after each intermediate eval; returning True stops the run
+            (an exception such as ``optuna.TrialPruned`` propagates).
+        warmup: fraction of ``steps`` spent in linear warmup, in [0, 1).
+        schedule: ``"cosine"``, ``"linear"`` (both to 0 at ``steps``) or ``"constant"`` after warmup.
+        max_grad_norm: clip the global gradient norm; ``None`` disables clipping.
+        metrics_fn: called on the trained model; its mapping is stored in ``FinetuneResult.metrics``.
+        return_model: keep the trained model in ``FinetuneResult.model``.
+
+    Raises:
+        InputError: on a non-positive ``steps``/``lr``/``batch_size``, an unknown ``schedule``, a ``warmup``
+            outside [0, 1), or batches without label tokens.
+    """
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise InputError(f"steps, batch_size and lr must be positive; got {steps}, {batch_size}, {lr}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= warmup < 1.0:
+        raise InputError(f"warmup is a fraction of steps in [0, 1); got {warmup}")
+    if eval_every is not None and eval_every < 1:
+        raise InputError(f"eval_every must be a positive step count or None; got {eval_every}")
+    start = time.perf_counter()
+    pool = _pool_rows(train_batches)
+    n_rows = pool["input_ids"].shape[0]
+    warmup_steps = int(warmup * steps)
+    with torch.random.fork_rng(devices=[]):
+        trained, n_trainable = _trainable(model, lora_config, seed)
+        torch.manual_seed(seed)  # dropout
+        order = torch.Generator().manual_seed(seed)  # data order, independent of model code's draws
+        params = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        curve = [(0, evaluate_loss(trained, eval_batches))]
+        train_losses: list[float] = []
+        perm, cursor, stopped = torch.randperm(n_rows, generator=order), 0, False
+        trained.train()
+        for step in range(steps):
+            if cursor + batch_size > n_rows:  # a new pass; rows of the short tail wait for it
+                perm, cursor = torch.randperm(n_rows, generator=order), 0
+            rows = perm[cursor : cursor + batch_size]
+            cursor += batch_size
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps=steps, lr=lr, warmup_steps=warmup_steps, schedule=schedule)
+            loss_sum, n_tokens = _loss_sum(trained, {k: v[rows] for k, v in pool.items()})
+            loss = loss_sum / max(1, n_tokens)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_losses.append(loss.item())
+            done = step + 1
+            if eval_every and done % eval_every == 0 and done < steps:
+                curve.append((done, evaluate_loss(trained, eval_batches)))
+                if callback is not None and callback(done, curve[-1][1]):
+                    stopped = True
+                    break
+        if curve[-1][0] != len(train_losses):
+            curve.append((len(train_losses), evaluate_loss(trained, eval_batches)))
+        trained.eval()
+        metrics = dict(metrics_fn(trained)) if metrics_fn is not None else {}
+    return FinetuneResult(
+        eval_loss=curve[-1][1],
+        initial_eval_loss=curve[0][1],
+        eval_curve=tuple(curve),
+        train_losses=tuple(train_losses),
+        trainable_params=n_trainable,
+        steps=len(train_losses),
+        stopped_early=stopped,
+        wall_time_s=time.perf_counter() - start,
+        metrics=metrics,
+        model=trained if return_model else None,
+    )

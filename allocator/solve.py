@@ -1,0 +1,309 @@
+"""Stage 4: utilities x budget -> ranks. Build, solve (one ``scipy.optimize.milp`` call, HiGHS), decode.
+
+``solve(components, table, budget, settings) -> Allocation`` maximises total utility minus weighted retention risk
+over one rank per group, with total LoRA cost <= budget, optional per-family budget shares and required families.
+The program is written out in ``docs/solver.md``; ``build_program`` (``allocator/program.py``) makes its arrays.
+Infeasible or degenerate requests are :class:`InputError` naming the feasible range and the setting to change.
+HiGHS is deterministic: the same inputs give the same allocation. The relaxation is never rounded.
+Pure: numpy/scipy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from allocator.budget import describe_params, lora_params
+from allocator.components import FAMILIES, Component
+from allocator.errors import AllocatorError, AllocatorWarning, InputError
+from allocator.program import Program, build_program, reduce_program
+from allocator.utility import UtilityTable, check_ranks
+
+__all__ = ["Allocation", "Program", "SolverSettings", "build_program", "decode", "solve"]
+
+GRANULARITIES = ("module", "layer-type", "type")
+_STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "error"}
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the integer program may choose and how long it may search. Validated at construction."""
+
+    granularity: str = field(
+        default="layer-type",
+        metadata={"help": "one rank per: module | layer-type (same kind in one layer) | type (same kind everywhere)"},
+    )
+    ranks: tuple[int, ...] = field(
+        default=(0, 4, 8, 16, 32, 64), metadata={"help": "rank grid, strictly increasing from 0"}
+    )
+    align: int = field(default=1, metadata={"help": "every non-zero grid rank must be a multiple of this"})
+    share_bounds: dict[str, tuple[float, float]] = field(
+        default_factory=dict,
+        metadata={"help": "budget share per family as lo:hi fractions of the budget, e.g. attention=0.1:0.5"},
+    )
+    required: tuple[str, ...] = field(default=(), metadata={"help": "families that must get a non-zero rank somewhere"})
+    include: tuple[str, ...] = field(
+        default=(), metadata={"help": "regexes; if given, only matching module names may get budget"}
+    )
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "regexes; matching module names never get budget"})
+    time_limit: float = field(default=60.0, metadata={"help": "seconds HiGHS may search"})
+    mip_rel_gap: float = field(default=1e-6, metadata={"help": "relative optimality gap at which HiGHS stops"})
+    presolve: bool = field(default=True, metadata={"help": "let HiGHS presolve the program"})
+    reduce: bool = field(
+        default=True,
+        metadata={"help": "drop rank options a Lagrangian bound proves non-optimal before calling HiGHS (exact)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
+        ranks = check_ranks(self.ranks, "SolverSettings.ranks")
+        object.__setattr__(self, "ranks", ranks)
+        if not (isinstance(self.align, int) and self.align >= 1):
+            raise InputError(f"align must be an integer >= 1, got {self.align!r}")
+        off = [r for r in ranks if r % self.align]
+        if off:
+            raise InputError(f"ranks {off} are not multiples of align={self.align}; drop them or lower align")
+        bounds = {}
+        for fam, pair in dict(self.share_bounds).items():
+            try:
+                lo, hi = (float(v) for v in pair)
+            except (TypeError, ValueError):
+                raise InputError(f"share_bounds[{fam!r}] must be a (lo, hi) pair, got {pair!r}") from None
+            if not 0 <= lo <= hi <= 1:
+                raise InputError(f"share_bounds[{fam!r}] = ({lo}, {hi}) needs 0 <= lo <= hi <= 1; fix the pair")
+            bounds[str(fam)] = (lo, hi)
+        if sum(lo for lo, _ in bounds.values()) > 1 + 1e-12:
+            named = ", ".join(f"{f}>={lo:g}" for f, (lo, _) in sorted(bounds.items()) if lo > 0)
+            raise InputError(f"share lower bounds sum to more than the whole budget ({named}); lower them")
+        object.__setattr__(self, "share_bounds", dict(sorted(bounds.items())))
+        required = tuple(sorted({str(f) for f in self.required}))
+        object.__setattr__(self, "required", required)
+        bad = sorted((set(bounds) | set(required)) - set(FAMILIES))
+        if bad:
+            raise InputError(f"unknown families {bad} in share_bounds/required; families are {list(FAMILIES)}")
+        capped = [f for f in required if bounds.get(f, (0, 1))[1] == 0]
+        if capped:
+            raise InputError(f"families {capped} are required but their share upper bound is 0; drop one of the two")
+        for name in ("include", "exclude"):
+            patterns = tuple(str(p) for p in getattr(self, name))
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as exc:
+                    raise InputError(f"{name} pattern {p!r} is not a regex ({exc}); fix or escape it") from None
+            object.__setattr__(self, name, patterns)
+        if not (math.isfinite(self.time_limit) and self.time_limit > 0):
+            raise InputError(f"time_limit must be > 0 seconds, got {self.time_limit!r}")
+        if not 0 <= self.mip_rel_gap < 1:
+            raise InputError(f"mip_rel_gap must be in [0, 1), got {self.mip_rel_gap!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["share_bounds"] = {k: list(v) for k, v in self.share_bounds.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SolverSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown SolverSettings fields {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The solver's answer: a rank for every eligible component (0 = no adapter) and the totals."""
+
+    ranks: dict[str, int]  # every eligible component name, sorted
+    cost: int  # sum of lora_params over ranks; <= budget
+    utility: float  # sum of table utilities at the chosen ranks
+    risk: float  # sum of table risks at the chosen ranks (0 without risk)
+    budget: int
+    status: str  # "optimal" | "time_limit"
+    mip_gap: float
+    granularity: str
+    groups: dict[str, tuple[str, ...]]  # group label -> member names (candidates only)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["groups"] = {k: list(v) for k, v in self.groups.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        data = dict(data)
+        data["groups"] = {k: tuple(v) for k, v in data.get("groups", {}).items()}
+        return cls(**data)
+
+
+def solve(
+    components: Sequence[Component], table: UtilityTable, budget: int, settings: SolverSettings | None = None
+) -> Allocation:
+    """Choose ranks maximising ``sum u - risk_weight * sum risk`` with cost <= ``budget`` (parameters).
+
+    Raises:
+        InputError: the budget is outside the feasible range (the message gives it, in parameters and as a uniform
+            rank), a share bound or required family cannot be met, or nothing can be adapted.
+        AllocatorError: HiGHS failed or found no allocation within ``time_limit``.
+    """
+    settings = settings or SolverSettings()
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise InputError(f"budget must be a positive number of parameters, got {budget!r}; see Budget.resolve")
+    budget = int(budget)
+    program = build_program(components, table, budget, settings)
+    _check_feasible_range(program, settings, components)
+    reduction = reduce_program(program) if settings.reduce else None
+    c, A, b_l, b_u = (program.c, program.A, program.b_l, program.b_u) if reduction is None else (
+        reduction.c, reduction.A, reduction.b_l, reduction.b_u)
+    b_u = b_u.copy()
+    budget_row = program.row_labels.index("budget") - (program.A.shape[0] - A.shape[0])  # one-hot rows come first
+    rel_gap = settings.mip_rel_gap
+    if reduction is not None and settings.mip_rel_gap > 0:
+        # HiGHS measures the gap against the reduced objective, a small part of the whole: rescale the tolerance
+        sub = abs(reduction.incumbent + float(program.c @ reduction.fixed))
+        rel_gap = min(0.5, settings.mip_rel_gap * abs(reduction.incumbent) / sub) if sub > 0 else settings.mip_rel_gap
+    for _ in range(3):  # a tolerance slip past B is re-solved with a tighter row; in practice never
+        if c.size == 0:  # every group fixed by the reduction: the incumbent is the proven optimum
+            x, status, gap = reduction.expand(np.zeros(0)), "optimal", 0.0
+        else:
+            res = milp(
+                c,
+                integrality=np.ones(c.size, dtype=np.int8),
+                bounds=Bounds(0.0, 1.0),
+                constraints=LinearConstraint(A, b_l, b_u),
+                options={"time_limit": settings.time_limit, "mip_rel_gap": rel_gap,
+                         "presolve": settings.presolve, "disp": False},
+            )
+            status = _STATUS.get(res.status, "error")
+            if res.x is None:
+                _raise_failure(program, settings, status, res.message, components)
+            x = res.x if reduction is None else reduction.expand(res.x)
+            gap = _full_gap(res, program, x)
+        allocation = decode(program, x, status=status, mip_gap=gap)
+        over = allocation.cost - budget
+        if over <= 0:
+            break
+        b_u[budget_row] -= math.ceil(over / program.cost_unit)
+    else:
+        raise AllocatorError(f"HiGHS kept returning allocations over the budget {budget:,}; report this as a bug")
+    if status == "time_limit":
+        warnings.warn(
+            f"the solver stopped at time_limit={settings.time_limit:g}s with MIP gap {allocation.mip_gap:.2g}; "
+            "raise SolverSettings.time_limit or mip_rel_gap to get (or accept) a proven optimum",
+            AllocatorWarning,
+            stacklevel=2,
+        )
+    return allocation
+
+
+def _full_gap(res: Any, program: Program, x: np.ndarray) -> float | None:
+    """HiGHS's gap of the (reduced) program, re-expressed relative to the whole objective."""
+    if res.mip_gap is None:
+        return None
+    full = abs(float(program.c @ x))
+    return float(res.mip_gap) * abs(float(res.fun)) / full if full > 0 else float(res.mip_gap)
+
+
+def decode(program: Program, x: np.ndarray, *, status: str = "optimal", mip_gap: float | None = 0.0) -> Allocation:
+    """Read a MIP solution: the one selected option per group -> member ranks, exact cost, utility and risk.
+
+    ``x`` must be integral (a MIP solution); a fractional ``x`` raises AllocatorError instead of being rounded.
+    """
+    x = np.asarray(x, dtype=float)
+    if np.max(np.abs(x - np.round(x)), initial=0.0) > 1e-6:
+        raise AllocatorError("decode needs an integral solution; never round a relaxation")
+    chosen = np.flatnonzero(x > 0.5)
+    n_g = len(program.group_labels)
+    if chosen.size != n_g or np.any(np.bincount(program.col_group[chosen], minlength=n_g) != 1):
+        raise AllocatorError("solution does not pick exactly one rank per group; this is a solver bug")
+    option = np.zeros(n_g, dtype=np.int64)
+    option[program.col_group[chosen]] = program.col_option[chosen]
+    member_rank = program.member_ranks(option)
+    ranks = dict.fromkeys(program.eligible_names, 0)
+    cost = 0
+    for c, r in zip(program.members, member_rank.tolist()):
+        ranks[c.name] = int(r)
+        cost += lora_params(c.d_in, c.d_out, r, c.n_experts)
+    return Allocation(
+        ranks=ranks,
+        cost=int(cost),
+        utility=float(program.col_utility[chosen].sum()),
+        risk=float(program.col_risk[chosen].sum()),
+        budget=program.budget,
+        status=status,
+        mip_gap=float("nan") if mip_gap is None else float(mip_gap),
+        granularity=program.granularity,
+        groups=dict(zip(program.group_labels, program.group_members)),
+    )
+
+
+def _family_costs(program: Program) -> dict[str, tuple[int, int]]:
+    """{family: (cheapest non-zero option of any group, every group at its top option)}."""
+    out: dict[str, tuple[int, int]] = {}
+    fam = np.asarray(program.group_family, dtype=object)
+    last = np.r_[program.col_group[1:] != program.col_group[:-1], True]  # a group's last column is its top option
+    top = program.col_cost[last]
+    nonzero = program.col_option > 0
+    for f in sorted(set(program.group_family)):
+        sel = nonzero & (fam[program.col_group] == f)
+        out[f] = (int(program.col_cost[sel].min()), int(top[fam == f].sum()))
+    return out
+
+
+def _check_feasible_range(program: Program, settings: SolverSettings, components: Sequence[Component]) -> None:
+    """Errors for budgets no allocation can meet, stated in parameters and uniform ranks, naming the fix."""
+    B = program.budget
+    fams = _family_costs(program)
+    top = sum(hi for _, hi in fams.values())
+    low = {f: max(fams[f][0] if f in settings.required else 0,
+                  math.ceil(settings.share_bounds.get(f, (0.0, 1.0))[0] * B - 1e-9)) for f in fams}
+    floor = max(sum(low.values()), min(lo for lo, _ in fams.values()))
+
+    def span() -> str:
+        return f"feasible range {describe_params(floor, components)} to {describe_params(top, components)}"
+
+    for f in sorted(set(settings.required) | {f for f, (lo, _) in settings.share_bounds.items() if lo > 0}):
+        if f not in fams:
+            raise InputError(f"family {f!r} is required or has a share lower bound, but none of its modules can "
+                             "be adapted; drop it from required/share_bounds")
+        cheap, most = fams[f]
+        lo, hi = settings.share_bounds.get(f, (0.0, 1.0))
+        if f in settings.required and cheap > math.floor(hi * B + 1e-9):
+            raise InputError(f"required family {f!r} needs at least {describe_params(cheap, components)} but its "
+                             f"share bound {hi:g} allows {describe_params(math.floor(hi * B), components)}; raise it "
+                             "or the budget")
+        if most < lo * B:
+            raise InputError(f"share lower bound {lo:g} asks {f!r} for {describe_params(math.ceil(lo * B), components)}"
+                             f" but it can absorb at most {describe_params(most, components)} at rank "
+                             f"{settings.ranks[-1]}; lower the bound or the budget")
+    if B < floor:
+        why = "the required families and share lower bounds need" if floor > min(lo for lo, _ in fams.values()) \
+            else "the cheapest adapter costs"
+        raise InputError(f"budget {describe_params(B, components)} is below the {describe_params(floor, components)} "
+                         f"{why}; raise the budget ({span()})")
+    if B > top:
+        raise InputError(f"budget {describe_params(B, components)} exceeds the {describe_params(top, components)} "
+                         f"of every adaptable module at rank {settings.ranks[-1]}; lower the budget or add larger "
+                         f"ranks to SolverSettings.ranks ({span()})")
+
+
+def _raise_failure(program: Program, settings: SolverSettings, status: str, message: str,
+                   components: Sequence[Component]) -> None:
+    if status == "infeasible":
+        rows = [lab for lab in program.row_labels if lab.startswith(("share[", "required["))]
+        raise InputError(f"no allocation meets {', '.join(rows) or 'the constraints'} at budget "
+                         f"{describe_params(program.budget, components)} on the rank grid {settings.ranks}; the grid is "
+                         "too coarse for these bounds: widen share_bounds, add ranks or change the budget")
+    if status == "time_limit":
+        raise AllocatorError(f"HiGHS found no allocation within time_limit={settings.time_limit:g}s; raise it")
+    raise AllocatorError(f"HiGHS failed ({status}: {message}); report this with the inputs")

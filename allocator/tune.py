@@ -1,0 +1,726 @@
+"""`allocate tune`: an Optuna study over the budget, the allocation settings, LoRA alpha and the learning rate.
+
+Stage: the whole chain of ``docs/design.md`` in a loop. Input: a model, training ``data``, ``eval_data``.
+Output: :class:`~allocator.tune_report.TuneResult`, and in ``out_dir`` the best plan (``best/``, as ``allocate -o``
+writes it), ``study.md`` and ``study.png``. Each trial::
+
+    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(fixed steps) -> eval loss
+
+Probes run once per study (``probes.run_cached`` in ``out_dir/probes``, under a lock file so that workers sharing
+``out_dir`` wait for the first). Every search part is one string, parsed once in :class:`TuneSettings`::
+
+    "lo..hi"  searched in [lo, hi] (log scale for budget, lr, alpha_ratio, family_priors, max_rank)
+    "a,b,c"   searched among the listed values          "v"  fixed at v
+    ""        fixed at the base settings' value (utility_settings / solver_settings)
+    "...@v"   base value v: what the enqueued baselines and the `default` trial use; without it, the base
+              settings' value when inside the space, else the middle of the range / the first choice
+
+Baselines (uniform, attention-/recurrent-/mlp-only at the same budget, lr and alpha, and the allocator's own
+defaults) are enqueued first, once per study, and are never pruned. The search and its reasons: ``docs/tuning.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from allocator.budget import Budget
+from allocator.errors import AllocatorError, InputError
+from allocator.solve import GRANULARITIES
+
+if TYPE_CHECKING:
+    from allocator.plan import Plan
+    from allocator.tune_report import TuneResult
+
+__all__ = ["BASELINES", "PLACEMENTS", "Space", "TuneSettings", "parse_space", "tune"]
+
+FAMILY_BASELINES = ("attention", "recurrent", "mlp")
+BASELINES = ("default", "uniform", *FAMILY_BASELINES)
+PLACEMENTS = ("solver", "uniform", *FAMILY_BASELINES)  # the categorical `placement` parameter
+MODES, PRUNERS = ("single", "pareto"), ("median", "hyperband", "none")
+WEIGHTED_SIGNALS = ("activation_rank", "fisher", "gradient_spectrum", "heldout_capture")
+_POSITIVE = ("trials", "steps", "batch_size", "train_samples", "eval_samples", "heartbeat_interval", "grace_period")
+# part -> (value type, log scale, lowest allowed value, highest allowed value, strict lower bound)
+_PARTS: dict[str, tuple[type, bool, float, float, bool]] = {
+    "budget": (Budget, True, 0, math.inf, True),
+    "lr": (float, True, 0, 1, True),
+    "alpha_ratio": (float, True, 0, math.inf, True),
+    "weights": (float, False, 0, math.inf, False),
+    "uniform_prior": (float, False, 0, 1, False),
+    "family_priors": (float, True, 0, math.inf, True),
+    "retention_weight": (float, False, 0, math.inf, False),
+    "granularity": (str, False, 0, 0, False),
+    "max_rank": (int, True, 1, math.inf, False),
+}
+
+
+@dataclass(frozen=True)
+class Space:
+    """One search part, parsed: ``kind`` is ``fixed | range | choices | inherit`` (see the module docstring)."""
+
+    kind: str
+    values: tuple[Any, ...] = ()
+    base: Any = None  # explicit ``@v``; None: decided once the base settings are known
+    log: bool = False
+
+    @property
+    def searched(self) -> bool:
+        return self.kind in ("range", "choices")
+
+    def base_value(self, inherited: Any = None) -> Any:
+        """The base point: ``@v``, else ``inherited`` when inside the space, else the middle / the first choice."""
+        if self.base is not None:
+            return self.base
+        if self.kind in ("fixed", "inherit"):
+            return self.values[0] if self.kind == "fixed" else inherited
+        if self.kind == "choices":
+            return inherited if inherited in self.values else self.values[0]
+        lo, hi = self.values
+        if isinstance(inherited, (int, float)) and lo <= inherited <= hi:
+            return inherited
+        mid = math.sqrt(lo * hi) if self.log else (lo + hi) / 2
+        return round(mid) if isinstance(lo, int) else mid
+
+
+def parse_space(part: str, text: str) -> Space:
+    """``"1e-3..1e-2@3e-3"`` -> ``Space("range", (0.001, 0.01), 0.003, log=True)``; InputError naming the part.
+
+    >>> parse_space("granularity", "module,type")
+    Space(kind='choices', values=('module', 'type'), base=None, log=False)
+    """
+    cast, log, lo_ok, hi_ok, strict = _PARTS[part]
+    body, _, base_text = str(text).replace(" ", "").partition("@")
+
+    def value(item: str) -> Any:
+        try:
+            out = Budget.parse(item) if cast is Budget else cast(item)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{part}={text!r}: {item!r} is not a {cast.__name__} ({exc}); see docs/tuning.md") from None
+        if cast is str and out not in GRANULARITIES:
+            raise InputError(f"{part}={text!r}: {item!r} is not one of {GRANULARITIES}")
+        if cast in (int, float) and not (lo_ok < out <= hi_ok if strict else lo_ok <= out <= hi_ok):
+            raise InputError(f"{part}={text!r}: {item!r} lies outside {'(' if strict else '['}{lo_ok}, {hi_ok}]")
+        return out
+
+    base = value(base_text) if base_text else None
+    if not body:
+        if base is not None:
+            raise InputError(f"{part}={text!r}: a base (@v) needs a space before it, e.g. 1..4@2")
+        return Space("inherit", log=log)
+    if ".." in body:
+        if cast is str:
+            raise InputError(f"{part}={text!r}: {part} takes a list (a,b) or one value, not a range")
+        lo, hi = (value(v) for v in body.split("..", 1))
+        if cast is not Budget and not lo < hi:
+            raise InputError(f"{part}={text!r}: the range needs lo < hi")
+        if base is not None and cast is not Budget and not lo <= base <= hi:
+            raise InputError(f"{part}={text!r}: the base {base} lies outside the range")
+        return Space("range", (lo, hi), base, log)
+    items = tuple(value(v) for v in body.split(",") if v)
+    if len(items) > 1:
+        if len(set(map(str, items))) != len(items):
+            raise InputError(f"{part}={text!r}: the list repeats a value")
+        if base is not None and str(base) not in map(str, items):
+            raise InputError(f"{part}={text!r}: the base {base} is not in the list")
+        return Space("choices", items, base, log)
+    return Space("fixed", items, None, log)
+
+
+def _space_field(default: str, what: str) -> Any:
+    return field(default=default, metadata={"help": f"{what} (lo..hi | a,b | v | '' = base settings; @v = base)"})
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """One study: its size and mode, the fine-tune every trial runs, and the search space. Validated here."""
+
+    trials: int = field(default=20, metadata={"help": "finished trials (complete + pruned) of the study, all workers together"})
+    mode: str = field(default="single", metadata={"help": "single: min eval loss at one budget | pareto: min (eval loss, trainable params)"})
+    pruner: str = field(default="median", metadata={"help": "median | hyperband | none (single mode; baselines are never pruned)"})
+    baselines: tuple[str, ...] = field(default=BASELINES, metadata={"help": f"trials enqueued first, once per study: any of {BASELINES}"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps of every trial's LoRA fine-tune"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per fine-tune step"})
+    eval_every: int = field(default=10, metadata={"help": "steps between intermediate eval losses (reported for pruning; 0: end only)"})
+    train_samples: int = field(default=256, metadata={"help": "fine-tune training sequences drawn from --data"})
+    eval_samples: int = field(default=64, metadata={"help": "eval sequences drawn from --eval-data"})
+    seed: int = field(default=0, metadata={"help": "seed of every fine-tune (data order, LoRA init) and of the sampler"})
+    heartbeat_interval: int = field(default=30, metadata={"help": "seconds between a running trial's heartbeats"})
+    grace_period: int = field(default=90, metadata={"help": "a trial silent this many seconds is failed and retried"})
+    max_retry: int = field(default=2, metadata={"help": "times a killed (stale) trial is re-run"})
+    budget: str = _space_field("", "budget ('': r8 in single mode, r2..r16 in pareto mode)")
+    lr: str = _space_field("1e-3..1e-2@3e-3", "learning rate")
+    alpha_ratio: str = _space_field("1..4@2", "lora_alpha / r")
+    weights: str = _space_field("0..1", "weight of each signal mixed by signal=combined")
+    uniform_prior: str = _space_field("0..1", "uniform prior blended into the utility")
+    family_priors: str = _space_field("0.5..2", "utility multiplier of each family")
+    retention_weight: str = _space_field("0..2", "retention weight lambda (searched only with retention data)")
+    granularity: str = _space_field(",".join(GRANULARITIES), "solver granularity")
+    max_rank: str = _space_field("16,32,64", "largest rank of the solver's grid")
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"TuneSettings.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.eval_every < 0 or self.max_retry < 0:
+            raise InputError(f"eval_every and max_retry must be >= 0, got {self.eval_every}, {self.max_retry}")
+        if self.grace_period < self.heartbeat_interval:
+            raise InputError(f"grace_period {self.grace_period}s is shorter than heartbeat_interval "
+                             f"{self.heartbeat_interval}s; raise it (Optuna suggests twice the interval)")
+        if self.mode not in MODES or self.pruner not in PRUNERS:
+            raise InputError(f"mode {self.mode!r} / pruner {self.pruner!r}: choose mode from {MODES}, pruner from {PRUNERS}")
+        baselines = tuple(str(b) for b in self.baselines)
+        if set(baselines) - set(BASELINES) or len(set(baselines)) != len(baselines):
+            raise InputError(f"baselines {baselines} must be distinct names from {BASELINES} (or empty)")
+        object.__setattr__(self, "baselines", baselines)
+        if not self.budget:
+            object.__setattr__(self, "budget", "r8" if self.mode == "single" else "r2..r16")
+        spaces = {part: parse_space(part, getattr(self, part)) for part in _PARTS}
+        if spaces["budget"].kind == "inherit":
+            raise InputError("budget cannot be taken from base settings; give one, e.g. r8")
+        if spaces["lr"].kind == "inherit":
+            raise InputError("lr has no base setting to keep; give a value (3e-3) or a range (1e-3..1e-2)")
+        if self.trials <= len(baselines):
+            raise InputError(f"trials={self.trials} leaves no searched trial after the {len(baselines)} baselines; "
+                             "raise trials or drop baselines")
+        if self.mode == "single" and spaces["budget"].searched:
+            raise InputError(f"mode=single compares allocations at one budget, got budget={self.budget!r}; "
+                             "give one budget (e.g. r8) or use mode=pareto")
+        object.__setattr__(self, "_spaces", spaces)
+
+    @property
+    def spaces(self) -> Mapping[str, Space]:
+        """Every search part, parsed."""
+        return self._spaces  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tune(
+    model: Any = None,
+    data: str | os.PathLike[str] = "builtin",
+    eval_data: str | os.PathLike[str] | None = None,
+    *,
+    settings: TuneSettings | None = None,
+    out_dir: str | os.PathLike[str] = "tune-study",
+    storage: str | None = None,
+    study_name: str = "tune",
+    overwrite: bool = False,
+    data_settings: Any = None,
+    probe_settings: Any = None,
+    utility_settings: Any = None,
+    solver_settings: Any = None,
+    retention_data: str | os.PathLike[str] | None = None,
+    fused_kernels: bool = True,
+    use_rslora: bool = False,
+    trust_remote_code: bool = False,
+    tokenizer: Any = None,
+    objective: Callable[[Plan, Any], float] | None = None,
+) -> TuneResult:
+    """Run (or join, or resume) the study ``study_name`` until it holds ``settings.trials`` finished trials.
+
+    Args:
+        model, data, retention_data, fused_kernels, trust_remote_code, tokenizer: as :func:`allocator.allocate`;
+            ``data`` also gives the fine-tune's training sequences.
+        eval_data: text scored by the built-in fine-tune (required unless ``objective`` is given).
+        settings: study size, mode, fine-tune and search space (:class:`TuneSettings`).
+        out_dir: probe cache, default storage ``sqlite:///OUT_DIR/study.db``, ``best/``, ``study.md``,
+            ``study.png``. An existing ``out_dir`` of the same study is resumed; any other needs ``overwrite``.
+        storage: any database URL Optuna's RDBStorage takes; workers given the same URL and ``study_name`` share
+            the study. The exact trial bound and the one probe run hold for workers sharing ``out_dir``.
+        overwrite: start over: clear ``out_dir`` and delete ``study_name`` from ``storage``.
+        data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
+            at ``""`` keep their value; the ``default`` baseline uses them).
+        objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
+            ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
+
+    Raises:
+        InputError: bad input, an out_dir holding another study, resumed with different settings.
+        AllocatorError: a trial failed (the study stays resumable), or too many trials failed.
+    """
+    import optuna
+
+    from allocator.tune_report import summarize, write_outputs
+
+    settings = settings or TuneSettings()
+    if objective is None and eval_data is None:
+        raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an objective")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(out_dir).expanduser().resolve()
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    run = _Run(settings, out, url, study_name, objective, use_rslora)
+    run.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
+             data_settings, probe_settings, utility_settings, solver_settings)
+    with run.lock:
+        _prepare_out_dir(out, study_name, url, overwrite)
+        run.probe(data, retention_data)
+        study = run.open_study()
+        run.enqueue_baselines(study)
+    run.run_trials(study)
+    with run.lock:
+        result = summarize(study, run.plan_for_params, storage=_redact(url), mode=settings.mode,
+                           probe_seconds=run.probe_seconds)
+        return write_outputs(result, out)
+
+
+class _Lock:
+    """An exclusive lock on ``OUT_DIR/.tune.lock`` (``fcntl.flock``; a no-op where fcntl is missing);
+    ``release`` may be called when not held, so a trial can release the claim its worker made."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._fd = path, None
+
+    def acquire(self) -> None:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                import fcntl
+
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except ImportError:  # Windows: workers must not share out_dir
+                pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> _Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+MARKER, LOCK_NAME = "tune.json", ".tune.lock"
+
+
+def _redact(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: RDBStorage will say so
+        return url
+
+
+def _prepare_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
+    """Resume the same study's folder; refuse another one unless ``overwrite`` (which clears it)."""
+    import json
+    import shutil
+
+    mine = {"study": study_name, "storage": _redact(url)}
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    marker = out / MARKER
+    if entries and not overwrite:
+        if not marker.is_file():
+            raise InputError(f"output folder {out} exists and holds no tune study; pass --overwrite or choose another -o")
+        found = json.loads(marker.read_text())
+        if found != mine:
+            raise InputError(f"{out} holds study {found.get('study')!r} in {found.get('storage')}; pass that --study "
+                             "and --storage to resume it, --overwrite to start over, or choose another -o")
+    if overwrite:
+        for p in entries:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not url.startswith("sqlite:///" + str(out)):
+            import optuna
+
+            try:
+                optuna.delete_study(study_name=study_name, storage=url)
+            except KeyError:
+                pass
+    tmp = out / f".{MARKER}.{os.getpid()}"
+    tmp.write_text(json.dumps(mine, sort_keys=True) + "\n")
+    os.replace(tmp, marker)
+
+
+class _BaseTrial:
+    """Stands in for an Optuna trial: every searched part takes its base value, recorded in ``params``."""
+
+    def __init__(self, placement: str) -> None:
+        self.placement, self.params = placement, {"placement": placement}
+
+
+class _Search:
+    """Optuna suggestions -> one trial's configuration (placement, budget, lr, alpha, utility and solver settings)."""
+
+    def __init__(self, settings: TuneSettings, utility: Any, solver: Any, families: list[str],
+                 resolve: Callable[[Budget], int], has_risk: bool) -> None:
+        self.spaces, self.utility, self.solver = dict(settings.spaces), utility, solver
+        self.families, self.has_risk = families, has_risk
+        b = self.spaces["budget"]  # budgets become parameter counts once the model is known
+        self.spaces["budget"] = Space(b.kind, tuple(resolve(v) for v in b.values),
+                                      None if b.base is None else resolve(b.base), True)
+
+    def _pick(self, trial: Any, name: str, space: Space, inherited: Any = None) -> Any:
+        if isinstance(trial, _BaseTrial) or not space.searched:
+            value = space.base_value(inherited)
+            if isinstance(trial, _BaseTrial) and space.searched:
+                trial.params[name] = value
+            return value
+        if space.kind == "choices":
+            return trial.suggest_categorical(name, list(space.values))
+        lo, hi = space.values
+        if isinstance(lo, int):
+            return trial.suggest_int(name, lo, hi, log=space.log)
+        return trial.suggest_float(name, lo, hi, log=space.log)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """The configuration of ``trial`` (an Optuna trial, ``FixedTrial`` or :class:`_BaseTrial`)."""
+        sp, u, s = self.spaces, self.utility, self.solver
+        placement = trial.placement if isinstance(trial, _BaseTrial) else trial.suggest_categorical(
+            "placement", list(PLACEMENTS))
+        cfg = {"placement": placement, "budget": self._pick(trial, "budget", sp["budget"]),
+               "lr": self._pick(trial, "lr", sp["lr"]), "alpha_ratio": self._pick(trial, "alpha_ratio",
+                                                                                     sp["alpha_ratio"], 2.0)}
+        if placement != "solver":
+            return cfg
+        weights = dict(u.weights)
+        if u.signal == "combined":
+            mixed = {k: self._pick(trial, f"weight.{k}", sp["weights"], u.weights.get(k, 0.0)) for k in WEIGHTED_SIGNALS}
+            weights = {**weights, **mixed} if any(v > 0 for v in mixed.values()) else weights
+        priors = {f: self._pick(trial, f"prior.{f}", sp["family_priors"], u.family_priors.get(f, 1.0))
+                  for f in self.families}
+        lam = self._pick(trial, "retention_weight", sp["retention_weight"], u.retention_weight) if self.has_risk \
+            else u.retention_weight
+        cfg["utility"] = dataclasses.replace(
+            u, weights=weights, family_priors=priors, retention_weight=lam,
+            uniform_prior=self._pick(trial, "uniform_prior", sp["uniform_prior"], u.uniform_prior))
+        top = self._pick(trial, "max_rank", sp["max_rank"], s.ranks[-1])
+        cfg["solver"] = dataclasses.replace(s, granularity=self._pick(trial, "granularity", sp["granularity"],
+                                                                      s.granularity),
+                                            ranks=tuple(r for r in s.ranks if r < top) + (top,))
+        return cfg
+
+
+class _Run:
+    """One worker's share of a study: the model, the cached probe reports, the search and the trial loop."""
+
+    def __init__(self, settings: TuneSettings, out: Path, url: str, study_name: str,
+                 objective: Callable[[Plan, Any], float] | None, use_rslora: bool) -> None:
+        self.settings, self.out, self.url, self.study_name = settings, out, url, study_name
+        self.objective, self.use_rslora = objective, use_rslora
+        self.lock, self.probe_seconds = _Lock(out / LOCK_NAME), 0.0
+
+    def load(self, model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
+             data_settings, probe_settings, utility_settings, solver_settings) -> None:
+        """Model, components and fine-tune batches; the base settings. No probes yet."""
+        import probes
+        from allocator.api import DataSettings, _load_tokenizer, library_versions, resolve_model_ref
+        from allocator.components import find_components
+        from allocator.modelio import load_model
+        from allocator.solve import SolverSettings
+        from allocator.utility import UtilitySettings
+
+        s = self.settings
+        self.data_settings = data_settings or DataSettings()
+        self.probe_settings = probe_settings or probes.ProbeSettings()
+        self.utility, self.solver = utility_settings or UtilitySettings(), solver_settings or SolverSettings()
+        ref = resolve_model_ref(model)
+        self.model = load_model(ref, trust_remote_code=trust_remote_code) if isinstance(ref, str) else ref
+        self.model_id = ref if isinstance(ref, str) else (
+            getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
+        self.components = tuple(find_components(self.model, fused_kernels=fused_kernels))
+        self.eligible = [c for c in self.components if c.eligible]
+        if not self.eligible:
+            raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
+        self.train = self.evals = ()
+        if self.objective is None:
+            self.train = self._batches(data, s.train_samples, s.seed)
+            self.evals = self._batches(eval_data, s.eval_samples, s.seed)
+        self.signature = _jsonable({
+            "settings": {k: v for k, v in s.to_dict().items()
+                         if k not in ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")},
+            "model": self.model_id, "data": str(data), "eval_data": str(eval_data),
+            "retention_data": None if retention_data is None else str(retention_data),
+            "objective": "finetune" if self.objective is None else getattr(self.objective, "__name__", "custom"),
+            "data_settings": dataclasses.asdict(self.data_settings), "probe_settings": self.probe_settings.result_key(),
+            "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
+            "fused_kernels": fused_kernels, "use_rslora": self.use_rslora})
+        self.provenance = {"model_id": self.model_id, "model_revision": getattr(self.model.config, "_commit_hash", None),
+                           "data": str(data), "retention_data": self.signature["retention_data"],
+                           "data_settings": self.signature["data_settings"],
+                           "probe_settings": self.probe_settings.to_dict(), "fused_kernels": fused_kernels,
+                           "versions": library_versions()}
+
+    def _batches(self, source: Any, samples: int, seed: int) -> tuple:
+        import probes
+        from probes.errors import ProbeError
+
+        d = self.data_settings
+        try:
+            return tuple(probes.load_batches(str(source), self.tokenizer, seq_len=d.seq_len, samples=samples,
+                                             batch_size=self.settings.batch_size, seed=seed, text_field=d.text_field))
+        except ProbeError as exc:
+            raise InputError(str(exc)) from None
+
+    def probe(self, data: Any, retention_data: Any) -> None:
+        """Probe reports from ``OUT_DIR/probes`` (run once per study; the caller holds the lock)."""
+        import probes
+        from probes.errors import ProbeError
+
+        from allocator.budget import params_per_uniform_rank
+
+        started, d, names = time.perf_counter(), self.data_settings, [c.name for c in self.eligible if not c.is_parameter]
+        meta = {"model_id": self.model_id, "model_revision": self.provenance["model_revision"]}
+
+        def report(source: Any) -> Any:
+            try:
+                batches = probes.load_batches(str(source), self.tokenizer, seq_len=d.seq_len, samples=d.samples,
+                                              batch_size=d.batch_size, seed=d.seed, text_field=d.text_field)
+                return probes.run_cached(self.model, batches, names, self.probe_settings,
+                                         cache_dir=self.out / "probes", key_meta=meta)
+            except ProbeError as exc:
+                raise InputError(str(exc)) from None
+
+        self.report = report(data)
+        self.risk = None if retention_data is None else report(retention_data)
+        self.provenance["data_hash"] = self.report.meta.get("data_hash")
+        self.probe_seconds = time.perf_counter() - started
+        families = sorted({c.family for c in self.eligible if c.name in self.report.modules})
+        self.search = _Search(self.settings, self.utility, self.solver, families,
+                              lambda b: b.resolve(self.components, sum(p.numel() for p in self.model.parameters())),
+                              self.risk is not None)
+        self._check_feasible(params_per_uniform_rank(self.components))
+
+    def _check_feasible(self, per_rank: int) -> None:
+        """Every budget fits under every grid top, and every grid top is a valid rank grid; else InputError."""
+        from allocator.budget import describe_params
+        from allocator.solve import SolverSettings
+
+        sp = self.search.spaces
+        tops = sp["max_rank"].values if sp["max_rank"].searched else (sp["max_rank"].base_value(self.solver.ranks[-1]),)
+        for top in tops:
+            SolverSettings(**{**self.solver.to_dict(), "ranks": tuple(r for r in self.solver.ranks if r < top) + (top,),
+                              "share_bounds": self.solver.share_bounds})
+        budgets = sp["budget"].values
+        if max(budgets) > min(tops) * per_rank:
+            raise InputError(f"budget {describe_params(max(budgets), self.components)} exceeds what every eligible "
+                             f"module at max_rank {min(tops)} can hold; lower the budget or raise max_rank")
+
+    def open_study(self) -> Any:
+        import optuna
+        from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+        s, single = self.settings, self.settings.mode == "single"
+        try:
+            storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}} if
+                                 self.url.startswith("sqlite") else None, heartbeat_interval=s.heartbeat_interval,
+                                 grace_period=s.grace_period,
+                                 failed_trial_callback=RetryFailedTrialCallback(max_retry=s.max_retry))
+        except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server
+            raise InputError(f"could not open storage {_redact(self.url)} ({type(exc).__name__}: {exc}); pass a "
+                             "database URL Optuna takes, e.g. sqlite:///study.db or postgresql://host/db") from None
+        n_enqueued = len(s.baselines)
+        pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=max(5, n_enqueued),
+                                                        n_warmup_steps=s.steps // 3),
+                  "hyperband": optuna.pruners.HyperbandPruner(min_resource=max(1, s.eval_every),
+                                                              max_resource=s.steps),
+                  "none": optuna.pruners.NopPruner()}[s.pruner if single else "none"]
+        sampler = _Sampler(s.seed, n_enqueued + max(3, (s.trials - n_enqueued) // 3))
+        study = optuna.create_study(storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
+                                    directions=["minimize"] * (1 if single else 2), load_if_exists=True)
+        stored = study.user_attrs.get("tune")
+        if stored is None:
+            study.set_user_attr("tune", self.signature)
+        elif stored != self.signature:
+            keys = sorted(k for k in set(stored) | set(self.signature) if stored.get(k) != self.signature.get(k))
+            raise InputError(f"study {self.study_name!r} was started with other {', '.join(keys)}; pass the same "
+                             "settings to resume it, or --overwrite / another --study to start a new one")
+        return study
+
+    def enqueue_baselines(self, study: Any) -> None:
+        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the lock)."""
+        from optuna.trial import TrialState
+
+        seen = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
+        for name in self.settings.baselines:
+            placement = "solver" if name == "default" else name
+            base = _BaseTrial(placement)
+            self.search.suggest(base)
+            if name not in seen and (placement == "solver" or self._baseline_rank(placement, base.params) > 0):
+                study.enqueue_trial(base.params, user_attrs={"baseline": name})
+
+    def _baseline_rank(self, placement: str, params: Mapping[str, Any]) -> int:
+        members = [c for c in self.eligible if placement == "uniform" or c.family == placement]
+        per_rank = sum(c.n_params_per_rank for c in members)
+        budget = params.get("budget", self.search.spaces["budget"].base_value())
+        return budget // per_rank if per_rank else 0
+
+    def plan(self, cfg: Mapping[str, Any], number: int | None = None) -> Plan:
+        """The plan of one configuration: solved from the cached probe report, or a baseline's uniform ranks."""
+        from allocator.plan import Plan
+        from allocator.solve import solve
+        from allocator.utility import compute_utilities
+
+        placement, budget = cfg["placement"], int(cfg["budget"])
+        utility, risk, prov = {}, {}, dict(self.provenance)
+        if placement == "solver":
+            u, s = cfg["utility"], cfg["solver"]
+            table = compute_utilities(self.report, self.components, s.ranks, u, risk_report=self.risk)
+            allocation = solve(self.components, table, budget, s)
+            ranks, row, col = allocation.ranks, table.index(), {r: j for j, r in enumerate(table.ranks)}
+            utility = {n: float(table.values[row[n], col[r]]) for n, r in ranks.items() if n in row}
+            if table.risk is not None:
+                risk = {n: float(table.risk[row[n], col[r]]) for n, r in ranks.items() if n in row}
+            solver = {"status": allocation.status, "mip_gap": float(allocation.mip_gap),
+                      "granularity": allocation.granularity, "groups": {k: list(v) for k, v in allocation.groups.items()}}
+            prov.update(utility_settings=u.to_dict(), solver_settings=s.to_dict())
+        else:
+            rank = self._baseline_rank(placement, {"budget": budget})
+            ranks = {c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible}
+            solver = {"status": f"baseline ({placement})", "mip_gap": 0.0, "granularity": "type", "groups": {}}
+        prov["budget_spec"] = str(budget)
+        prov["tune"] = {"study": self.study_name, "trial": number, "placement": placement, "lr": cfg["lr"]}
+        return Plan(model_id=self.model_id, components=self.components, ranks=dict(ranks), budget=budget,
+                    utility=utility, risk=risk, solver=solver, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
+                    use_rslora=self.use_rslora)
+
+    def plan_for_params(self, params: Mapping[str, Any], number: int | None = None) -> Plan:
+        """Rebuild a finished trial's plan from its parameters (solving is deterministic)."""
+        import optuna
+
+        return self.plan(self.search.suggest(optuna.trial.FixedTrial(dict(params), number or 0)), number)
+
+    def objective_fn(self, trial: Any) -> float | tuple[float, float]:
+        """One trial: suggest, solve, fine-tune (or the user's objective), report. Releases the claim lock."""
+        import optuna
+
+        from allocator.finetune import finetune
+
+        self.lock.release()
+        started, s = time.perf_counter(), self.settings
+        cfg = self.search.suggest(trial)
+        try:
+            plan = self.plan(cfg, trial.number)
+        except InputError as exc:  # e.g. share bounds this grid cannot meet: not this study's fault to crash on
+            trial.set_user_attr("note", f"infeasible: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+        setup = time.perf_counter() - started
+        if self.objective is not None:
+            value = float(self.objective(plan, trial))
+            work = time.perf_counter() - started - setup
+        else:
+            single = s.mode == "single"
+            prunable = single and s.pruner != "none" and "baseline" not in trial.user_attrs
+            result = finetune(self.model, plan.to_lora_config(base_model_name_or_path=None), self.train, self.evals, steps=s.steps, lr=cfg["lr"],
+                              seed=s.seed, batch_size=s.batch_size, eval_every=(s.eval_every or None) if single else None,
+                              callback=_reporter(trial, prunable) if single else None)
+            value, work = result.eval_loss, result.wall_time_s
+            trial.set_user_attr("initial_eval_loss", result.initial_eval_loss)
+        trial.set_user_attr("cost", plan.cost)
+        trial.set_user_attr("budget", plan.budget)
+        trial.set_user_attr("timing", {"setup_s": setup, "objective_s": work})
+        return value if s.mode == "single" else (value, float(plan.cost))
+
+    def run_trials(self, study: Any) -> None:
+        """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).
+
+        The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
+        overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running elsewhere
+        would complete the study, this worker waits: one of them may belong to a killed worker, and goes stale
+        after ``grace_period``, is failed and re-enqueued (``RetryFailedTrialCallback``), and is run here.
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        n = self.settings.trials
+        while True:
+            with self.lock:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                states = [t.state for t in study.get_trials(deepcopy=False)]
+                done = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
+                if done >= n:
+                    return
+                if states.count(TrialState.FAIL) > n + self.settings.max_retry * n:
+                    raise AllocatorError(f"more trials of study {self.study_name!r} failed than it asks for; see "
+                                         "the failures in the storage (optuna-dashboard) and fix their cause")
+                if done + states.count(TrialState.RUNNING) < n:
+                    study.optimize(self.objective_fn, n_trials=1)  # objective_fn releases the lock once claimed
+                    continue
+            time.sleep(min(5.0, self.settings.heartbeat_interval))
+
+
+def _reporter(trial: Any, prunable: bool) -> Callable[[int, float], None]:
+    """The fine-tune callback: report each intermediate eval loss; raise ``TrialPruned`` when the pruner says so."""
+
+    def callback(step: int, loss: float) -> None:
+        import optuna
+
+        trial.report(loss, step)
+        if prunable and trial.should_prune():
+            raise optuna.TrialPruned(f"eval loss {loss:.4f} at step {step} lags the other trials")
+
+    return callback
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _sampler_base() -> type:
+    import optuna
+
+    return optuna.samplers.BaseSampler
+
+
+class _Sampler(_sampler_base()):  # type: ignore[misc]
+    """TPE seeded by ``seed`` and the trial number, so workers never repeat each other's draws and a one-worker
+    study is reproducible; ``placement`` is always ``solver`` unless the trial was enqueued (a baseline)."""
+
+    def __init__(self, seed: int, n_startup_trials: int) -> None:
+        self.seed, self.n_startup_trials, self._tpe = seed, n_startup_trials, (-1, None)
+
+    def _for(self, number: int) -> Any:
+        import optuna
+
+        if self._tpe[0] != number:
+            self._tpe = (number, optuna.samplers.TPESampler(
+                seed=self.seed * 1_000_003 + number, n_startup_trials=self.n_startup_trials,
+                constant_liar=True))
+        return self._tpe[1]
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        if param_name == "placement":
+            return "solver"
+        return self._for(trial.number).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self._for(trial.number).before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self._for(trial.number).after_trial(study, trial, state, values)
+
+
+class _CallableModule(types.ModuleType):
+    """``allocator.tune`` is both this module and the function: importing ``allocator.tune.X`` binds the package
+    attribute ``tune`` to the module (after ``allocator.__getattr__`` would have returned the function), so the
+    module forwards calls to :func:`tune`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TuneResult:
+        return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,241 @@
+"""The result of `allocate tune`: a study's trials -> :class:`TuneResult`, and the files in ``OUT_DIR``.
+
+``summarize(study, rebuild, ...)`` gathers rows (data, testable); ``render_markdown`` and ``write_plot`` only
+format them; ``write_outputs`` writes, each file atomically::
+
+    OUT_DIR/best/        the winner's plan, as `allocate -o` writes it (adapter_config.json, allocation.json, ...)
+    OUT_DIR/pareto/      pareto mode: trial-NNNN/ per point of the front (adapter_config.json, allocation.json)
+    OUT_DIR/study.md     trials, baselines vs winner, Pareto front, parameter importances
+    OUT_DIR/study.png    history (single mode) or Pareto front (pareto mode); study.json: TuneResult.to_dict()
+
+The winner is the lowest-loss complete trial. Against each baseline it is compared with the best trial that costs
+no more than that baseline's budget (in single mode every trial shares the budget), so every difference is <= 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from allocator.plan import Plan
+
+MIN_IMPORTANCE_TRIALS = 8  # fANOVA on fewer completed searched trials says more about noise than parameters
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the report shows it."""
+
+    number: int
+    state: str  # complete | pruned | fail | running | waiting
+    placement: str  # solver | uniform | attention | recurrent | mlp
+    baseline: str | None  # the enqueued baseline this trial is, if any
+    value: float | None  # eval loss (or the user objective); last reported value of a pruned trial
+    cost: int | None  # trainable parameters of the trial's plan
+    budget: int | None
+    params: Mapping[str, Any]
+    duration_s: float | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What a study found, as of the end of this worker's run."""
+
+    study_name: str = field(metadata={"help": "Optuna study name"})
+    storage: str = field(metadata={"help": "storage URL, password hidden"})
+    mode: str = field(metadata={"help": "single | pareto"})
+    trials: tuple[TrialRow, ...] = field(metadata={"help": "every trial of the study, by number"})
+    best: TrialRow | None = field(metadata={"help": "the lowest-loss complete trial"})
+    best_plan: Plan | None = field(repr=False, metadata={"help": "its plan (saved to OUT_DIR/best)"})
+    pareto: tuple[TrialRow, ...] = field(metadata={"help": "pareto mode: the front, by cost"})
+    pareto_plans: Mapping[int, Plan] = field(repr=False, metadata={"help": "trial number -> plan of the front"})
+    baselines: Mapping[str, TrialRow] = field(metadata={"help": "complete baseline trials by name"})
+    versus: Mapping[str, float] = field(
+        metadata={"help": "baseline -> loss of the best trial within its budget minus its loss (<= 0)"})
+    importances: Mapping[str, float] = field(metadata={"help": "fANOVA importance of each searched parameter"})
+    importance_note: str = field(metadata={"help": "why importances are missing, if they are"})
+    probe_seconds: float = field(metadata={"help": "this worker's probe time (a cache hit is ~0)"})
+    out_dir: Path | None = field(default=None, metadata={"help": "where the files were written"})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("best_plan", "pareto_plans")}
+        out["out_dir"] = None if self.out_dir is None else str(self.out_dir)
+        return out
+
+
+def _row(t: Any) -> TrialRow:
+    value = t.values[0] if t.values else (t.intermediate_values[max(t.intermediate_values)]
+                                          if t.intermediate_values else None)
+    return TrialRow(
+        number=t.number, state=t.state.name.lower(), placement=t.params.get("placement", "?"),
+        baseline=t.user_attrs.get("baseline"), value=None if value is None else float(value),
+        cost=t.user_attrs.get("cost"), budget=t.user_attrs.get("budget"),
+        params={k: v for k, v in sorted(t.params.items()) if k != "placement"},
+        duration_s=None if t.duration is None else t.duration.total_seconds(), note=t.user_attrs.get("note", ""))
+
+
+def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, storage: str, mode: str,
+              probe_seconds: float = 0.0) -> TuneResult:
+    """Rows, winner, Pareto front, baselines and importances of ``study``; ``rebuild(params, number)`` remakes
+    a trial's plan (solving is deterministic, so plans are not stored in the database)."""
+    trials = study.get_trials(deepcopy=False)
+    rows = tuple(_row(t) for t in trials)
+    done = [r for r in rows if r.state == "complete" and r.value is not None and math.isfinite(r.value)]
+    best = min(done, key=lambda r: (r.value, r.cost or 0, r.number), default=None)
+    pareto: tuple[TrialRow, ...] = ()
+    if mode == "pareto" and done:
+        numbers = {t.number for t in study.best_trials}
+        pareto = tuple(sorted((r for r in done if r.number in numbers), key=lambda r: (r.cost or 0, r.value)))
+    baselines = {r.baseline: r for r in done if r.baseline}
+    versus = {}
+    for name, b in sorted(baselines.items()):
+        within = [r for r in done if (r.cost or 0) <= (b.budget or 0)] if mode == "pareto" else done
+        versus[name] = min(r.value for r in within) - b.value
+    importances, note = _importances(study, done, mode)
+    by_number = {t.number: t for t in trials}
+    wanted = {r.number: r for r in (*pareto, *([best] if best else []))}
+    plans = {n: rebuild(by_number[n].params, n) for n in wanted}
+    return TuneResult(
+        study_name=study.study_name, storage=storage, mode=mode, trials=rows, best=best,
+        best_plan=plans.get(best.number) if best else None, pareto=pareto,
+        pareto_plans={r.number: plans[r.number] for r in pareto}, baselines=baselines, versus=versus,
+        importances=importances, importance_note=note, probe_seconds=probe_seconds)
+
+
+def _importances(study: Any, done: list[TrialRow], mode: str) -> tuple[dict[str, float], str]:
+    """fANOVA importances over the complete searched (solver) trials' common parameters, or why there are none."""
+    searched = [r for r in done if r.placement == "solver" and r.baseline is None]
+    if len(searched) < MIN_IMPORTANCE_TRIALS:
+        return {}, f"importances need {MIN_IMPORTANCE_TRIALS} complete searched trials; the study has {len(searched)}"
+    params = sorted(set.intersection(*(set(r.params) for r in searched)))
+    if not params:
+        return {}, "the searched trials share no parameter"
+    try:
+        import optuna
+
+        values = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params,
+            target=lambda t: t.values[0])
+    except Exception as exc:  # too little variation, a single distinct value, ...: report, do not fail the study
+        return {}, f"importances unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return {k: float(v) for k, v in values.items()}, ""
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
+    """``study.md``: summary, winner vs baselines, Pareto front, importances, every trial."""
+    states = [r.state for r in result.trials]
+    lines = [f"# Tune study `{result.study_name}` ({result.mode} mode)", "",
+             f"- storage: `{result.storage}`",
+             f"- trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
+             f"{states.count('fail')} failed, {states.count('running') + states.count('waiting')} unfinished", ""]
+    if result.best is not None:
+        b = result.best
+        lines += ["## Winner", "", f"Trial {b.number} ({b.baseline or b.placement}): eval loss **{b.value:.4f}**, "
+                  f"{b.cost:,} trainable parameters (budget {b.budget:,}); plan in `best/`.", "",
+                  f"Parameters: {_params_text(b.params) or '(all at base values)'}", ""]
+    if result.versus:
+        lines += ["## Against the baselines", "", "| baseline | trial | eval loss | parameters | winner − baseline |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, delta in result.versus.items():
+            r = result.baselines[name]
+            lines.append(f"| {name} | {r.number} | {r.value:.4f} | {r.cost:,} | {delta:+.4f} |")
+        lines.append("")
+    if result.pareto:
+        lines += ["## Pareto front", "", "| trial | eval loss | parameters | placement | parameters of the trial |",
+                  "|---:|---:|---:|---|---|"]
+        lines += [f"| {r.number} | {r.value:.4f} | {r.cost:,} | {r.baseline or r.placement} | {_params_text(r.params)} |"
+                  for r in result.pareto]
+        lines += ["", "Plans: `pareto/trial-NNNN/`.", ""]
+    lines += ["## Parameter importances (fANOVA, eval loss)", ""]
+    lines += [f"- `{k}`: {v:.3f}" for k, v in result.importances.items()] or [f"_{result.importance_note}_"]
+    lines += ["", f"![study]({plot_name})", "", "## Trials", "",
+              "| # | state | placement | eval loss | parameters | seconds | settings |", "|---:|---|---|---:|---:|---:|---|"]
+    for r in result.trials:
+        lines.append(f"| {r.number} | {r.state} | {r.baseline or r.placement} | {_fmt(r.value)} | "
+                     f"{_fmt(r.cost, ',') if r.cost is not None else '–'} | {_fmt(r.duration_s, '.1f')} | "
+                     f"{_params_text(r.params)}{' — ' + r.note if r.note else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(result: TuneResult, path: Path) -> None:
+    """History (single) or loss vs trainable parameters with the front (pareto); baselines are labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in result.trials if r.state == "complete" and r.value is not None]
+    pruned = [r for r in result.trials if r.state == "pruned" and r.value is not None]
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    if result.mode == "pareto":
+        ax.scatter([r.cost for r in done], [r.value for r in done], s=18, c="0.6", label="trials")
+        front = list(result.pareto)
+        ax.step([r.cost for r in front], [r.value for r in front], where="post", c="C0", lw=1.5)
+        ax.scatter([r.cost for r in front], [r.value for r in front], s=30, c="C0", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+    else:
+        ax.scatter([r.number for r in done], [r.value for r in done], s=18, c="C0", label="complete")
+        if pruned:
+            ax.scatter([r.number for r in pruned], [r.value for r in pruned], s=18, marker="x", c="0.6",
+                       label="pruned (last report)")
+        ordered = sorted(done, key=lambda r: r.number)
+        running = [min(r.value for r in ordered[: i + 1]) for i in range(len(ordered))]
+        ax.step([r.number for r in ordered], running, where="post", c="C1", label="best so far")
+        ax.set_xlabel("trial")
+    for name, r in result.baselines.items():
+        x = r.cost if result.mode == "pareto" else r.number
+        ax.scatter([x], [r.value], s=40, marker="D", c="C3")
+        ax.annotate(name, (x, r.value), textcoords="offset points", xytext=(4, 4), fontsize=8, color="C3")
+    ax.set_ylabel("eval loss")
+    ax.set_title(f"{result.study_name}: {len(done)} complete trials")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(result: TuneResult, out: Path) -> TuneResult:
+    """Write ``best/``, ``pareto/``, ``study.md``, ``study.png`` and ``study.json`` (the caller holds the lock)."""
+    if result.best_plan is not None:
+        result.best_plan.save(out / "best", overwrite=True)
+    if result.pareto_plans:
+        tmp = Path(tempfile.mkdtemp(prefix=".pareto.", dir=out))
+        for number, plan in sorted(result.pareto_plans.items()):
+            plan.save(tmp / f"trial-{number:04d}", report=False)
+        old = out / f".pareto.old-{os.getpid()}"
+        if (out / "pareto").exists():
+            os.replace(out / "pareto", old)
+        os.replace(tmp, out / "pareto")
+        shutil.rmtree(old, ignore_errors=True)
+    plot = out / "study.png"
+    tmp_plot = out / f".study.{os.getpid()}.png"
+    write_plot(result, tmp_plot)
+    os.replace(tmp_plot, plot)
+    result = replace(result, out_dir=out)
+    _write_atomic(out / "study.md", render_markdown(result))
+    _write_atomic(out / "study.json", json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+    return result

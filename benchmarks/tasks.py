@@ -1,0 +1,308 @@
+"""Data for the reference models and the fine-tune tasks that score a LoRA placement.
+
+Every text source is present on every machine: the Python standard library of the running interpreter.
+
+- Pretraining (``benchmarks.zoo``): stdlib ``.py`` sources outside any test directory, ``idlelib`` and
+  ``site-packages``; a file is held out when ``sha256(relative path) % 20 == 0`` (about 5%), so the split does not
+  move when a Python release adds files. About 7% of pretraining rows are associative recall (``PRETRAIN_RECALL``).
+- Tasks, shifted from pretraining: ``text_domain`` (the stdlib's own ``test/`` package, never pretrained on),
+  ``recall`` (``SHIFTED_RECALL``: keys over new letters, longer, more pairs; scored by answer accuracy against
+  chance) and ``retention`` (loss on held-out pretraining text; eval only).
+
+Batches are dicts of ``input_ids`` / ``attention_mask`` / ``labels`` (``-100`` where no loss is taken), the
+format :func:`allocator.finetune.finetune` takes. Everything is deterministic under the ``seed`` argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sysconfig
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allocator.errors import AllocatorError
+
+SEQ_LEN = 128
+RECALL_SEQ_LEN = 192
+EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "site-packages", "__pycache__"})
+Batch = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- text corpus
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _held_out(rel: str, modulus: int) -> bool:
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % modulus == 0
+
+
+def pretraining_files(root: Path | None = None) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(train, held-out) stdlib sources, sorted by relative path, excluding tests, idlelib and site-packages."""
+    root = stdlib_root() if root is None else root
+    files = sorted(
+        p for p in root.rglob("*.py") if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    )
+    train = tuple(p for p in files if not _held_out(p.relative_to(root).as_posix(), 20))
+    held = tuple(p for p in files if _held_out(p.relative_to(root).as_posix(), 20))
+    return train, held
+
+
+def domain_files(root: Path | None = None) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(train, eval) sources of the stdlib ``test/`` package: the shifted text domain (eval: 10% by hash)."""
+    root = stdlib_root() if root is None else root
+    test_dir = root / "test"
+    files = sorted(test_dir.rglob("*.py")) if test_dir.is_dir() else []
+    if not files:
+        raise AllocatorError(
+            f"the text-domain task needs the standard library's test package, but {test_dir} has no .py files; "
+            "install your distribution's python test package (e.g. `python3-test` / `libpython3-testsuite`)"
+        )
+    train = tuple(p for p in files if not _held_out(p.relative_to(root).as_posix(), 10))
+    held = tuple(p for p in files if _held_out(p.relative_to(root).as_posix(), 10))
+    return train, held
+
+
+def read_source(path: Path) -> str:
+    """File text; undecodable bytes (a few test files are Latin-1 on purpose) become U+FFFD."""
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def corpus_digest(files: Sequence[Path], root: Path | None = None) -> str:
+    """sha256 over relative paths and contents: equal digests mean the same pretraining text."""
+    root = stdlib_root() if root is None else root
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def token_windows(tokenizer: Any, files: Sequence[Path], *, seq_len: int = SEQ_LEN, max_windows: int | None = None) -> torch.Tensor:
+    """Files tokenized, joined by EOS and cut into non-overlapping rows: (n_windows, seq_len) int64."""
+    ids: list[int] = []
+    need = None if max_windows is None else max_windows * seq_len
+    for p in files:
+        ids.extend(tokenizer(read_source(p), add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len if need is None else min(len(ids) // seq_len, max_windows)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (n, seq_len)
+
+
+def lm_batches(windows: torch.Tensor, batch_size: int) -> list[Batch]:
+    """Full-sequence language-modelling batches over ``windows`` (n, T), in order."""
+    return [
+        {"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w.clone()}
+        for w in windows.split(batch_size)
+    ]
+
+
+# ---------------------------------------------------------------- associative recall
+
+
+@dataclass(frozen=True)
+class RecallSpec:
+    """How recall episodes are drawn: ``key: value`` lines, then ``? key: value`` queries."""
+
+    letters: str = field(metadata={"help": "alphabet of the keys"})
+    key_len: int = field(metadata={"help": "letters per key"})
+    min_pairs: int = field(metadata={"help": "fewest pairs in an episode"})
+    max_pairs: int = field(metadata={"help": "most pairs in an episode"})
+    n_queries: int = field(metadata={"help": "queries per episode (distinct keys)"})
+
+
+PRETRAIN_RECALL = RecallSpec(letters="abcdefghijklm", key_len=3, min_pairs=4, max_pairs=8, n_queries=3)
+SHIFTED_RECALL = RecallSpec(letters="nopqrstuvwxyz", key_len=4, min_pairs=10, max_pairs=14, n_queries=4)
+
+
+@dataclass(frozen=True)
+class RecallEpisode:
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]  # character span of each query's value
+    n_pairs: int
+
+
+def recall_episode(rng: random.Random, spec: RecallSpec) -> RecallEpisode:
+    """One episode, e.g. ``"kel: 31\\nmop: 85\\n? mop: 85\\n"``; values are 10..99, keys distinct."""
+    n_pairs = rng.randint(spec.min_pairs, spec.max_pairs)
+    keys: set[str] = set()
+    while len(keys) < n_pairs:
+        keys.add("".join(rng.choice(spec.letters) for _ in range(spec.key_len)))
+    pairs = [(k, rng.randint(10, 99)) for k in sorted(keys)]
+    rng.shuffle(pairs)
+    text = "".join(f"{k}: {v}\n" for k, v in pairs)
+    spans = []
+    for k, v in rng.sample(pairs, min(spec.n_queries, n_pairs)):
+        text += f"? {k}: "
+        spans.append((len(text), len(text) + len(str(v))))
+        text += f"{v}\n"
+    return RecallEpisode(text, tuple(spans), n_pairs)
+
+
+def _encode_episode(tokenizer: Any, ep: RecallEpisode) -> tuple[list[int], list[int]]:
+    """Token ids (EOS appended) and, per token, the index of the query whose answer it is part of (-1: none)."""
+    enc = tokenizer(ep.text, add_special_tokens=False, return_offsets_mapping=True)
+    group = [-1] * len(enc["input_ids"])
+    for q, (a, b) in enumerate(ep.answer_spans):
+        for i, (s, e) in enumerate(enc["offset_mapping"]):
+            if s < b and e > a:  # token overlaps the answer characters
+                group[i] = q
+    return list(enc["input_ids"]) + [tokenizer.eos_token_id], group + [-1]
+
+
+def packed_recall_row(tokenizer: Any, rng: random.Random, spec: RecallSpec, seq_len: int = SEQ_LEN) -> Batch:
+    """A pretraining row: whole episodes packed until the next does not fit, right-padded (labels -100)."""
+    ids: list[int] = []
+    while True:
+        ep_ids, _ = _encode_episode(tokenizer, recall_episode(rng, spec))
+        if len(ids) + len(ep_ids) > seq_len:
+            break
+        ids.extend(ep_ids)
+    n = len(ids)
+    row = torch.full((seq_len,), tokenizer.pad_token_id, dtype=torch.long)
+    row[:n] = torch.tensor(ids)
+    labels = row.clone()
+    labels[n:] = -100
+    mask = (torch.arange(seq_len) < n).long()
+    return {"input_ids": row, "attention_mask": mask, "labels": labels}
+
+
+def recall_batches(
+    tokenizer: Any, spec: RecallSpec, *, n_rows: int, seed: int | str, batch_size: int, seq_len: int = RECALL_SEQ_LEN
+) -> list[Batch]:
+    """One episode per row, loss on the answer tokens only; ``answer_group`` marks each query's answer tokens."""
+    rng = random.Random(seed)
+    ids = torch.full((n_rows, seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    group = torch.full((n_rows, seq_len), -1, dtype=torch.long)
+    mask = torch.zeros((n_rows, seq_len), dtype=torch.long)
+    n_pairs = torch.zeros(n_rows, dtype=torch.long)
+    for r in range(n_rows):
+        ep = recall_episode(rng, spec)
+        ep_ids, ep_group = _encode_episode(tokenizer, ep)
+        if len(ep_ids) > seq_len:
+            raise AllocatorError(f"a recall episode has {len(ep_ids)} tokens > seq_len {seq_len}; raise seq_len")
+        ids[r, : len(ep_ids)] = torch.tensor(ep_ids)
+        group[r, : len(ep_ids)] = torch.tensor(ep_group)
+        mask[r, : len(ep_ids)] = 1
+        n_pairs[r] = ep.n_pairs
+    labels = torch.where(group >= 0, ids, torch.full_like(ids, -100))
+    return [
+        {"input_ids": i, "attention_mask": m, "labels": lab, "answer_group": g, "n_pairs": p}
+        for i, m, lab, g, p in zip(
+            ids.split(batch_size), mask.split(batch_size), labels.split(batch_size), group.split(batch_size),
+            n_pairs.split(batch_size), strict=True,
+        )
+    ]
+
+
+@torch.no_grad()
+def recall_accuracy(model: torch.nn.Module, batches: Sequence[Batch]) -> tuple[float, float]:
+    """(accuracy, chance): share of queries whose answer tokens are all argmax-correct (teacher forced), and
+    the mean of 1 / n_pairs, what copying a random value from the episode would score."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    chance = 0.0
+    try:
+        for b in batches:
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            pred = logits[:, :-1].argmax(-1).cpu()  # (B, T-1) prediction for token t+1
+            hit = pred == b["input_ids"][:, 1:]
+            group = b["answer_group"][:, 1:]
+            for r in range(group.shape[0]):
+                for q in group[r][group[r] >= 0].unique().tolist():
+                    correct += bool(hit[r][group[r] == q].all())
+                    total += 1
+                    chance += 1.0 / float(b["n_pairs"][r])
+    finally:
+        model.train(was_training)
+    return correct / total, chance / total
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fine-tune task: batches for :func:`allocator.finetune.finetune` and a scorer for the trained model."""
+
+    name: str
+    description: str
+    train_batches: tuple[Batch, ...]
+    eval_batches: tuple[Batch, ...]
+    evaluate: Callable[[torch.nn.Module], Mapping[str, float]] = field(repr=False)
+
+
+def _loss_metrics(prefix: str, batches: Sequence[Batch]) -> Callable[[torch.nn.Module], dict[str, float]]:
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        from allocator.finetune import evaluate_loss
+
+        return {f"{prefix}_loss": evaluate_loss(model, batches)}
+
+    return evaluate
+
+
+def text_domain_task(
+    tokenizer: Any, *, seed: int = 0, n_train: int = 512, n_eval: int = 64, batch_size: int = 16
+) -> Task:
+    """Language modelling on the stdlib ``test/`` package; train rows drawn from a seeded file order."""
+    train_files, eval_files = domain_files()
+    order = list(train_files)
+    random.Random(seed).shuffle(order)
+    train = token_windows(tokenizer, order, max_windows=n_train)
+    evals = lm_batches(token_windows(tokenizer, eval_files, max_windows=n_eval), batch_size)
+    return Task(
+        "text_domain",
+        "next-token loss on the stdlib test package (unseen in pretraining)",
+        tuple(lm_batches(train, batch_size)),
+        tuple(evals),
+        _loss_metrics("text_domain", evals),
+    )
+
+
+def recall_task(
+    tokenizer: Any, *, seed: int = 0, n_train: int = 512, n_eval: int = 128, batch_size: int = 16
+) -> Task:
+    """Shifted associative recall; eval episodes come from a seed disjoint from every train seed."""
+    train = recall_batches(tokenizer, SHIFTED_RECALL, n_rows=n_train, seed=seed, batch_size=batch_size)
+    evals = recall_batches(tokenizer, SHIFTED_RECALL, n_rows=n_eval, seed="recall-eval", batch_size=batch_size)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        from allocator.finetune import evaluate_loss
+
+        acc, chance = recall_accuracy(model, evals)
+        return {"recall_accuracy": acc, "recall_chance": chance, "recall_loss": evaluate_loss(model, evals)}
+
+    return Task(
+        "recall",
+        f"associative recall, {SHIFTED_RECALL.min_pairs}-{SHIFTED_RECALL.max_pairs} pairs of new keys; "
+        "accuracy of the answer tokens vs chance 1/n_pairs",
+        tuple(train),
+        tuple(evals),
+        evaluate,
+    )
+
+
+def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16) -> Task:
+    """Eval only: loss on held-out pretraining text (what fine-tuning must not forget)."""
+    _, held = pretraining_files()
+    evals = lm_batches(token_windows(tokenizer, held, max_windows=n_eval), batch_size)
+    return Task("retention", "next-token loss on held-out pretraining text", (), tuple(evals),
+                _loss_metrics("retention", evals))
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "text_domain": text_domain_task,
+    "recall": recall_task,
+    "retention": retention_task,
+}

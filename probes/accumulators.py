@@ -1,0 +1,138 @@
+"""Streaming accumulators of the probe statistics; memory is independent of the number of batches.
+
+``GradAccumulator`` sums G_b = δ_bᵀ X_b into an even-batch and an odd-batch half (by GLOBAL batch index, so a
+sharded run splits the same way as one process) plus Σ‖G_b‖_F and Σ‖G_b‖_F². ``ActAccumulator`` sums the input
+second moment C = Σ XᵀX, or its Nystrom sketch C Ω when d_in is above ``sketch_threshold``.
+
+Both have ``update`` (one micro-batch), ``merge`` (another accumulator, same shapes) and ``all_reduce`` (sum over
+torch.distributed ranks); sums are associative, so merged shards equal one pass up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from probes import spectra
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    import torch.distributed as dist  # noqa: PLC0415 - only when running distributed
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+class GradAccumulator:
+    """Σ_even G_b, Σ_odd G_b (d_out, d_in) and the norm sums of one module, on the module's device."""
+
+    def __init__(self, d_out: int, d_in: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.shape, self.device, self.dtype = (d_out, d_in), device, dtype
+        self.halves: list[torch.Tensor | None] = [None, None]  # [even, odd], allocated on first use
+        self.norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.sq_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_batches = 0
+
+    def update(self, grad: torch.Tensor, batch_index: int) -> None:
+        """Add one micro-batch's full weight gradient G_b (d_out, d_in), already summed over call sites."""
+        half = batch_index % 2
+        if self.halves[half] is None:
+            self.halves[half] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.halves[half].add_(grad)
+        norm = torch.linalg.vector_norm(grad).to(torch.float64)  # no host sync
+        self.norm_sum += norm
+        self.sq_sum += norm.square()
+        self.n_batches += 1
+
+    def half(self, index: int) -> torch.Tensor:
+        out = self.halves[index]
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device) if out is None else out
+
+    def merge(self, other: GradAccumulator) -> None:
+        for i in (0, 1):
+            if other.halves[i] is not None:
+                self.halves[i] = self.half(i).add_(other.halves[i].to(self.device))
+        self.norm_sum += other.norm_sum.to(self.device)
+        self.sq_sum += other.sq_sum.to(self.device)
+        self.n_batches += other.n_batches
+
+    def all_reduce(self) -> None:
+        """Sum over ranks in place. Every rank must call it, in the same module order."""
+        self.halves = [self.half(0), self.half(1)]
+        for tensor in self.halves:
+            _all_reduce(tensor)
+        scalars = torch.stack([self.norm_sum, self.sq_sum,
+                               torch.tensor(float(self.n_batches), dtype=torch.float64, device=self.device)])
+        _all_reduce(scalars)
+        self.norm_sum, self.sq_sum, self.n_batches = scalars[0], scalars[1], int(scalars[2].item())
+
+    def finite(self) -> bool:
+        parts = [self.norm_sum, self.sq_sum] + [h for h in self.halves if h is not None]
+        return all(bool(torch.isfinite(p).all()) for p in parts)
+
+    def finalize(self, k: int) -> dict:
+        """Top-k σ of Σ G_b, ‖Σ G_b‖_F², symmetric held-out capture; scalars as Python floats."""
+        even, odd = self.half(0), self.half(1)
+        total = even.to(torch.float64) + odd.to(torch.float64)
+        _, sigma, _ = spectra.top_singular(total, k)
+        return {
+            "grad_norm_sum": float(self.norm_sum),
+            "grad_sq_sum": float(self.sq_sum),
+            "fisher_trace": float(self.sq_sum) / self.n_batches,
+            "grad_total_sq": float(total.square().sum()),
+            "grad_singular_values": sigma.cpu().numpy(),
+            "heldout_capture": spectra.heldout_capture(even, odd, k).cpu().numpy(),
+        }
+
+
+class ActAccumulator:
+    """Σ XᵀX (d_in, d_in), or the sketch Σ XᵀX Ω (d_in, s), plus tr(Σ XᵀX), for one or several modules.
+
+    Several modules that always read the same input tensor (q/k/v, gate/up) share one accumulator.
+    """
+
+    def __init__(self, d_in: int, device: torch.device, dtype: torch.dtype, omega: torch.Tensor | None) -> None:
+        self.d_in, self.device, self.dtype, self.omega = d_in, device, dtype, omega
+        width = d_in if omega is None else omega.shape[1]
+        self.moment = torch.zeros((d_in, width), dtype=dtype, device=device)
+        self.trace = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def sketched(self) -> bool:
+        return self.omega is not None
+
+    @staticmethod
+    def contribution(x: torch.Tensor, omega: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(XᵀX or XᵀXΩ, ‖X‖_F²) for the real-token rows x (tokens, d_in), in the accumulator dtype."""
+        product = x.T @ x if omega is None else x.T @ (x @ omega)  # (d_in, d_in) or (d_in, s)
+        return product, x.square().sum(dtype=torch.float64)
+
+    def add(self, product: torch.Tensor, trace: torch.Tensor) -> None:
+        self.moment.add_(product)
+        self.trace += trace
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of x (tokens, d_in)."""
+        self.add(*self.contribution(x.to(self.dtype), self.omega))
+
+    def merge(self, other: ActAccumulator) -> None:
+        self.add(other.moment.to(self.device), other.trace.to(self.device))
+
+    def clone(self) -> ActAccumulator:
+        out = ActAccumulator(self.d_in, self.device, self.dtype, self.omega)
+        out.merge(self)
+        return out
+
+    def all_reduce(self) -> None:
+        _all_reduce(self.moment)
+        _all_reduce(self.trace)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.moment).all()) and bool(torch.isfinite(self.trace))
+
+    def finalize(self, n_tokens: int) -> dict:
+        """Descending eigenvalues of C / n_tokens (Nystrom lower bounds when sketched) and tr(C) / n_tokens."""
+        if self.omega is None:
+            eig = spectra.eigenvalues_desc(self.moment)
+        else:
+            eig = spectra.nystrom_eigenvalues(self.moment, self.omega)
+        return {"act_eigenvalues": (eig / n_tokens).cpu().numpy(), "act_trace": float(self.trace) / n_tokens,
+                "act_sketched": self.sketched}

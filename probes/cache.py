@@ -1,0 +1,105 @@
+"""Reuse a saved ``ProbeReport`` when nothing that shapes it has changed.
+
+The key is a sha256 over: model id and revision (``key_meta``), the data fingerprint of the batches, the sorted
+module names, the result-relevant settings (all but ``progress``) and the report format. A hit loads
+``<cache_dir>/probe-<key>/`` and runs nothing; a miss runs :func:`probes.run` and rank 0 writes the folder
+atomically (write to a temporary folder, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from probes.data import data_fingerprint
+from probes.report import FORMAT, JSON_NAME, ProbeReport
+from probes.runner import run
+from probes.settings import ProbeSettings
+
+
+def cache_key(key_meta: Mapping[str, Any], fingerprint: str, modules: Sequence[str], settings: ProbeSettings) -> str:
+    """Hex sha256 of everything a probe report depends on (see the module docstring)."""
+    payload = {"format": FORMAT, "model": dict(key_meta), "data": fingerprint, "modules": sorted(set(modules)),
+               "settings": settings.result_key()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_cached(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    modules: Sequence[str],
+    settings: ProbeSettings | None = None,
+    *,
+    cache_dir: str | os.PathLike,
+    key_meta: Mapping[str, Any] | None = None,
+) -> ProbeReport:
+    """:func:`probes.run` with a disk cache in ``cache_dir``.
+
+    ``key_meta`` identifies the weights, e.g. ``{"model_id": "Qwen/Qwen3.5-0.8B", "model_revision": "<sha>"}``;
+    by default ``model.config.name_or_path`` and ``model.config._commit_hash``. Under torch.distributed every rank
+    reads its own cache and the run is reused only if all ranks hit, so the collectives stay in step.
+    """
+    settings = settings or ProbeSettings()
+    if key_meta is None:
+        config = getattr(model, "config", None)
+        key_meta = {"model_id": getattr(config, "name_or_path", None),
+                    "model_revision": getattr(config, "_commit_hash", None)}
+    key = cache_key(key_meta, data_fingerprint(batches), modules, settings)
+    folder = Path(cache_dir) / f"probe-{key[:32]}"
+    cached = _load(folder, key)
+    if _all_ranks(cached is not None, settings):
+        return cached
+    report = run(model, batches, modules, settings, meta={**dict(key_meta), "cache_key": key})
+    if _rank(settings) == 0:
+        _save_atomic(report, folder)
+    return report
+
+
+def _load(folder: Path, key: str) -> ProbeReport | None:
+    if not (folder / JSON_NAME).is_file():
+        return None
+    try:
+        report = ProbeReport.load(folder)
+    except (OSError, ValueError, KeyError):
+        return None
+    return report if report.meta.get("cache_key") == key else None
+
+
+def _save_atomic(report: ProbeReport, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        report.save(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _distributed(settings: ProbeSettings) -> bool:
+    return settings.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank(settings: ProbeSettings) -> int:
+    return torch.distributed.get_rank() if _distributed(settings) else 0
+
+
+def _all_ranks(flag: bool, settings: ProbeSettings) -> bool:
+    if not _distributed(settings):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())

@@ -1,0 +1,327 @@
+"""Stage 2b: ``run(model, batches, modules, settings) -> ProbeReport``.
+
+One forward + backward of the model's own causal-LM loss per micro-batch, weights frozen, statistics gathered by
+the hooks of :mod:`probes.hooks`; then (under torch.distributed) an all-reduce, then the spectra. The model is
+returned exactly as it came: same weights bit for bit, same ``requires_grad`` flags, mode and device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from probes.data import IGNORE_INDEX, data_fingerprint
+from probes.errors import ProbeError
+from probes.hooks import ModuleProbe, Prober
+from probes.report import ModuleStats, ProbeReport
+from probes.settings import ProbeSettings
+
+
+def run(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    modules: Sequence[str],
+    settings: ProbeSettings | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> ProbeReport:
+    """Probe ``modules`` (names from ``model.named_modules()``, each an ``nn.Linear``) over ``batches``.
+
+    Args:
+        model: a causal LM returning ``.loss`` when given ``labels`` (any transformers ``*ForCausalLM``).
+        batches: dicts with ``input_ids``, ``labels`` and optionally ``attention_mask`` (see ``load_batches``).
+        modules: module names; aliases of one module object share its statistics.
+        settings: ``ProbeSettings()`` when None.
+        meta: extra provenance merged into ``report.meta`` (e.g. ``model_id``, ``model_revision``).
+
+    Raises:
+        ProbeError: unknown or non-Linear module names, bad batches, a non-finite loss (unless
+            ``settings.skip_nonfinite``), a model that returns no loss.
+    """
+    settings = settings or ProbeSettings()
+    dtype = getattr(torch, settings.dtype)
+    probes, by_name = _resolve(model, modules, dtype)
+    _check_batches(batches)
+    world, rank = _world(settings)
+    mine = [i for i in range(len(batches)) if i % world == rank]
+    prober = Prober(probes, dtype, settings.sketch_threshold, settings.sketch_dim, settings.seed)
+    n_skipped = n_tokens = 0
+    with _probing_state(model, settings) as device:
+        accepts_cache = _accepts(model, "use_cache")
+        prober.attach(model)
+        try:
+            bar = _progress(len(mine), settings.progress and rank == 0)
+            start = time.perf_counter()
+            for i in mine:
+                batch = {k: v.to(device) for k, v in batches[i].items()}
+                batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+                if accepts_cache:
+                    batch["use_cache"] = False
+                prober.begin_batch(i, batch["attention_mask"])
+                with torch.enable_grad():
+                    loss = _loss(model(**batch))
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    del loss
+                    prober.discard_batch()
+                    if not settings.skip_nonfinite:
+                        raise ProbeError(
+                            f"loss is {value} on batch {i}; check that batch and the model dtype, or set "
+                            "ProbeSettings(skip_nonfinite=True) to skip such batches"
+                        )
+                    n_skipped += 1
+                    continue
+                prober.end_forward()
+                prober.in_backward = True
+                try:
+                    loss.backward()
+                finally:
+                    prober.in_backward = False
+                del loss
+                prober.end_batch()
+                n_tokens += int(batch["attention_mask"].sum())
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+            bar.close()
+        finally:
+            prober.detach()
+        counts = _reduce_counts(probes, [n_skipped, n_tokens], world)
+        stats = {}
+        for probe, (n_calls, n_tok, n_batches) in zip(probes, counts["probes"], strict=True):
+            probe.n_calls, probe.n_tokens = n_calls, n_tok  # global counts; decisions below agree on all ranks
+            module_stats = _finalize(probe, prober, settings.max_rank, world, n_batches)
+            probe.grad = probe.act = None  # free as we go
+            for name in probe.names:
+                stats[name] = module_stats
+    info = _meta(model, batches, settings, world, counts["run"], device)
+    info.update(meta or {})
+    return ProbeReport({name: stats[name] for name in by_name}, info)
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+
+def _resolve(model: nn.Module, names: Sequence[str], dtype: torch.dtype):
+    if isinstance(names, str) or not names:
+        raise ProbeError(f"modules must be a non-empty list of module names, got {names!r}")
+    table = dict(model.named_modules(remove_duplicate=False))
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ProbeError(
+            f"{len(unknown)} module names not in the model, e.g. {unknown[:3]}; use names from "
+            "model.named_modules(), such as 'model.layers.0.mlp.up_proj'"
+        )
+    wrong = [(n, type(table[n]).__name__) for n in names if not isinstance(table[n], nn.Linear)]
+    if wrong:
+        raise ProbeError(
+            f"only torch.nn.Linear modules can be probed; {wrong[0][0]} is a {wrong[0][1]} "
+            f"({len(wrong)} such names); drop them from modules"
+        )
+    by_id: dict[int, ModuleProbe] = {}
+    by_name = {}
+    for name in sorted(set(names)):
+        module = table[name]
+        if id(module) not in by_id:
+            by_id[id(module)] = ModuleProbe([], module, dtype)
+        by_id[id(module)].names.append(name)
+        by_name[name] = by_id[id(module)]
+    return list(by_id.values()), by_name
+
+
+def _check_batches(batches) -> None:
+    if not batches:
+        raise ProbeError("no calibration batches; pass the output of probes.load_batches(...)")
+    for i, batch in enumerate(batches):
+        missing = {"input_ids", "labels"} - set(batch)
+        if missing:
+            raise ProbeError(f"batch {i} lacks {sorted(missing)}; batches need input_ids and labels (load_batches)")
+        if not bool((batch["labels"][..., 1:] != IGNORE_INDEX).any()):
+            raise ProbeError(f"batch {i} has every label masked (-100), so its loss is undefined; drop it")
+
+
+@contextlib.contextmanager
+def _probing_state(model: nn.Module, settings: ProbeSettings):
+    """Freeze weights, eval mode, optional checkpointing and device move; undo all of it on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    home, target = _placement(model, settings.device)
+    restore_checkpointing = None
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        if target is not None:
+            model.to(target)
+        if settings.gradient_checkpointing:
+            restore_checkpointing = _enable_checkpointing(model)
+        yield _input_device(model)
+    finally:
+        if restore_checkpointing is not None:
+            restore_checkpointing()
+        if target is not None:
+            model.to(home)
+        model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _placement(model: nn.Module, device: str):
+    """(home device, device to run on) or (None, None) when the model stays where it is."""
+    devices = {p.device for p in model.parameters()}
+    if device == "model" or len(devices) != 1 or len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        return None, None
+    home = next(iter(devices))
+    if device == "auto":
+        if home.type != "cpu" or not torch.cuda.is_available():
+            return None, None
+        device = "cuda"
+    target = torch.device(device)
+    return (None, None) if target == home else (home, target)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Module) and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _enable_checkpointing(model: nn.Module):
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - transformers too old
+        raise ProbeError("gradient_checkpointing needs transformers >= 4.52; set gradient_checkpointing=False") from None
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ProbeError(f"{type(model).__name__} has no checkpointable layers; set gradient_checkpointing=False")
+    missing = object()
+    saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", missing), m.training)
+             for m in layers]
+    for m in layers:  # the layer itself in training mode (HF checks it), its children (dropout) stay in eval
+        m.gradient_checkpointing, m.training = True, True
+        m._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    def restore():
+        for m, flag, func, training in saved:
+            m.gradient_checkpointing, m.training = flag, training
+            if func is missing:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+    return restore
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _loss(output) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0] if output[0].dim() == 0 else None
+    if not isinstance(loss, torch.Tensor):
+        raise ProbeError("the model returned no loss; probe a *ForCausalLM model and pass labels in the batches")
+    return loss
+
+
+def _world(settings: ProbeSettings) -> tuple[int, int]:
+    if settings.distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, disable=not enabled, unit="batch", desc="probing", dynamic_ncols=True)
+
+
+# --- finish --------------------------------------------------------------------------------------------------
+
+
+def _reduce_counts(probes: list[ModuleProbe], run_counts: list[int], world: int) -> dict:
+    rows = [[p.n_calls, p.n_tokens, p.grad.n_batches] for p in probes]
+    table = torch.tensor(rows + [run_counts + [0]], dtype=torch.float64)  # (n_probes + 1, 3)
+    if world > 1:
+        table = table.to(_collective_device())
+        torch.distributed.all_reduce(table)
+        table = table.cpu()
+    values = [[int(v) for v in row] for row in table.tolist()]
+    return {"probes": values[:-1], "run": values[-1][:2]}
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _finalize(probe: ModuleProbe, prober: Prober, max_rank: int, world: int, n_batches: int) -> ModuleStats:
+    k = min(max_rank, probe.d_in, probe.d_out)
+    out: dict[str, Any] = {
+        "status": "ok", "n_tokens": probe.n_tokens, "n_batches": n_batches, "d_in": probe.d_in,
+        "d_out": probe.d_out, "n_calls": probe.n_calls, "grad_norm_sum": math.nan, "grad_sq_sum": math.nan,
+        "fisher_trace": math.nan, "grad_total_sq": math.nan, "grad_singular_values": [], "heldout_capture": [],
+        "act_eigenvalues": [], "act_trace": math.nan, "act_sketched": False,
+    }
+    if probe.n_calls == 0:
+        return ModuleStats(**{**out, "status": "no_input"})
+    act = probe.act
+    if world > 1:  # every rank reaches here for the same modules in the same order
+        # a private copy: accumulators shared in-process (q/k/v) must not be summed twice
+        act = act.clone() if act is not None else prober.new_act(probe)
+        act.all_reduce()
+        if n_batches:
+            probe.grad.all_reduce()
+    finite = act.finite() and probe.grad.finite()
+    if not finite:
+        return ModuleStats(**{**out, "status": "nonfinite"})
+    if probe.n_tokens:
+        out.update(act.finalize(probe.n_tokens))
+    if n_batches == 0:
+        return ModuleStats(**{**out, "status": "no_gradient"})
+    out.update(probe.grad.finalize(k))
+    return ModuleStats(**out)
+
+
+def _meta(model, batches, settings, world, run_counts, device) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    first = next(model.parameters())
+    return {
+        "model_id": str(getattr(config, "name_or_path", "") or type(model).__name__),
+        "model_revision": getattr(config, "_commit_hash", None),
+        "model_class": type(model).__name__,
+        "model_dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(device),
+        "data_fingerprint": data_fingerprint(batches),
+        "n_batches": len(batches),
+        "n_skipped": run_counts[0],
+        "n_tokens": run_counts[1],
+        "world_size": world,
+        "settings": settings.to_dict(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": _version("transformers"), "numpy": np.__version__,
+                     "probes": _version("hybrid-lora-allocator")},
+    }
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"

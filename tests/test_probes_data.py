@@ -1,0 +1,135 @@
+"""probes.load_batches: every source, determinism, and the errors that name their fix."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from probes import ProbeError, ProbeWarning, data_fingerprint, load_batches
+from probes.testing import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def _write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def _check_shapes(batches, n_rows, seq_len, batch_size):
+    assert sum(b["input_ids"].shape[0] for b in batches) == n_rows
+    for b in batches:
+        assert set(b) == {"input_ids", "attention_mask", "labels"}
+        assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+        assert b["input_ids"].shape[1] == seq_len and b["input_ids"].shape[0] <= batch_size
+        assert all(t.dtype == torch.long for t in b.values())
+        assert torch.all(b["labels"][b["attention_mask"] == 0] == -100)
+
+
+def test_builtin_corpus_is_packed_and_deterministic_under_seed(tok):
+    a = load_batches("builtin", tok, seq_len=64, samples=6, batch_size=4, seed=1)
+    b = load_batches("builtin", tok, seq_len=64, samples=6, batch_size=4, seed=1)
+    c = load_batches("builtin", tok, seq_len=64, samples=6, batch_size=4, seed=2)
+    _check_shapes(a, 6, 64, 4)
+    assert [x["input_ids"].shape[0] for x in a] == [4, 2]
+    assert data_fingerprint(a) == data_fingerprint(b) != data_fingerprint(c)
+    assert all(torch.equal(x["labels"], x["input_ids"]) and bool(x["attention_mask"].all()) for x in a)
+
+
+def test_plain_text_file_is_packed_into_windows(tok, tmp_path):
+    path = tmp_path / "notes.md"
+    path.write_text("alpha beta gamma\n" * 200, encoding="utf-8")
+    batches = load_batches(path, tok, seq_len=32, samples=5, batch_size=2)
+    _check_shapes(batches, 5, 32, 2)
+    text = tok.decode(batches[0]["input_ids"][0])
+    assert "beta" in text
+
+
+def test_jsonl_text_records_are_padded_with_masked_labels(tok, tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "short one"}, {"text": "x" * 100}, {"body": "b", "text": "z z"}])
+    batches = load_batches(path, tok, seq_len=16, samples=3, batch_size=2)
+    _check_shapes(batches, 3, 16, 2)
+    mask = torch.cat([b["attention_mask"] for b in batches])
+    assert sorted(mask.sum(1).tolist()) == [3, 9, 16]  # truncated to seq_len, the others padded
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert torch.all(ids[mask == 0] == tok.pad_token_id)
+
+
+def test_prompt_response_records_take_loss_on_response_only(tok, tmp_path):
+    path = _write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "Q: 1+1?", "response": " 2"}])
+    (batch,) = load_batches(path, tok, seq_len=24, samples=1)
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    n_prompt = len(tok("Q: 1+1?")["input_ids"])
+    assert torch.all(labels[:n_prompt] == -100)
+    assert labels[n_prompt:n_prompt + 3].tolist() == ids[n_prompt:n_prompt + 3].tolist()  # " 2" + eos
+    assert labels[n_prompt + 2].item() == tok.eos_token_id and torch.all(labels[n_prompt + 3:] == -100)
+
+
+def test_chat_records_take_loss_on_assistant_turns(tok, tmp_path):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
+    (batch,) = load_batches(path, tok, seq_len=64, samples=1)
+    kept = batch["labels"][0][batch["labels"][0] != -100]
+    assert tok.decode(kept) == "yo<eos>"
+    with pytest.raises(ProbeError, match="no chat template"):
+        load_batches(path, byte_tokenizer(chat_template=False), seq_len=64, samples=1)
+
+
+def test_json_list_file_is_read_as_records(tok, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two two"}]), encoding="utf-8")
+    batches = load_batches(path, tok, seq_len=8, samples=2)
+    assert sorted(batches[0]["attention_mask"].sum(1).tolist()) == [3, 7]
+
+
+def test_fewer_sequences_than_samples_warns(tok, tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "one"}, {"text": "two"}])
+    with pytest.warns(ProbeWarning, match="fewer than samples=8"):
+        batches = load_batches(path, tok, seq_len=8, samples=8)
+    assert sum(b["input_ids"].shape[0] for b in batches) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "match"),
+    [
+        (None, ".txt", "not found"),
+        ("", ".txt", "is empty"),
+        ("   \n", ".txt", "is empty"),
+        ("tiny", ".txt", "fewer than one sequence of seq_len=64"),
+        ("", ".jsonl", "is empty"),
+        ('{"prompt": "' + "p" * 80 + '", "response": "r"}\n', ".jsonl", "every label in .* is masked"),
+        ('{"other": 1}\n', ".jsonl", "record 0 .* has none of 'text'"),
+        ("{not json\n", ".jsonl", "not valid JSON"),
+    ],
+)
+def test_bad_input_raises_one_line_error_naming_the_fix(tok, tmp_path, content, suffix, match):
+    path = tmp_path / f"data{suffix}"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ProbeError, match=match) as info:
+        load_batches(path, tok, seq_len=64, samples=2)
+    assert "\n" not in str(info.value)
+
+
+def test_datasets_folder_without_datasets_names_the_install(tok, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ProbeError, match="pip install datasets"):
+        load_batches(tmp_path, tok)
+
+
+def test_settings_are_checked(tok):
+    for kwargs in ({"seq_len": 1}, {"samples": 0}, {"batch_size": -1}):
+        with pytest.raises(ProbeError):
+            load_batches("builtin", tok, **kwargs)
+
+
+def test_fingerprint_sees_every_tensor():
+    base = [{"input_ids": torch.arange(6).view(2, 3), "labels": torch.arange(6).view(2, 3)}]
+    changed = [{"input_ids": torch.arange(6).view(2, 3), "labels": torch.tensor([[0, 1, 2], [3, 4, -100]])}]
+    assert data_fingerprint(base) == data_fingerprint([dict(base[0])]) != data_fingerprint(changed)

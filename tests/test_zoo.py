@@ -1,0 +1,156 @@
+"""Reference models (allocator.reference, benchmarks.zoo) and the benchmark tasks (benchmarks.tasks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from allocator import reference
+from allocator.errors import AllocatorError, InputError
+from benchmarks import tasks, zoo
+
+RELEASED = Path("/work/shared/reference-configs")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared CPU, two threads spin on every tiny op and run ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(reference.reference_model_path())
+
+
+def test_reference_module_imports_without_torch():
+    code = "import sys, allocator.reference; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_reference_model_is_an_input_error_listing_the_names():
+    with pytest.raises(InputError, match="qwen3_5_tiny, falcon_h1_tiny, qwen3_5_deep"):
+        reference.reference_model_path("qwen3_tiny")
+
+
+def test_missing_weights_say_how_to_build_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(reference, "ZOO_DIR", tmp_path)
+    with pytest.raises(AllocatorError, match=r"python -m benchmarks.zoo --only falcon_h1_tiny"):
+        reference.reference_model_path("falcon_h1_tiny")
+
+
+@pytest.mark.parametrize("name", list(reference.REFERENCE_MODELS))
+def test_reference_model_loads_like_a_hub_id_and_beats_a_uniform_guess(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from allocator.finetune import evaluate_loss
+
+    folder = reference.reference_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    record = json.loads((folder / "training.json").read_text())
+    assert model.dtype == torch.float32 and model.config.model_type == record["model_type"]
+    assert type(model).__name__ == record["architecture"] == zoo.RECIPES[name].config["architectures"][0]
+    assert model.num_parameters() == record["n_params"]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, len(tok)) == (0, 1, 2, zoo.VOCAB_SIZE)
+    _, held = tasks.pretraining_files()
+    loss = evaluate_loss(model, tasks.lm_batches(tasks.token_windows(tok, held, max_windows=8), 8))
+    assert math.isfinite(loss) and loss < math.log(zoo.VOCAB_SIZE) - 2.0
+
+
+def test_recorded_heldout_loss_matches_a_recomputation(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from allocator.finetune import evaluate_loss
+
+    folder = reference.reference_model_path()
+    record = json.loads((folder / "training.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    _, held = tasks.pretraining_files()
+    windows = tasks.token_windows(tokenizer, held, max_windows=zoo.N_FINAL_EVAL)
+    assert windows.numel() - windows.shape[0] == record["heldout_tokens"]
+    assert evaluate_loss(model, tasks.lm_batches(windows, 16)) == pytest.approx(record["heldout_loss"], abs=2e-3)
+
+
+def test_layer_patterns_match_the_released_architectures():
+    qwen = zoo.RECIPES["qwen3_5_tiny"].config["layer_types"]
+    deep = zoo.RECIPES["qwen3_5_deep"].config["layer_types"]
+    assert qwen == ["linear_attention"] * 3 + ["full_attention"] and deep == qwen * 3
+    assert zoo.RECIPES["falcon_h1_tiny"].config["model_type"] == "falcon_h1"
+
+
+@pytest.mark.skipif(not RELEASED.is_dir(), reason="released configs not on this machine")
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [("qwen3_5_tiny", "qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json"),
+     ("falcon_h1_tiny", "falcon_h1__tiiuae__Falcon-H1-0.5B.RECONSTRUCTED.json")],
+)
+def test_tiny_configs_keep_the_released_fields(name, file):
+    released = json.loads((RELEASED / file).read_text())
+    released = released.get("text_config", released)
+    dropped = {"dtype", "torch_dtype", "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "mlp_only_layers",
+               "mlp_expansion_factor", "rope_theta", "rope_scaling", "transformers_version"}
+    ours = zoo.RECIPES[name].config
+    assert set(released) - dropped - set(ours) == set()
+    assert released["model_type"] == ours["model_type"]
+    for key in ("hidden_act", "tie_word_embeddings", "attention_bias", "attn_output_gate", "layer_types"):
+        if key in released and key != "layer_types":
+            assert ours[key] == released[key], key
+    if "layer_types" in released:  # the same repeating unit, fewer repeats
+        assert ours["layer_types"] == released["layer_types"][: len(ours["layer_types"])]
+
+
+def test_pretraining_split_is_disjoint_and_excludes_tests():
+    train, held = tasks.pretraining_files()
+    root = tasks.stdlib_root()
+    assert set(train).isdisjoint(held) and 0.02 < len(held) / (len(train) + len(held)) < 0.10
+    parts = {part for p in train + held for part in p.relative_to(root).parts[:-1]}
+    assert parts.isdisjoint({"test", "tests", "idlelib", "site-packages"})
+    d_train, d_eval = tasks.domain_files()
+    assert set(d_train).isdisjoint(d_eval) and all(p.relative_to(root).parts[0] == "test" for p in d_eval)
+
+
+def test_recall_episodes_are_deterministic_and_answers_are_marked(tokenizer):
+    a = tasks.recall_episode(random.Random(5), tasks.SHIFTED_RECALL)
+    assert a == tasks.recall_episode(random.Random(5), tasks.SHIFTED_RECALL)
+    assert 10 <= a.n_pairs <= 14 and len(a.answer_spans) == 4
+    (batch,) = tasks.recall_batches(tokenizer, tasks.SHIFTED_RECALL, n_rows=4, seed=5, batch_size=4)
+    row, group = batch["input_ids"][0], batch["answer_group"][0]
+    text = tokenizer.decode(row[batch["attention_mask"][0].bool()])
+    assert text.startswith(a.text)
+    for q, (s, e) in enumerate(a.answer_spans):
+        assert tokenizer.decode(row[group == q]).strip() == a.text[s:e]
+    assert torch.equal(batch["labels"] != -100, group >= 0)
+
+
+def test_tasks_are_deterministic_under_a_seed(tokenizer):
+    one = tasks.recall_task(tokenizer, seed=3, n_train=32, n_eval=16)
+    two = tasks.recall_task(tokenizer, seed=3, n_train=32, n_eval=16)
+    other = tasks.recall_task(tokenizer, seed=4, n_train=32, n_eval=16)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(one.train_batches, two.train_batches))
+    assert not torch.equal(one.train_batches[0]["input_ids"], other.train_batches[0]["input_ids"])
+    assert torch.equal(one.eval_batches[0]["input_ids"], other.eval_batches[0]["input_ids"])
+    text = tasks.text_domain_task(tokenizer, seed=3, n_train=8, n_eval=4, batch_size=4)
+    assert [b["input_ids"].shape for b in text.train_batches] == [(4, tasks.SEQ_LEN)] * 2
+    assert tasks.retention_task(tokenizer, n_eval=4).train_batches == ()
+
+
+def test_recall_task_scores_against_chance(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(reference.reference_model_path())
+    metrics = tasks.recall_task(tokenizer, n_train=16, n_eval=16).evaluate(model)
+    assert 1 / 14 <= metrics["recall_chance"] <= 1 / 10
+    assert 0.0 <= metrics["recall_accuracy"] <= 1.0 and math.isfinite(metrics["recall_loss"])
