@@ -87,7 +87,10 @@ def _loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     n_tokens = int((targets != -100).sum())
     loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     return loss, n_tokens
 

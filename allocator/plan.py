@@ -12,6 +12,7 @@ Writes are atomic: everything is written to a temporary sibling folder and renam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -99,7 +100,9 @@ class Plan:
         """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``."""
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, self.to_lora_config(**lora_kwargs))
+        config = self.to_lora_config(**lora_kwargs)
+        with _without_peft_moe_remap(model, self.targets):
+            peft_model = get_peft_model(model, config)
         trainable, _ = peft_model.get_nb_trainable_parameters()
         if trainable != self.cost:
             raise AllocatorError(
@@ -187,6 +190,28 @@ class Plan:
                 shutil.rmtree(out.parent, ignore_errors=True)
             raise
         return out
+
+
+@contextlib.contextmanager
+def _without_peft_moe_remap(model: Any, targets: Mapping[str, int]):
+    """PEFT >= 0.18 rewrites list targets ending in ``.gate_proj``/``.up_proj``/... into fused expert parameters
+    for some MoE model types (qwen3_next, qwen3_moe, minimax, ...), even full names of dense or shared-expert
+    linears (``peft.utils.transformers_weight_conversion._convert_peft_config_moe``). The plan names exactly the
+    modules it means, so the rewrite is sidestepped by hiding ``model_type`` while PEFT injects."""
+    from allocator.architectures import peft_target_remap
+
+    config = getattr(model, "config", None)
+    remap = peft_target_remap(getattr(config, "model_type", None))
+    hit = any(name == old or name.endswith("." + old) for name in targets for old in remap)
+    if not hit:
+        yield
+        return
+    model_type = config.model_type
+    config.model_type = f"{model_type}-allocator-exact-targets"
+    try:
+        yield
+    finally:
+        config.model_type = model_type
 
 
 def check_output_dir(out: Path, *, overwrite: bool) -> None:

@@ -83,7 +83,9 @@ class Space:
         if self.kind in ("fixed", "inherit"):
             return self.values[0] if self.kind == "fixed" else inherited
         if self.kind == "choices":
-            return inherited if inherited in self.values else self.values[0]
+            if inherited in self.values or not isinstance(inherited, (int, float)):
+                return inherited if inherited in self.values else self.values[0]
+            return min(self.values, key=lambda v: (abs(v - inherited), v))
         lo, hi = self.values
         if isinstance(inherited, (int, float)) and lo <= inherited <= hi:
             return inherited
@@ -512,14 +514,22 @@ class _Run:
 
     def open_study(self) -> Any:
         import optuna
-        from optuna.storages import RDBStorage, RetryFailedTrialCallback
+        from optuna.storages import RDBStorage
+
+        try:  # renamed in Optuna 4.9; the old name is a deprecated alias
+            from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+            hook = "heartbeat_stale_trial_callback"
+        except ImportError:
+            from optuna.storages import RetryFailedTrialCallback as Retry
+            hook = "failed_trial_callback"
 
         s, single = self.settings, self.settings.mode == "single"
         try:
-            storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}} if
-                                 self.url.startswith("sqlite") else None, heartbeat_interval=s.heartbeat_interval,
-                                 grace_period=s.grace_period,
-                                 failed_trial_callback=RetryFailedTrialCallback(max_retry=s.max_retry))
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}} if
+                                     self.url.startswith("sqlite") else None, heartbeat_interval=s.heartbeat_interval,
+                                     grace_period=s.grace_period, **{hook: Retry(max_retry=s.max_retry)})
         except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server
             raise InputError(f"could not open storage {_redact(self.url)} ({type(exc).__name__}: {exc}); pass a "
                              "database URL Optuna takes, e.g. sqlite:///study.db or postgresql://host/db") from None
@@ -608,6 +618,8 @@ class _Run:
         except InputError as exc:  # e.g. share bounds this grid cannot meet: not this study's fault to crash on
             trial.set_user_attr("note", f"infeasible: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("cost", plan.cost)
+        trial.set_user_attr("budget", plan.budget)
         setup = time.perf_counter() - started
         if self.objective is not None:
             value = float(self.objective(plan, trial))
@@ -620,8 +632,6 @@ class _Run:
                               callback=_reporter(trial, prunable) if single else None)
             value, work = result.eval_loss, result.wall_time_s
             trial.set_user_attr("initial_eval_loss", result.initial_eval_loss)
-        trial.set_user_attr("cost", plan.cost)
-        trial.set_user_attr("budget", plan.budget)
         trial.set_user_attr("timing", {"setup_s": setup, "objective_s": work})
         return value if s.mode == "single" else (value, float(plan.cost))
 

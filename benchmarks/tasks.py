@@ -85,7 +85,9 @@ def corpus_digest(files: Sequence[Path], root: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def token_windows(tokenizer: Any, files: Sequence[Path], *, seq_len: int = SEQ_LEN, max_windows: int | None = None) -> torch.Tensor:
+def token_windows(
+    tokenizer: Any, files: Sequence[Path], *, seq_len: int = SEQ_LEN, max_windows: int | None = None
+) -> torch.Tensor:
     """Files tokenized, joined by EOS and cut into non-overlapping rows: (n_windows, seq_len) int64."""
     ids: list[int] = []
     need = None if max_windows is None else max_windows * seq_len
@@ -177,9 +179,16 @@ def packed_recall_row(tokenizer: Any, rng: random.Random, spec: RecallSpec, seq_
 
 
 def recall_batches(
-    tokenizer: Any, spec: RecallSpec, *, n_rows: int, seed: int | str, batch_size: int, seq_len: int = RECALL_SEQ_LEN
+    tokenizer: Any,
+    spec: RecallSpec,
+    *,
+    n_rows: int,
+    seed: int | str,
+    batch_size: int,
+    seq_len: int = RECALL_SEQ_LEN,
 ) -> list[Batch]:
-    """One episode per row, loss on the answer tokens only; ``answer_group`` marks each query's answer tokens."""
+    """One episode per row, right-padded to the longest in its batch (at most ``seq_len``); loss on the answer
+    tokens only; ``answer_group`` marks each query's answer tokens, ``n_pairs`` each row's pair count."""
     rng = random.Random(seed)
     ids = torch.full((n_rows, seq_len), tokenizer.pad_token_id, dtype=torch.long)
     group = torch.full((n_rows, seq_len), -1, dtype=torch.long)
@@ -189,19 +198,28 @@ def recall_batches(
         ep = recall_episode(rng, spec)
         ep_ids, ep_group = _encode_episode(tokenizer, ep)
         if len(ep_ids) > seq_len:
-            raise AllocatorError(f"a recall episode has {len(ep_ids)} tokens > seq_len {seq_len}; raise seq_len")
+            raise AllocatorError(
+                f"a recall episode has {len(ep_ids)} tokens > seq_len {seq_len}; raise seq_len"
+            )
         ids[r, : len(ep_ids)] = torch.tensor(ep_ids)
         group[r, : len(ep_ids)] = torch.tensor(ep_group)
         mask[r, : len(ep_ids)] = 1
         n_pairs[r] = ep.n_pairs
     labels = torch.where(group >= 0, ids, torch.full_like(ids, -100))
-    return [
-        {"input_ids": i, "attention_mask": m, "labels": lab, "answer_group": g, "n_pairs": p}
-        for i, m, lab, g, p in zip(
-            ids.split(batch_size), mask.split(batch_size), labels.split(batch_size), group.split(batch_size),
-            n_pairs.split(batch_size), strict=True,
+    batches = []
+    for start in range(0, n_rows, batch_size):
+        rows = slice(start, start + batch_size)
+        width = int(mask[rows].sum(1).max())  # drop the all-pad tail columns of this batch
+        batches.append(
+            {
+                "input_ids": ids[rows, :width],
+                "attention_mask": mask[rows, :width],
+                "labels": labels[rows, :width],
+                "answer_group": group[rows, :width],
+                "n_pairs": n_pairs[rows],
+            }
         )
-    ]
+    return batches
 
 
 @torch.no_grad()
@@ -215,7 +233,9 @@ def recall_accuracy(model: torch.nn.Module, batches: Sequence[Batch]) -> tuple[f
     chance = 0.0
     try:
         for b in batches:
-            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            logits = model(
+                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+            ).logits
             pred = logits[:, :-1].argmax(-1).cpu()  # (B, T-1) prediction for token t+1
             hit = pred == b["input_ids"][:, 1:]
             group = b["answer_group"][:, 1:]
@@ -275,7 +295,9 @@ def recall_task(
 ) -> Task:
     """Shifted associative recall; eval episodes come from a seed disjoint from every train seed."""
     train = recall_batches(tokenizer, SHIFTED_RECALL, n_rows=n_train, seed=seed, batch_size=batch_size)
-    evals = recall_batches(tokenizer, SHIFTED_RECALL, n_rows=n_eval, seed="recall-eval", batch_size=batch_size)
+    evals = recall_batches(
+        tokenizer, SHIFTED_RECALL, n_rows=n_eval, seed="recall-eval", batch_size=batch_size
+    )
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         from allocator.finetune import evaluate_loss
@@ -297,8 +319,13 @@ def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16) ->
     """Eval only: loss on held-out pretraining text (what fine-tuning must not forget)."""
     _, held = pretraining_files()
     evals = lm_batches(token_windows(tokenizer, held, max_windows=n_eval), batch_size)
-    return Task("retention", "next-token loss on held-out pretraining text", (), tuple(evals),
-                _loss_metrics("retention", evals))
+    return Task(
+        "retention",
+        "next-token loss on held-out pretraining text",
+        (),
+        tuple(evals),
+        _loss_metrics("retention", evals),
+    )
 
 
 TASKS: dict[str, Callable[..., Task]] = {

@@ -41,7 +41,9 @@ def _qwen3_5(n_layers: int) -> dict[str, Any]:
         "hidden_size": 128,
         "intermediate_size": 448,  # 3.5 x hidden, as 3584 / 1024
         "num_hidden_layers": n_layers,
-        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n_layers)],
+        "layer_types": [
+            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n_layers)
+        ],
         "full_attention_interval": 4,
         "num_attention_heads": 8,  # 8 q heads : 2 kv heads, q width 2 x hidden, as released
         "num_key_value_heads": 2,
@@ -194,7 +196,9 @@ def _batches(recipe: Recipe, tokenizer: Any, windows: Any, seed: int):
         rows = []
         for _ in range(recipe.batch_size):
             if rng.random() < RECALL_FRACTION:
-                rows.append(tasks.packed_recall_row(tokenizer, recall_rng, tasks.PRETRAIN_RECALL, recipe.seq_len))
+                rows.append(
+                    tasks.packed_recall_row(tokenizer, recall_rng, tasks.PRETRAIN_RECALL, recipe.seq_len)
+                )
                 continue
             if not order:  # a new pass over the windows
                 order = list(range(len(windows)))
@@ -204,8 +208,15 @@ def _batches(recipe: Recipe, tokenizer: Any, windows: Any, seed: int):
         yield {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def pretrain(name: str, tokenizer: Any, train_windows: Any, held_windows: Any, out_dir: Path, *,
-             steps: int | None = None) -> dict[str, Any]:
+def pretrain(
+    name: str,
+    tokenizer: Any,
+    train_windows: Any,
+    held_windows: Any,
+    out_dir: Path,
+    *,
+    steps: int | None = None,
+) -> dict[str, Any]:
     """Pretrain reference model ``name`` and save it with its tokenizer and ``training.json`` in ``out_dir``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -220,9 +231,13 @@ def pretrain(name: str, tokenizer: Any, train_windows: Any, held_windows: Any, o
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     n_params = model.num_parameters()
-    _log(f"{name}: {type(model).__name__} ({config.model_type}), {n_params:,} parameters, {recipe.steps} steps")
+    _log(
+        f"{name}: {type(model).__name__} ({config.model_type}), {n_params:,} parameters, {recipe.steps} steps"
+    )
     curve_eval = tasks.lm_batches(held_windows[:N_CURVE_EVAL], recipe.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
+    )
     curve: list[dict[str, float]] = []
     start, window_loss, window_n, tokens = time.perf_counter(), 0.0, 0, 0
     model.train()
@@ -241,15 +256,25 @@ def pretrain(name: str, tokenizer: Any, train_windows: Any, held_windows: Any, o
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             held = evaluate_loss(model, curve_eval)
             elapsed = time.perf_counter() - start
-            curve.append({"step": step + 1, "tokens": tokens, "train_loss": round(window_loss / window_n, 4),
-                          "heldout_loss": round(held, 4), "elapsed_s": round(elapsed, 1)})
-            _log(f"{name} step {step + 1}/{recipe.steps} train {window_loss / window_n:.3f} held-out {held:.3f} "
-                 f"({tokens / elapsed:,.0f} tok/s)")
+            curve.append(
+                {
+                    "step": step + 1,
+                    "tokens": tokens,
+                    "train_loss": round(window_loss / window_n, 4),
+                    "heldout_loss": round(held, 4),
+                    "elapsed_s": round(elapsed, 1),
+                }
+            )
+            _log(
+                f"{name} step {step + 1}/{recipe.steps} train {window_loss / window_n:.3f} held-out {held:.3f} "
+                f"({tokens / elapsed:,.0f} tok/s)"
+            )
             window_loss, window_n = 0.0, 0
     wall = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, recipe.store_dtype)).save_pretrained(out_dir)
-    model.config.dtype = torch.float32  # stored compactly, computed in fp32: from_pretrained follows config.dtype
+    # Stored compactly, computed in fp32: from_pretrained loads in config.dtype.
+    model.config.dtype = torch.float32
     model.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {
@@ -270,8 +295,10 @@ def pretrain(name: str, tokenizer: Any, train_windows: Any, held_windows: Any, o
     }
     record.update(measure(out_dir))  # held-out loss etc. of the stored weights, loaded as users load them
     (out_dir / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _log(f"{name}: held-out {record['heldout_loss']:.4f} nats/token, recall acc "
-         f"{record['recall_accuracy']:.3f} (chance {record['recall_chance']:.3f}), {wall:.0f} s")
+    _log(
+        f"{name}: held-out {record['heldout_loss']:.4f} nats/token, recall acc "
+        f"{record['recall_accuracy']:.3f} (chance {record['recall_chance']:.3f}), {wall:.0f} s"
+    )
     return record
 
 
@@ -300,8 +327,12 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def measure(folder: Path) -> dict[str, float]:
@@ -334,19 +365,30 @@ def check(names: list[str], zoo_dir: Path) -> int:
         now = measure(folder)
         ok = abs(now["heldout_loss"] - record["heldout_loss"]) < 1e-3
         failed += not ok
-        _log(f"{name}: held-out {now['heldout_loss']:.4f} (recorded {record['heldout_loss']:.4f}) "
-             f"recall {now['recall_accuracy']:.3f} shifted {now['shifted_recall_accuracy']:.3f} "
-             f"{'ok' if ok else 'MISMATCH'}")
+        _log(
+            f"{name}: held-out {now['heldout_loss']:.4f} (recorded {record['heldout_loss']:.4f}) "
+            f"recall {now['recall_accuracy']:.3f} shifted {now['shifted_recall_accuracy']:.3f} "
+            f"{'ok' if ok else 'MISMATCH'}"
+        )
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="build only NAME (repeatable)")
-    parser.add_argument("--check", action="store_true", help="reload the shipped models and report held-out loss")
+    parser.add_argument(
+        "--only", choices=sorted(RECIPES), action="append", help="build only NAME (repeatable)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="reload the shipped models and report held-out loss"
+    )
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="zoo folder (default: allocator/zoo)")
     parser.add_argument("--steps", type=int, default=None, help="override the step budget (trials only)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, 2+ threads spin and stall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU, 2+ threads spin and stall)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -360,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer(train_files)
     train_windows = tasks.token_windows(tokenizer, train_files)
     held_windows = tasks.token_windows(tokenizer, held_files)
-    _log(f"tokenizer + corpus: {time.perf_counter() - t0:.0f} s; {train_windows.numel():,} train tokens in "
-         f"{len(train_files)} files, {held_windows.numel():,} held-out tokens in {len(held_files)} files")
+    _log(
+        f"tokenizer + corpus: {time.perf_counter() - t0:.0f} s; {train_windows.numel():,} train tokens in "
+        f"{len(train_files)} files, {held_windows.numel():,} held-out tokens in {len(held_files)} files"
+    )
     for name in names:
         pretrain(name, tokenizer, train_windows, held_windows, args.out / name, steps=args.steps)
     return 0

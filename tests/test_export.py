@@ -122,3 +122,30 @@ def test_plan_over_budget_is_rejected():
     plan = _random_plan(model)
     with pytest.raises(AllocatorError, match="exceeds its budget"):
         Plan(model_id="tiny", components=plan.components, ranks=plan.ranks, budget=plan.cost - 1)
+
+
+def _tiny_families():
+    from tiny_models import TINY as FAMILY_CONFIGS
+
+    return sorted(FAMILY_CONFIGS)
+
+
+@pytest.mark.parametrize("model_type", _tiny_families())
+def test_plan_apply_counts_exactly_for_every_family(model_type):
+    """Random per-module ranks (experts included) survive PEFT's matching and MoE rewrites exactly."""
+    from tiny_models import build
+
+    torch.manual_seed(0)
+    model = build(model_type)
+    plan = _random_plan_all(model, seed=hash(model_type) % 1000)
+    peft_model = plan.apply(model)  # raises unless trainable params == plan.cost
+    assert peft_model.get_nb_trainable_parameters()[0] == plan.cost > 0
+
+
+def _random_plan_all(model, seed: int) -> Plan:
+    rng = random.Random(seed)
+    components = find_components(model)
+    eligible = [c for c in components if c.eligible]
+    ranks = {c.name: rng.choice([0, 2, 4]) for c in eligible}
+    ranks[eligible[0].name] = 1
+    return Plan(model_id="tiny", components=tuple(components), ranks=ranks, budget=10**9)

@@ -25,10 +25,21 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     config = AutoConfig.for_model(
-        "qwen3_5_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        layer_types=["linear_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
-        linear_value_head_dim=16, tie_word_embeddings=True, pad_token_id=0,
+        "qwen3_5_text",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        tie_word_embeddings=True,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -40,13 +51,17 @@ def _batches(seed: int, n: int, batch_size: int = 4, length: int = 24) -> list[d
     start = torch.randint(0, VOCAB, (n, 1), generator=g)
     ids = (start + 3 * torch.arange(length)) % VOCAB  # (n, length)
     return [
-        {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ids.split(batch_size)
+        {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
+        for b in ids.split(batch_size)
     ]
 
 
 LORA = LoraConfig(
-    r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj", "down_proj"],
-    rank_pattern={"model.layers.0.linear_attn.in_proj_qkv": 8}, alpha_pattern={"model.layers.1.mlp.down_proj": 2},
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj", "down_proj"],
+    rank_pattern={"model.layers.0.linear_attn.in_proj_qkv": 8},
+    alpha_pattern={"model.layers.1.mlp.down_proj": 2},
 )
 
 
@@ -104,8 +119,12 @@ def test_full_finetune_trains_every_parameter(model):
 
 def test_callback_can_stop_early_and_metrics_fn_sees_the_trained_model(model):
     seen = []
-    result = _run(model, callback=lambda step, loss: seen.append((step, loss)) or step >= 4,
-                  metrics_fn=lambda m: {"loss": evaluate_loss(m, _batches(2, 8))}, return_model=True)
+    result = _run(
+        model,
+        callback=lambda step, loss: seen.append((step, loss)) or step >= 4,
+        metrics_fn=lambda m: {"loss": evaluate_loss(m, _batches(2, 8))},
+        return_model=True,
+    )
     assert [s for s, _ in seen] == [4] and result.stopped_early and result.steps == 4
     assert result.metrics["loss"] == pytest.approx(result.eval_loss)
     assert hasattr(result.model, "peft_config")

@@ -81,7 +81,9 @@ def test_recorded_heldout_loss_matches_a_recomputation(tokenizer):
     _, held = tasks.pretraining_files()
     windows = tasks.token_windows(tokenizer, held, max_windows=zoo.N_FINAL_EVAL)
     assert windows.numel() - windows.shape[0] == record["heldout_tokens"]
-    assert evaluate_loss(model, tasks.lm_batches(windows, 16)) == pytest.approx(record["heldout_loss"], abs=2e-3)
+    assert evaluate_loss(model, tasks.lm_batches(windows, 16)) == pytest.approx(
+        record["heldout_loss"], abs=2e-3
+    )
 
 
 def test_layer_patterns_match_the_released_architectures():
@@ -94,14 +96,25 @@ def test_layer_patterns_match_the_released_architectures():
 @pytest.mark.skipif(not RELEASED.is_dir(), reason="released configs not on this machine")
 @pytest.mark.parametrize(
     ("name", "file"),
-    [("qwen3_5_tiny", "qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json"),
-     ("falcon_h1_tiny", "falcon_h1__tiiuae__Falcon-H1-0.5B.RECONSTRUCTED.json")],
+    [
+        ("qwen3_5_tiny", "qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json"),
+        ("falcon_h1_tiny", "falcon_h1__tiiuae__Falcon-H1-0.5B.RECONSTRUCTED.json"),
+    ],
 )
 def test_tiny_configs_keep_the_released_fields(name, file):
     released = json.loads((RELEASED / file).read_text())
     released = released.get("text_config", released)
-    dropped = {"dtype", "torch_dtype", "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "mlp_only_layers",
-               "mlp_expansion_factor", "rope_theta", "rope_scaling", "transformers_version"}
+    dropped = {
+        "dtype",
+        "torch_dtype",
+        "mtp_num_hidden_layers",
+        "mtp_use_dedicated_embeddings",
+        "mlp_only_layers",
+        "mlp_expansion_factor",
+        "rope_theta",
+        "rope_scaling",
+        "transformers_version",
+    }
     ours = zoo.RECIPES[name].config
     assert set(released) - dropped - set(ours) == set()
     assert released["model_type"] == ours["model_type"]
@@ -139,7 +152,9 @@ def test_tasks_are_deterministic_under_a_seed(tokenizer):
     one = tasks.recall_task(tokenizer, seed=3, n_train=32, n_eval=16)
     two = tasks.recall_task(tokenizer, seed=3, n_train=32, n_eval=16)
     other = tasks.recall_task(tokenizer, seed=4, n_train=32, n_eval=16)
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(one.train_batches, two.train_batches))
+    assert all(
+        torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(one.train_batches, two.train_batches)
+    )
     assert not torch.equal(one.train_batches[0]["input_ids"], other.train_batches[0]["input_ids"])
     assert torch.equal(one.eval_batches[0]["input_ids"], other.eval_batches[0]["input_ids"])
     text = tasks.text_domain_task(tokenizer, seed=3, n_train=8, n_eval=4, batch_size=4)

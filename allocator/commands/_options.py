@@ -71,7 +71,7 @@ def _exposed_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 def add_settings_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", title: str = "") -> None:
     group = parser.add_argument_group(title or f"{cls.__name__} options")
-    for f, hint in _exposed_fields(cls):
+    for f, _hint in _exposed_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         )
