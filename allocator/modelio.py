@@ -42,7 +42,7 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> Pret
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        if Path(source).is_file():
+        if Path(os.path.expanduser(str(ref))).is_file():  # a bare config.json; folders go through from_pretrained
             if model_type not in CONFIG_MAPPING:
                 raise InputError(_unknown_type(model_type, source))
             data = {k: v for k, v in raw.items() if k != "model_type"}

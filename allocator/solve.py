@@ -2,7 +2,8 @@
 
 ``solve(components, table, budget, settings) -> Allocation`` maximises total utility minus weighted retention risk
 over one rank per group, with total LoRA cost <= budget, optional per-family budget shares and required families.
-The program is written out in ``docs/solver.md``; ``build_program`` (``allocator/program.py``) makes its arrays.
+The program is written out in ``docs/solver.md``; ``build_program`` (``allocator/program.py``) makes its arrays and
+``reduce_program`` (``allocator/reduction.py``) drops options a Lagrangian bound proves useless before HiGHS.
 Infeasible or degenerate requests are :class:`InputError` naming the feasible range and the setting to change.
 HiGHS is deterministic: the same inputs give the same allocation. The relaxation is never rounded.
 Pure: numpy/scipy only.
@@ -24,7 +25,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from allocator.budget import describe_params, lora_params
 from allocator.components import FAMILIES, Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
-from allocator.program import Program, build_program, reduce_program
+from allocator.program import Program, build_program
+from allocator.reduction import Reduction, reduce_program
 from allocator.utility import UtilityTable, check_ranks
 
 __all__ = ["Allocation", "Program", "SolverSettings", "build_program", "decode", "solve"]
@@ -56,7 +58,10 @@ class SolverSettings:
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "regexes; matching module names never get budget"})
     time_limit: float = field(default=60.0, metadata={"help": "seconds HiGHS may search"})
     mip_rel_gap: float = field(default=1e-6, metadata={"help": "relative optimality gap at which HiGHS stops"})
-    presolve: bool = field(default=True, metadata={"help": "let HiGHS presolve the program"})
+    presolve: bool = field(
+        default=False,
+        metadata={"help": "let HiGHS presolve (off: on these programs it costs more than it saves, see docs/solver.md)"},
+    )
     reduce: bool = field(
         default=True,
         metadata={"help": "drop rank options a Lagrangian bound proves non-optimal before calling HiGHS (exact)"},
@@ -67,8 +72,9 @@ class SolverSettings:
             raise InputError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
         ranks = check_ranks(self.ranks, "SolverSettings.ranks")
         object.__setattr__(self, "ranks", ranks)
-        if not (isinstance(self.align, int) and self.align >= 1):
+        if isinstance(self.align, bool) or not isinstance(self.align, (int, np.integer)) or self.align < 1:
             raise InputError(f"align must be an integer >= 1, got {self.align!r}")
+        object.__setattr__(self, "align", int(self.align))
         off = [r for r in ranks if r % self.align]
         if off:
             raise InputError(f"ranks {off} are not multiples of align={self.align}; drop them or lower align")
@@ -141,6 +147,10 @@ class Allocation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != known:
+            raise InputError(f"Allocation fields differ: unknown {sorted(set(data) - known)}, "
+                             f"missing {sorted(known - set(data))}")
         data = dict(data)
         data["groups"] = {k: tuple(v) for k, v in data.get("groups", {}).items()}
         return cls(**data)
@@ -163,32 +173,10 @@ def solve(
     program = build_program(components, table, budget, settings)
     _check_feasible_range(program, settings, components)
     reduction = reduce_program(program) if settings.reduce else None
-    c, A, b_l, b_u = (program.c, program.A, program.b_l, program.b_u) if reduction is None else (
-        reduction.c, reduction.A, reduction.b_l, reduction.b_u)
-    b_u = b_u.copy()
-    budget_row = program.row_labels.index("budget") - (program.A.shape[0] - A.shape[0])  # one-hot rows come first
-    rel_gap = settings.mip_rel_gap
-    if reduction is not None and settings.mip_rel_gap > 0:
-        # HiGHS measures the gap against the reduced objective, a small part of the whole: rescale the tolerance
-        sub = abs(reduction.incumbent + float(program.c @ reduction.fixed))
-        rel_gap = min(0.5, settings.mip_rel_gap * abs(reduction.incumbent) / sub) if sub > 0 else settings.mip_rel_gap
+    b_u = (program.b_u if reduction is None else reduction.b_u).copy()
+    budget_row = program.row_labels.index("budget") - (program.A.shape[0] - len(b_u))  # one-hot rows come first
     for _ in range(3):  # a tolerance slip past B is re-solved with a tighter row; in practice never
-        if c.size == 0:  # every group fixed by the reduction: the incumbent is the proven optimum
-            x, status, gap = reduction.expand(np.zeros(0)), "optimal", 0.0
-        else:
-            res = milp(
-                c,
-                integrality=np.ones(c.size, dtype=np.int8),
-                bounds=Bounds(0.0, 1.0),
-                constraints=LinearConstraint(A, b_l, b_u),
-                options={"time_limit": settings.time_limit, "mip_rel_gap": rel_gap,
-                         "presolve": settings.presolve, "disp": False},
-            )
-            status = _STATUS.get(res.status, "error")
-            if res.x is None:
-                _raise_failure(program, settings, status, res.message, components)
-            x = res.x if reduction is None else reduction.expand(res.x)
-            gap = _full_gap(res, program, x)
+        x, status, gap = _run_milp(program, reduction, b_u, settings, components)
         allocation = decode(program, x, status=status, mip_gap=gap)
         over = allocation.cost - budget
         if over <= 0:
@@ -206,12 +194,44 @@ def solve(
     return allocation
 
 
-def _full_gap(res: Any, program: Program, x: np.ndarray) -> float | None:
-    """HiGHS's gap of the (reduced) program, re-expressed relative to the whole objective."""
-    if res.mip_gap is None:
+def _run_milp(program: Program, reduction: Reduction | None, b_u: np.ndarray, settings: SolverSettings,
+              components: Sequence[Component]) -> tuple[np.ndarray, str, float | None]:
+    """The one ``milp`` call, on the reduced program if there is one; returns (x over all columns, status, gap)."""
+    if reduction is None:
+        c, A, b_l, rel_gap = program.c, program.A, program.b_l, settings.mip_rel_gap
+    else:
+        if reduction.c.size == 0:  # every group fixed: the incumbent is the proven optimum, nothing to ask HiGHS
+            return reduction.incumbent_x, "optimal", 0.0
+        c, A, b_l = reduction.c, reduction.A, reduction.b_l
+        # HiGHS measures its gap against the residual objective, a small part of the whole: rescale the tolerance
+        sub = abs(reduction.incumbent + float(program.c @ reduction.fixed))
+        rel_gap = min(0.5, settings.mip_rel_gap * abs(reduction.incumbent) / sub) if sub > 0 else settings.mip_rel_gap
+    res = milp(
+        c,
+        integrality=np.ones(c.size, dtype=np.int8),
+        bounds=Bounds(0.0, 1.0),
+        constraints=LinearConstraint(A, b_l, b_u),
+        options={"time_limit": settings.time_limit, "mip_rel_gap": rel_gap, "presolve": settings.presolve,
+                 "disp": False},
+    )
+    status = _STATUS.get(res.status, "error")
+    if res.x is None:
+        _raise_failure(program, settings, status, res.message, components)
+    bound = -res.mip_dual_bound if res.mip_dual_bound is not None else np.nan  # upper bound, maximise sense
+    if reduction is None:
+        return res.x, status, _gap(bound, -float(res.fun))
+    x = reduction.expand(res.x)
+    bound = float(np.fmin(bound - float(program.c @ reduction.fixed), reduction.bound))
+    if -float(program.c @ x) < reduction.incumbent:  # HiGHS stopped, within its gap, below our incumbent
+        x = reduction.incumbent_x
+    return x, status, _gap(bound, -float(program.c @ x))
+
+
+def _gap(bound: float, value: float) -> float | None:
+    """Proven relative gap ``(bound - value) / |value|`` (``None`` without a bound)."""
+    if not np.isfinite(bound):
         return None
-    full = abs(float(program.c @ x))
-    return float(res.mip_gap) * abs(float(res.fun)) / full if full > 0 else float(res.mip_gap)
+    return max(0.0, bound - value) / max(abs(value), 1e-300)
 
 
 def decode(program: Program, x: np.ndarray, *, status: str = "optimal", mip_gap: float | None = 0.0) -> Allocation:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from allocator.errors import InputError
+
 if TYPE_CHECKING:
     from allocator.plan import Plan
 
@@ -239,3 +241,82 @@ def write_outputs(result: TuneResult, out: Path) -> TuneResult:
     _write_atomic(out / "study.md", render_markdown(result))
     _write_atomic(out / "study.json", json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     return result
+
+
+# ---- the output folder: one study per folder, a lock file shared by the workers that use it ----------------------
+MARKER, LOCK_NAME = "tune.json", ".tune.lock"
+
+
+class FileLock:
+    """An exclusive lock on a file (``fcntl.flock``; a no-op where fcntl is missing, e.g. Windows).
+
+    ``release`` may be called when not held: a trial releases the claim its worker made before the trial began.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._fd = path, None
+
+    def acquire(self) -> None:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                import fcntl
+
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except ImportError:
+                pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def redact(url: str) -> str:
+    """A database URL with its password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: RDBStorage will say so
+        return url
+
+
+def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
+    """Refuse, without side effects, a folder that holds anything but this study (unless ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a folder; choose another -o")
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if not entries or overwrite:
+        return
+    if not (out / MARKER).is_file():
+        raise InputError(f"output folder {out} exists and holds no tune study; pass --overwrite or choose another -o")
+    found, mine = json.loads((out / MARKER).read_text()), {"study": study_name, "storage": redact(url)}
+    if found != mine:
+        raise InputError(f"{out} holds study {found.get('study')!r} in {found.get('storage')}; pass that --study and "
+                         "--storage to resume it, --overwrite to start over, or choose another -o")
+
+
+def prepare_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
+    """Check again under the lock; ``overwrite`` clears the folder and deletes the study from ``url``."""
+    check_out_dir(out, study_name, url, overwrite)
+    if overwrite:
+        for p in out.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not url.startswith(f"sqlite:///{out}/"):
+            import optuna
+
+            try:
+                optuna.delete_study(study_name=study_name, storage=url)
+            except KeyError:  # no such study yet
+                pass
+    _write_atomic(out / MARKER, json.dumps({"study": study_name, "storage": redact(url)}, sort_keys=True) + "\n")

@@ -1,0 +1,124 @@
+"""`allocate tune [MODEL] --data PATH --eval-data PATH --trials N -o OUT_DIR`: one API call, ``allocator.tune``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from allocator.commands._options import add_settings_options, settings_from_args
+from allocator.errors import AllocatorError
+
+EXAMPLES = """\
+examples:
+  allocate tune --data train.txt --eval-data eval.txt --trials 20 -o tune-out
+      20 trials on the built-in reference model at budget r8: lr, alpha and the allocation settings searched
+      jointly; baselines (uniform, attention-/recurrent-/mlp-only, the allocator's defaults) run first
+  allocate tune ./my-model --data train.jsonl --eval-data eval.jsonl --mode pareto --budget r2..r12 -o out
+      eval loss against trainable parameters; the Pareto front's plans land in out/pareto/
+  allocate tune ./my-model --data d.txt --eval-data e.txt --lr 3e-3 --granularity layer-type -o out
+      fix the learning rate and the granularity, search the rest
+  allocate tune ... --storage postgresql://host/db --study qwen-r8      (run on several machines)
+      workers given the same --storage and --study share one study; on one machine, start the same command
+      several times with the same -o (the default storage is sqlite:///OUT_DIR/study.db)
+
+search parts: lo..hi (a range), a,b,c (a list), v (fixed), '' (keep the base --utility-*/--solver-* value);
+append @v to set the base point the baselines use. A killed study resumes: run the same command again.
+then: LoraConfig.from_pretrained("out/best") is the winning plan. exit codes: 0 success, 1 failure, 2 bad input.
+"""
+
+
+def _settings_classes():
+    import probes
+    from allocator.api import DataSettings
+    from allocator.solve import SolverSettings
+    from allocator.tune import TuneSettings
+    from allocator.utility import UtilitySettings
+
+    return TuneSettings, DataSettings, probes.ProbeSettings, UtilitySettings, SolverSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="allocate tune",
+        description="Run (or join, or resume) an Optuna study over the budget, the allocation settings, LoRA alpha "
+        "and the learning rate; each trial solves from probes run once per study and scores a short LoRA fine-tune. "
+        "Writes OUT_DIR/best (the winning plan), study.md and study.png.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("model", nargs="?", default=None, help="hub id, local folder, or omitted for the built-in reference model")
+    parser.add_argument("--data", default="builtin", help="calibration and fine-tune training data: .txt, .jsonl, a datasets folder or 'builtin'")
+    parser.add_argument("--eval-data", required=True, help="text the fine-tuned adapters are scored on (eval loss)")
+    parser.add_argument("--retention-data", default=None, help="general text for the retention risk; enables the lambda search")
+    parser.add_argument("-o", "--output", default="tune-study", help="study folder: probe cache, default storage, results (default: ./tune-study)")
+    parser.add_argument("--storage", default=None, help="Optuna database URL shared by workers (default: sqlite:///OUTPUT/study.db)")
+    parser.add_argument("--study", default="tune", help="study name in the storage (default: tune)")
+    parser.add_argument("--overwrite", action="store_true", help="start over: clear the output folder and delete the study")
+    parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r)")
+    parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    tune_cls, data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
+    add_settings_options(parser, tune_cls, title="study and search space")
+    add_settings_options(parser, data_cls, prefix="data", title="calibration data")
+    add_settings_options(parser, utility_cls, prefix="utility", title="base utility settings")
+    add_settings_options(parser, solver_cls, prefix="solver", title="base solver settings")
+    add_settings_options(parser, probe_cls, prefix="probe", title="probes")
+    for action in parser._actions:  # a bare '%' in a settings help breaks argparse's help formatting
+        try:
+            (action.help or "") % {**vars(action), "prog": parser.prog}
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import allocator.tune as api
+
+    tune_cls, data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
+    started = time.perf_counter()
+    result = api.tune(
+        args.model, args.data, args.eval_data,
+        settings=settings_from_args(args, tune_cls),
+        out_dir=args.output, storage=args.storage, study_name=args.study, overwrite=args.overwrite,
+        data_settings=settings_from_args(args, data_cls, prefix="data"),
+        probe_settings=settings_from_args(args, probe_cls, prefix="probe", **({"progress": False} if args.quiet else {})),
+        utility_settings=settings_from_args(args, utility_cls, prefix="utility"),
+        solver_settings=settings_from_args(args, solver_cls, prefix="solver"),
+        retention_data=args.retention_data, fused_kernels=not args.no_fused_kernels, use_rslora=args.rslora,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_summary(result, time.perf_counter() - started))
+    return 0
+
+
+def format_summary(result, seconds: float) -> str:
+    states = [r.state for r in result.trials]
+    lines = [f"study   {result.study_name} in {result.storage} ({result.mode} mode)",
+             f"trials  {states.count('complete')} complete, {states.count('pruned')} pruned, {states.count('fail')} failed"]
+    if result.best is not None:
+        b = result.best
+        lines.append(f"winner  trial {b.number} ({b.baseline or b.placement}): eval loss {b.value:.4f}, {b.cost:,} params")
+    for name, delta in result.versus.items():
+        lines.append(f"        vs {name:<10} {result.baselines[name].value:.4f}  ({delta:+.4f})")
+    folder = Path(result.out_dir) if result.out_dir else Path(".")
+    lines += ["", f"wrote {folder}/best, study.md, study.png ({seconds:.0f} s)",
+              f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder / 'best')!r}))"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except AllocatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume the study", file=sys.stderr)
+        return 1

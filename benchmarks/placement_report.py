@@ -1,0 +1,211 @@
+"""``docs/results/placement.md`` and ``placement.png`` from the rows of ``placement_runs.csv``.
+
+Per cell (model, task, budget): every condition's mean and 95% t-interval of the target and retention losses,
+the paired difference against uniform with a verdict, the allocator's paired verdicts against every baseline, and
+the gap of each condition to uniform's target-vs-retention frontier. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import stats
+
+MD_NAME, PNG_NAME = "placement.md", "placement.png"
+BASELINES = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora")
+OURS = ("allocator", "alloc_retention")
+
+
+def machine() -> str:
+    nproc = os.cpu_count()
+    try:
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"{nproc} CPU cores (nproc), {cpu}, {platform.system()} {platform.release()}"
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [f"python {platform.python_version()}"]
+    for pkg in ("torch", "transformers", "peft", "scipy"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def _f(row: dict, key: str) -> float:
+    try:
+        return float(row[key])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def _cells(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+    return sorted({(r["model"], r["task"], r["budget"]) for r in rows})
+
+
+def _in(rows: Sequence[dict], cell: tuple) -> list[dict]:
+    return [r for r in rows if (r["model"], r["task"], r["budget"]) == cell]
+
+
+def _order(conds: set[str]) -> list[str]:
+    from benchmarks.placement import CONDITIONS
+
+    main = [c for c in CONDITIONS if c in conds]
+    return main + sorted(c for c in conds if c not in main)
+
+
+def cell_table(rows: Sequence[dict]) -> list[str]:
+    """Markdown table of one cell: condition, n, params, target, Δ vs uniform, retention, Δ, verdict."""
+    summary = {s["condition"]: s for s in stats.summarize(rows, ["target_loss", "retention_loss"])}
+    tgt, ret = stats.by_seed(rows, "target_loss"), stats.by_seed(rows, "retention_loss")
+    key = next(iter(tgt))[:3] if tgt else None
+    uni_t, uni_r = tgt.get((*key, "uniform"), {}) if key else {}, ret.get((*key, "uniform"), {}) if key else {}
+    params: dict[str, list[int]] = {}
+    for r in rows:
+        params.setdefault(r["condition"], []).append(int(float(r["effective_params"] or 0)))
+    lines = ["| condition | n | params (min–max) | target loss | Δ target vs uniform | retention loss "
+             "| Δ retention vs uniform | target: vs uniform |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cond in _order(set(summary)):
+        s = summary[cond]
+        t = tgt.get((*key, cond), {})
+        rr = ret.get((*key, cond), {})
+        dt = stats.paired(t, uni_t) if cond != "uniform" else None
+        dr = stats.paired(rr, uni_r) if cond != "uniform" else None
+        verdict = "—" if dt is None else stats.verdict(dt, cond, "uniform")
+        p = params.get(cond, [0])
+        lines.append(
+            f"| {cond} | {s['n']} | {min(p):,}–{max(p):,} | {s['target_loss'].fmt(4)} | "
+            f"{'—' if dt is None else dt.fmt(4)} | {s['retention_loss'].fmt(4)} | "
+            f"{'—' if dr is None else dr.fmt(4)} | {verdict} |")
+    return lines
+
+
+def frontier_points(rows: Sequence[dict]) -> list[tuple[str, float, float]]:
+    """Uniform's (label, mean target, mean retention) points: the main run and its frontier variants."""
+    pts = []
+    for s in stats.summarize(rows, ["target_loss", "retention_loss"]):
+        if s["condition"] == "uniform" or s["condition"].startswith("uniform["):
+            pts.append((s["condition"], s["target_loss"].mean, s["retention_loss"].mean))
+    return sorted(pts, key=lambda p: p[1])
+
+
+def frontier_lines(rows: Sequence[dict]) -> list[str]:
+    pts = frontier_points(rows)
+    xy = [(x, y) for _, x, y in pts]
+    lines = ["Uniform's frontier: " + ", ".join(f"{lab} ({x:.4f}, {y:.4f})" for lab, x, y in pts), "",
+             "| condition | target | retention | retention minus uniform's frontier at equal target |",
+             "|---|---|---|---|"]
+    for s in stats.summarize(rows, ["target_loss", "retention_loss"]):
+        if s["condition"].startswith("uniform"):
+            continue
+        x, y = s["target_loss"].mean, s["retention_loss"].mean
+        gap = stats.frontier_gap(xy, x, y)
+        where = "outside the frontier's target range" if gap is None else (
+            f"{gap:+.4f} ({'below: less forgetting' if gap < 0 else 'above: more forgetting'})")
+        lines.append(f"| {s['condition']} | {x:.4f} | {y:.4f} | {where} |")
+    return lines
+
+
+def plot(rows: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cells(rows)
+    if not cells:
+        return
+    fig, axes = plt.subplots(1, len(cells), figsize=(6.5 * len(cells), 5.2), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        sub = _in(rows, cell)
+        pts = frontier_points(sub)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "k--", lw=1, label="uniform frontier")
+        for lab, x, y in pts:
+            ax.annotate(lab.removeprefix("uniform"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for s in stats.summarize(sub, ["target_loss", "retention_loss"]):
+            c = s["condition"]
+            if c.startswith("uniform["):
+                continue
+            t, r = s["target_loss"], s["retention_loss"]
+            err = [[0 if math.isnan(t.half_width) else t.half_width], [0 if math.isnan(r.half_width) else r.half_width]]
+            style = {"uniform": ("ks", 9), "allocator": ("r*", 13), "alloc_retention": ("m*", 13),
+                     "full": ("kx", 9)}.get(c, ("o", 6))
+            ax.errorbar([t.mean], [r.mean], xerr=err[0], yerr=err[1], fmt=style[0], ms=style[1], lw=0.8,
+                        capsize=2, label=c)
+        ax.set_xlabel("target loss (nats/token, lower is better)")
+        ax.set_ylabel("retention loss on held-out pretraining text")
+        ax.set_title(" / ".join(cell), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, command: str, wall_s: float,
+                 threads: int) -> Path:
+    rows = list(rows)
+    total = sum(_f(r, "wall_s") for r in rows)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = ["# Placement benchmark: budget-matched LoRA placements on hybrid reference models", "",
+          f"- Date: {now}", f"- Command: `{command}`", f"- Machine: {machine()}; torch threads {threads}",
+          f"- Versions: {_versions()}",
+          f"- Wall time of this invocation: {wall_s / 60:.1f} min; fine-tune time of all {len(rows)} runs in the "
+          f"CSV: {total / 60:.1f} min",
+          f"- Grid `{grid_name}`: models {', '.join(grid.models)}; tasks {', '.join(grid.tasks)}; budgets "
+          f"{', '.join(f'r{b}' for b in grid.budgets)}; seeds {list(grid.seeds)}; {grid.steps} steps × "
+          f"{grid.batch_size} rows × 128 tokens, AdamW lr {grid.lr:g} (full fine-tune {grid.full_lr:g}), cosine, "
+          f"10% warmup, LoRA alpha = 2r (constant scale); train {grid.n_train} rows, eval {grid.n_eval} rows, "
+          f"calibration {grid.n_calib} train rows × 128 tokens",
+          "- Budget: `rN` = the parameters of uniform rank N on every eligible target; every LoRA condition's PEFT "
+          "count is asserted within 1% of it (AdaLoRA: `params` is its final unmasked count, not asserted; full "
+          "fine-tuning has no budget).",
+          "- Δ columns: paired (same seed) mean difference ± 95% t half-width; negative Δ target = better than "
+          "uniform. Verdicts: the paired interval excludes 0, or indistinguishable.", "",
+          "Raw runs: `placement_runs.csv`; plot: `placement.png`. Method and caveats: `docs/method.md`.", ""]
+    for cell in _cells(rows):
+        sub = _in(rows, cell)
+        md += [f"## {' / '.join(cell)}", ""]
+        base = {r["base_retention_loss"] for r in sub}
+        init = {r["initial_target_loss"] for r in sub if not r["frontier"]}
+        md += [f"Before fine-tuning: target loss {', '.join(sorted(init))}, retention loss "
+               f"{', '.join(sorted(base))}.", ""]
+        md += cell_table(sub) + [""]
+        md += ["Paired verdicts on target loss (ours − baseline, 95% t-interval):", ""]
+        for ours in OURS:
+            for c in stats.compare(sub, "target_loss", ours, BASELINES + tuple(o for o in OURS if o != ours)):
+                md.append(f"- {c['verdict']}: Δ {c['diff'].fmt(4)} (n={c['diff'].n})")
+        for c in stats.compare(sub, "retention_loss", "alloc_retention", ("uniform", "allocator")):
+            md.append(f"- retention: {c['verdict']}: Δ retention {c['diff'].fmt(4)} (n={c['diff'].n})")
+        if cell[1] == "recall":
+            acc = stats.summarize(sub, ["recall_accuracy", "recall_chance"])
+            md += ["", "| condition | recall accuracy | chance |", "|---|---|---|"]
+            md += [f"| {a['condition']} | {a['recall_accuracy'].fmt(3)} | {a['recall_chance'].mean:.3f} |"
+                   for a in acc if "recall_accuracy" in a]
+        md += ["", *frontier_lines(sub), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, out / PNG_NAME)
+    md += [f"![target vs retention]({PNG_NAME})", ""]
+    path = out / MD_NAME
+    path.write_text("\n".join(md) + "\n")
+    return path

@@ -1,0 +1,158 @@
+"""`allocator.tune` in one process, on tiny random-init models built from configs (hidden 32, 2 layers)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import allocator
+from allocator.api import DataSettings
+from allocator.budget import Budget, params_per_uniform_rank
+from allocator.components import find_components
+from allocator.errors import InputError
+from allocator.plan import Plan
+from allocator.tune import Space, TuneSettings, _reporter, parse_space
+
+SOURCES = Path(__file__).resolve().parents[1] / "probes"
+FAST = dict(steps=3, eval_every=0, batch_size=2, train_samples=8, eval_samples=4, max_rank="16,32")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("text")
+    (folder / "train.txt").write_text((SOURCES / "data.py").read_text() * 2)
+    (folder / "eval.txt").write_text((SOURCES / "runner.py").read_text())
+    return str(folder / "train.txt"), str(folder / "eval.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from probes.testing import byte_tokenizer, tiny_model
+
+    return tiny_model("qwen3_5", hidden=32, layers=2), byte_tokenizer()
+
+
+def _tune(tiny, texts, out, settings, **kw):
+    import probes
+
+    model, tokenizer = tiny
+    return allocator.tune(
+        model, texts[0], texts[1], settings=settings, out_dir=out, tokenizer=tokenizer,
+        data_settings=DataSettings(seq_len=32, samples=4, batch_size=2),
+        probe_settings=probes.ProbeSettings(max_rank=8, progress=False), **kw)
+
+
+def test_spaces_parse_ranges_lists_fixed_values_and_bases():
+    assert parse_space("lr", "1e-3..1e-2@3e-3") == Space("range", (1e-3, 1e-2), 3e-3, log=True)
+    assert parse_space("granularity", "module,type") == Space("choices", ("module", "type"))
+    assert parse_space("max_rank", "32") == Space("fixed", (32,), log=True)
+    assert parse_space("uniform_prior", "").kind == "inherit"
+    assert parse_space("budget", "r2..r16").values == (Budget.parse("r2"), Budget.parse("r16"))
+    assert parse_space("uniform_prior", "0..1").base_value(0.5) == 0.5  # the base settings' value when inside
+    assert math.isclose(parse_space("lr", "1e-3..1e-2").base_value(None), 1e-3 ** 0.5 * 1e-2 ** 0.5)
+    assert parse_space("max_rank", "8,16").base_value(64) == 16  # nearest choice to the base grid's top
+
+
+@pytest.mark.parametrize("kwargs, fix", [
+    ({"budget": "r2..r16"}, "mode=pareto"),
+    ({"lr": "1e-2..1e-3"}, "lo < hi"),
+    ({"lr": "0..1e-2"}, "outside"),
+    ({"granularity": "layer"}, "not one of"),
+    ({"max_rank": "16..32", "granularity": "module..type"}, "a list"),
+    ({"trials": 5}, "raise trials"),
+    ({"baselines": ("uniform", "moe")}, "distinct names"),
+    ({"grace_period": 10, "heartbeat_interval": 30}, "raise it"),
+    ({"lr": ""}, "give a value"),
+    ({"mode": "multi"}, "choose mode"),
+])
+def test_settings_reject_bad_input_naming_the_fix(kwargs, fix):
+    with pytest.raises(InputError, match=fix):
+        TuneSettings(**kwargs)
+
+
+def test_pruning_callback_reports_every_eval_and_spares_baselines():
+    import optuna
+
+    reports = []
+    trial = SimpleNamespace(report=lambda v, s: reports.append((s, v)), should_prune=lambda: True)
+    _reporter(trial, prunable=False)(5, 1.25)
+    assert reports == [(5, 1.25)]
+    with pytest.raises(optuna.TrialPruned, match="step 10"):
+        _reporter(trial, prunable=True)(10, 2.0)
+
+
+def test_single_study_runs_baselines_first_probes_once_and_resumes(tiny, texts, tmp_path, monkeypatch):
+    import probes.cache
+
+    calls = []
+    real = probes.cache.run
+    monkeypatch.setattr(probes.cache, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "study"
+    result = _tune(tiny, texts, out, TuneSettings(trials=6, **FAST))
+    rows = result.trials
+    assert [r.baseline for r in rows[:5]] == ["default", "uniform", "attention", "recurrent", "mlp"]
+    assert sum(r.state in ("complete", "pruned") for r in rows) == 6 and calls == [1]
+    # each baseline: uniform rank floor(B / per-rank cost) on its modules, at the default lr and alpha
+    components = find_components(tiny[0])
+    budget = Budget.parse("r8").resolve(components)
+    for r in rows[1:5]:
+        members = [c for c in components if c.eligible and (r.baseline == "uniform" or c.family == r.baseline)]
+        per_rank = sum(c.n_params_per_rank for c in members)
+        assert r.cost == budget // per_rank * per_rank and r.params == {"alpha_ratio": 2.0, "lr": 3e-3}
+    assert rows[1].cost == budget // params_per_uniform_rank(components) * params_per_uniform_rank(components)
+    assert result.versus.keys() == {"default", "uniform", "attention", "recurrent", "mlp"}
+    assert all(delta <= 0 for delta in result.versus.values())  # the winner is never worse than a baseline
+    best = Plan.load(out / "best")
+    assert best.cost == result.best.cost <= best.budget == budget
+    assert (out / "best" / "adapter_config.json").is_file() and (out / "study.db").is_file()
+    text = (out / "study.md").read_text()
+    assert "Against the baselines" in text and "importances need" in text and (out / "study.png").stat().st_size
+    assert json.loads((out / "study.json").read_text())["best"]["number"] == result.best.number
+
+    again = _tune(tiny, texts, out, TuneSettings(trials=7, **FAST))  # resume: one more trial, no re-enqueue
+    assert len(again.trials) == 7 and calls == [1]
+    assert sorted(r.baseline for r in again.trials if r.baseline) == sorted(
+        ["default", "uniform", "attention", "recurrent", "mlp"])
+
+
+def _synthetic(plan: Plan, trial) -> float:
+    """A cheap objective: more parameters help, with diminishing returns, plus a term the lr moves."""
+    return 1.0 / math.log(2.0 + plan.cost) + 0.01 * abs(math.log10(trial.params.get("lr", 3e-3) / 3e-3))
+
+
+def test_pareto_mode_with_user_objective_returns_front_plans_and_importances(tiny, texts, tmp_path):
+    out = tmp_path / "pareto"
+    settings = TuneSettings(trials=11, mode="pareto", budget="r1..r6", baselines=("uniform",), max_rank="16,32")
+    result = _tune(tiny, texts, out, settings, objective=_synthetic)
+    front = result.pareto
+    assert front and [r.cost for r in front] == sorted(r.cost for r in front)
+    done = [r for r in result.trials if r.state == "complete"]
+    for p in front:  # nothing dominates a point of the front
+        assert not any(r.cost <= p.cost and r.value < p.value or r.cost < p.cost and r.value <= p.value for r in done)
+    assert {p.name for p in (out / "pareto").iterdir()} == {f"trial-{r.number:04d}" for r in front}
+    assert all(Plan.load(out / "pareto" / f"trial-{r.number:04d}").cost == r.cost for r in front)
+    assert result.versus["uniform"] <= 0 and (out / "study.png").is_file()
+    assert result.importances or "importances" in result.importance_note
+
+
+def test_out_dir_of_another_study_is_refused_and_overwrite_starts_over(tiny, texts, tmp_path):
+    out = tmp_path / "study"
+    settings = TuneSettings(trials=2, baselines=(), max_rank="16,32")
+    _tune(tiny, texts, out, settings, objective=_synthetic, study_name="a")
+    with pytest.raises(InputError, match="--overwrite"):
+        _tune(tiny, texts, out, settings, objective=_synthetic, study_name="b")
+    with pytest.raises(InputError, match="started with other settings"):
+        _tune(tiny, texts, out, TuneSettings(trials=2, baselines=(), max_rank="32"), objective=_synthetic,
+              study_name="a")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="holds no tune study"):
+        _tune(tiny, texts, foreign, settings, objective=_synthetic)
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]  # refused before anything was written
+    fresh = _tune(tiny, texts, out, settings, objective=_synthetic, study_name="b", overwrite=True)
+    assert len(fresh.trials) == 2 and not (out / "pareto").exists()
