@@ -223,6 +223,8 @@ def check_output_dir(out: Path, *, overwrite: bool) -> None:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{parent} is a file, so {out} cannot be created; choose another -o")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write to {parent}; choose an -o in a writable folder")
 

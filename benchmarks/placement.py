@@ -41,7 +41,7 @@ RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params", "target_loss",
            "initial_target_loss", "retention_loss", "base_retention_loss", "recall_accuracy", "recall_chance",
-           "share_attention", "share_recurrent", "share_mlp", "n_adapted", "wall_s", "note", "finished")
+           "share_attention", "share_recurrent", "share_mlp", "n_adapted", "plan_hash", "wall_s", "note", "finished")
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,8 @@ class ModelSetup:
 
     def __init__(self, name: str, grid: Grid, cache_dir: Path, model: Any = None, tokenizer: Any = None):
         import probes
-        from benchmarks import tasks
         from allocator.components import find_components
+        from benchmarks import tasks
 
         self.name, self.grid, self.cache_dir = name, grid, cache_dir
         if model is None:
@@ -223,21 +223,36 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
 
 
 def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, *, frontier: str = "",
-            lr_factor: float = 1.0, steps_factor: float = 1.0, rank_factor: float = 1.0) -> dict:
-    """Fine-tune one condition and return its CSV row (asserting the budget for exactly-matched conditions)."""
+            lr_factor: float = 1.0, steps_factor: float = 1.0, rank_factor: float = 1.0,
+            reuse: dict | None = None) -> dict:
+    """Fine-tune one condition and return its CSV row (asserting the budget for exactly-matched conditions).
+
+    ``reuse`` maps a plan key to a finished row: a plain-LoRA condition whose ranks equal an already trained plan
+    (same model, task, seed, steps, lr) would train bit-identically (``finetune`` is deterministic), so that row's
+    results are copied and the note says so."""
     import contextlib
 
     from allocator.budget import params_per_uniform_rank
     from allocator.finetune import evaluate_loss, finetune
 
     g = setup.grid
-    budget = rank * params_per_uniform_rank(setup.components)
     run_rank = max(1, round(rank * rank_factor))
     run_budget = run_rank * params_per_uniform_rank(setup.components)
     steps = max(2, round(g.steps * steps_factor))
     lr = (g.full_lr if condition == "full" else g.lr) * lr_factor
     config, init, target_bgt, ranks, added, note = plan_condition(setup, task, condition, run_rank, run_budget,
                                                                   seed, steps)
+    plan_hash = ""
+    if ranks and init is None:
+        plan_hash = hashlib.sha256(json.dumps(sorted(ranks.items())).encode()).hexdigest()[:12]
+    cond = condition if not frontier else f"{condition}[{frontier}]"
+    key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size)
+    if plan_hash and reuse is not None and key in reuse:
+        row = dict(reuse[key])
+        row.update(condition=cond, frontier=frontier, budget=f"r{rank}", fill_params=added, wall_s="0.0",
+                   note=f"{note}; same plan as {row['condition']}: its deterministic result reused".lstrip("; "))
+        row["run_id"] = run_key(row)
+        return row
     t = setup.tasks[task]
     ret = setup.retention.eval_batches
     extra: dict[str, float] = {}
@@ -264,7 +279,6 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         assert abs(trainable - run_budget) <= 0.01 * run_budget, \
             f"{condition}: {trainable} trainable vs budget {run_budget} (more than 1% apart)"
     shares = _shares(setup, ranks, state)
-    cond = condition if not frontier else f"{condition}[{frontier}]"
     row = {
         "model": setup.name, "task": task, "budget": f"r{rank}", "condition": cond, "frontier": frontier,
         "seed": seed, "steps": steps, "lr": f"{lr:g}", "batch_size": g.batch_size, "budget_params": run_budget,
@@ -274,11 +288,18 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         "initial_target_loss": f"{res.initial_eval_loss:.5f}",
         "retention_loss": f"{extra['retention_loss']:.5f}", "base_retention_loss": f"{setup.base_retention:.5f}",
         "recall_accuracy": extra.get("recall_accuracy", ""), "recall_chance": extra.get("recall_chance", ""),
-        **shares, "wall_s": f"{res.wall_time_s:.1f}", "note": note,
+        **shares, "plan_hash": plan_hash, "wall_s": f"{res.wall_time_s:.1f}", "note": note,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     row["run_id"] = run_key(row)
+    if plan_hash and reuse is not None:
+        reuse[key] = row
     return row
+
+
+def reuse_key(row: dict) -> tuple:
+    return (row["model"], row["task"], row["plan_hash"], int(row["seed"]), int(row["steps"]), row["lr"],
+            int(row["batch_size"]))
 
 
 def _shares(setup: ModelSetup, ranks: dict, state: dict) -> dict:
@@ -361,6 +382,7 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
     if not resume and path.exists():
         path.unlink()
     done = {r["run_id"] for r in read_rows(path)}
+    reuse = {reuse_key(r): r for r in read_rows(path) if r.get("plan_hash") and "reused" not in r["note"]}
     setups: dict[str, ModelSetup] = {}
     todo = planned_runs(grid)
     for i, (model, task, rank, cond, seed, label, rf, lf, sf) in enumerate(todo):
@@ -379,7 +401,7 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
             given = (models or {}).get(model)
             setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)))
         row = run_one(setups[model], task, rank, cond, seed, frontier=label, lr_factor=lf, steps_factor=sf,
-                      rank_factor=rf)
+                      rank_factor=rf, reuse=reuse)
         append_row(path, row)
         _log(f"[{i + 1}/{len(todo)}] {key}: target {row['target_loss']} retention {row['retention_loss']} "
              f"params {row['trainable_params']} ({row['wall_s']} s)")

@@ -80,8 +80,10 @@ def cell_table(rows: Sequence[dict]) -> list[str]:
     key = next(iter(tgt))[:3] if tgt else None
     uni_t, uni_r = tgt.get((*key, "uniform"), {}) if key else {}, ret.get((*key, "uniform"), {}) if key else {}
     params: dict[str, list[int]] = {}
+    plans: dict[str, set[str]] = {}
     for r in rows:
         params.setdefault(r["condition"], []).append(int(float(r["effective_params"] or 0)))
+        plans.setdefault(r["condition"], set()).add(r.get("plan_hash", ""))
     lines = ["| condition | n | params (min–max) | target loss | Δ target vs uniform | retention loss "
              "| Δ retention vs uniform | target: vs uniform |",
              "|---|---|---|---|---|---|---|---|"]
@@ -93,8 +95,10 @@ def cell_table(rows: Sequence[dict]) -> list[str]:
         dr = stats.paired(rr, uni_r) if cond != "uniform" else None
         verdict = "—" if dt is None else stats.verdict(dt, cond, "uniform")
         p = params.get(cond, [0])
+        same = cond != "uniform" and plans.get(cond) == plans.get("uniform") and "" not in plans.get(cond, {""})
+        name = f"{cond} (= uniform's plan)" if same else cond
         lines.append(
-            f"| {cond} | {s['n']} | {min(p):,}–{max(p):,} | {s['target_loss'].fmt(4)} | "
+            f"| {name} | {s['n']} | {min(p):,}–{max(p):,} | {s['target_loss'].fmt(4)} | "
             f"{'—' if dt is None else dt.fmt(4)} | {s['retention_loss'].fmt(4)} | "
             f"{'—' if dr is None else dr.fmt(4)} | {verdict} |")
     return lines

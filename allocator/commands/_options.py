@@ -69,15 +69,25 @@ def _exposed_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("help") and f.init]
 
 
-def add_settings_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", title: str = "") -> None:
+def add_settings_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    prefix: str = "",
+    title: str = "",
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """Add one option per documented field; ``aliases`` maps a field name to an extra, shorter flag."""
+    aliases = aliases or {}
     group = parser.add_argument_group(title or f"{cls.__name__} options")
     for f, _hint in _exposed_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         )
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        flags = [_option(prefix, f.name)] + ([aliases[f.name]] if f.name in aliases else [])
         group.add_argument(
-            _option(prefix, f.name),
+            *flags,
             dest=_dest(prefix, f.name),
             default=None,
             metavar=f.name.upper(),

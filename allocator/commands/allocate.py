@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
     add_settings_options(parser, data_cls, title="calibration data")
-    add_settings_options(parser, solver_cls, title="solver")
+    add_settings_options(parser, solver_cls, title="solver", aliases={"share_bounds": "--share"})
     add_settings_options(parser, utility_cls, prefix="utility", title="utility (how probe signals become rank values)")
     add_settings_options(parser, probe_cls, prefix="probe", title="probes")
     return parser
