@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,8 @@ def allocate(
         model_id = getattr(model_obj.config, "_name_or_path", "") or type(model_obj).__name__
     tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code)
 
-    components = find_components(model_obj, fused_kernels=fused_kernels)
-    eligible = [c for c in components if c.eligible and not c.is_parameter]
+    components = [_unprobed_experts_off(c) for c in find_components(model_obj, fused_kernels=fused_kernels)]
+    eligible = [c for c in components if c.eligible]
     if not eligible:
         raise AllocatorError(f"no adaptable modules found in {model_id}; see `allocate inspect {model_id}`")
     budget_params = parsed_budget.resolve(components, count_base_params(model_obj))
@@ -177,6 +177,15 @@ def allocate(
         alpha_ratio=alpha_ratio,
         use_rslora=use_rslora,
     )
+
+
+def _unprobed_experts_off(component: Any) -> Any:
+    """3-D expert parameters are not probed (the hooks see modules, not parameter slices), so they are left out
+    of the budget and the program rather than counted in ``rN`` and never bought."""
+    if not component.is_parameter or not component.default_target:
+        return component
+    note = "3-D expert weights are not probed yet; add them by hand with LoraConfig(target_parameters=...)"
+    return replace(component, default_target=False, note=(component.note + "; " if component.note else "") + note)
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:

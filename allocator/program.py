@@ -4,7 +4,7 @@ Stage 4a. Input: components, a :class:`~allocator.utility.UtilityTable`, a budge
 :class:`~allocator.solve.SolverSettings`. Output: a :class:`Program` holding ``c``, sparse ``A``, row bounds,
 variable bounds and integrality for ``scipy.optimize.milp``, a label for every row and column, and what
 :func:`allocator.solve.decode` needs to map a solution back to ranks. Construction is vectorised (numpy and one
-``scipy.sparse`` matrix), so a 100,000-group program builds in well under a second. Pure: numpy/scipy only.
+``scipy.sparse`` matrix); a 100,000-group program builds in about a second. Pure: numpy/scipy only.
 """
 
 from __future__ import annotations

@@ -160,7 +160,8 @@ class TuneSettings:
     heartbeat_interval: int = field(default=30, metadata={"help": "seconds between a running trial's heartbeats"})
     grace_period: int = field(default=90, metadata={"help": "a trial silent this many seconds is failed and retried"})
     max_retry: int = field(default=2, metadata={"help": "times a killed (stale) trial is re-run"})
-    budget: str = _space_field("", "budget ('': r8 in single mode, r2..r12 in pareto mode)")
+    budget: str = field(default="", metadata={"help": "trainable-parameter budget: v (single mode), lo..hi or a,b "
+                                               "(pareto mode); '' = r8 in single mode, r2..r12 in pareto mode"})
     lr: str = _space_field("1e-3..1e-2@3e-3", "learning rate")
     alpha_ratio: str = _space_field("1..4@2", "lora_alpha / r")
     weights: str = _space_field("0..1", "weight of each signal mixed by signal=combined")
@@ -293,8 +294,11 @@ class _Search:
         self.spaces, self.utility, self.solver = dict(settings.spaces), utility, solver
         self.families, self.has_risk = families, has_risk
         b = self.spaces["budget"]  # budgets become parameter counts once the model is known
-        self.spaces["budget"] = Space(b.kind, tuple(resolve(v) for v in b.values),
-                                      None if b.base is None else resolve(b.base), True)
+        b = self.spaces["budget"] = Space(b.kind, tuple(resolve(v) for v in b.values),
+                                          None if b.base is None else resolve(b.base), True)
+        if b.kind == "range" and not (b.values[0] < b.values[1] and b.values[0] <= b.base_value() <= b.values[1]):
+            raise InputError(f"budget range {settings.budget!r} is {b.values[0]:,}..{b.values[1]:,} parameters on "
+                             "this model; give lo < hi and a base (@v) inside")
 
     def _pick(self, trial: Any, name: str, space: Space, inherited: Any = None) -> Any:
         if isinstance(trial, _BaseTrial) or not space.searched:
@@ -376,8 +380,8 @@ class _Run:
         self.signature = _jsonable({
             "settings": {k: v for k, v in s.to_dict().items()
                          if k not in ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")},
-            "model": self.model_id, "data": str(data), "eval_data": str(eval_data),
-            "retention_data": None if retention_data is None else str(retention_data),
+            "model": _where(self.model_id), "data": _where(data), "eval_data": _where(eval_data),
+            "retention_data": _where(retention_data),
             "objective": "finetune" if self.objective is None else getattr(self.objective, "__name__", "custom"),
             "data_settings": dataclasses.asdict(self.data_settings), "probe_settings": self.probe_settings.result_key(),
             "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
@@ -403,7 +407,6 @@ class _Run:
         """Probe reports from ``OUT_DIR/probes`` (run once per study; the caller holds the lock)."""
         import probes
         from probes.errors import ProbeError
-
 
         started, d, names = time.perf_counter(), self.data_settings, [c.name for c in self.eligible if not c.is_parameter]
         meta = {"model_id": self.model_id, "model_revision": self.provenance["model_revision"]}
@@ -557,8 +560,9 @@ class _Run:
         else:
             single = s.mode == "single"
             prunable = single and s.pruner != "none" and "baseline" not in trial.user_attrs
-            result = finetune(self.model, plan.to_lora_config(base_model_name_or_path=None), self.train, self.evals, steps=s.steps, lr=cfg["lr"],
-                              seed=s.seed, batch_size=s.batch_size, eval_every=(s.eval_every or None) if single else None,
+            config = plan.to_lora_config(base_model_name_or_path=None)  # PEFT fills in the model's own
+            result = finetune(self.model, config, self.train, self.evals, steps=s.steps, lr=cfg["lr"], seed=s.seed,
+                              batch_size=s.batch_size, eval_every=(s.eval_every or None) if single else None,
                               callback=_reporter(trial, prunable) if single else None)
             value, work = result.eval_loss, result.wall_time_s
             trial.set_user_attr("initial_eval_loss", result.initial_eval_loss)
@@ -571,7 +575,7 @@ class _Run:
         The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
         overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running elsewhere
         would complete the study, this worker waits: one of them may belong to a killed worker, and goes stale
-        after ``grace_period``, is failed and re-enqueued (``RetryFailedTrialCallback``), and is run here.
+        after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here.
         """
         import optuna
         from optuna.trial import TrialState
@@ -630,6 +634,11 @@ def _reporter(trial: Any, prunable: bool) -> Callable[[int, float], None]:
             raise optuna.TrialPruned(f"eval loss {loss:.4f} at step {step} lags the other trials")
 
     return callback
+
+
+def _where(ref: Any) -> str | None:
+    """A data or model reference as the study records it: local paths absolute, anything else as given."""
+    return None if ref is None else str(Path(ref).resolve()) if Path(str(ref)).exists() else str(ref)
 
 
 def _jsonable(value: Any) -> Any:

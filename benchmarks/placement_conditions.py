@@ -78,8 +78,8 @@ def random_placement(eligible: Sequence[Component], budget: int, seed: int) -> t
 def allocator_ranks(report: Any, eligible: Sequence[Component], components: Sequence[Component], budget: int,
                     utility_settings: Any, solver_settings: Any, risk_report: Any = None) -> tuple[Ranks, int, dict]:
     """The allocator's plan (``compute_utilities`` + ``solve``, exactly as ``allocate`` chains them), closed by
-    rank + 1 on the modules it gave budget, highest marginal utility per parameter first (capped at
-    ``min(d_in, d_out)``), then on the others."""
+    rank + 1 on the modules it gave budget, highest marginal objective (utility minus weighted risk) per
+    parameter first (capped at ``min(d_in, d_out)``), then on the others."""
     from allocator.solve import solve
     from allocator.utility import compute_utilities
 
@@ -98,6 +98,8 @@ def allocator_ranks(report: Any, eligible: Sequence[Component], components: Sequ
             return 0.0
         prev = max(j for j, g in enumerate(grid) if g <= r)
         du = table.values[row[n], nxt] - table.values[row[n], prev]
+        if table.risk is not None:  # the retention-aware objective: utility minus weighted risk
+            du -= table.risk_weight * (table.risk[row[n], nxt] - table.risk[row[n], prev])
         return float(du) / ((grid[nxt] - grid[prev]) * comps[n].n_params_per_rank)
 
     order = sorted(comps, key=lambda n: (ranks[n] == 0, -slope(n), n))

@@ -2,6 +2,7 @@
 
     python -m benchmarks.tune_overhead            # allocator/zoo/qwen3_5_tiny, 8 trials x 60 steps (minutes)
     python -m benchmarks.tune_overhead --smoke    # seconds, tiny random-init model (tests)
+    python -m benchmarks.tune_overhead --texts DIR   # only the train/eval text files docs/tuning.md uses
 
 One single-mode study with the default search space; every trial solves (the only baseline kept is ``default``,
 which solves too), so the overhead measured is the solver path's. Data: the stdlib ``test/`` package (the
@@ -139,7 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trials", type=int, default=8, help="trials of the study (default 8)")
     parser.add_argument("--steps", type=int, default=60, help="fine-tune steps per trial (default 60)")
     parser.add_argument("--out", default=str(ROOT / "docs/results/tune.md"), help="markdown report path")
+    parser.add_argument("--texts", metavar="DIR", help="only write DIR/train.txt and DIR/eval.txt (the stdlib test/ "
+                        "package, as docs/tuning.md's study uses them) and exit")
     args = parser.parse_args(argv)
+    if args.texts:
+        Path(args.texts).mkdir(parents=True, exist_ok=True)
+        train, evals = domain_texts(Path(args.texts), 2_000_000)
+        print(f"wrote {train} ({train.stat().st_size:,} bytes) and {evals} ({evals.stat().st_size:,} bytes)")
+        return {}
     from benchmarks.probe_overhead import machine
 
     info = machine()
