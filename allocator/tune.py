@@ -189,8 +189,6 @@ class TuneSettings:
         if not self.budget:
             object.__setattr__(self, "budget", "r8" if self.mode == "single" else "r2..r12")
         spaces = {part: parse_space(part, getattr(self, part)) for part in _PARTS}
-        if spaces["budget"].kind == "inherit":
-            raise InputError("budget cannot be taken from base settings; give one, e.g. r8")
         if spaces["lr"].kind == "inherit":
             raise InputError("lr has no base setting to keep; give a value (3e-3) or a range (1e-3..1e-2)")
         if self.trials <= len(baselines):
@@ -208,6 +206,13 @@ class TuneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TuneSettings:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise InputError(f"unknown TuneSettings fields {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def tune(

@@ -8,7 +8,8 @@ format them; ``write_outputs`` writes, each file atomically::
     OUT_DIR/study.md     trials, baselines vs winner, Pareto front, parameter importances
     OUT_DIR/study.png    history (single mode) or Pareto front (pareto mode); study.json: TuneResult.to_dict()
 
-The winner is the lowest-loss complete trial. Against each baseline it is compared with the best trial that costs
+``check_out_dir`` / ``prepare_out_dir`` keep one study per folder (``tune.json`` names it) and ``FileLock`` is the
+lock file the workers sharing the folder serialise on. The winner is the lowest-loss complete trial. Against each baseline it is compared with the best trial that costs
 no more than that baseline's budget (in single mode every trial shares the budget), so every difference is <= 0.
 """
 

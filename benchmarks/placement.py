@@ -37,6 +37,11 @@ FAMILIES = ("attention", "recurrent", "mlp")
 SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora", "allocator",
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
+# Tuning candidates beyond the defaults: the solver's default grid (0, 4, 8, ...) cannot leave uniform rank 4 at an
+# r4 budget (one group at 8 must beat two at 4 by a factor the bounded signals never reach), so these variants
+# give it the dense grid.
+DENSE = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+EXTRA = ("alloc_dense", "alloc_retention_dense")
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params", "target_loss",
@@ -68,9 +73,10 @@ class Grid:
 GRIDS = {
     "smoke": Grid(("qwen3_5_tiny",), ("text_domain",), (4,), (0,), steps=3, batch_size=2, n_train=8, n_eval=4,
                   n_calib=4, frontier=(("lr/4", 1, 0.25, 1),)),
-    "core": Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2)),
+    "core": Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2),
+                 conditions=CONDITIONS + EXTRA),
     "full": Grid(("qwen3_5_tiny", "falcon_h1_tiny", "qwen3_5_deep"), ("text_domain", "recall"), (1, 4, 16),
-                 (0, 1, 2)),
+                 (0, 1, 2), conditions=CONDITIONS + EXTRA),
 }
 
 
@@ -205,6 +211,9 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         note = f"EVA rank units {info['eva_rank_units']} (PEFT would use {info['eva_rank_units_peft']})"
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
+        solver = SolverSettings()
+        if kind.endswith("dense") or kind == "dense":
+            kind, solver = kind.removesuffix("dense").rstrip("_"), SolverSettings(ranks=DENSE)
         u = UtilitySettings()
         if kind in SIGNALS:
             u = UtilitySettings(signal=kind)
@@ -214,7 +223,7 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
             u = replace(u, **{k: v})
         risk = setup.report("general") if kind == "retention" else None
         ranks, added, info = pc.allocator_ranks(setup.report(task), eligible, setup.components, budget, u,
-                                                SolverSettings(), risk_report=risk)
+                                                solver, risk_report=risk)
         note = f"solver cost {info['solver_cost']} ({info['status']})"
     else:
         raise ValueError(f"unknown condition {condition!r}")

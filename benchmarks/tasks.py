@@ -113,7 +113,7 @@ def lm_batches(windows: torch.Tensor, batch_size: int) -> list[Batch]:
 
 @dataclass(frozen=True)
 class RecallSpec:
-    """How recall episodes are drawn: ``key: value`` lines, then ``? key: value`` queries."""
+    """How recall episodes are drawn: ``- key: value`` lines, then ``? key: value`` queries."""
 
     letters: str = field(metadata={"help": "alphabet of the keys"})
     key_len: int = field(metadata={"help": "letters per key"})
@@ -134,14 +134,14 @@ class RecallEpisode:
 
 
 def recall_episode(rng: random.Random, spec: RecallSpec) -> RecallEpisode:
-    """One episode, e.g. ``"kel: 31\\nmop: 85\\n? mop: 85\\n"``; values are 10..99, keys distinct."""
+    """One episode, e.g. ``"- kel: 31\\n- mop: 85\\n? mop: 85\\n"``; values are 10..99, keys distinct."""
     n_pairs = rng.randint(spec.min_pairs, spec.max_pairs)
     keys: set[str] = set()
     while len(keys) < n_pairs:
         keys.add("".join(rng.choice(spec.letters) for _ in range(spec.key_len)))
     pairs = [(k, rng.randint(10, 99)) for k in sorted(keys)]
     rng.shuffle(pairs)
-    text = "".join(f"{k}: {v}\n" for k, v in pairs)
+    text = "".join(f"- {k}: {v}\n" for k, v in pairs)  # " key" tokenizes alike in pairs and queries
     spans = []
     for k, v in rng.sample(pairs, min(spec.n_queries, n_pairs)):
         text += f"? {k}: "

@@ -1,6 +1,6 @@
 """What `allocate tune` costs beyond the fine-tunes it runs, and that probes run once per study.
 
-    python -m benchmarks.tune_overhead            # allocator/zoo/qwen3_5_tiny, 8 trials x 60 steps (minutes)
+    python -m benchmarks.tune_overhead            # allocator/zoo/qwen3_5_tiny, 6 trials x 60 steps (minutes)
     python -m benchmarks.tune_overhead --smoke    # seconds, tiny random-init model (tests)
     python -m benchmarks.tune_overhead --texts DIR   # only the train/eval text files docs/tuning.md uses
 
@@ -75,14 +75,14 @@ def measure(smoke: bool, trials: int, steps: int) -> dict:
     real = probes.cache.run
     probes.cache.run = lambda *a, **k: calls.append(1) or real(*a, **k)  # count probe runs, not cache hits
     model, tokenizer, label = model_and_tokenizer(smoke)
-    seq_len, samples, batch = (32, 4, 2) if smoke else (128, 32, 8)
+    seq_len, samples, batch = (32, 4, 2) if smoke else (128, 32, 4)
     with tempfile.TemporaryDirectory() as tmp:
         train, evals = domain_texts(Path(tmp), 20_000 if smoke else 2_000_000)
         kw = dict(out_dir=Path(tmp) / "study", tokenizer=tokenizer,
                   data_settings=DataSettings(seq_len=seq_len, samples=samples, batch_size=batch),
                   probe_settings=probes.ProbeSettings(progress=False, max_rank=8 if smoke else 64))
-        settings = dict(steps=steps, batch_size=batch, eval_every=max(1, steps // 6), baselines=("default",),
-                        train_samples=4 * samples if smoke else 256, eval_samples=samples if smoke else 64,
+        settings = dict(steps=steps, batch_size=batch, eval_every=max(1, steps // 3), baselines=("default",),
+                        train_samples=4 * samples if smoke else 256, eval_samples=samples,
                         pruner="none", max_rank="16,32" if smoke else "16,32,64")
         started = time.perf_counter()
         result = api.tune(model, train, evals, settings=api.TuneSettings(trials=trials, **settings), **kw)
@@ -105,6 +105,8 @@ def measure(smoke: bool, trials: int, steps: int) -> dict:
     finetune = sum(r["finetune_s"] for r in rows)
     overhead = sum(r["overhead_s"] for r in rows) + sum(r["claim_s"] or 0.0 for r in rows)
     return {"model": label, "trials": trials, "steps": steps, "rows": rows, "study_s": study_s,
+            "finetune": f"batch {batch} x {seq_len} tokens, {settings['train_samples']} train / "
+                        f"{settings['eval_samples']} eval sequences, eval every {settings['eval_every']} steps",
             "probe_runs": probe_runs, "resumed_probe_runs": resumed_probe_runs, "probe_s": result.probe_seconds,
             "resumed_trials": len(resumed.trials), "finetune_s": finetune, "overhead_s": overhead,
             "overhead_ratio": overhead / finetune,
@@ -118,7 +120,8 @@ def render(res: dict, command: str, info: dict) -> str:
         f"Machine: {info['nproc']} CPUs (`nproc`), {info['cpu']}, torch {info['torch']} ({info['torch_threads']} "
         f"threads), Python {info['python']}; load average at start {info['load_avg']} (a shared machine: wall "
         "times are inflated, ratios less so).  ",
-        f"Model: {res['model']}; {res['trials']} trials x {res['steps']} steps, single mode, default search space.", "",
+        f"Model: {res['model']}; {res['trials']} trials x {res['steps']} steps ({res['finetune']}), single mode, "
+        "default search space, the stdlib `test/` package as train/eval text.", "",
         f"- probe runs: **{res['probe_runs']}** for the study ({res['probe_s']:.1f} s), **{res['resumed_probe_runs']}**"
         f" when the study was resumed for one more trial (cache hit in OUT_DIR/probes)",
         f"- fine-tunes: {res['finetune_s']:.1f} s in all; overhead beyond them (in trials + between trials): "
@@ -137,12 +140,18 @@ def render(res: dict, command: str, info: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run on a tiny random model (tests)")
-    parser.add_argument("--trials", type=int, default=8, help="trials of the study (default 8)")
+    parser.add_argument("--trials", type=int, default=6, help="trials of the study (default 6)")
     parser.add_argument("--steps", type=int, default=60, help="fine-tune steps per trial (default 60)")
     parser.add_argument("--out", default=str(ROOT / "docs/results/tune.md"), help="markdown report path")
     parser.add_argument("--texts", metavar="DIR", help="only write DIR/train.txt and DIR/eval.txt (the stdlib test/ "
                         "package, as docs/tuning.md's study uses them) and exit")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own; on a shared "
+                        "machine 1 avoids OpenMP spinning against other jobs)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.texts:
         Path(args.texts).mkdir(parents=True, exist_ok=True)
         train, evals = domain_texts(Path(args.texts), 2_000_000)

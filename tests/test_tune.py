@@ -74,6 +74,13 @@ def test_settings_reject_bad_input_naming_the_fix(kwargs, fix):
         TuneSettings(**kwargs)
 
 
+def test_settings_round_trip_through_dict_and_reject_unknown_keys():
+    settings = TuneSettings(mode="pareto", lr="2e-3", baselines=("uniform",))
+    assert TuneSettings.from_dict(settings.to_dict()) == settings and settings.budget == "r2..r12"
+    with pytest.raises(InputError, match="unknown TuneSettings fields"):
+        TuneSettings.from_dict({"trails": 3})
+
+
 def test_pruning_callback_reports_every_eval_and_spares_baselines():
     import optuna
 
