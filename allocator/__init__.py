@@ -32,7 +32,8 @@ _LAZY = {
     "solve": "allocator.solve",
     "Plan": "allocator.plan",
     "allocate": "allocator.api",
-    "tune": "allocator.tune",
+    "tune": "allocator.tuning",
+    "TuneSettings": "allocator.tuning",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

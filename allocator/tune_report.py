@@ -64,8 +64,8 @@ class TuneResult:
     baselines: Mapping[str, TrialRow] = field(metadata={"help": "complete baseline trials by name"})
     versus: Mapping[str, float] = field(
         metadata={"help": "baseline -> loss of the best trial within its budget minus its loss (<= 0)"})
-    importances: Mapping[str, float] = field(metadata={"help": "fANOVA importance of each searched parameter"})
-    importance_note: str = field(metadata={"help": "why importances are missing, if they are"})
+    importances: Mapping[str, float] = field(metadata={"help": "importance of each searched parameter (eval loss)"})
+    importance_note: str = field(metadata={"help": "the importance method used, or why there are none"})
     probe_seconds: float = field(metadata={"help": "this worker's probe time (a cache hit is ~0)"})
     out_dir: Path | None = field(default=None, metadata={"help": "where the files were written"})
 
@@ -115,22 +115,26 @@ def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, 
 
 
 def _importances(study: Any, done: list[TrialRow], mode: str) -> tuple[dict[str, float], str]:
-    """fANOVA importances over the complete searched (solver) trials' common parameters, or why there are none."""
+    """Importances of the parameters the complete searched (solver) trials share, for the eval loss: fANOVA
+    (seeded; needs scikit-learn), else PED-ANOVA (numpy/scipy only). The note names the method, or why none."""
     searched = [r for r in done if r.placement == "solver" and r.baseline is None]
     if len(searched) < MIN_IMPORTANCE_TRIALS:
         return {}, f"importances need {MIN_IMPORTANCE_TRIALS} complete searched trials; the study has {len(searched)}"
     params = sorted(set.intersection(*(set(r.params) for r in searched)))
     if not params:
         return {}, "the searched trials share no parameter"
-    try:
-        import optuna
+    import optuna
 
-        values = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params,
-            target=lambda t: t.values[0])
-    except Exception as exc:  # too little variation, a single distinct value, ...: report, do not fail the study
-        return {}, f"importances unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return {k: float(v) for k, v in values.items()}, ""
+    note = ""
+    for method, make in (("fANOVA", lambda: optuna.importance.FanovaImportanceEvaluator(seed=0)),
+                         ("PED-ANOVA", optuna.importance.PedAnovaImportanceEvaluator)):
+        try:
+            values = optuna.importance.get_param_importances(study, evaluator=make(), params=params,
+                                                             target=lambda t: t.values[0])
+            return {k: float(v) for k, v in values.items()}, f"{method} over {len(searched)} searched trials"
+        except Exception as exc:  # no scikit-learn, too little variation, ...: report, never fail the study
+            note = f"importances unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return {}, note
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -166,8 +170,8 @@ def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
         lines += [f"| {r.number} | {r.value:.4f} | {r.cost:,} | {r.baseline or r.placement} | {_params_text(r.params)} |"
                   for r in result.pareto]
         lines += ["", "Plans: `pareto/trial-NNNN/`.", ""]
-    lines += ["## Parameter importances (fANOVA, eval loss)", ""]
-    lines += [f"- `{k}`: {v:.3f}" for k, v in result.importances.items()] or [f"_{result.importance_note}_"]
+    lines += ["## Parameter importances (eval loss)", "", f"_{result.importance_note}_", ""]
+    lines += [f"- `{k}`: {v:.3f}" for k, v in result.importances.items()]
     lines += ["", f"![study]({plot_name})", "", "## Trials", "",
               "| # | state | placement | eval loss | parameters | seconds | settings |", "|---:|---|---|---:|---:|---:|---|"]
     for r in result.trials:
@@ -203,10 +207,11 @@ def write_plot(result: TuneResult, path: Path) -> None:
         running = [min(r.value for r in ordered[: i + 1]) for i in range(len(ordered))]
         ax.step([r.number for r in ordered], running, where="post", c="C1", label="best so far")
         ax.set_xlabel("trial")
-    for name, r in result.baselines.items():
+    for i, (name, r) in enumerate(sorted(result.baselines.items(), key=lambda kv: kv[1].value)):
         x = r.cost if result.mode == "pareto" else r.number
         ax.scatter([x], [r.value], s=40, marker="D", c="C3")
-        ax.annotate(name, (x, r.value), textcoords="offset points", xytext=(4, 4), fontsize=8, color="C3")
+        ax.annotate(name, (x, r.value), textcoords="offset points", xytext=(5, -11 if i % 2 else 4), fontsize=8,
+                    color="C3")
     ax.set_ylabel("eval loss")
     ax.set_title(f"{result.study_name}: {len(done)} complete trials")
     ax.legend(fontsize=8)

@@ -58,12 +58,12 @@ class Grid:
     budgets: tuple[int, ...]  # uniform-rank equivalents
     seeds: tuple[int, ...]
     conditions: tuple[str, ...] = CONDITIONS
-    steps: int = 120
-    lr: float = 2e-3
-    full_lr: float = 5e-4
+    steps: int = 100
+    lr: float = 5e-4  # chosen on uniform alone (docs/method.md): 2e-3 overfits the train files by step 20
+    full_lr: float = 2e-4
     batch_size: int = 8
-    n_train: int = 512
-    n_eval: int = 64
+    n_train: int = 4096  # rows of 128 tokens; 100 x 8 rows never repeat one
+    n_eval: int = 128
     n_calib: int = 32
     frontier: tuple[tuple[str, float, float, float], ...] = (
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1))
@@ -144,6 +144,7 @@ class ModelSetup:
                                       max_windows=grid.n_calib)
         self.general_calib = tasks.lm_batches(general, 4)  # pretraining-like text, disjoint from the eval files
         self._reports: dict[str, Any] = {}
+        self.adalora_pilot: dict[tuple, tuple[int, int]] = {}  # (task, rank, steps) -> (rank units, final params)
         self._eva: dict[tuple, Any] = {}
 
     def calib(self, task: str) -> list[dict]:
@@ -197,7 +198,12 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         return None, None, None, {}, 0, "every weight trained (lr = full_lr)"
     if condition == "adalora":
         config, target_bgt = pc.adalora_config(eligible, budget, rank, steps)
-        return config, None, target_bgt, {}, 0, f"init_r {config.init_r}, final rank budget {target_bgt}"
+        pilot = setup.adalora_pilot.get((task, rank, steps))
+        note = f"init_r {config.init_r}, final rank budget {target_bgt}"
+        if pilot is not None:  # rescaled by the pilot's final count so the final parameters land near the budget
+            target_bgt = max(1, round(pilot[0] * budget / pilot[1]))
+            note = f"init_r {config.init_r}, final rank budget {target_bgt} (pilot: {pilot[0]} units -> {pilot[1]})"
+        return config, None, target_bgt, {}, 0, note
     added = 0
     if condition == "uniform":
         ranks = pc.uniform(eligible, rank)
@@ -233,7 +239,7 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
 
 def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, *, frontier: str = "",
             lr_factor: float = 1.0, steps_factor: float = 1.0, rank_factor: float = 1.0,
-            reuse: dict | None = None) -> dict:
+            reuse: dict | None = None, _pilot: bool = False) -> dict:
     """Fine-tune one condition and return its CSV row (asserting the budget for exactly-matched conditions).
 
     ``reuse`` maps a plan key to a finished row: a plain-LoRA condition whose ranks equal an already trained plan
@@ -245,6 +251,8 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     from allocator.finetune import evaluate_loss, finetune
 
     g = setup.grid
+    if condition == "adalora" and not _pilot:
+        _adalora_pilot(setup, task, rank, seed, steps_factor)
     run_rank = max(1, round(rank * rank_factor))
     run_budget = run_rank * params_per_uniform_rank(setup.components)
     steps = max(2, round(g.steps * steps_factor))
@@ -304,6 +312,19 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     if plan_hash and reuse is not None:
         reuse[key] = row
     return row
+
+
+def _adalora_pilot(setup: ModelSetup, task: str, rank: int, seed: int, steps_factor: float) -> None:
+    """AdaLoRA's budget is in rank units, and where it keeps ranks sets its final parameter count. One pilot run
+    (seed 0's settings, discarded) measures the count its naive rank budget ends at; the runs then rescale it."""
+    steps = max(2, round(setup.grid.steps * steps_factor))
+    if (task, rank, steps) in setup.adalora_pilot:
+        return
+    row = run_one(setup, task, rank, "adalora", seed, steps_factor=steps_factor, _pilot=True)
+    units = int(row["note"].split("final rank budget ")[1].split()[0])
+    setup.adalora_pilot[(task, rank, steps)] = (units, int(row["effective_params"]))
+    _log(f"{setup.name}: AdaLoRA pilot: {units} rank units end at {row['effective_params']} parameters "
+         f"(budget {row['budget_params']})")
 
 
 def reuse_key(row: dict) -> tuple:
@@ -370,22 +391,32 @@ def _prepared(init, target_bgt):
 
 
 def planned_runs(grid: Grid) -> list[tuple]:
-    """(model, task, rank, condition, seed, frontier label, rank factor, lr factor, steps factor)."""
+    """(model, task, rank, condition, seed, frontier label, rank factor, lr factor, steps factor), seed-major so
+    that a run stopped early (``--max-minutes``) leaves every condition with the same seeds."""
     out = []
-    for model in grid.models:
+    for s in grid.seeds:
         for task in grid.tasks:
             for rank in grid.budgets:
-                for cond in grid.conditions:
-                    out += [(model, task, rank, cond, s, "", 1, 1, 1) for s in grid.seeds]
-                for label, rf, lf, sf in grid.frontier:
-                    if rank * rf >= 1:
-                        out += [(model, task, rank, "uniform", s, label, rf, lf, sf) for s in grid.seeds]
+                for model in grid.models:
+                    out += [(model, task, rank, cond, s, "", 1, 1, 1) for cond in grid.conditions]
+                    out += [(model, task, rank, "uniform", s, label, rf, lf, sf)
+                            for label, rf, lf, sf in grid.frontier if rank * rf >= 1]
     return out
 
 
+def model_ready(name: str) -> bool:
+    """The reference model is fully written: ``training.json`` comes last in ``benchmarks.zoo``."""
+    from allocator.reference import ZOO_DIR
+
+    folder = ZOO_DIR / name
+    return (folder / "model.safetensors").is_file() and (folder / "training.json").is_file()
+
+
 def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: dict | None = None,
-             deadline: float | None = None) -> list[dict]:
-    """Run every planned run (skipping finished ones with ``resume``) and return all CSV rows."""
+             deadline: float | None = None, poll_s: float = 30.0) -> list[dict]:
+    """Run every planned run (skipping finished ones with ``resume``) and return all CSV rows.
+
+    Runs of a reference model not built yet wait until it is (polled every ``poll_s``) or until ``deadline``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / CSV_NAME
     if not resume and path.exists():
@@ -394,26 +425,37 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
     reuse = {reuse_key(r): r for r in read_rows(path) if r.get("plan_hash") and "reused" not in r["note"]}
     setups: dict[str, ModelSetup] = {}
     todo = planned_runs(grid)
-    for i, (model, task, rank, cond, seed, label, rf, lf, sf) in enumerate(todo):
-        steps = max(2, round(grid.steps * sf))
-        lr = (grid.full_lr if cond == "full" else grid.lr) * lf
-        key = run_key({"model": model, "task": task, "budget": f"r{rank}",
-                       "condition": cond if not label else f"{cond}[{label}]", "seed": seed, "steps": steps,
-                       "lr": f"{lr:g}", "batch_size": grid.batch_size})
-        if key in done:
-            continue
-        if deadline is not None and time.time() > deadline:
-            _log("deadline reached; stopping (rerun with --resume to continue)")
-            break
-        if model not in setups:
-            setups.clear()  # one model in memory at a time
+    n_all = len(todo)
+    while todo:
+        waiting = []
+        for i, (model, task, rank, cond, seed, label, rf, lf, sf) in enumerate(todo):
+            steps = max(2, round(grid.steps * sf))
+            lr = (grid.full_lr if cond == "full" else grid.lr) * lf
+            key = run_key({"model": model, "task": task, "budget": f"r{rank}",
+                           "condition": cond if not label else f"{cond}[{label}]", "seed": seed, "steps": steps,
+                           "lr": f"{lr:g}", "batch_size": grid.batch_size})
+            if key in done:
+                continue
+            if deadline is not None and time.time() > deadline:
+                _log("deadline reached; stopping (rerun with --resume to continue)")
+                return read_rows(path)
             given = (models or {}).get(model)
-            setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)))
-        row = run_one(setups[model], task, rank, cond, seed, frontier=label, lr_factor=lf, steps_factor=sf,
-                      rank_factor=rf, reuse=reuse)
-        append_row(path, row)
-        _log(f"[{i + 1}/{len(todo)}] {key}: target {row['target_loss']} retention {row['retention_loss']} "
-             f"params {row['trainable_params']} ({row['wall_s']} s)")
+            if given is None and model not in setups and not model_ready(model):
+                waiting.append(todo[i])
+                continue
+            if model not in setups:  # tiny models: every setup stays in memory
+                setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)))
+            row = run_one(setups[model], task, rank, cond, seed, frontier=label, lr_factor=lf, steps_factor=sf,
+                          rank_factor=rf, reuse=reuse)
+            append_row(path, row)
+            done.add(key)
+            _log(f"[{len(done)}/{n_all}] {key}: target {row['target_loss']} retention {row['retention_loss']} "
+                 f"params {row['trainable_params']} ({row['wall_s']} s)")
+        if waiting:
+            names = sorted({w[0] for w in waiting})
+            _log(f"waiting for reference models {names} ({len(waiting)} runs)")
+            time.sleep(poll_s)
+        todo = waiting
     return read_rows(path)
 
 

@@ -4,10 +4,12 @@ Every text source is present on every machine: the Python standard library of th
 
 - Pretraining (``benchmarks.zoo``): stdlib ``.py`` sources outside any test directory, ``idlelib`` and
   ``site-packages``; a file is held out when ``sha256(relative path) % 20 == 0`` (about 5%), so the split does not
-  move when a Python release adds files. About 7% of pretraining rows are associative recall (``PRETRAIN_RECALL``).
+  move when a Python release adds files. 10% of pretraining rows (about 8% of tokens) are associative recall
+  (``PRETRAIN_RECALL``).
 - Tasks, shifted from pretraining: ``text_domain`` (the stdlib's own ``test/`` package, never pretrained on),
   ``recall`` (``SHIFTED_RECALL``: keys over new letters, longer, more pairs; scored by answer accuracy against
-  chance) and ``retention`` (loss on held-out pretraining text; eval only).
+  chance), ``fact_recall`` (new key -> value facts stored in the weights) and ``retention`` (loss on held-out
+  pretraining text; eval only).
 
 Batches are dicts of ``input_ids`` / ``attention_mask`` / ``labels`` (``-100`` where no loss is taken), the
 format :func:`allocator.finetune.finetune` takes. Everything is deterministic under the ``seed`` argument.
@@ -122,7 +124,7 @@ class RecallSpec:
     n_queries: int = field(metadata={"help": "queries per episode (distinct keys)"})
 
 
-PRETRAIN_RECALL = RecallSpec(letters="abcdefghijklm", key_len=3, min_pairs=4, max_pairs=8, n_queries=3)
+PRETRAIN_RECALL = RecallSpec(letters="abcdefghijklm", key_len=3, min_pairs=2, max_pairs=6, n_queries=6)
 SHIFTED_RECALL = RecallSpec(letters="nopqrstuvwxyz", key_len=4, min_pairs=10, max_pairs=14, n_queries=4)
 
 
@@ -315,6 +317,70 @@ def recall_task(
     )
 
 
+def _fact_rows(
+    tokenizer: Any, facts: list[tuple[str, int]], per_row: int, rng: random.Random, batch_size: int
+) -> list[Batch]:
+    """Rows of ``? key: value`` lines (facts in ``rng`` order), loss and ``answer_group`` on the values only."""
+    order = list(facts)
+    rng.shuffle(order)
+    episodes = []
+    for start in range(0, len(order), per_row):
+        text, spans = "", []
+        for k, v in order[start : start + per_row]:
+            text += f"? {k}: "
+            spans.append((len(text), len(text) + len(str(v))))
+            text += f"{v}\n"
+        episodes.append(_encode_episode(tokenizer, RecallEpisode(text, tuple(spans), 90)))
+    width = max(len(ids) for ids, _ in episodes)
+    rows = []
+    for ids, group in episodes:
+        pad = width - len(ids)
+        ids_t = torch.tensor(ids + [tokenizer.pad_token_id] * pad)
+        group_t = torch.tensor(group + [-1] * pad)
+        rows.append(
+            {
+                "input_ids": ids_t,
+                "attention_mask": (torch.arange(width) < len(ids)).long(),
+                "labels": torch.where(group_t >= 0, ids_t, torch.full_like(ids_t, -100)),
+                "answer_group": group_t,
+                "n_pairs": torch.tensor(90),  # chance: one of the 90 values 10..99
+            }
+        )
+    return [
+        {k: torch.stack([r[k] for r in rows[i : i + 16]]) for k in rows[0]} for i in range(0, len(rows), 16)
+    ]
+
+
+def fact_recall_task(
+    tokenizer: Any, *, seed: int = 0, n_facts: int = 128, per_row: int = 8, batch_size: int = 16
+) -> Task:
+    """Store ``n_facts`` new ``key -> value`` facts (5-letter keys over n..z) in the weights: parametric recall.
+
+    Train rows list the facts in a ``seed``-shuffled order; eval rows list the same facts in a fixed other order,
+    so a fact is never visible in its own context. Chance is 1/90 (values 10..99)."""
+    rng = random.Random("fact-recall")  # the facts themselves do not depend on the seed
+    keys: set[str] = set()
+    while len(keys) < n_facts:
+        keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
+    facts = [(k, rng.randint(10, 99)) for k in sorted(keys)]
+    train = _fact_rows(tokenizer, facts, per_row, random.Random(seed), batch_size)
+    evals = _fact_rows(tokenizer, facts, per_row, random.Random("fact-recall-eval"), batch_size)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        from allocator.finetune import evaluate_loss
+
+        acc, chance = recall_accuracy(model, evals)
+        return {"fact_accuracy": acc, "fact_chance": chance, "fact_loss": evaluate_loss(model, evals)}
+
+    return Task(
+        "fact_recall",
+        f"{n_facts} new key -> value facts learnt into the weights; answer accuracy vs chance 1/90",
+        tuple(train),
+        tuple(evals),
+        evaluate,
+    )
+
+
 def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16) -> Task:
     """Eval only: loss on held-out pretraining text (what fine-tuning must not forget)."""
     _, held = pretraining_files()
@@ -331,5 +397,6 @@ def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16) ->
 TASKS: dict[str, Callable[..., Task]] = {
     "text_domain": text_domain_task,
     "recall": recall_task,
+    "fact_recall": fact_recall_task,
     "retention": retention_task,
 }

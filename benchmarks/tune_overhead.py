@@ -66,7 +66,7 @@ def model_and_tokenizer(smoke: bool) -> tuple[object, object, str]:
 
 
 def measure(smoke: bool, trials: int, steps: int) -> dict:
-    import allocator.tune as api
+    import allocator.tuning as api
     import probes
     import probes.cache
     from allocator.api import DataSettings

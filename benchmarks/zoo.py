@@ -3,7 +3,7 @@
 Each model is the exact transformers architecture (``Qwen3_5ForCausalLM`` / ``FalconH1ForCausalLM``) with the
 structure of the released config (layer-type pattern, head ratios, gates, multipliers) and small sizes. It is
 pretrained from a fixed seed for a fixed token budget on the Python standard library (``benchmarks.tasks``) with
-about 7% associative-recall rows, then saved with its byte-level BPE tokenizer and a ``training.json`` (recipe,
+10% associative-recall rows, then saved with its byte-level BPE tokenizer and a ``training.json`` (recipe,
 loss curve, held-out loss of the stored weights) in ``allocator/zoo/<name>/``. ``--check`` reloads what is there
 through ``from_pretrained`` and recomputes the held-out loss. Reproducible on the same Python stdlib and torch.
 """
@@ -28,7 +28,7 @@ from benchmarks import tasks
 
 VOCAB_SIZE = 2048
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"  # ids 0, 1, 2
-RECALL_FRACTION = 0.07
+RECALL_FRACTION = 0.10
 N_CURVE_EVAL, N_FINAL_EVAL = 64, 256  # held-out windows (x128 tokens) for the curve and the final loss
 
 
@@ -186,7 +186,7 @@ def build_tokenizer(train_files: tuple[Path, ...]) -> Any:
 
 
 def _batches(recipe: Recipe, tokenizer: Any, windows: Any, seed: int):
-    """Yield (input_ids, attention_mask, labels) per step: shuffled stdlib windows, ~7% packed recall rows."""
+    """Yield (input_ids, attention_mask, labels) per step: shuffled stdlib windows, ~10% packed recall rows."""
     import torch
 
     rng = random.Random(seed)

@@ -75,3 +75,11 @@ def test_same_inputs_give_byte_identical_allocation(saved_tiny_model, corpus_fil
         data["provenance"].pop("wall_time_s", None)
         outs.append(data)
     assert outs[0]["modules"] == outs[1]["modules"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["tune", "--help"]])
+def test_help_teaches_by_example(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "example" in capsys.readouterr().out.lower()

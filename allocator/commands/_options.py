@@ -91,7 +91,7 @@ def add_settings_options(
             dest=_dest(prefix, f.name),
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default: {shown})",
+            help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),  # argparse formats help with %
         )
 
 

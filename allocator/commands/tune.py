@@ -34,7 +34,7 @@ def _settings_classes():
     import probes
     from allocator.api import DataSettings
     from allocator.solve import SolverSettings
-    from allocator.tune import TuneSettings
+    from allocator.tuning import TuneSettings
     from allocator.utility import UtilitySettings
 
     return TuneSettings, DataSettings, probes.ProbeSettings, UtilitySettings, SolverSettings
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import allocator.tune as api
+    import allocator.tuning as api
 
     tune_cls, data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
     started = time.perf_counter()

@@ -25,9 +25,7 @@ import dataclasses
 import math
 import os
 import platform
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -690,15 +688,3 @@ class _Sampler(_sampler_base()):  # type: ignore[misc]
 
     def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
         self._for(trial.number).after_trial(study, trial, state, values)
-
-
-class _CallableModule(types.ModuleType):
-    """``allocator.tune`` is both this module and the function: importing ``allocator.tune.X`` binds the package
-    attribute ``tune`` to the module (after ``allocator.__getattr__`` would have returned the function), so the
-    module forwards calls to :func:`tune`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TuneResult:
-        return tune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
