@@ -105,9 +105,8 @@ def allocate(
     from allocator.budget import Budget
     from allocator.components import find_components
     from allocator.modelio import count_base_params, load_model
-    from allocator.plan import Plan
-    from allocator.solve import SolverSettings, solve
-    from allocator.utility import UtilitySettings, compute_utilities
+    from allocator.solve import SolverSettings
+    from allocator.utility import UtilitySettings
 
     data_settings = data_settings or DataSettings()
     probe_settings = probe_settings or probes.ProbeSettings()
@@ -124,7 +123,7 @@ def allocate(
         model_id = getattr(model_obj.config, "_name_or_path", "") or type(model_obj).__name__
     tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code)
 
-    components = [_unprobed_experts_off(c) for c in find_components(model_obj, fused_kernels=fused_kernels)]
+    components = [unprobed_experts_off(c) for c in find_components(model_obj, fused_kernels=fused_kernels)]
     eligible = [c for c in components if c.eligible]
     if not eligible:
         raise AllocatorError(f"no adaptable modules found in {model_id}; see `allocate inspect {model_id}`")
@@ -137,15 +136,6 @@ def allocate(
         risk_report = _probe(
             model_obj, model_id, retention_data, tokenizer, names, data_settings, probe_settings, cache_dir
         )
-    table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
-    allocation = solve(components, table, budget_params, solver_settings)
-
-    row = {n: i for i, n in enumerate(table.names)}
-    col = {r: j for j, r in enumerate(table.ranks)}
-    utility = {n: float(table.values[row[n], col[r]]) for n, r in allocation.ranks.items() if n in row and r in col}
-    risk = {}
-    if table.risk is not None:
-        risk = {n: float(table.risk[row[n], col[r]]) for n, r in allocation.ranks.items() if n in row and r in col}
     provenance = {
         "model_id": model_id,
         "model_revision": getattr(model_obj.config, "_commit_hash", None),
@@ -155,16 +145,59 @@ def allocate(
         "budget_spec": str(parsed_budget),
         "data_settings": asdict(data_settings),
         "probe_settings": _settings_dict(probe_settings),
-        "utility_settings": _settings_dict(utility_settings),
-        "solver_settings": _settings_dict(solver_settings),
         "fused_kernels": fused_kernels,
         "versions": library_versions(),
     }
+    return solve_plan(
+        model_id,
+        components,
+        report,
+        budget_params,
+        utility_settings,
+        solver_settings,
+        risk_report=risk_report,
+        provenance=provenance,
+        alpha_ratio=alpha_ratio,
+        use_rslora=use_rslora,
+    )
+
+
+def solve_plan(
+    model_id: str,
+    components: Any,
+    report: Any,
+    budget: int,
+    utility_settings: Any,
+    solver_settings: Any,
+    *,
+    risk_report: Any = None,
+    provenance: dict[str, Any] | None = None,
+    alpha_ratio: float = 2.0,
+    use_rslora: bool = False,
+) -> Any:
+    """Utilities from a probe report, the integer program, and the :class:`~allocator.plan.Plan` they make.
+
+    The part of :func:`allocate` after probing; ``allocator.tune`` calls it once per trial on a cached report.
+    """
+    from allocator.plan import Plan
+    from allocator.solve import solve
+    from allocator.utility import compute_utilities
+
+    table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
+    allocation = solve(components, table, budget, solver_settings)
+    row, col = table.index(), {r: j for j, r in enumerate(table.ranks)}
+    ranks = allocation.ranks
+    utility = {n: float(table.values[row[n], col[r]]) for n, r in ranks.items() if n in row}
+    risk = {}
+    if table.risk is not None:
+        risk = {n: float(table.risk[row[n], col[r]]) for n, r in ranks.items() if n in row}
+    provenance = dict(provenance or {})
+    provenance.update(utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings))
     return Plan(
         model_id=model_id,
         components=tuple(components),
-        ranks=dict(allocation.ranks),
-        budget=int(budget_params),
+        ranks=dict(ranks),
+        budget=int(budget),
         utility=utility,
         risk=risk,
         solver={
@@ -179,7 +212,7 @@ def allocate(
     )
 
 
-def _unprobed_experts_off(component: Any) -> Any:
+def unprobed_experts_off(component: Any) -> Any:
     """3-D expert parameters are not probed (the hooks see modules, not parameter slices), so they are left out
     of the budget and the program rather than counted in ``rN`` and never bought."""
     if not component.is_parameter or not component.default_target:

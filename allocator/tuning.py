@@ -357,7 +357,13 @@ class _Run:
              data_settings, probe_settings, utility_settings, solver_settings) -> None:
         """Model, components and fine-tune batches; the base settings. No probes yet."""
         import probes
-        from allocator.api import DataSettings, _load_tokenizer, library_versions, resolve_model_ref
+        from allocator.api import (
+            DataSettings,
+            _load_tokenizer,
+            library_versions,
+            resolve_model_ref,
+            unprobed_experts_off,
+        )
         from allocator.components import find_components
         from allocator.modelio import load_model
         from allocator.solve import SolverSettings
@@ -372,7 +378,7 @@ class _Run:
         self.model_id = ref if isinstance(ref, str) else (
             getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
         self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
-        self.components = tuple(find_components(self.model, fused_kernels=fused_kernels))
+        self.components = tuple(unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels))
         self.eligible = [c for c in self.components if c.eligible]
         if not self.eligible:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
@@ -506,31 +512,22 @@ class _Run:
 
     def plan(self, cfg: Mapping[str, Any], number: int | None = None) -> Plan:
         """The plan of one configuration: solved from the cached probe report, or a baseline's uniform ranks."""
+        from allocator.api import solve_plan
         from allocator.plan import Plan
-        from allocator.solve import solve
-        from allocator.utility import compute_utilities
 
         placement, budget = cfg["placement"], int(cfg["budget"])
-        utility, risk, prov = {}, {}, dict(self.provenance)
-        if placement == "solver":
-            u, s = cfg["utility"], cfg["solver"]
-            table = compute_utilities(self.report, self.components, s.ranks, u, risk_report=self.risk)
-            allocation = solve(self.components, table, budget, s)
-            ranks, row, col = allocation.ranks, table.index(), {r: j for j, r in enumerate(table.ranks)}
-            utility = {n: float(table.values[row[n], col[r]]) for n, r in ranks.items() if n in row}
-            if table.risk is not None:
-                risk = {n: float(table.risk[row[n], col[r]]) for n, r in ranks.items() if n in row}
-            solver = {"status": allocation.status, "mip_gap": float(allocation.mip_gap),
-                      "granularity": allocation.granularity, "groups": {k: list(v) for k, v in allocation.groups.items()}}
-            prov.update(utility_settings=u.to_dict(), solver_settings=s.to_dict())
-        else:
-            rank = self._baseline_rank(placement, {"budget": budget})
-            ranks = {c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible}
-            solver = {"status": f"baseline ({placement})", "mip_gap": 0.0, "granularity": "type", "groups": {}}
+        prov = dict(self.provenance)
         prov["budget_spec"] = str(budget)
         prov["tune"] = {"study": self.study_name, "trial": number, "placement": placement, "lr": cfg["lr"]}
+        if placement == "solver":
+            return solve_plan(self.model_id, self.components, self.report, budget, cfg["utility"], cfg["solver"],
+                              risk_report=self.risk, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
+                              use_rslora=self.use_rslora)
+        rank = self._baseline_rank(placement, {"budget": budget})
+        ranks = {c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible}
+        solver = {"status": f"baseline ({placement})", "mip_gap": 0.0, "granularity": "type", "groups": {}}
         return Plan(model_id=self.model_id, components=self.components, ranks=dict(ranks), budget=budget,
-                    utility=utility, risk=risk, solver=solver, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
+                    solver=solver, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
                     use_rslora=self.use_rslora)
 
     def plan_for_params(self, params: Mapping[str, Any], number: int | None = None) -> Plan:
