@@ -10,6 +10,7 @@ Each phase runs in a fresh Python process (so peak memory is the phase's own), a
   weight gradients accumulated in ``.grad``), no optimizer step.
 - probes: ``probes.run(model, batches, modules)`` over the same batches with default settings (weights frozen,
   all statistics on, spectra computed at the end), modules = every ``nn.Linear`` except the LM head.
+- probes-ckpt (full size only): the same with ``gradient_checkpointing=True``, the setting for tight memory.
 
 Wall time: ``time.perf_counter`` around the phase, after one untimed forward + backward on a slice of the first
 batch (lazy kernel and autograd set-up; its gradients are dropped). CPU time (``time.process_time``, all threads)
@@ -115,7 +116,8 @@ def measure(phase: str, name: str, specs: dict) -> dict:
             for batch in batches:
                 model(**batch, use_cache=False).loss.backward()
         else:
-            probes.run(model, batches, modules, probes.ProbeSettings(progress=False))
+            settings = probes.ProbeSettings(progress=False, gradient_checkpointing=phase == "probes-ckpt")
+            probes.run(model, batches, modules, settings)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {"phase": phase, "model": name, "wall_s": wall, "cpu_s": cpu, "rss_before": rss.start, "rss_peak": rss.peak,
@@ -132,14 +134,15 @@ def _phase_in_subprocess(phase: str, name: str, spec_set: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = False) -> list[dict]:
-    """Alternate plain / probes ``repeats`` times per model; one row of medians per model."""
+def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = False,
+            extra: tuple[str, ...] = ()) -> list[dict]:
+    """Alternate plain / probes (/ ``extra`` phases) ``repeats`` times per model; one row of medians per model."""
     specs = _spec_sets()[spec_set]
     rows = []
     for name in names:
-        runs = {"plain": [], "probes": []}
+        runs = {phase: [] for phase in ("plain", "probes", *extra)}
         for _ in range(repeats):
-            for phase in ("plain", "probes"):
+            for phase in runs:
                 result = measure(phase, name, specs) if in_process else _phase_in_subprocess(phase, name, spec_set)
                 runs[phase].append(result)
                 print(f"{name:18s} {phase:6s} {result['wall_s']:8.2f} s  cpu {result['cpu_s']:8.2f} s  peak {result['rss_peak'] / 2**20:8.0f} MiB",
@@ -150,6 +153,7 @@ def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = Fa
         rows.append({
             "model": name, "n_params": runs["plain"][0]["n_params"], "n_modules": runs["plain"][0]["n_modules"],
             "tokens": runs["plain"][0]["tokens"], "n_batches": runs["plain"][0]["n_batches"], "repeats": repeats,
+            "extra": {ph: med[ph] for ph in extra},
             "plain": p, "probes": q, "wall_ratio": q["wall_s"] / p["wall_s"], "cpu_ratio": q["cpu_s"] / p["cpu_s"],
             "peak_ratio": q["rss_peak"] / p["rss_peak"],
             "delta_ratio": (q["rss_peak"] - q["rss_before"]) / max(p["rss_peak"] - p["rss_before"], 1),
@@ -212,10 +216,19 @@ def render_section(title: str, rows: list[dict], command: str, info: dict) -> st
             f"{r['delta_ratio']:.2f} |")
     lines.append("")
     for r in rows:
+        for phase, m in r.get("extra", {}).items():
+            lines.append(f"- {r['model']}, {phase} (probes with `gradient_checkpointing=True`): wall {m['wall_s']:.1f} s, "
+                         f"CPU {m['cpu_s']:.1f} s, peak RSS {m['rss_peak'] / mib:.0f} MiB "
+                         f"({m['rss_peak'] / r['plain']['rss_peak']:.2f}x plain).")
+        lines.append(f"- {r['model']}: CPU seconds plain {p_cpu(r):.1f}, probes {r['probes']['cpu_s']:.1f}.")
         lines.append(f"- {r['model']}: wall per repeat plain {[round(w, 2) for w in r['walls']['plain']]}, "
                      f"probes {[round(w, 2) for w in r['walls']['probes']]}; ru_maxrss plain "
                      f"{r['plain']['ru_maxrss'] / mib:.0f} MiB, probes {r['probes']['ru_maxrss'] / mib:.0f} MiB.")
     return "\n".join(lines) + "\n"
+
+
+def p_cpu(row: dict) -> float:
+    return row["plain"]["cpu_s"]
 
 
 def merge(existing: str, sections: dict[str, str]) -> str:
@@ -235,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a seconds-long in-process run (tests)")
     parser.add_argument("--repeats", type=int, default=3, help="alternations per small model (full: 1)")
     parser.add_argument("--out", default=str(ROOT / "docs/results/probes.md"), help="markdown report path")
-    parser.add_argument("--phase", choices=["plain", "probes"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["plain", "probes", "probes-ckpt"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--spec-set", default="small", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.only_full:
             runs.append((SMALL_TITLE, compare(list(SMALL), "small", args.repeats)))
         if args.full or args.only_full:
-            runs.append((FULL_TITLE, compare(list(FULL), "full", 1)))
+            runs.append((FULL_TITLE, compare(list(FULL), "full", 1, extra=("probes-ckpt",))))
     out = Path(args.out)
     existing = out.read_text(encoding="utf-8") if out.exists() and not args.smoke else ""
     text = merge(existing, {title: render_section(title, rows, command, info) for title, rows in runs})

@@ -72,7 +72,7 @@ class GradAccumulator:
         """Top-k σ of Σ G_b, ‖Σ G_b‖_F², symmetric held-out capture; scalars as Python floats."""
         even, odd = self.half(0), self.half(1)
         total = even.to(torch.float64) + odd.to(torch.float64)
-        _, sigma, _ = spectra.top_singular(total, k)
+        sigma = spectra.top_singular_values(total, k)
         return {
             "grad_norm_sum": float(self.norm_sum),
             "grad_sq_sum": float(self.sq_sum),
@@ -128,11 +128,16 @@ class ActAccumulator:
     def finite(self) -> bool:
         return bool(torch.isfinite(self.moment).all()) and bool(torch.isfinite(self.trace))
 
-    def finalize(self, n_tokens: int) -> dict:
-        """Descending eigenvalues of C / n_tokens (Nystrom lower bounds when sketched) and tr(C) / n_tokens."""
+    def spectrum(self) -> tuple[torch.Tensor, float]:
+        """(descending eigenvalues of C, or their Nystrom lower bounds when sketched; tr(C)), on the CPU."""
         if self.omega is None:
             eig = spectra.eigenvalues_desc(self.moment)
         else:
             eig = spectra.nystrom_eigenvalues(self.moment, self.omega)
-        return {"act_eigenvalues": (eig / n_tokens).cpu().numpy(), "act_trace": float(self.trace) / n_tokens,
+        return eig.cpu(), float(self.trace)
+
+    def finalize(self, n_tokens: int, spectrum: tuple[torch.Tensor, float] | None = None) -> dict:
+        """Eigenvalues of C / n_tokens and tr(C) / n_tokens (``spectrum`` reuses a shared accumulator's)."""
+        eig, trace = spectrum if spectrum is not None else self.spectrum()
+        return {"act_eigenvalues": (eig / n_tokens).numpy(), "act_trace": trace / n_tokens,
                 "act_sketched": self.sketched}

@@ -22,8 +22,9 @@ from torch import nn
 
 from probes.data import IGNORE_INDEX, data_fingerprint
 from probes.errors import ProbeError
+from probes.finalize import finalize_all, reduce_counts
 from probes.hooks import ModuleProbe, Prober
-from probes.report import ModuleStats, ProbeReport
+from probes.report import ProbeReport
 from probes.settings import ProbeSettings
 
 
@@ -95,17 +96,11 @@ def run(
             bar.close()
         finally:
             prober.detach()
-        counts = _reduce_counts(probes, [n_skipped, n_tokens], world)
-        stats = {}
-        for probe, (n_calls, n_tok, n_batches) in zip(probes, counts["probes"], strict=True):
-            probe.n_calls, probe.n_tokens = n_calls, n_tok  # global counts; decisions below agree on all ranks
-            module_stats = _finalize(probe, prober, settings.max_rank, world, n_batches)
-            probe.grad = probe.act = None  # free as we go
-            for name in probe.names:
-                stats[name] = module_stats
+        counts = reduce_counts(probes, [n_skipped, n_tokens], world)
+        per_probe = finalize_all(probes, prober, settings.max_rank, world, counts["probes"])
     info = _meta(model, batches, settings, world, counts["run"], device)
     info.update(meta or {})
-    return ProbeReport({name: stats[name] for name in by_name}, info)
+    return ProbeReport({name: per_probe[id(probe)] for name, probe in by_name.items()}, info)
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -251,50 +246,6 @@ def _progress(total: int, enabled: bool):
 
 
 # --- finish --------------------------------------------------------------------------------------------------
-
-
-def _reduce_counts(probes: list[ModuleProbe], run_counts: list[int], world: int) -> dict:
-    rows = [[p.n_calls, p.n_tokens, p.grad.n_batches] for p in probes]
-    table = torch.tensor(rows + [run_counts + [0]], dtype=torch.float64)  # (n_probes + 1, 3)
-    if world > 1:
-        table = table.to(_collective_device())
-        torch.distributed.all_reduce(table)
-        table = table.cpu()
-    values = [[int(v) for v in row] for row in table.tolist()]
-    return {"probes": values[:-1], "run": values[-1][:2]}
-
-
-def _collective_device() -> torch.device:
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def _finalize(probe: ModuleProbe, prober: Prober, max_rank: int, world: int, n_batches: int) -> ModuleStats:
-    k = min(max_rank, probe.d_in, probe.d_out)
-    out: dict[str, Any] = {
-        "status": "ok", "n_tokens": probe.n_tokens, "n_batches": n_batches, "d_in": probe.d_in,
-        "d_out": probe.d_out, "n_calls": probe.n_calls, "grad_norm_sum": math.nan, "grad_sq_sum": math.nan,
-        "fisher_trace": math.nan, "grad_total_sq": math.nan, "grad_singular_values": [], "heldout_capture": [],
-        "act_eigenvalues": [], "act_trace": math.nan, "act_sketched": False,
-    }
-    if probe.n_calls == 0:
-        return ModuleStats(**{**out, "status": "no_input"})
-    act = probe.act
-    if world > 1:  # every rank reaches here for the same modules in the same order
-        # a private copy: accumulators shared in-process (q/k/v) must not be summed twice
-        act = act.clone() if act is not None else prober.new_act(probe)
-        act.all_reduce()
-        if n_batches:
-            probe.grad.all_reduce()
-    finite = act.finite() and probe.grad.finite()
-    if not finite:
-        return ModuleStats(**{**out, "status": "nonfinite"})
-    if probe.n_tokens:
-        out.update(act.finalize(probe.n_tokens))
-    if n_batches == 0:
-        return ModuleStats(**{**out, "status": "no_gradient"})
-    out.update(probe.grad.finalize(k))
-    return ModuleStats(**out)
 
 
 def _meta(model, batches, settings, world, run_counts, device) -> dict[str, Any]:

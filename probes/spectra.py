@@ -36,6 +36,13 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return u, sigma, v
 
 
+def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k σ of ``matrix`` (m, n), descending: ``top_singular`` without the vectors (eigvalsh of the Gram)."""
+    a = matrix.to(torch.float64)
+    gram = a @ a.T if a.shape[0] < a.shape[1] else a.T @ a
+    return torch.linalg.eigvalsh(gram).flip(0)[: min(k, *a.shape)].clamp_min(0).sqrt()
+
+
 def capture_curve(u: torch.Tensor, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(k,) ‖P_U_r target P_V_r‖_F² / ‖target‖_F² for r = 1..k, U_r/V_r the first r columns of u (m, k) / v (n, k).
 
