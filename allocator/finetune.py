@@ -77,8 +77,8 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label tokens, and their count."""
+def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the label tokens of ``batch`` (labels -100 skipped), and their count."""
     device = _device(model)
     input_ids = batch["input_ids"].to(device)
     labels = batch.get("labels", batch["input_ids"]).to(device)
@@ -103,7 +103,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
     total, count = 0.0, 0
     try:
         for batch in batches:
-            loss, n = _loss_sum(model, batch)
+            loss, n = token_loss_sum(model, batch)
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)
@@ -197,7 +197,8 @@ def finetune(
     pool = _pool_rows(train_batches)
     n_rows = pool["input_ids"].shape[0]
     warmup_steps = int(warmup * steps)
-    with torch.random.fork_rng(devices=[]):
+    device = _device(model)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         trained, n_trainable = _trainable(model, lora_config, seed)
         torch.manual_seed(seed)  # dropout
         order = torch.Generator().manual_seed(seed)  # data order, independent of model code's draws
@@ -214,7 +215,7 @@ def finetune(
             cursor += batch_size
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps=steps, lr=lr, warmup_steps=warmup_steps, schedule=schedule)
-            loss_sum, n_tokens = _loss_sum(trained, {k: v[rows] for k, v in pool.items()})
+            loss_sum, n_tokens = token_loss_sum(trained, {k: v[rows] for k, v in pool.items()})
             loss = loss_sum / max(1, n_tokens)
             loss.backward()
             if max_grad_norm is not None:

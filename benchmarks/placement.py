@@ -136,8 +136,18 @@ class ModelSetup:
         self.comps = {c.name: c for c in self.eligible}
         self.tasks = {t: tasks.TASKS[t](tokenizer, seed=0, n_train=grid.n_train, n_eval=grid.n_eval)
                       for t in grid.tasks}
-        self.retention = tasks.retention_task(tokenizer, n_eval=grid.n_eval)
-        self.base_retention = self.retention.evaluate(model)["retention_loss"]
+        # The tasks' eval rows are the first windows of the sorted eval files (one or two files at 64 rows); spread
+        # them over every eval file instead, so the score is the domain's and not one file's.
+        _, domain_eval = tasks.domain_files()
+        _, general_eval = tasks.pretraining_files()
+        if "text_domain" in self.tasks:
+            self.tasks["text_domain"] = replace(self.tasks["text_domain"],
+                                                eval_batches=_spread(tokenizer, domain_eval, grid.n_eval))
+        self.retention = replace(tasks.retention_task(tokenizer, n_eval=1),
+                                 eval_batches=_spread(tokenizer, general_eval, grid.n_eval))
+        from allocator.finetune import evaluate_loss
+
+        self.base_retention = evaluate_loss(model, self.retention.eval_batches)
         self.settings = probes.ProbeSettings(max_rank=64, progress=False)
         train_files, _ = tasks.pretraining_files()
         general = tasks.token_windows(tokenizer, train_files[:: max(1, len(train_files) // 64)],
@@ -178,6 +188,17 @@ class ModelSetup:
                 warnings.simplefilter("ignore")
                 self._eva[key] = pc.eva_ranks(self.model, self.eligible, self.calib(task), budget, rank)
         return self._eva[key]
+
+
+def _spread(tokenizer: Any, files: Any, n: int) -> tuple:
+    """``n`` windows of 128 tokens evenly spaced over all of ``files``, in batches of 16."""
+    import torch
+
+    from benchmarks import tasks
+
+    windows = tasks.token_windows(tokenizer, files)
+    idx = torch.linspace(0, windows.shape[0] - 1, min(n, windows.shape[0])).round().long()
+    return tuple(tasks.lm_batches(windows[idx], 16))
 
 
 def _file_id(path: Path) -> str:
@@ -316,11 +337,11 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
 
 def _adalora_pilot(setup: ModelSetup, task: str, rank: int, seed: int, steps_factor: float) -> None:
     """AdaLoRA's budget is in rank units, and where it keeps ranks sets its final parameter count. One pilot run
-    (seed 0's settings, discarded) measures the count its naive rank budget ends at; the runs then rescale it."""
+    (seed 0, discarded) measures the count its naive rank budget ends at; the runs then rescale it."""
     steps = max(2, round(setup.grid.steps * steps_factor))
     if (task, rank, steps) in setup.adalora_pilot:
         return
-    row = run_one(setup, task, rank, "adalora", seed, steps_factor=steps_factor, _pilot=True)
+    row = run_one(setup, task, rank, "adalora", 0, steps_factor=steps_factor, _pilot=True)
     units = int(row["note"].split("final rank budget ")[1].split()[0])
     setup.adalora_pilot[(task, rank, steps)] = (units, int(row["effective_params"]))
     _log(f"{setup.name}: AdaLoRA pilot: {units} rank units end at {row['effective_params']} parameters "
@@ -392,16 +413,16 @@ def _prepared(init, target_bgt):
 
 def planned_runs(grid: Grid) -> list[tuple]:
     """(model, task, rank, condition, seed, frontier label, rank factor, lr factor, steps factor), seed-major so
-    that a run stopped early (``--max-minutes``) leaves every condition with the same seeds."""
-    out = []
+    that a run stopped early (``--max-minutes``) leaves every condition with the same seeds; frontier runs last."""
+    main, frontier = [], []
     for s in grid.seeds:
         for task in grid.tasks:
             for rank in grid.budgets:
                 for model in grid.models:
-                    out += [(model, task, rank, cond, s, "", 1, 1, 1) for cond in grid.conditions]
-                    out += [(model, task, rank, "uniform", s, label, rf, lf, sf)
-                            for label, rf, lf, sf in grid.frontier if rank * rf >= 1]
-    return out
+                    main += [(model, task, rank, cond, s, "", 1, 1, 1) for cond in grid.conditions]
+                    frontier += [(model, task, rank, "uniform", s, label, rf, lf, sf)
+                                 for label, rf, lf, sf in grid.frontier if rank * rf >= 1]
+    return main + frontier  # the frontier (uniform variants) after every condition
 
 
 def model_ready(name: str) -> bool:
@@ -434,7 +455,7 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
             key = run_key({"model": model, "task": task, "budget": f"r{rank}",
                            "condition": cond if not label else f"{cond}[{label}]", "seed": seed, "steps": steps,
                            "lr": f"{lr:g}", "batch_size": grid.batch_size})
-            if key in done:
+            if key in done or key in {r["run_id"] for r in read_rows(path)}:  # another process may share the CSV
                 continue
             if deadline is not None and time.time() > deadline:
                 _log("deadline reached; stopping (rerun with --resume to continue)")
@@ -445,6 +466,7 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
                 continue
             if model not in setups:  # tiny models: every setup stays in memory
                 setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)))
+            reuse.update({reuse_key(r): r for r in read_rows(path) if r.get("plan_hash") and "reused" not in r["note"]})
             row = run_one(setups[model], task, rank, cond, seed, frontier=label, lr_factor=lf, steps_factor=sf,
                           rank_factor=rf, reuse=reuse)
             append_row(path, row)
@@ -469,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the grid's fine-tune steps")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    parser.add_argument("--seed-list", default=None, help="comma-separated seeds to run (e.g. 2): split a grid "
+                        "over processes sharing the CSV (use --resume in each)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")
+    parser.add_argument("--command", default=None, help="with --report-only: the command(s) that made the CSV")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the CSV")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -483,13 +508,15 @@ def main(argv: list[str] | None = None) -> int:
         grid = replace(grid, steps=args.steps)
     if args.seeds:
         grid = replace(grid, seeds=tuple(range(args.seeds)))
+    if args.seed_list:
+        grid = replace(grid, seeds=tuple(int(x) for x in args.seed_list.split(",")))
     start = time.time()
     deadline = start + 60 * args.max_minutes if args.max_minutes else None
     if args.report_only:
         rows = read_rows(args.out / CSV_NAME)
     else:
         rows = run_grid(grid, args.out, resume=args.resume, cache_dir=args.cache_dir, deadline=deadline)
-    command = "python -m benchmarks.placement " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = args.command or "python -m benchmarks.placement " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(rows, args.out, grid=grid, grid_name=args.grid, command=command.strip(),
                  wall_s=time.time() - start, threads=args.threads)
     _log(f"wrote {args.out / MD_NAME}, {args.out / CSV_NAME}, {args.out / PNG_NAME}")

@@ -4,7 +4,7 @@
     python benchmarks/probe_overhead.py --full     # also the full-size Qwen3.5-0.8B architecture (minutes)
 
 Each phase runs in a fresh Python process (so peak memory is the phase's own), alternating plain / probes
-``--repeats`` times; medians are reported.
+``--repeats`` times; times are the minimum over repeats (least disturbed by other jobs), memory the median.
 
 - plain: every weight requires grad, ``model(**batch).loss.backward()`` per micro-batch (standard autograd,
   weight gradients accumulated in ``.grad``), no optimizer step.
@@ -136,7 +136,7 @@ def _phase_in_subprocess(phase: str, name: str, spec_set: str) -> dict:
 
 def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = False,
             extra: tuple[str, ...] = ()) -> list[dict]:
-    """Alternate plain / probes (/ ``extra`` phases) ``repeats`` times per model; one row of medians per model."""
+    """Alternate plain / probes (/ ``extra`` phases) ``repeats`` times per model; one summary row per model."""
     specs = _spec_sets()[spec_set]
     rows = []
     for name in names:
@@ -147,9 +147,12 @@ def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = Fa
                 runs[phase].append(result)
                 print(f"{name:18s} {phase:6s} {result['wall_s']:8.2f} s  cpu {result['cpu_s']:8.2f} s  peak {result['rss_peak'] / 2**20:8.0f} MiB",
                       file=sys.stderr, flush=True)
-        med = {ph: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s", "rss_peak", "rss_before", "ru_maxrss")}
+        # times: the least-disturbed repeat (min) on a shared machine; memory: the median
+        med = {ph: {k: (min if k in ("wall_s", "cpu_s") else statistics.median)(r[k] for r in rs)
+                    for k in ("wall_s", "cpu_s", "rss_peak", "rss_before", "ru_maxrss")}
                for ph, rs in runs.items()}
         p, q = med["plain"], med["probes"]
+        paired = [b["wall_s"] / a["wall_s"] for a, b in zip(runs["plain"], runs["probes"], strict=True)]
         rows.append({
             "model": name, "n_params": runs["plain"][0]["n_params"], "n_modules": runs["plain"][0]["n_modules"],
             "tokens": runs["plain"][0]["tokens"], "n_batches": runs["plain"][0]["n_batches"], "repeats": repeats,
@@ -158,6 +161,8 @@ def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = Fa
             "peak_ratio": q["rss_peak"] / p["rss_peak"],
             "delta_ratio": (q["rss_peak"] - q["rss_before"]) / max(p["rss_peak"] - p["rss_before"], 1),
             "walls": {ph: [r["wall_s"] for r in rs] for ph, rs in runs.items()},
+            "cpus": {ph: [r["cpu_s"] for r in rs] for ph, rs in runs.items()},
+            "paired_wall_ratio": statistics.median(paired),
         })
     return rows
 
@@ -191,7 +196,8 @@ HEADER = (
     "backward; *plain* = all weights require grad, `loss.backward()` per micro-batch; *probes* = `probes.run` with "
     "default settings on every `nn.Linear` but the LM head (spectra included). Memory = process RSS sampled every "
     "5 ms (psutil) during the phase; *delta* = peak minus RSS before the phase; CPU time = `time.process_time` (all "
-    "threads). Medians over the repeats.\n"
+    "threads). Times are the minimum over the repeats (the least-disturbed run on a shared CPU; every repeat is "
+    "listed under the table), memory the median.\n"
 )
 
 
@@ -220,15 +226,12 @@ def render_section(title: str, rows: list[dict], command: str, info: dict) -> st
             lines.append(f"- {r['model']}, {phase} (probes with `gradient_checkpointing=True`): wall {m['wall_s']:.1f} s, "
                          f"CPU {m['cpu_s']:.1f} s, peak RSS {m['rss_peak'] / mib:.0f} MiB "
                          f"({m['rss_peak'] / r['plain']['rss_peak']:.2f}x plain).")
-        lines.append(f"- {r['model']}: CPU seconds plain {p_cpu(r):.1f}, probes {r['probes']['cpu_s']:.1f}.")
-        lines.append(f"- {r['model']}: wall per repeat plain {[round(w, 2) for w in r['walls']['plain']]}, "
-                     f"probes {[round(w, 2) for w in r['walls']['probes']]}; ru_maxrss plain "
+        lines.append(f"- {r['model']}: wall s per repeat plain {[round(w, 2) for w in r['walls']['plain']]}, "
+                     f"probes {[round(w, 2) for w in r['walls']['probes']]} (median of paired ratios "
+                     f"{r['paired_wall_ratio']:.2f}); CPU s plain {[round(w, 2) for w in r['cpus']['plain']]}, "
+                     f"probes {[round(w, 2) for w in r['cpus']['probes']]}; ru_maxrss plain "
                      f"{r['plain']['ru_maxrss'] / mib:.0f} MiB, probes {r['probes']['ru_maxrss'] / mib:.0f} MiB.")
     return "\n".join(lines) + "\n"
-
-
-def p_cpu(row: dict) -> float:
-    return row["plain"]["cpu_s"]
 
 
 def merge(existing: str, sections: dict[str, str]) -> str:

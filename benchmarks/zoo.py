@@ -221,7 +221,7 @@ def pretrain(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from allocator.finetune import _loss_sum, evaluate_loss, lr_at
+    from allocator.finetune import evaluate_loss, lr_at, token_loss_sum
 
     recipe = RECIPES[name]
     if steps is not None:
@@ -244,7 +244,7 @@ def pretrain(
     for step, batch in enumerate(_batches(recipe, tokenizer, train_windows, recipe.seed)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
-        loss_sum, n = _loss_sum(model, batch)
+        loss_sum, n = token_loss_sum(model, batch)
         loss = loss_sum / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -302,20 +302,15 @@ def pretrain(
     return record
 
 
-_DATA_CACHE: dict[str, Any] = {}
-
-
 def _data_record(tokenizer: Any) -> dict[str, Any]:
     train, held = tasks.pretraining_files()
-    if "digest" not in _DATA_CACHE:
-        _DATA_CACHE["digest"] = tasks.corpus_digest(train + held)
     return {
         "source": "Python standard library .py files (benchmarks.tasks.pretraining_files)",
         "stdlib": str(tasks.stdlib_root()),
         "python": platform.python_version(),
         "n_train_files": len(train),
         "n_heldout_files": len(held),
-        "sha256": _DATA_CACHE["digest"],
+        "sha256": tasks.corpus_digest(train + held),
         "recall_fraction": RECALL_FRACTION,
         "recall_spec": asdict(tasks.PRETRAIN_RECALL),
         "vocab_size": len(tokenizer),
