@@ -8,7 +8,6 @@ the gap of each condition to uniform's target-vs-retention frontier. Never impor
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
 import subprocess
@@ -146,19 +145,21 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         ax.plot([p[1] for p in pts], [p[2] for p in pts], "k--", lw=1, label="uniform frontier")
         for lab, x, y in pts:
             ax.annotate(lab.removeprefix("uniform"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for s in stats.summarize(sub, ["target_loss", "retention_loss"]):
+        colors = plt.get_cmap("tab20").colors
+        markers = "osD^v<>ph"
+        for k, s in enumerate(stats.summarize(sub, ["target_loss", "retention_loss"])):
             c = s["condition"]
             if c.startswith("uniform["):
                 continue
             t, r = s["target_loss"], s["retention_loss"]
-            err = [[0 if math.isnan(t.half_width) else t.half_width], [0 if math.isnan(r.half_width) else r.half_width]]
-            style = {"uniform": ("ks", 9), "allocator": ("r*", 13), "alloc_retention": ("m*", 13),
-                     "full": ("kx", 9)}.get(c, ("o", 6))
-            ax.errorbar([t.mean], [r.mean], xerr=err[0], yerr=err[1], fmt=style[0], ms=style[1], lw=0.8,
+            se = [_se(sub, c, "target_loss"), _se(sub, c, "retention_loss")]
+            fmt, ms, color = {"uniform": ("s", 9, "k"), "allocator": ("*", 14, "r"), "alloc_retention": ("*", 12, "m"),
+                              "full": ("x", 9, "k")}.get(c, (markers[k % len(markers)], 6, colors[k % len(colors)]))
+            ax.errorbar([t.mean], [r.mean], xerr=[se[0]], yerr=[se[1]], fmt=fmt, ms=ms, color=color, lw=0.8,
                         capsize=2, label=c)
         ax.set_xlabel("target loss (nats/token, lower is better)")
         ax.set_ylabel("retention loss on held-out pretraining text")
-        ax.set_title(" / ".join(cell), fontsize=10)
+        ax.set_title(" / ".join(cell) + "  (means over seeds, bars ±1 s.e.)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, ncol=2)
     fig.tight_layout()
@@ -166,16 +167,31 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _se(rows: Sequence[dict], condition: str, metric: str) -> float:
+    import numpy as np
+
+    x = np.array([_f(r, metric) for r in rows if r["condition"] == condition])
+    x = x[np.isfinite(x)]
+    return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
+
+
 def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, command: str, wall_s: float,
                  threads: int) -> Path:
     rows = list(rows)
     total = sum(_f(r, "wall_s") for r in rows)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    span = ""
+    stamps = [(datetime.datetime.fromisoformat(r["finished"]), _f(r, "wall_s")) for r in rows if r.get("finished")]
+    if stamps:
+        first = min(t - datetime.timedelta(seconds=w) for t, w in stamps)
+        last = max(t for t, _ in stamps)
+        span = (f"; wall clock from the first run's start to the last run's end: {(last - first).seconds / 60:.1f} "
+                f"min ({first:%H:%M}–{last:%H:%M} UTC)")
     md = ["# Placement benchmark: budget-matched LoRA placements on hybrid reference models", "",
           f"- Date: {now}", f"- Command: `{command}`", f"- Machine: {machine()}; torch threads {threads}",
           f"- Versions: {_versions()}",
           f"- Wall time of this invocation: {wall_s / 60:.1f} min; fine-tune time of all {len(rows)} runs in the "
-          f"CSV: {total / 60:.1f} min",
+          f"CSV: {total / 60:.1f} min{span}",
           f"- Grid `{grid_name}`: models {', '.join(grid.models)}; tasks {', '.join(grid.tasks)}; budgets "
           f"{', '.join(f'r{b}' for b in grid.budgets)}; seeds {list(grid.seeds)}; {grid.steps} steps × "
           f"{grid.batch_size} rows × 128 tokens, AdamW lr {grid.lr:g} (full fine-tune {grid.full_lr:g}), cosine, "
@@ -209,7 +225,10 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
         md += ["", *frontier_lines(sub), ""]
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / PNG_NAME)
-    md += [f"![target vs retention]({PNG_NAME})", ""]
+    md += [f"![target vs retention]({PNG_NAME})", "",
+           "Plot: target loss (x) against retention loss (y), means over seeds with ±1 standard error; the dashed "
+           "line joins uniform's runs at lower lr, fewer steps and a quarter of the budget (its frontier). A point "
+           "below the line forgets less at equal target loss.", ""]
     path = out / MD_NAME
     path.write_text("\n".join(md) + "\n")
     return path

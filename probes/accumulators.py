@@ -68,18 +68,24 @@ class GradAccumulator:
         parts = [self.norm_sum, self.sq_sum] + [h for h in self.halves if h is not None]
         return all(bool(torch.isfinite(p).all()) for p in parts)
 
-    def finalize(self, k: int) -> dict:
-        """Top-k σ of Σ G_b, ‖Σ G_b‖_F², symmetric held-out capture; scalars as Python floats."""
+    def finalize(self, k: int, method: str = "exact", **options) -> dict:
+        """Top-k σ of Σ G_b, ‖Σ G_b‖_F², symmetric held-out capture; scalars as Python floats.
+
+        ``method``/``options``: how the top-k SVDs are taken (:func:`probes.spectra.singular`).
+        """
         even, odd = self.half(0), self.half(1)
-        total = even.to(torch.float64) + odd.to(torch.float64)
-        sigma = spectra.top_singular_values(total, k)
+        total = even + odd
+        if method == "exact" or (method == "auto" and min(self.shape) <= 2 * (k + options.get("oversample", 32))):
+            sigma = spectra.top_singular_values(total, k)
+        else:
+            sigma = spectra.singular(total, k, method, **options)[1]
         return {
             "grad_norm_sum": float(self.norm_sum),
             "grad_sq_sum": float(self.sq_sum),
             "fisher_trace": float(self.sq_sum) / self.n_batches,
-            "grad_total_sq": float(total.square().sum()),
+            "grad_total_sq": float(total.to(torch.float64).square().sum()),
             "grad_singular_values": sigma.cpu().numpy(),
-            "heldout_capture": spectra.heldout_capture(even, odd, k).cpu().numpy(),
+            "heldout_capture": spectra.heldout_capture(even, odd, k, method, **options).cpu().numpy(),
         }
 
 

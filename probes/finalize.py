@@ -19,6 +19,7 @@ import torch
 from probes.accumulators import ActAccumulator
 from probes.hooks import ModuleProbe, Prober
 from probes.report import ModuleStats
+from probes.settings import ProbeSettings
 
 
 def reduce_counts(probes: list[ModuleProbe], run_counts: list[int], world: int) -> dict:
@@ -38,7 +39,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def finalize_all(probes: list[ModuleProbe], prober: Prober, max_rank: int, world: int,
+def finalize_all(probes: list[ModuleProbe], prober: Prober, settings: ProbeSettings, world: int,
                  counts: list[list[int]]) -> dict[int, ModuleStats]:
     """``{id(probe): ModuleStats}``; frees each probe's accumulators once its statistics are out."""
     threads = torch.get_num_threads()
@@ -56,7 +57,7 @@ def finalize_all(probes: list[ModuleProbe], prober: Prober, max_rank: int, world
             if act is not None and world == 1 and id(act) not in spectra and n_tokens:
                 spectra[id(act)] = _submit(pool, act.spectrum)
             shared = spectra.get(id(act)) if act is not None and world == 1 else None
-            pending.append((probe, _submit(pool, _finalize, probe, act, shared, max_rank, n_batches)))
+            pending.append((probe, _submit(pool, _finalize, probe, act, shared, settings, n_batches)))
             while len(pending) > 2 * max(workers, 1):  # bound the memory held by finished-but-unread work
                 _collect(pending.popleft(), results)
         while pending:
@@ -94,9 +95,9 @@ def _reduce(probe: ModuleProbe, prober: Prober, world: int, n_batches: int) -> A
     return act
 
 
-def _finalize(probe: ModuleProbe, act: ActAccumulator | None, shared: Future | None, max_rank: int,
+def _finalize(probe: ModuleProbe, act: ActAccumulator | None, shared: Future | None, settings: ProbeSettings,
               n_batches: int) -> ModuleStats:
-    k = min(max_rank, probe.d_in, probe.d_out)
+    k = min(settings.max_rank, probe.d_in, probe.d_out)
     out: dict[str, Any] = {
         "status": "ok", "n_tokens": probe.n_tokens, "n_batches": n_batches, "d_in": probe.d_in,
         "d_out": probe.d_out, "n_calls": probe.n_calls, "grad_norm_sum": math.nan, "grad_sq_sum": math.nan,
@@ -111,5 +112,6 @@ def _finalize(probe: ModuleProbe, act: ActAccumulator | None, shared: Future | N
         out.update(act.finalize(probe.n_tokens, shared.result() if shared is not None else None))
     if n_batches == 0:
         return ModuleStats(**{**out, "status": "no_gradient"})
-    out.update(probe.grad.finalize(k))
+    out.update(probe.grad.finalize(k, settings.svd, oversample=settings.svd_oversample,
+                                   power_iters=settings.svd_power_iters, seed=settings.seed))
     return ModuleStats(**out)

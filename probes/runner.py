@@ -97,7 +97,7 @@ def run(
         finally:
             prober.detach()
         counts = reduce_counts(probes, [n_skipped, n_tokens], world)
-        per_probe = finalize_all(probes, prober, settings.max_rank, world, counts["probes"])
+        per_probe = finalize_all(probes, prober, settings, world, counts["probes"])
     info = _meta(model, batches, settings, world, counts["run"], device)
     info.update(meta or {})
     return ProbeReport({name: per_probe[id(probe)] for name, probe in by_name.items()}, info)

@@ -8,6 +8,7 @@ from typing import Any
 from probes.errors import ProbeError
 
 DTYPES = ("float32", "float64")
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,21 @@ class ProbeSettings:
     sketch_dim: int = field(
         default=512,
         metadata={"help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept."},
+    )
+    svd: str = field(
+        default="auto",
+        metadata={"help": f"How the top-k SVDs of the gradient sums are taken, one of {SVD_METHODS}: 'exact' (Gram "
+                  "matrix + eigh in float64), 'randomized' (subspace iteration, see svd_power_iters), 'auto' (exact "
+                  "while min(d_in, d_out) <= 2 * (max_rank + svd_oversample), randomized above)."},
+    )
+    svd_oversample: int = field(
+        default=32,
+        metadata={"help": "Extra random directions of the randomized SVD beyond max_rank."},
+    )
+    svd_power_iters: int = field(
+        default=3,
+        metadata={"help": "Power iterations q of the randomized SVD; the error of sigma_j shrinks like "
+                  "(sigma_{k+p+1} / sigma_j)^(2q+1)."},
     )
     skip_nonfinite: bool = field(
         default=False,
@@ -64,12 +80,19 @@ class ProbeSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_rank", "sketch_threshold", "sketch_dim", "seed"):
+        for name in ("max_rank", "sketch_threshold", "sketch_dim", "seed", "svd_oversample", "svd_power_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ProbeError(f"ProbeSettings.{name} must be an int, got {value!r}")
         if self.max_rank < 1:
             raise ProbeError(f"ProbeSettings.max_rank must be >= 1, got {self.max_rank}")
+        if self.svd not in SVD_METHODS:
+            raise ProbeError(f"ProbeSettings.svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        if self.svd_oversample < 0 or self.svd_power_iters < 0:
+            raise ProbeError(
+                f"ProbeSettings.svd_oversample and svd_power_iters must be >= 0, got {self.svd_oversample} and "
+                f"{self.svd_power_iters}"
+            )
         if self.sketch_dim < 2:
             raise ProbeError(f"ProbeSettings.sketch_dim must be >= 2, got {self.sketch_dim}")
         if self.sketch_threshold < self.sketch_dim:

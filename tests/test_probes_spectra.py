@@ -97,3 +97,31 @@ def test_merged_shards_equal_one_pass(omega_cols):
     a, b = merged_g.finalize(3), one_g.finalize(3)
     assert a["grad_sq_sum"] == pytest.approx(b["grad_sq_sum"], rel=1e-6)
     np.testing.assert_allclose(a["heldout_capture"], b["heldout_capture"], rtol=1e-5)
+
+
+def _decaying(m, n, seed=0):
+    """A matrix with singular values 1/j: the power-law decay seen in gradient sums."""
+    u, _ = torch.linalg.qr(_rand(m, min(m, n), seed=seed))
+    v, _ = torch.linalg.qr(_rand(n, min(m, n), seed=seed + 1))
+    s = 1.0 / torch.arange(1, min(m, n) + 1, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+def test_randomized_svd_matches_exact_on_decaying_spectrum():
+    a = _decaying(300, 200).float()
+    u, s, v = spectra.randomized_singular(a, 16, oversample=16, power_iters=3, seed=0)
+    s_ref = torch.linalg.svdvals(a.double())[:16]
+    assert torch.all(s <= s_ref * (1 + 1e-5))
+    torch.testing.assert_close(s, s_ref, rtol=1e-3, atol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    ue, _, ve = spectra.top_singular(a, 16)
+    b = a + 0.01 * _rand(300, 200, seed=5).float()
+    torch.testing.assert_close(spectra.capture_curve(u, v, b), spectra.capture_curve(ue, ve, b), atol=1e-3, rtol=0)
+
+
+def test_auto_svd_is_exact_for_small_and_randomized_for_large_matrices():
+    small = _rand(40, 30)
+    torch.testing.assert_close(spectra.singular(small, 8, "auto")[1], spectra.top_singular(small, 8)[1])
+    large = _decaying(400, 300).float()
+    auto = spectra.singular(large, 8, "auto", oversample=8)[1]
+    torch.testing.assert_close(auto, spectra.randomized_singular(large, 8, oversample=8, power_iters=3, seed=0)[1])
