@@ -94,7 +94,8 @@ def cell_table(rows: Sequence[dict]) -> list[str]:
         dr = stats.paired(rr, uni_r) if cond != "uniform" else None
         verdict = "—" if dt is None else stats.verdict(dt, cond, "uniform")
         p = params.get(cond, [0])
-        same = cond != "uniform" and plans.get(cond) == plans.get("uniform") and "" not in plans.get(cond, {""})
+        same = (cond != "uniform" and "[" not in cond and plans.get(cond) == plans.get("uniform")
+                and "" not in plans.get(cond, {""}))
         name = f"{cond} (= uniform's plan)" if same else cond
         lines.append(
             f"| {name} | {s['n']} | {min(p):,}–{max(p):,} | {s['target_loss'].fmt(4)} | "
@@ -123,8 +124,12 @@ def frontier_lines(rows: Sequence[dict]) -> list[str]:
             continue
         x, y = s["target_loss"].mean, s["retention_loss"].mean
         gap = stats.frontier_gap(xy, x, y)
-        where = "outside the frontier's target range" if gap is None else (
-            f"{gap:+.4f} ({'below: less forgetting' if gap < 0 else 'above: more forgetting'})")
+        if gap is None:
+            where = "outside the frontier's target range"
+        elif abs(gap) < 5e-5:
+            where = "on the frontier"
+        else:
+            where = f"{gap:+.4f} ({'below: less forgetting' if gap < 0 else 'above: more forgetting'})"
         lines.append(f"| {s['condition']} | {x:.4f} | {y:.4f} | {where} |")
     return lines
 

@@ -32,7 +32,9 @@ from allocator.errors import AllocatorError
 
 SEQ_LEN = 128
 RECALL_SEQ_LEN = 192
-EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "site-packages", "__pycache__"})
+EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__"}
+)
 Batch = dict[str, torch.Tensor]
 
 

@@ -246,12 +246,12 @@ def pretrain(
             g["lr"] = lr_at(step, steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
         loss_sum, n = token_loss_sum(model, batch)
         loss = loss_sum / n
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"{name}: non-finite loss at step {step}; lower Recipe.lr")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # (a fixed part of the recipe)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"{name}: non-finite loss at step {step}")
         window_loss, window_n, tokens = window_loss + loss_sum.item(), window_n + n, tokens + n
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             held = evaluate_loss(model, curve_eval)
