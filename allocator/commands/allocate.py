@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from allocator.commands import run_guarded
 from allocator.commands._options import add_settings_options, settings_from_args
-from allocator.errors import AllocatorError
 
 EXAMPLES = """\
 examples:
@@ -126,13 +125,4 @@ def format_summary(plan, folder: Path, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except AllocatorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 1
+    return run_guarded(run, build_parser().parse_args(argv), interrupted="interrupted; nothing was written")
