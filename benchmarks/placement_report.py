@@ -117,6 +117,7 @@ def frontier_lines(rows: Sequence[dict]) -> list[str]:
     pts = frontier_points(rows)
     xy = [(x, y) for _, x, y in pts]
     lines = ["Uniform's frontier: " + ", ".join(f"{lab} ({x:.4f}, {y:.4f})" for lab, x, y in pts), "",
+             "Gaps are between means; compare them with the paired Δ retention intervals in the table above.", "",
              "| condition | target | retention | retention minus uniform's frontier at equal target |",
              "|---|---|---|---|"]
     for s in stats.summarize(rows, ["target_loss", "retention_loss"]):

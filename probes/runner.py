@@ -122,6 +122,12 @@ def _resolve(model: nn.Module, names: Sequence[str], dtype: torch.dtype):
             f"only torch.nn.Linear modules can be probed; {wrong[0][0]} is a {wrong[0][1]} "
             f"({len(wrong)} such names); drop them from modules"
         )
+    offloaded = [n for n in names if table[n].weight.device.type == "meta"]
+    if offloaded:
+        raise ProbeError(
+            f"{offloaded[0]} has no weights in memory (meta device: offloaded or not loaded; {len(offloaded)} such "
+            "modules); load the model without disk/CPU offload"
+        )
     by_id: dict[int, ModuleProbe] = {}
     by_name = {}
     for name in sorted(set(names)):

@@ -247,6 +247,13 @@ def test_bad_module_names_are_refused(qwen, modules, match):
         probes.run(qwen, random_batches(1), modules, FAST)
 
 
+def test_modules_without_weights_in_memory_are_refused():
+    with torch.device("meta"):
+        toy = ToyLM()
+    with pytest.raises(ProbeError, match="meta device"):
+        probes.run(toy, random_batches(1, vocab=50, seq=8), ["twice"], FAST)
+
+
 def test_batches_with_every_label_masked_are_refused(qwen):
     batch = random_batches(1)[0]
     batch["labels"][:] = -100
