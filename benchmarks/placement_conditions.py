@@ -159,7 +159,9 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
     cap = max(1, round(rho * rank))
     names = [c.name for c in eligible]
     config = LoraConfig(r=cap, lora_alpha=2 * cap, target_modules=names, init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False))  # every module: all `cap`
+                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=False))
+    # rho = 1 at r = cap: every module gets all `cap` components; every token counts (recall rows label only the
+    # answers, too few tokens for EVA's PCA), as in the covariances below
     batches = [{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches]
     state = get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=False)
     cov = _input_covariances(model, names, batches)

@@ -93,13 +93,22 @@ def corpus_digest(files: Sequence[Path], root: Path | None = None) -> str:
 
 
 def token_windows(
-    tokenizer: Any, files: Sequence[Path], *, seq_len: int = SEQ_LEN, max_windows: int | None = None
+    tokenizer: Any,
+    files: Sequence[Path],
+    *,
+    seq_len: int = SEQ_LEN,
+    max_windows: int | None = None,
+    per_file: int | None = None,
 ) -> torch.Tensor:
-    """Files tokenized, joined by EOS and cut into non-overlapping rows: (n_windows, seq_len) int64."""
+    """Files tokenized, joined by EOS and cut into non-overlapping rows: (n_windows, seq_len) int64.
+
+    ``per_file`` keeps at most that many windows' worth of tokens from the start of each file, so a few long
+    files cannot fill ``max_windows`` alone."""
     ids: list[int] = []
     need = None if max_windows is None else max_windows * seq_len
+    cap = None if per_file is None else per_file * seq_len
     for p in files:
-        ids.extend(tokenizer(read_source(p), add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(tokenizer(read_source(p), add_special_tokens=False, verbose=False)["input_ids"][:cap])
         ids.append(tokenizer.eos_token_id)
         if need is not None and len(ids) >= need:
             break
@@ -280,14 +289,23 @@ def _loss_metrics(prefix: str, batches: Sequence[Batch]) -> Callable[[torch.nn.M
 
 
 def text_domain_task(
-    tokenizer: Any, *, seed: int = 0, n_train: int = 512, n_eval: int = 64, batch_size: int = 16
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    n_train: int = 512,
+    n_eval: int = 64,
+    batch_size: int = 16,
+    per_file: int = 4,
 ) -> Task:
-    """Language modelling on the stdlib ``test/`` package; train rows drawn from a seeded file order."""
+    """Language modelling on the stdlib ``test/`` package: up to ``per_file`` windows from the start of each
+    file, train files in a ``seed``-shuffled order (about 130 files), eval files in sorted order (about 16)."""
     train_files, eval_files = domain_files()
     order = list(train_files)
     random.Random(seed).shuffle(order)
-    train = token_windows(tokenizer, order, max_windows=n_train)
-    evals = lm_batches(token_windows(tokenizer, eval_files, max_windows=n_eval), batch_size)
+    train = token_windows(tokenizer, order, max_windows=n_train, per_file=per_file)
+    evals = lm_batches(
+        token_windows(tokenizer, eval_files, max_windows=n_eval, per_file=per_file), batch_size
+    )
     return Task(
         "text_domain",
         "next-token loss on the stdlib test package (unseen in pretraining)",
@@ -387,10 +405,11 @@ def fact_recall_task(
     )
 
 
-def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16) -> Task:
-    """Eval only: loss on held-out pretraining text (what fine-tuning must not forget)."""
+def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16, per_file: int = 4) -> Task:
+    """Eval only: loss on held-out pretraining text (what fine-tuning must not forget), up to ``per_file``
+    windows from each held-out file."""
     _, held = pretraining_files()
-    evals = lm_batches(token_windows(tokenizer, held, max_windows=n_eval), batch_size)
+    evals = lm_batches(token_windows(tokenizer, held, max_windows=n_eval, per_file=per_file), batch_size)
     return Task(
         "retention",
         "next-token loss on held-out pretraining text",
