@@ -341,15 +341,14 @@ def recall_task(
 
 
 def _fact_rows(
-    tokenizer: Any, facts: list[tuple[str, int]], per_row: int, rng: random.Random, batch_size: int
+    tokenizer: Any, facts: Sequence[tuple[str, int]], per_row: int, batch_size: int
 ) -> list[Batch]:
-    """Rows of ``? key: value`` lines (facts in ``rng`` order), loss and ``answer_group`` on the values only."""
-    order = list(facts)
-    rng.shuffle(order)
+    """Rows of ``? key: value`` lines (``per_row`` facts each, in the given order); loss and ``answer_group`` on
+    the values only."""
     episodes = []
-    for start in range(0, len(order), per_row):
+    for start in range(0, len(facts), per_row):
         text, spans = "", []
-        for k, v in order[start : start + per_row]:
+        for k, v in facts[start : start + per_row]:
             text += f"? {k}: "
             spans.append((len(text), len(text) + len(str(v))))
             text += f"{v}\n"
@@ -376,19 +375,29 @@ def _fact_rows(
 
 
 def fact_recall_task(
-    tokenizer: Any, *, seed: int = 0, n_facts: int = 512, per_row: int = 8, batch_size: int = 16
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    n_train: int = 512,
+    n_eval: int | None = None,
+    batch_size: int = 16,
+    per_row: int = 8,
 ) -> Task:
-    """Store ``n_facts`` new ``key -> value`` facts (5-letter keys over n..z) in the weights: parametric recall.
+    """Store ``n_train`` new ``key -> value`` facts (5-letter keys over n..z) in the weights: parametric recall.
 
-    Train rows list the facts in a ``seed``-shuffled order; eval rows list the same facts in a fixed other order,
-    so a fact is never visible in its own context. Chance is 1/90 (values 10..99)."""
-    rng = random.Random("fact-recall")  # the facts themselves do not depend on the seed
+    Train rows list the facts in a ``seed``-shuffled order; eval rows list the first ``n_eval`` of them (default
+    all) in a fixed other order, ``per_row`` to a row, so a fact is never visible in its own context. The facts
+    do not depend on ``seed``. Chance is 1/90 (values 10..99)."""
+    rng = random.Random("fact-recall")
     keys: set[str] = set()
-    while len(keys) < n_facts:
+    while len(keys) < n_train:
         keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
     facts = [(k, rng.randint(10, 99)) for k in sorted(keys)]
-    train = _fact_rows(tokenizer, facts, per_row, random.Random(seed), batch_size)
-    evals = _fact_rows(tokenizer, facts, per_row, random.Random("fact-recall-eval"), batch_size)
+    train_order, eval_order = list(facts), list(facts)
+    random.Random(seed).shuffle(train_order)
+    random.Random("fact-recall-eval").shuffle(eval_order)
+    train = _fact_rows(tokenizer, train_order, per_row, batch_size)
+    evals = _fact_rows(tokenizer, eval_order[:n_eval], per_row, batch_size)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         from allocator.finetune import evaluate_loss
@@ -398,7 +407,7 @@ def fact_recall_task(
 
     return Task(
         "fact_recall",
-        f"{n_facts} new key -> value facts learnt into the weights; answer accuracy vs chance 1/90",
+        f"{n_train} new key -> value facts learnt into the weights; answer accuracy vs chance 1/90",
         tuple(train),
         tuple(evals),
         evaluate,
@@ -419,9 +428,10 @@ def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16, pe
     )
 
 
+# Fine-tune tasks, all called as ``TASKS[name](tokenizer, *, seed, n_train, n_eval, batch_size)``.
+# ``retention_task`` is eval only and called on its own.
 TASKS: dict[str, Callable[..., Task]] = {
     "text_domain": text_domain_task,
     "recall": recall_task,
     "fact_recall": fact_recall_task,
-    "retention": retention_task,
 }

@@ -164,8 +164,8 @@ def test_tasks_are_deterministic_under_a_seed(tokenizer):
     text = tasks.text_domain_task(tokenizer, seed=3, n_train=8, n_eval=4, batch_size=4)
     assert [b["input_ids"].shape for b in text.train_batches] == [(4, tasks.SEQ_LEN)] * 2
     assert tasks.retention_task(tokenizer, n_eval=4).train_batches == ()
-    facts = tasks.fact_recall_task(tokenizer, seed=3, n_facts=32, per_row=4, batch_size=4)
-    again = tasks.fact_recall_task(tokenizer, seed=4, n_facts=32, per_row=4, batch_size=4)
+    facts = tasks.fact_recall_task(tokenizer, seed=3, n_train=32, per_row=4, batch_size=4)
+    again = tasks.fact_recall_task(tokenizer, seed=4, n_train=32, per_row=4, batch_size=4)
     assert len(facts.train_batches) == 2 and torch.equal(
         facts.eval_batches[0]["input_ids"], again.eval_batches[0]["input_ids"]
     )
@@ -174,6 +174,9 @@ def test_tasks_are_deterministic_under_a_seed(tokenizer):
         return sorted(torch.cat([b["labels"][b["labels"] != -100] for b in task.train_batches]).tolist())
 
     assert answer_tokens(facts) == answer_tokens(again)  # the same facts in another order
+    for name, build in tasks.TASKS.items():  # one call signature for every fine-tune task
+        task = build(tokenizer, seed=0, n_train=16, n_eval=8, batch_size=8)
+        assert task.name == name and task.train_batches and task.eval_batches
 
 
 def test_recall_task_scores_against_chance(tokenizer, default_model):
