@@ -90,7 +90,7 @@ class GradAccumulator:
 
 
 class ActAccumulator:
-    """Σ XᵀX (d_in, d_in), or the sketch Σ XᵀX Ω (d_in, s), plus tr(Σ XᵀX), for one or several modules.
+    """Σ XᵀX (d_in, d_in), or the sketch Σ XᵀX Ω (d_in, s) plus tr(Σ XᵀX), for one or several modules.
 
     Several modules that always read the same input tensor (q/k/v, gate/up) share one accumulator.
     """
@@ -105,19 +105,18 @@ class ActAccumulator:
     def sketched(self) -> bool:
         return self.omega is not None
 
-    @staticmethod
-    def contribution(x: torch.Tensor, omega: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(XᵀX or XᵀXΩ, ‖X‖_F²) for the real-token rows x (tokens, d_in), in the accumulator dtype."""
-        product = x.T @ x if omega is None else x.T @ (x @ omega)  # (d_in, d_in) or (d_in, s)
-        return product, x.square().sum(dtype=torch.float64)
-
-    def add(self, product: torch.Tensor, trace: torch.Tensor) -> None:
-        self.moment.add_(product)
-        self.trace += trace
-
     def update(self, x: torch.Tensor) -> None:
-        """Add the rows of x (tokens, d_in)."""
-        self.add(*self.contribution(x.to(self.dtype), self.omega))
+        """Add the rows of x (tokens, d_in), in place (no d_in x d_in temporary for the exact moment)."""
+        x = x.to(self.dtype)
+        if self.omega is None:
+            self.moment.addmm_(x.T, x)  # tr(C) is read off the diagonal at the end
+        else:
+            self.moment.addmm_(x.T, x @ self.omega)  # (d_in, s)
+            self.trace += x.square().sum(dtype=torch.float64)
+
+    def add(self, moment: torch.Tensor, trace: torch.Tensor) -> None:
+        self.moment.add_(moment)
+        self.trace += trace
 
     def merge(self, other: ActAccumulator) -> None:
         self.add(other.moment.to(self.device), other.trace.to(self.device))
@@ -137,10 +136,9 @@ class ActAccumulator:
     def spectrum(self) -> tuple[torch.Tensor, float]:
         """(descending eigenvalues of C, or their Nystrom lower bounds when sketched; tr(C)), on the CPU."""
         if self.omega is None:
-            eig = spectra.eigenvalues_desc(self.moment)
-        else:
-            eig = spectra.nystrom_eigenvalues(self.moment, self.omega)
-        return eig.cpu(), float(self.trace)
+            trace = float(self.moment.diagonal().sum(dtype=torch.float64))
+            return spectra.eigenvalues_desc(self.moment).cpu(), trace
+        return spectra.nystrom_eigenvalues(self.moment, self.omega).cpu(), float(self.trace)
 
     def finalize(self, n_tokens: int, spectrum: tuple[torch.Tensor, float] | None = None) -> dict:
         """Eigenvalues of C / n_tokens and tr(C) / n_tokens (``spectrum`` reuses a shared accumulator's)."""

@@ -167,12 +167,9 @@ class Prober:
         for key, accs in uses.items():
             x2 = self._rows(self._inputs[key]).to(self.dtype)  # (tokens, d_in)
             rows[key] = x2.shape[0]
-            products = {}
-            for acc in accs:
-                if id(acc.omega) not in products:
-                    products[id(acc.omega)] = ActAccumulator.contribution(x2, acc.omega)
-                acc.add(*products[id(acc.omega)])
-            del x2, products
+            for acc in accs:  # one accumulator per key, except right after a split
+                acc.update(x2)
+            del x2
         for probe in self.probes:
             probe.n_calls += len(probe.keys)
             probe.n_tokens += sum(rows[k] for k in probe.keys)

@@ -146,7 +146,9 @@ def test_solution_equals_brute_force_optimum_and_meets_every_row(problem, reduce
     event("solved")
     assert best is not None
     assert a.status == "optimal"
-    assert objective(a, table) == pytest.approx(best, rel=1e-9, abs=1e-9)
+    # HiGHS also stops within an absolute gap of 1e-6 (mip_abs_gap, which scipy's milp does not expose): hypothesis
+    # found utilities of 6e-8 against a risk of 0.5, where "adapt nothing" is within that gap
+    assert objective(a, table) == pytest.approx(best, rel=1e-9, abs=1e-6)
     check_rows(a, comps, s)
 
 

@@ -65,7 +65,8 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(setup,
 
 def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
     out = tmp_path / "study"
-    command = _command(setup, out, trials=3, steps=40)
+    # long enough trials (seconds, even on a fast machine) that the kill lands inside one
+    command = _command(setup, out, trials=3, steps=1500)
     worker = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = None
     try:
@@ -75,8 +76,7 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
             if (out / "study.db").is_file():
                 with sqlite3.connect(out / "study.db", timeout=30) as db:
                     rows = db.execute("SELECT number FROM trials WHERE state = 'RUNNING'").fetchall()
-                if rows and rows[0][0] >= 1:  # a searched trial, mid fine-tune
-                    time.sleep(0.5)
+                if rows and rows[0][0] >= 1:  # a searched trial
                     worker.kill()  # SIGKILL: no cleanup, the trial stays RUNNING in the storage
                     killed = rows[0][0]
     finally:
