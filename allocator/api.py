@@ -105,7 +105,7 @@ def allocate(
     from allocator.budget import Budget
     from allocator.components import find_components
     from allocator.modelio import count_base_params, load_model
-    from allocator.solve import SolverSettings
+    from allocator.solve import SolverSettings, check_budget
     from allocator.utility import UtilitySettings
 
     data_settings = data_settings or DataSettings()
@@ -128,6 +128,7 @@ def allocate(
     if not eligible:
         raise AllocatorError(f"no adaptable modules found in {model_id}; see `allocate inspect {model_id}`")
     budget_params = parsed_budget.resolve(components, count_base_params(model_obj))
+    check_budget(components, budget_params, solver_settings)  # before minutes of probing
 
     names = [c.name for c in eligible]
     report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir)

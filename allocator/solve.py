@@ -280,6 +280,22 @@ def _family_costs(program: Program) -> dict[str, tuple[int, int]]:
     return out
 
 
+def check_budget(components: Sequence[Component], budget: int, settings: SolverSettings | None = None) -> None:
+    """Raise :class:`InputError` now if no allocation of the eligible ``components`` can meet ``budget`` under
+    ``settings`` (the range and share checks of :func:`solve`), so a bad budget fails before minutes of probing.
+
+    Probing may still leave modules out (no gradient), which can only narrow the range; :func:`solve` checks again.
+    """
+    from allocator.signals import prior_curves
+
+    settings = settings or SolverSettings()
+    rows = [c for c in components if c.eligible]
+    if not rows:
+        raise InputError("nothing can be adapted: no eligible module; see `allocate inspect`")
+    table = UtilityTable(tuple(c.name for c in rows), settings.ranks, prior_curves(rows, settings.ranks))
+    _check_feasible_range(build_program(components, table, int(budget), settings), settings, components)
+
+
 def _check_feasible_range(program: Program, settings: SolverSettings, components: Sequence[Component]) -> None:
     """Errors for budgets no allocation can meet, stated in parameters and uniform ranks, naming the fix."""
     B = program.budget

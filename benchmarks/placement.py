@@ -38,6 +38,8 @@ CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random
 # give it the dense grid.
 DENSE = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 EXTRA = ("alloc_dense", "alloc_retention_dense")
+# EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
+INIT = ("uniform_eva_init", "alloc_dense_eva_init")
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params", "target_loss",
@@ -62,7 +64,8 @@ class Grid:
     n_eval: int = 64
     n_calib: int = 32
     frontier: tuple[tuple[str, float, float, float], ...] = (
-        ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1))
+        ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),
+        ("lr*2", 1, 2, 1))  # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,9 +73,9 @@ GRIDS = {
     "smoke": Grid(("qwen3_5_tiny",), ("text_domain",), (4,), (0,), steps=3, batch_size=2, n_train=8, n_eval=4,
                   n_calib=4, frontier=(("lr/4", 1, 0.25, 1),)),
     "core": Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2),
-                 conditions=CONDITIONS + EXTRA),
+                 conditions=CONDITIONS + EXTRA + INIT),
     "full": Grid(("qwen3_5_tiny", "falcon_h1_tiny", "qwen3_5_deep"), ("text_domain", "recall"), (1, 4, 16),
-                 (0, 1, 2), conditions=CONDITIONS + EXTRA),
+                 (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT),
 }
 
 
@@ -183,6 +186,34 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
     return read_rows(path)
 
 
+def subset(grid: Grid, *, models: str | None = None, tasks: str | None = None, budgets: str | None = None,
+           conditions: str | None = None, frontier: bool = True) -> Grid:
+    """The grid restricted to comma-separated ``models``, ``tasks`` and ``conditions`` (each must be in it) and run at
+    ``budgets`` (positive uniform-rank equivalents); ``frontier=False`` drops uniform's frontier runs."""
+
+    def pick(given: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+        if given is None:
+            return known
+        chosen = tuple(x.strip() for x in given.split(",") if x.strip())
+        unknown = [x for x in chosen if x not in known]
+        if unknown or not chosen:
+            raise ValueError(f"--{what}: {', '.join(unknown) or 'nothing given'} not in this grid "
+                             f"(choose from {', '.join(known)})")
+        return chosen
+
+    out = replace(grid, models=pick(models, grid.models, "models"), tasks=pick(tasks, grid.tasks, "tasks"),
+                  conditions=pick(conditions, grid.conditions, "conditions"))
+    if budgets is not None:
+        try:
+            ranks = tuple(int(x) for x in budgets.split(","))
+        except ValueError:
+            ranks = ()
+        if not ranks or min(ranks) < 1:
+            raise ValueError(f"--budgets: expected positive integers like 1,4,16, got {budgets!r}")
+        out = replace(out, budgets=ranks)
+    return out if frontier else replace(out, frontier=())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.placement", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="core")
@@ -198,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds to run (e.g. 2): split a grid "
                         "over processes sharing the CSV (use --resume in each)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the grid's reference models")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of the grid's tasks")
+    parser.add_argument("--budgets", default=None, help="comma-separated uniform-rank budgets (e.g. 1,16), replacing "
+                        "the grid's")
+    parser.add_argument("--conditions", default=None, help="comma-separated subset of the grid's conditions "
+                        f"(known: {', '.join(CONDITIONS + EXTRA + INIT)})")
+    parser.add_argument("--no-frontier", action="store_true", help="skip uniform's frontier runs")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")
     parser.add_argument("--command", default=None, help="with --report-only: the command(s) that made the CSV")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the CSV")
@@ -219,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         grid = replace(grid, seeds=tuple(range(args.seeds)))
     if args.seed_list:
         grid = replace(grid, seeds=tuple(int(x) for x in args.seed_list.split(",")))
+    try:
+        grid = subset(grid, models=args.models, tasks=args.tasks, budgets=args.budgets, conditions=args.conditions,
+                      frontier=not args.no_frontier)
+    except ValueError as e:
+        parser.error(str(e))
     start = time.time()
     deadline = start + 60 * args.max_minutes if args.max_minutes else None
     if args.report_only:

@@ -144,6 +144,19 @@ def _input_covariances(model: torch.nn.Module, names: Sequence[str], batches: Se
     return out
 
 
+def eva_components(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping],
+                   k: int) -> dict[str, torch.Tensor]:
+    """PEFT EVA's top ``k`` principal directions of every target's input, ``{name: (k, d_in)}`` (rho = 1: no rank
+    redistribution), for initialising lora_A of any placement whose ranks are <= ``k``."""
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=[c.name for c in eligible], init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=False))
+    batches = [{key: b[key] for key in ("input_ids", "attention_mask", "labels")} for b in batches]
+    return get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=False)
+
+
 def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping], budget: int,
               rank: int, rho: float = 2.0) -> tuple[Ranks, dict[str, torch.Tensor], dict]:
     """PEFT EVA (``get_eva_state_dict``) with its rank budget counted in parameters.
@@ -153,17 +166,12 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
     at ``budget`` parameters (a component of module m costs d_in + d_out), so EVA is compared at the budget of
     every other condition. Returns ranks, the lora_A initialisations (rank x d_in) and counts for the record.
     """
-    from peft import EvaConfig, LoraConfig
-    from peft.tuners.lora.eva import get_eva_state_dict
-
     cap = max(1, round(rho * rank))
     names = [c.name for c in eligible]
-    config = LoraConfig(r=cap, lora_alpha=2 * cap, target_modules=names, init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=False))
     # rho = 1 at r = cap: every module gets all `cap` components; every token counts (recall rows label only the
     # answers, too few tokens for EVA's PCA), as in the covariances below
     batches = [{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches]
-    state = get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=False)
+    state = eva_components(model, eligible, batches, cap)
     cov = _input_covariances(model, names, batches)
     scored = []  # (ratio, module, index)
     for n in names:

@@ -69,6 +69,14 @@ def test_bad_budgets(tmp_path, capsys, model_dir, corpus_file, budget, needle):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("budget", ["1", "100B"])
+def test_infeasible_budget_fails_before_the_data_is_read(tmp_path, capsys, model_dir, budget):
+    code, errors = _run([model_dir, "--data", tmp_path / "nope.txt", "--budget", budget, "-o", tmp_path / "out",
+                         *FAST], capsys)
+    assert code == 2 and len(errors) == 1 and "feasible range" in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_family_in_share(tmp_path, capsys, model_dir, corpus_file):
     code, errors = _run(
         [model_dir, "--data", corpus_file, "--share", "atention=0.1:0.5", "-o", tmp_path / "out", *FAST], capsys
