@@ -77,6 +77,7 @@ def allocate(
     fused_kernels: bool = True,
     alpha_ratio: float = 2.0,
     use_rslora: bool = False,
+    init: str = "default",
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
@@ -92,6 +93,8 @@ def allocate(
         retention_data: general text whose probes give each module a retention risk (used when the utility
             settings' retention weight is > 0); ``"builtin"`` is the package's general corpus.
         fused_kernels: assume fused Mamba kernels (GPU training): modules they bypass get no adapter.
+        init: lora_A initialisation recorded in the plan: ``"default"`` (PEFT's) or ``"eva"`` (top principal
+            directions of each module's input at the plan's ranks; ``plan.apply(model, init_data=batches)``).
         cache_dir: reuse probe reports whose model, data and settings match.
 
     Returns:
@@ -104,10 +107,12 @@ def allocate(
     import probes
     from allocator.budget import Budget
     from allocator.components import find_components
+    from allocator.lora_init import check_init
     from allocator.modelio import count_base_params, load_model
     from allocator.solve import SolverSettings, check_budget
     from allocator.utility import UtilitySettings
 
+    check_init(init)
     data_settings = data_settings or DataSettings()
     probe_settings = probe_settings or probes.ProbeSettings()
     utility_settings = utility_settings or UtilitySettings()
@@ -160,6 +165,7 @@ def allocate(
         provenance=provenance,
         alpha_ratio=alpha_ratio,
         use_rslora=use_rslora,
+        init=init,
     )
 
 
@@ -175,6 +181,7 @@ def solve_plan(
     provenance: dict[str, Any] | None = None,
     alpha_ratio: float = 2.0,
     use_rslora: bool = False,
+    init: str = "default",
 ) -> Any:
     """Utilities from a probe report, the integer program, and the :class:`~allocator.plan.Plan` they make.
 
@@ -210,6 +217,7 @@ def solve_plan(
         provenance=provenance,
         alpha_ratio=alpha_ratio,
         use_rslora=use_rslora,
+        init=init,
     )
 
 

@@ -51,8 +51,15 @@ class Plan:
     )
     alpha_ratio: float = field(default=2.0, metadata={"help": "LoRA alpha = alpha_ratio * r per module."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) (rsLoRA) instead."})
+    init: str = field(
+        default="default",
+        metadata={"help": "lora_A init: 'default' (PEFT's) or 'eva' (top input principal directions at these ranks)."},
+    )
 
     def __post_init__(self) -> None:
+        from allocator.lora_init import check_init
+
+        check_init(self.init)
         names = {c.name for c in self.components}
         unknown = sorted(set(self.ranks) - names)
         if unknown:
@@ -94,12 +101,30 @@ class Plan:
         lora_kwargs.setdefault("alpha_ratio", self.alpha_ratio)
         lora_kwargs.setdefault("use_rslora", self.use_rslora)
         lora_kwargs.setdefault("base_model_name_or_path", self.model_id)
+        if self.init == "eva":  # recorded for the reader; rho = 1: PEFT's own EVA then keeps these ranks
+            from peft import EvaConfig
+
+            lora_kwargs.setdefault("init_lora_weights", "eva")
+            lora_kwargs.setdefault("eva_config", EvaConfig(rho=1.0, adjust_scaling_factors=False))
         return to_lora_config(self.targets, self.components, **lora_kwargs)
 
-    def apply(self, model: Any, **lora_kwargs: Any):
-        """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``."""
+    def apply(self, model: Any, *, init_data: Any = None, **lora_kwargs: Any):
+        """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``.
+
+        With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
+        ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the top
+        principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``).
+        """
         from peft import get_peft_model
 
+        components = None
+        if self.init == "eva":
+            if init_data is None:
+                raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
+                                 "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
+            from allocator.lora_init import eva_components
+
+            components = eva_components(model, list(self.targets), init_data, max(self.targets.values()))
         config = self.to_lora_config(**lora_kwargs)
         with _without_peft_moe_remap(model, self.targets):
             peft_model = get_peft_model(model, config)
@@ -109,6 +134,10 @@ class Plan:
                 f"PEFT counts {trainable:,} trainable parameters but the plan costs {self.cost:,}; "
                 "was the model built from the same config the plan was made for?"
             )
+        if components is not None:
+            from allocator.lora_init import init_lora_a
+
+            init_lora_a(peft_model, components, self.targets)
         return peft_model
 
     # ---- serialisation ----------------------------------------------------------------------------------------
@@ -131,6 +160,7 @@ class Plan:
             "utility": self.total_utility,
             "alpha_ratio": self.alpha_ratio,
             "use_rslora": self.use_rslora,
+            "init": self.init,
             "solver": dict(self.solver),
             "provenance": dict(self.provenance),
             "modules": modules,
@@ -157,6 +187,7 @@ class Plan:
             provenance=data.get("provenance", {}),
             alpha_ratio=float(data.get("alpha_ratio", 2.0)),
             use_rslora=bool(data.get("use_rslora", False)),
+            init=str(data.get("init", "default")),
         )
 
     @classmethod

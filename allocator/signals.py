@@ -18,6 +18,7 @@ Pure: numpy only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -196,6 +197,37 @@ class ActivationRankSignal(Signal):
         return lam if lam.size else None
 
 
+class ExplainedVarianceSignal(Signal):
+    """EVA's own criterion: the share of the input variance the top-r principal directions explain,
+    ``phi_m(r) = sum_{i<=r} lambda_i / tr(C)``, linear in the eigenvalues.
+
+    With ``u_m = p_m * phi_m`` the solver's value per parameter of a module's i-th direction is its
+    explained-variance ratio ``lambda_i / tr(C)``: EVA's global ranking of components, counted in parameters
+    (``docs/utility.md``). Unlike the other signals, flat evidence is not the prior: an isotropic input explains
+    ``r / d_in`` (every direction equally little), so a concentrated input wins budget from a spread one, which is
+    EVA's point. Capped at ``scale_clip`` times the prior's top value, like every signal, so a narrow projection
+    cannot look cheap and valuable. Directions past the measured ``k`` add nothing (a lower bound).
+    """
+
+    name = "explained_variance"
+
+    def curves(
+        self, stats: Sequence[Any], components: Sequence[Component], ranks: Sequence[int], settings: UtilitySettings
+    ) -> np.ndarray:
+        r = np.asarray(ranks, dtype=np.int64)
+        prior = prior_curves(components, ranks)
+        phi = prior.copy()  # rows without a spectrum keep the prior
+        for i, (st, c) in enumerate(zip(stats, components, strict=True)):
+            lam = np.sort(np.maximum(_vector(st, "act_eigenvalues", c.name), 0.0))[::-1]
+            trace = float(getattr(st, "act_trace", math.nan))
+            total = trace if math.isfinite(trace) and trace > 0 else float(lam.sum())
+            if lam.size == 0 or not total > 0:
+                continue
+            cum = np.minimum(np.concatenate([[0.0], np.cumsum(lam)]) / total, 1.0)  # (k + 1,)
+            phi[i] = np.minimum(cum[np.minimum(r, min(lam.size, dmin(c)))], settings.scale_clip * prior[i, -1])
+        return phi
+
+
 class HeldoutCaptureSignal(Signal):
     """Adam-aware: how much held-out gradient energy a rank-r subspace chosen on other batches captures.
 
@@ -245,7 +277,8 @@ class CombinedSignal(Signal):
 
 SIGNALS: Mapping[str, type[Signal]] = {
     cls.name: cls
-    for cls in (UniformSignal, GradientSpectrumSignal, FisherSignal, ActivationRankSignal, HeldoutCaptureSignal, CombinedSignal)
+    for cls in (UniformSignal, GradientSpectrumSignal, FisherSignal, ActivationRankSignal, ExplainedVarianceSignal,
+                HeldoutCaptureSignal, CombinedSignal)
 }
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from allocator.solve import DEFAULT_RANKS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 CSV_NAME, MD_NAME, PNG_NAME = "placement_runs.csv", "placement.md", "placement.png"
@@ -33,18 +35,25 @@ FAMILIES = ("attention", "recurrent", "mlp")
 SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora", "allocator",
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
-# Tuning candidates beyond the defaults: the solver's default grid (0, 4, 8, ...) cannot leave uniform rank 4 at an
-# r4 budget (one group at 8 must beat two at 4 by a factor the bounded signals never reach), so these variants
-# give it the dense grid.
-DENSE = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-EXTRA = ("alloc_dense", "alloc_retention_dense")
+# The solver's default grid is dense at the low end (allocator.solve.DEFAULT_RANKS); alloc_coarse reruns the earlier
+# default (0, 4, 8, ...), which at an r1 budget must concentrate rank 4 on a quarter of the modules.
+DENSE = DEFAULT_RANKS
+COARSE = (0, 4, 8, 16, 32, 64)
+EXTRA = ("alloc_coarse",)
+# Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
+# (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "alloc_ev": ({"signal": "explained_variance", "uniform_prior": 0.0}, {"ranks": DENSE, "granularity": "module"}),
+    "alloc_coarse": ({}, {"ranks": COARSE}),
+}
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
-INIT = ("uniform_eva_init", "alloc_dense_eva_init")
+INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev", "alloc_ev_eva_init")
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params", "target_loss",
            "initial_target_loss", "retention_loss", "base_retention_loss", "recall_accuracy", "recall_chance",
-           "share_attention", "share_recurrent", "share_mlp", "n_adapted", "plan_hash", "wall_s", "note", "finished")
+           "share_attention", "share_recurrent", "share_mlp", "n_adapted", "plan_hash", "wall_s", "note", "finished",
+           "setup_id")
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,7 @@ def append_row(path: Path, row: dict) -> None:
 
 def reuse_key(row: dict) -> tuple:
     return (row["model"], row["task"], row["plan_hash"], int(row["seed"]), int(row["steps"]), row["lr"],
-            int(row["batch_size"]))
+            int(row["batch_size"]), row.get("setup_id", ""))
 
 
 def planned_runs(grid: Grid) -> list[tuple]:
@@ -126,6 +135,16 @@ def planned_runs(grid: Grid) -> list[tuple]:
                     frontier += [(model, task, rank, "uniform", s, label, rf, lf, sf)
                                  for label, rf, lf, sf in grid.frontier if rank * rf >= 1]
     return main + frontier  # the frontier (uniform variants) after every condition
+
+
+def check_setup(path: Path, model: str, setup_id: str) -> None:
+    """Refuse to extend a CSV whose rows of ``model`` came from other weights, data or fine-tune settings: their
+    numbers are not comparable with new runs (and resuming would skip runs that must be redone)."""
+    stale = [r for r in read_rows(path) if r["model"] == model and r.get("setup_id", "") != setup_id]
+    if stale:
+        raise SystemExit(f"{len(stale)} rows of {model} in {path} were made with other weights, data or fine-tune "
+                         f"settings (setup {stale[0].get('setup_id') or 'unrecorded'} vs {setup_id}); rerun without "
+                         "--resume (a fresh CSV) or with another --out")
 
 
 def model_ready(name: str) -> bool:
@@ -171,6 +190,7 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
                 continue
             if model not in setups:  # tiny models: every setup stays in memory
                 setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)))
+                check_setup(path, model, setups[model].setup_id)
             reuse.update({reuse_key(r): r for r in read_rows(path) if r.get("plan_hash") and "reused" not in r["note"]})
             row = run_one(setups[model], task, rank, cond, seed, frontier=label, lr_factor=lf, steps_factor=sf,
                           rank_factor=rf, reuse=reuse)

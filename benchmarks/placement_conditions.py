@@ -146,15 +146,11 @@ def _input_covariances(model: torch.nn.Module, names: Sequence[str], batches: Se
 
 def eva_components(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping],
                    k: int) -> dict[str, torch.Tensor]:
-    """PEFT EVA's top ``k`` principal directions of every target's input, ``{name: (k, d_in)}`` (rho = 1: no rank
-    redistribution), for initialising lora_A of any placement whose ranks are <= ``k``."""
-    from peft import EvaConfig, LoraConfig
-    from peft.tuners.lora.eva import get_eva_state_dict
+    """PEFT EVA's top ``k`` input principal directions of every target (``allocator.lora_init``), every token
+    counted (recall rows label only the answers, too few tokens for EVA's PCA)."""
+    from allocator.lora_init import eva_components as components
 
-    config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=[c.name for c in eligible], init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=False))
-    batches = [{key: b[key] for key in ("input_ids", "attention_mask", "labels")} for b in batches]
-    return get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=False)
+    return components(model, [c.name for c in eligible], batches, k, use_label_mask=False)
 
 
 def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping], budget: int,
@@ -193,18 +189,11 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
 
 
 def eva_init(init: Mapping[str, torch.Tensor]) -> Callable[[torch.nn.Module], None]:
-    """Copy EVA's components into lora_A of a PeftModel built from the EVA ranks (lora_B stays zero)."""
+    """Copy EVA's components into lora_A of a PeftModel built from the same ranks (lora_B stays zero)."""
+    from allocator.lora_init import init_lora_a
 
-    @torch.no_grad()
     def apply(peft_model: torch.nn.Module) -> None:
-        done = 0
-        for name, module in peft_model.named_modules():
-            base = name.removeprefix("base_model.model.")
-            if base in init and hasattr(module, "lora_A"):
-                module.lora_A["default"].weight.copy_(init[base])
-                done += 1
-        if done != len(init):
-            raise RuntimeError(f"EVA init reached {done} of {len(init)} modules")
+        init_lora_a(peft_model, init, {n: a.shape[0] for n, a in init.items()})
 
     return apply
 

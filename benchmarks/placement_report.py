@@ -20,6 +20,10 @@ from benchmarks import stats
 MD_NAME, PNG_NAME = "placement.md", "placement.png"
 BASELINES = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora")
 OURS = ("allocator", "alloc_retention")
+# Under EVA's lora_A init, does a placement beat uniform's? (ours, baselines)
+INIT_PAIRS = (("allocator_eva_init", ("uniform_eva_init", "uniform", "eva")),
+              ("alloc_ev_eva_init", ("uniform_eva_init", "allocator_eva_init", "eva")),
+              ("eva", ("uniform_eva_init",)), ("eva_ranks_eva_init", ("uniform_eva_init",)))
 
 
 def machine() -> str:
@@ -198,8 +202,10 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
           f"- Versions: {_versions()}",
           f"- Wall time of this invocation: {wall_s / 60:.1f} min; fine-tune time of all {len(rows)} runs in the "
           f"CSV: {total / 60:.1f} min{span}",
-          f"- Grid `{grid_name}`: models {', '.join(grid.models)}; tasks {', '.join(grid.tasks)}; budgets "
-          f"{', '.join(f'r{b}' for b in grid.budgets)}; seeds {list(grid.seeds)}; {grid.steps} steps × "
+          f"- Runs in the CSV: models {', '.join(sorted({r['model'] for r in rows}))}; tasks "
+          f"{', '.join(sorted({r['task'] for r in rows}))}; budgets "
+          f"{', '.join(sorted({r['budget'] for r in rows}, key=lambda b: int(b[1:])))}; seeds "
+          f"{sorted({int(r['seed']) for r in rows})}; grid `{grid_name}` settings: {grid.steps} steps × "
           f"{grid.batch_size} rows × 128 tokens, AdamW lr {grid.lr:g} (full fine-tune {grid.full_lr:g}), cosine, "
           f"10% warmup, LoRA alpha = 2r (constant scale); train {grid.n_train} rows, eval {grid.n_eval} rows, "
           f"calibration {grid.n_calib} train rows × 128 tokens",
@@ -223,6 +229,10 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
                 md.append(f"- {c['verdict']}: Δ {c['diff'].fmt(4)} (n={c['diff'].n})")
         for c in stats.compare(sub, "retention_loss", "alloc_retention", ("uniform", "allocator")):
             md.append(f"- retention: {c['verdict']}: Δ retention {c['diff'].fmt(4)} (n={c['diff'].n})")
+        init_lines = [f"- {c['verdict']}: Δ {c['diff'].fmt(4)} (n={c['diff'].n})"
+                      for ours, bases in INIT_PAIRS for c in stats.compare(sub, "target_loss", ours, bases)]
+        if init_lines:
+            md += ["", "With EVA's lora_A init (placement effects at equal init; target loss):", "", *init_lines]
         if cell[1] == "recall":
             acc = stats.summarize(sub, ["recall_accuracy", "recall_chance"])
             md += ["", "| condition | recall accuracy | chance |", "|---|---|---|"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import placement_conditions as pc
-from benchmarks.placement import DENSE, FAMILIES, RETENTION_WEIGHT, SIGNALS, Grid, _log, run_key
+from benchmarks.placement import FAMILIES, RETENTION_WEIGHT, SIGNALS, VARIANTS, Grid, _log, run_key
 
 
 class ModelSetup:
@@ -63,6 +63,7 @@ class ModelSetup:
         general = tasks.token_windows(tokenizer, train_files[:: max(1, len(train_files) // 64)],
                                       max_windows=grid.n_calib)
         self.general_calib = tasks.lm_batches(general, 4)  # pretraining-like text, disjoint from the eval files
+        self.setup_id = _setup_id(self.weights_id, grid, self.tasks, self.retention)
         self._reports: dict[str, Any] = {}
         self.adalora_pilot: dict[tuple, tuple[int, int]] = {}  # (task, rank, steps) -> (rank units, final params)
         self._eva: dict[tuple, Any] = {}
@@ -120,6 +121,20 @@ def _spread(tokenizer: Any, files: Any, n: int) -> tuple:
     return tuple(tasks.lm_batches(windows[idx], 16))
 
 
+def _setup_id(weights_id: str, grid: Grid, tasks: dict, retention: Any) -> str:
+    """Fingerprint of everything a run's numbers depend on besides its condition: weights, every task's train and
+    eval rows, the retention rows and the fine-tune settings. Rows of one CSV must share it (``--resume``)."""
+    h = hashlib.sha256(weights_id.encode())
+    h.update(json.dumps([grid.lr, grid.full_lr, grid.batch_size, grid.n_train, grid.n_eval, grid.n_calib]).encode())
+    for name in sorted(tasks):
+        for batch in (*tasks[name].train_batches, *tasks[name].eval_batches):
+            for key in sorted(batch):
+                h.update(key.encode() + batch[key].numpy().tobytes())
+    for batch in retention.eval_batches:
+        h.update(batch["input_ids"].numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def _file_id(path: Path) -> str:
     st = path.stat()
     with path.open("rb") as f:
@@ -151,9 +166,9 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         ranks, added = pc.single_family(eligible, condition.removesuffix("_only"), budget)
     elif condition == "random":
         ranks, added = pc.random_placement(eligible, budget, seed)
-    elif condition == "eva":
+    elif condition in ("eva", "eva_ranks"):  # eva_ranks: EVA's placement with PEFT's default lora_A init
         ranks, a_init, info = setup.eva(task, rank, budget)
-        init = pc.eva_init(a_init)
+        init = pc.eva_init(a_init) if condition == "eva" else None
         note = f"EVA rank units {info['eva_rank_units']} (PEFT would use {info['eva_rank_units_peft']})"
     elif condition.endswith("_eva_init"):  # a placement's ranks with EVA's data-driven lora_A (rho = 1)
         config, _, _, ranks, added, note = plan_condition(setup, task, condition.removesuffix("_eva_init"), rank,
@@ -164,10 +179,11 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
         solver = SolverSettings()
-        if kind.endswith("dense") or kind == "dense":
-            kind, solver = kind.removesuffix("dense").rstrip("_"), SolverSettings(ranks=DENSE)
         u = UtilitySettings()
-        if kind in SIGNALS:
+        if condition in VARIANTS:  # named settings: utility and solver overrides
+            u = UtilitySettings(**VARIANTS[condition][0])
+            solver = SolverSettings(**VARIANTS[condition][1])
+        elif kind in SIGNALS:
             u = UtilitySettings(signal=kind)
         elif kind == "retention":
             u = UtilitySettings(retention_weight=RETENTION_WEIGHT)
@@ -206,10 +222,11 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     config, init, target_bgt, ranks, added, note = plan_condition(setup, task, condition, run_rank, run_budget,
                                                                   seed, steps)
     plan_hash = ""
-    if ranks and init is None:
-        plan_hash = hashlib.sha256(json.dumps(sorted(ranks.items())).encode()).hexdigest()[:12]
+    if ranks:  # an init is deterministic given the ranks: EVA's own (rho 2) or EVA components at the plan's ranks
+        tag = [] if init is None else ["eva-rho2" if condition == "eva" else "eva-init"]
+        plan_hash = hashlib.sha256(json.dumps(sorted(ranks.items()) + tag).encode()).hexdigest()[:12]
     cond = condition if not frontier else f"{condition}[{frontier}]"
-    key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size)
+    key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size, setup.setup_id)
     if plan_hash and reuse is not None and key in reuse:
         row = dict(reuse[key])
         row.update(condition=cond, frontier=frontier, budget=f"r{rank}", fill_params=added, wall_s="0.0",
@@ -259,7 +276,7 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         "initial_target_loss": f"{res.initial_eval_loss:.5f}",
         "retention_loss": f"{extra['retention_loss']:.5f}", "base_retention_loss": f"{setup.base_retention:.5f}",
         "recall_accuracy": extra.get("recall_accuracy", ""), "recall_chance": extra.get("recall_chance", ""),
-        **shares, "plan_hash": plan_hash, "wall_s": f"{res.wall_time_s:.1f}", "note": note,
+        **shares, "plan_hash": plan_hash, "setup_id": setup.setup_id, "wall_s": f"{res.wall_time_s:.1f}", "note": note,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     row["run_id"] = run_key(row)

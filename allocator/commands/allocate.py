@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retention-data", default=None, help="general text for the retention risk ('builtin' for the package corpus)")
     parser.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r per module (default: 2)")
     parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r) with one alpha")
+    parser.add_argument("--init", choices=("default", "eva"), default="default",
+                        help="lora_A init recorded in the plan: PEFT's default, or 'eva' (top principal directions of "
+                        "each module's input at the plan's ranks; apply with Plan.apply(model, init_data=batches))")
     parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels: adapters on modules they bypass do work")
     parser.add_argument("--cache-dir", default=None, help="reuse probe reports stored here when model, data and settings match")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub (off by default)")
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         fused_kernels=not args.no_fused_kernels,
         alpha_ratio=args.alpha_ratio,
         use_rslora=args.rslora,
+        init=args.init,
         cache_dir=args.cache_dir,
         trust_remote_code=args.trust_remote_code,
     )
@@ -121,6 +125,9 @@ def format_summary(plan, folder: Path, seconds: float) -> str:
         f"wrote {folder}/adapter_config.json, allocation.json, report.md, heatmap.png ({seconds:.0f} s)",
         f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder)!r}))",
     ]
+    if plan.init == "eva":
+        lines[-1] = (f"use:  Plan.load({str(folder)!r}).apply(model, init_data=probes.load_batches(DATA, tokenizer))"
+                     "  (EVA init of lora_A at these ranks)")
     return "\n".join(lines)
 
 

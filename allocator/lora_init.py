@@ -1,0 +1,75 @@
+"""Data-driven lora_A initialisation at a plan's ranks: PEFT's EVA components, sliced per module.
+
+PEFT's EVA (``init_lora_weights="eva"``) starts lora_A on the top principal directions of each target's input and
+lora_B at zero, so the adapted model starts equal to the base model. EVA also *redistributes* ranks (``rho > 1``),
+and even at ``rho = 1`` it equalises the candidates of modules that read the same input, so it can move a plan's
+ranks. Here EVA's components are computed once at the plan's largest rank for every target (every candidate kept:
+no redistribution) and each module takes its first ``r`` rows, so the plan's ranks and budget are exact.
+
+On the placement benchmark this init lowered the target loss at every budget and on both hybrid families, and
+raised the forgetting with it (``docs/method.md``); it is an option, ``Plan(init="eva")`` / ``allocate --init eva``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from allocator.errors import AllocatorError, InputError
+
+INITS = ("default", "eva")
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise InputError(f"unknown init {init!r}; choose one of {list(INITS)}")
+    return init
+
+
+def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[str, Any]], k: int, *,
+                   use_label_mask: bool = True, show_progress: bool = False) -> dict[str, Any]:
+    """``{name: (k, d_in) tensor}``: EVA's top ``k`` input principal directions of each module in ``names``.
+
+    ``batches`` are the calibration micro-batches (dicts with ``input_ids``, ``attention_mask`` and, for
+    ``use_label_mask``, ``labels``: only tokens that carry a loss count, as in PEFT's EVA). A module whose input
+    has fewer than ``k`` usable directions raises :class:`InputError` (more calibration tokens are needed).
+    """
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    if k < 1 or not names:
+        raise InputError("EVA init needs at least one target with rank >= 1")
+    batches = [{key: b[key] for key in BATCH_KEYS if key in b} for b in batches]
+    if not batches:
+        raise InputError("EVA init needs calibration batches; pass init_data=probes.load_batches(...)")
+    config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=list(names), init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=use_label_mask))
+    try:
+        state = get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=show_progress)
+    except ValueError as exc:  # PEFT: too few tokens for the components, non-converged layers
+        raise InputError(f"EVA init failed: {exc}; use more calibration samples or a lower rank") from None
+    missing = sorted(set(names) - set(state))
+    short = sorted(n for n in names if n in state and state[n].shape[0] < k)
+    if missing or short:
+        raise InputError(f"EVA found fewer than {k} input directions for {(missing + short)[:3]}; use more "
+                         "calibration samples")
+    return state
+
+
+def init_lora_a(peft_model: Any, components: Mapping[str, Any], ranks: Mapping[str, int],
+                adapter_name: str = "default") -> None:
+    """Copy the first ``ranks[name]`` rows of ``components[name]`` into lora_A of every planned module."""
+    import torch
+
+    done = set()
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            base = name.removeprefix("base_model.model.")
+            if base in ranks and ranks[base] > 0 and adapter_name in getattr(module, "lora_A", {}):
+                weight = module.lora_A[adapter_name].weight
+                weight.copy_(components[base][: ranks[base]].to(weight.dtype))
+                done.add(base)
+    missing = sorted(n for n, r in ranks.items() if r > 0 and n not in done)
+    if missing:
+        raise AllocatorError(f"EVA init reached no lora_A for {missing[:3]}; the model lacks the planned modules")

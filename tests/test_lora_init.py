@@ -1,0 +1,95 @@
+"""EVA init at a plan's ranks: exact ranks and count, lora_A on the input's principal directions, base output kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import probes
+from allocator.cli import main
+from allocator.components import find_components
+from allocator.errors import InputError
+from allocator.plan import Plan
+
+FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+
+
+def _setup(saved_tiny_model, corpus_file, model_type="qwen3_5"):
+    folder = saved_tiny_model(model_type)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batches = probes.load_batches(str(corpus_file), tokenizer, seq_len=32, samples=16, batch_size=4)
+    eligible = [c for c in find_components(model) if c.eligible and not c.is_parameter]
+    ranks = {c.name: (1, 2, 4, 0)[i % 4] for i, c in enumerate(eligible)}  # uneven ranks, some modules skipped
+    plan = Plan(model_id=str(folder), components=tuple(find_components(model)), ranks=ranks, budget=10**9, init="eva")
+    return model, batches, plan
+
+
+def _inputs(model, name, batches):
+    rows = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, args, out: rows.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    handle.remove()
+    return torch.cat(rows).double()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "falcon_h1"])
+def test_eva_init_keeps_ranks_and_count_and_starts_at_the_base_model(model_type, saved_tiny_model, corpus_file):
+    model, batches, plan = _setup(saved_tiny_model, corpus_file, model_type)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    peft_model = plan.apply(model, init_data=batches)
+    assert peft_model.get_nb_trainable_parameters()[0] == plan.cost
+    with torch.no_grad():
+        after = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(after, before)  # lora_B = 0: training starts from the base model
+    for name, r in plan.targets.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        a = layer.lora_A["default"].weight.detach().double()
+        assert a.shape[0] == r == layer.r["default"]
+        torch.testing.assert_close(a @ a.T, torch.eye(r, dtype=torch.float64), atol=1e-4, rtol=0)  # orthonormal
+
+
+def test_eva_rows_span_the_top_principal_directions_of_the_input(saved_tiny_model, corpus_file):
+    model, batches, plan = _setup(saved_tiny_model, corpus_file)
+    name, r = max(plan.targets.items(), key=lambda kv: kv[1])
+    x = _inputs(model, name, batches)
+    peft_model = plan.apply(model, init_data=batches)
+    a = peft_model.base_model.model.get_submodule(name).lora_A["default"].weight.detach().double()
+    # PEFT's EVA counts only label tokens: every token here carries a loss (packed text), so it is the same input
+    cov = torch.cov(x.T)
+    top = torch.linalg.eigh(cov).eigenvectors[:, -r:]  # (d_in, r)
+    captured = torch.trace(a @ cov @ a.T) / torch.trace(top.T @ cov @ top)
+    random_rows = torch.linalg.qr(torch.randn(x.shape[1], r, dtype=torch.float64)).Q.T
+    assert captured > 0.95
+    assert torch.trace(random_rows @ cov @ random_rows.T) / torch.trace(top.T @ cov @ top) < captured
+
+
+def test_eva_plan_without_data_names_the_fix(saved_tiny_model, corpus_file):
+    model, _, plan = _setup(saved_tiny_model, corpus_file)
+    with pytest.raises(InputError, match="init_data"):
+        plan.apply(model)
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(InputError, match="eva"):
+        Plan(model_id="m", components=(), ranks={}, budget=1, init="pissa")
+
+
+def test_cli_records_eva_init_in_both_files(saved_tiny_model, corpus_file, tmp_path, capsys):
+    folder = saved_tiny_model("falcon_h1")
+    out = tmp_path / "plan"
+    assert main([str(folder), "--data", str(corpus_file), "--budget", "r2", "--init", "eva", "-o", str(out), *FAST]) == 0
+    assert "init_data" in capsys.readouterr().out
+    config = LoraConfig.from_pretrained(str(out))
+    assert config.init_lora_weights == "eva" and config.eva_config.rho == 1.0
+    plan = Plan.load(out)
+    assert plan.init == "eva" and json.loads((out / "allocation.json").read_text())["init"] == "eva"
