@@ -112,7 +112,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
     return total / count
 
 
-def _pool_rows(batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+def pool_rows(batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
     """Concatenate batches into one pool of rows, right-padding shorter ones (pad labels are -100)."""
     if not batches:
         raise InputError("finetune got no train batches; pass at least one batch")
@@ -194,7 +194,7 @@ def finetune(
     if eval_every is not None and eval_every < 1:
         raise InputError(f"eval_every must be a positive step count or None; got {eval_every}")
     start = time.perf_counter()
-    pool = _pool_rows(train_batches)
+    pool = pool_rows(train_batches)
     n_rows = pool["input_ids"].shape[0]
     warmup_steps = int(warmup * steps)
     device = _device(model)

@@ -78,13 +78,21 @@ class Grid:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-GRIDS = {
-    "smoke": Grid(("qwen3_5_tiny",), ("text_domain",), (4,), (0,), steps=3, batch_size=2, n_train=8, n_eval=4,
-                  n_calib=4, frontier=(("lr/4", 1, 0.25, 1),)),
-    "core": Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2),
-                 conditions=CONDITIONS + EXTRA + INIT),
-    "full": Grid(("qwen3_5_tiny", "falcon_h1_tiny", "qwen3_5_deep"), ("text_domain", "recall"), (1, 4, 16),
-                 (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT),
+CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT)
+# Tight and generous budgets, and the 12-layer model: the conditions that answer the questions there
+BUDGET_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
+                     "alloc_coarse", "alloc_retention", "uniform_eva_init", "allocator_eva_init")
+DEEP_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
+                   "uniform_eva_init", "allocator_eva_init")
+# A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x seed)
+GRIDS: dict[str, tuple[Grid, ...]] = {
+    "smoke": (Grid(("qwen3_5_tiny",), ("text_domain",), (4,), (0,), steps=3, batch_size=2, n_train=8, n_eval=4,
+                   n_calib=4, frontier=(("lr/4", 1, 0.25, 1),), conditions=CONDITIONS + EXTRA + INIT),),
+    "core": (CORE,),
+    "full": (CORE,
+             Grid(CORE.models, ("text_domain",), (1, 16), CORE.seeds, conditions=BUDGET_CONDITIONS,
+                  frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1), ("lr*2", 1, 2, 1))),
+             Grid(("qwen3_5_deep",), ("text_domain",), (4,), CORE.seeds, conditions=DEEP_CONDITIONS, frontier=())),
 }
 
 
@@ -206,23 +214,26 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
     return read_rows(path)
 
 
-def subset(grid: Grid, *, models: str | None = None, tasks: str | None = None, budgets: str | None = None,
-           conditions: str | None = None, frontier: bool = True) -> Grid:
-    """The grid restricted to comma-separated ``models``, ``tasks`` and ``conditions`` (each must be in it) and run at
-    ``budgets`` (positive uniform-rank equivalents); ``frontier=False`` drops uniform's frontier runs."""
+def subset(parts: tuple[Grid, ...], *, models: str | None = None, tasks: str | None = None,
+           budgets: str | None = None, conditions: str | None = None, frontier: bool = True) -> tuple[Grid, ...]:
+    """The grid's parts restricted to comma-separated ``models``, ``tasks`` and ``conditions`` (each must be in some
+    part; parts left empty are dropped) and run at ``budgets`` (positive uniform-rank equivalents);
+    ``frontier=False`` drops uniform's frontier runs."""
 
-    def pick(given: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    def pick(given: str | None, what: str) -> set[str] | None:
         if given is None:
-            return known
-        chosen = tuple(x.strip() for x in given.split(",") if x.strip())
-        unknown = [x for x in chosen if x not in known]
+            return None
+        known = {x for p in parts for x in getattr(p, what)}
+        chosen = {x.strip() for x in given.split(",") if x.strip()}
+        unknown = sorted(chosen - known)
         if unknown or not chosen:
             raise ValueError(f"--{what}: {', '.join(unknown) or 'nothing given'} not in this grid "
-                             f"(choose from {', '.join(known)})")
+                             f"(choose from {', '.join(sorted(known))})")
         return chosen
 
-    out = replace(grid, models=pick(models, grid.models, "models"), tasks=pick(tasks, grid.tasks, "tasks"),
-                  conditions=pick(conditions, grid.conditions, "conditions"))
+    want = {what: pick(given, what) for what, given in (("models", models), ("tasks", tasks),
+                                                           ("conditions", conditions))}
+    ranks = None
     if budgets is not None:
         try:
             ranks = tuple(int(x) for x in budgets.split(","))
@@ -230,8 +241,16 @@ def subset(grid: Grid, *, models: str | None = None, tasks: str | None = None, b
             ranks = ()
         if not ranks or min(ranks) < 1:
             raise ValueError(f"--budgets: expected positive integers like 1,4,16, got {budgets!r}")
-        out = replace(out, budgets=ranks)
-    return out if frontier else replace(out, frontier=())
+    out = []
+    for part in parts:
+        for what, chosen in want.items():
+            if chosen is not None:
+                part = replace(part, **{what: tuple(x for x in getattr(part, what) if x in chosen)})
+        part = part if ranks is None else replace(part, budgets=ranks)
+        part = part if frontier else replace(part, frontier=())
+        if part.models and part.tasks and part.conditions:
+            out.append(part)
+    return tuple(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,26 +289,28 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         args.out = Path(tempfile.mkdtemp(prefix="placement-smoke-")) if args.grid == "smoke" else RESULTS
-    grid = GRIDS[args.grid]
+    parts = GRIDS[args.grid]
     if args.steps:
-        grid = replace(grid, steps=args.steps)
+        parts = tuple(replace(p, steps=args.steps) for p in parts)
     if args.seeds:
-        grid = replace(grid, seeds=tuple(range(args.seeds)))
+        parts = tuple(replace(p, seeds=tuple(range(args.seeds))) for p in parts)
     if args.seed_list:
-        grid = replace(grid, seeds=tuple(int(x) for x in args.seed_list.split(",")))
+        parts = tuple(replace(p, seeds=tuple(int(x) for x in args.seed_list.split(","))) for p in parts)
     try:
-        grid = subset(grid, models=args.models, tasks=args.tasks, budgets=args.budgets, conditions=args.conditions,
-                      frontier=not args.no_frontier)
+        parts = subset(parts, models=args.models, tasks=args.tasks, budgets=args.budgets, conditions=args.conditions,
+                       frontier=not args.no_frontier)
     except ValueError as e:
         parser.error(str(e))
+    if not parts:
+        parser.error("the filters leave nothing to run in this grid")
     start = time.time()
     deadline = start + 60 * args.max_minutes if args.max_minutes else None
-    if args.report_only:
-        rows = read_rows(args.out / CSV_NAME)
-    else:
-        rows = run_grid(grid, args.out, resume=args.resume, cache_dir=args.cache_dir, deadline=deadline)
+    rows = read_rows(args.out / CSV_NAME)
+    if not args.report_only:
+        for i, part in enumerate(parts):  # later parts extend the CSV the first one started
+            rows = run_grid(part, args.out, resume=args.resume or i > 0, cache_dir=args.cache_dir, deadline=deadline)
     command = args.command or "python -m benchmarks.placement " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(rows, args.out, grid=grid, grid_name=args.grid, command=command.strip(),
+    write_report(rows, args.out, grid=parts[0], grid_name=args.grid, command=command.strip(),
                  wall_s=time.time() - start, threads=args.threads)
     _log(f"wrote {args.out / MD_NAME}, {args.out / CSV_NAME}, {args.out / PNG_NAME}")
     return 0

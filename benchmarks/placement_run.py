@@ -70,9 +70,9 @@ class ModelSetup:
 
     def calib(self, task: str) -> list[dict]:
         """The first ``n_calib`` rows of the task's TRAIN split, in micro-batches of 4 (never eval rows)."""
-        from allocator.finetune import _pool_rows
+        from allocator.finetune import pool_rows
 
-        pool = _pool_rows(self.tasks[task].train_batches)
+        pool = pool_rows(self.tasks[task].train_batches)
         n = min(self.grid.n_calib, pool["input_ids"].shape[0])
         return [{k: v[i:min(i + 4, n)] for k, v in pool.items()} for i in range(0, n, 4)]
 

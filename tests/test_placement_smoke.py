@@ -42,7 +42,7 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
         reference_model_path("qwen3_5_tiny")
     except AllocatorError:
         pytest.skip("reference model qwen3_5_tiny not built (python -m benchmarks.zoo --only qwen3_5_tiny)")
-    grid = placement.GRIDS["smoke"]
+    (grid,) = placement.GRIDS["smoke"]
     rows = placement.run_grid(grid, tmp_path, resume=False, cache_dir=tmp_path / "cache")
     assert len(rows) == len(placement.planned_runs(grid))
     assert (tmp_path / placement.CSV_NAME).is_file()
@@ -66,3 +66,22 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
     assert (tmp_path / "placement.png").stat().st_size > 0
     again = placement.run_grid(grid, tmp_path, resume=True, cache_dir=tmp_path / "cache")  # nothing left to run
     assert len(again) == len(rows)
+    # another setup (other weights, data or fine-tune settings) must not be mixed into this CSV
+    from benchmarks.placement import check_setup
+
+    check_setup(tmp_path / placement.CSV_NAME, "qwen3_5_tiny", rows[0]["setup_id"])
+    with pytest.raises(SystemExit, match="other weights, data or fine-tune settings"):
+        check_setup(tmp_path / placement.CSV_NAME, "qwen3_5_tiny", "0" * 12)
+
+
+def test_grid_filters_keep_each_part_and_name_unknown_values():
+    from benchmarks.placement import GRIDS, subset
+
+    parts = subset(GRIDS["full"], models="qwen3_5_deep")
+    assert [p.models for p in parts] == [("qwen3_5_deep",)]  # the parts without it are dropped
+    parts = subset(GRIDS["full"], budgets="2", conditions="uniform,eva", frontier=False)
+    assert all(p.budgets == (2,) and set(p.conditions) <= {"uniform", "eva"} and not p.frontier for p in parts)
+    for kwargs, message in (({"models": "llama"}, "--models: llama"), ({"budgets": "0"}, "--budgets"),
+                            ({"conditions": "uniform,best"}, "--conditions: best")):
+        with pytest.raises(ValueError, match=message):
+            subset(GRIDS["full"], **kwargs)
