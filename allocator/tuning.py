@@ -619,7 +619,7 @@ def _fast_sqlite(storage: Any) -> None:
 
 
 def _grid(ranks: tuple[int, ...], top: int) -> tuple[int, ...]:
-    """The solver's rank grid cut at ``top``: ``(0, 1, 2, 4, 8, 16, 32)`` at 8 -> ``(0, 1, 2, 4, 8)``."""
+    """The solver's rank grid cut at ``top``: ``(0, 4, 8, 16, 32, 64)`` at 16 -> ``(0, 4, 8, 16)``."""
     return tuple(r for r in ranks if r < top) + (top,)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from allocator.solve import DEFAULT_RANKS
+from allocator.solve import DENSE_RANKS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -35,16 +35,15 @@ FAMILIES = ("attention", "recurrent", "mlp")
 SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora", "allocator",
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
-# The solver's default grid is dense at the low end (allocator.solve.DEFAULT_RANKS); alloc_coarse reruns the earlier
-# default (0, 4, 8, ...), which at an r1 budget must concentrate rank 4 on a quarter of the modules.
-DENSE = DEFAULT_RANKS
-COARSE = (0, 4, 8, 16, 32, 64)
-EXTRA = ("alloc_coarse",)
+# The solver's default grid is coarse at the low end (allocator.solve.DEFAULT_RANKS); alloc_dense runs the dense
+# grid, which reproduced uniform at every budget here.
+DENSE = DENSE_RANKS
+EXTRA = ("alloc_dense",)
 # Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
 # (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "alloc_ev": ({"signal": "explained_variance", "uniform_prior": 0.0}, {"ranks": DENSE, "granularity": "module"}),
-    "alloc_coarse": ({}, {"ranks": COARSE}),
+    "alloc_dense": ({}, {"ranks": DENSE}),
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev", "alloc_ev_eva_init")
@@ -58,7 +57,8 @@ COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed",
 
 @dataclass(frozen=True)
 class Grid:
-    """One benchmark grid; ``frontier`` holds uniform variants (label, rank factor, lr factor, steps factor)."""
+    """One benchmark grid; ``frontier`` holds variants (label, rank factor, lr factor, steps factor) of the
+    ``varied`` conditions (uniform: its target-vs-retention frontier)."""
 
     models: tuple[str, ...]
     tasks: tuple[str, ...]
@@ -76,14 +76,19 @@ class Grid:
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),
         ("lr*2", 1, 2, 1))  # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
     extra: dict[str, Any] = field(default_factory=dict)
+    varied: tuple[str, ...] = ("uniform",)  # the conditions the frontier variants are run for
 
 
 CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT)
 # Tight and generous budgets, and the 12-layer model: the conditions that answer the questions there
 BUDGET_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
-                     "alloc_coarse", "alloc_retention", "uniform_eva_init", "allocator_eva_init")
+                     "alloc_dense", "alloc_retention", "uniform_eva_init", "allocator_eva_init")
 DEEP_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
                    "uniform_eva_init", "allocator_eva_init")
+# Is a gain just a larger effective step? The EVA-init and EVA conditions beside uniform at 2x and 4x the lr
+LR_CONDITIONS = ("uniform", "uniform_eva_init", "allocator_eva_init", "eva")
+LR_PART = Grid(CORE.models, ("text_domain",), (4,), CORE.seeds, conditions=LR_CONDITIONS,
+               frontier=(("lr*2", 1, 2, 1), ("lr*4", 1, 4, 1)), varied=LR_CONDITIONS)
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x seed)
 GRIDS: dict[str, tuple[Grid, ...]] = {
     "smoke": (Grid(("qwen3_5_tiny",), ("text_domain",), (4,), (0,), steps=3, batch_size=2, n_train=8, n_eval=4,
@@ -92,7 +97,8 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
     "full": (CORE,
              Grid(CORE.models, ("text_domain",), (1, 16), CORE.seeds, conditions=BUDGET_CONDITIONS,
                   frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1), ("lr*2", 1, 2, 1))),
-             Grid(("qwen3_5_deep",), ("text_domain",), (4,), CORE.seeds, conditions=DEEP_CONDITIONS, frontier=())),
+             Grid(("qwen3_5_deep",), ("text_domain",), (4,), CORE.seeds, conditions=DEEP_CONDITIONS, frontier=()),
+             LR_PART),
 }
 
 
@@ -140,7 +146,7 @@ def planned_runs(grid: Grid) -> list[tuple]:
             for rank in grid.budgets:
                 for model in grid.models:
                     main += [(model, task, rank, cond, s, "", 1, 1, 1) for cond in grid.conditions]
-                    frontier += [(model, task, rank, "uniform", s, label, rf, lf, sf)
+                    frontier += [(model, task, rank, cond, s, label, rf, lf, sf) for cond in grid.varied
                                  for label, rf, lf, sf in grid.frontier if rank * rf >= 1]
     return main + frontier  # the frontier (uniform variants) after every condition
 

@@ -62,7 +62,7 @@ def _f(row: dict, key: str) -> float:
 
 
 def _cells(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
-    return sorted({(r["model"], r["task"], r["budget"]) for r in rows})
+    return sorted({(r["model"], r["task"], r["budget"]) for r in rows}, key=lambda c: (c[0], c[1], int(c[2][1:])))
 
 
 def _in(rows: Sequence[dict], cell: tuple) -> list[dict]:
@@ -105,6 +105,30 @@ def cell_table(rows: Sequence[dict]) -> list[str]:
             f"| {name} | {s['n']} | {min(p):,}–{max(p):,} | {s['target_loss'].fmt(4)} | "
             f"{'—' if dt is None else dt.fmt(4)} | {s['retention_loss'].fmt(4)} | "
             f"{'—' if dr is None else dr.fmt(4)} | {verdict} |")
+    return lines
+
+
+def overview(rows: Sequence[dict], baseline: str = "uniform", metric: str = "target_loss") -> list[str]:
+    """One table across cells: each condition's paired Δ ``metric`` against ``baseline`` (bold where the 95%
+    interval excludes 0); frontier variants left out."""
+    cells = _cells(rows)
+    table = stats.by_seed(rows, metric)
+    conds = _order({r["condition"] for r in rows if not r["frontier"]})
+    lines = ["| condition | " + " | ".join(f"{m} {b}" for m, _, b in cells) + " |",
+             "|---|" + "---|" * len(cells)]
+    for cond in conds:
+        out = []
+        for cell in cells:
+            ours, base = table.get((*cell, cond)), table.get((*cell, baseline))
+            if not ours or not base:
+                out.append("")
+            elif cond == baseline:
+                out.append(f"{stats.t_interval(ours.values()).mean:.4f}")
+            else:
+                d = stats.paired(ours, base)
+                text = d.fmt(3)
+                out.append(f"**{text}**" if d.n >= 2 and d.excludes_zero() else text)
+        lines.append(f"| {cond} | " + " | ".join(out) + " |")
     return lines
 
 
@@ -214,7 +238,12 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
           "fine-tuning has no budget).",
           "- Δ columns: paired (same seed) mean difference ± 95% t half-width; negative Δ target = better than "
           "uniform. Verdicts: the paired interval excludes 0, or indistinguishable.", "",
-          "Raw runs: `placement_runs.csv`; plot: `placement.png`. Method and caveats: `docs/method.md`.", ""]
+          "Raw runs: `placement_runs.csv`; plot: `placement.png`. Method and caveats: `docs/method.md`.", "",
+          "## Overview: Δ target loss against uniform (paired, 95% t; bold = the interval excludes 0)", "",
+          "The uniform row gives its mean target loss; negative = lower loss than uniform.", "",
+          *overview(rows), "",
+          "## Overview: Δ retention loss against uniform (what the model forgets; negative = forgets less)", "",
+          *overview(rows, metric="retention_loss"), ""]
     for cell in _cells(rows):
         sub = _in(rows, cell)
         md += [f"## {' / '.join(cell)}", ""]
