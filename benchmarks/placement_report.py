@@ -172,8 +172,12 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     cells = _cells(rows)
     if not cells:
         return
-    fig, axes = plt.subplots(1, len(cells), figsize=(6.5 * len(cells), 5.2), squeeze=False)
-    for ax, cell in zip(axes[0], cells):
+    ncols = min(3, len(cells))
+    nrows = -(-len(cells) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 5.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for ax, cell in zip(axes.flat, cells):
         sub = _in(rows, cell)
         pts = frontier_points(sub)
         ax.plot([p[1] for p in pts], [p[2] for p in pts], "k--", lw=1, label="uniform frontier")
