@@ -122,7 +122,7 @@ class Plan:
             if init_data is None:
                 raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
                                  "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
-            from allocator.lora_init import eva_components
+            from allocator.lora_init import eva_components, init_lora_a
 
             components = eva_components(model, list(self.targets), init_data, max(self.targets.values()))
         config = self.to_lora_config(**lora_kwargs)
@@ -135,8 +135,6 @@ class Plan:
                 "was the model built from the same config the plan was made for?"
             )
         if components is not None:
-            from allocator.lora_init import init_lora_a
-
             init_lora_a(peft_model, components, self.targets)
         return peft_model
 

@@ -22,7 +22,7 @@ import csv
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,12 @@ CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
 # The solver's default grid is coarse at the low end (allocator.solve.DEFAULT_RANKS); alloc_dense runs the dense
 # grid, which reproduced uniform at every budget here.
-DENSE = DENSE_RANKS
 EXTRA = ("alloc_dense",)
 # Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
 # (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "alloc_ev": ({"signal": "explained_variance", "uniform_prior": 0.0}, {"ranks": DENSE, "granularity": "module"}),
-    "alloc_dense": ({}, {"ranks": DENSE}),
+    "alloc_ev": ({"signal": "explained_variance", "uniform_prior": 0.0}, {"ranks": DENSE_RANKS, "granularity": "module"}),
+    "alloc_dense": ({}, {"ranks": DENSE_RANKS}),
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev", "alloc_ev_eva_init")
@@ -75,7 +74,6 @@ class Grid:
     frontier: tuple[tuple[str, float, float, float], ...] = (
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),
         ("lr*2", 1, 2, 1))  # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
-    extra: dict[str, Any] = field(default_factory=dict)
     varied: tuple[str, ...] = ("uniform",)  # the conditions the frontier variants are run for
 
 
@@ -224,7 +222,7 @@ def subset(parts: tuple[Grid, ...], *, models: str | None = None, tasks: str | N
            budgets: str | None = None, conditions: str | None = None, frontier: bool = True) -> tuple[Grid, ...]:
     """The grid's parts restricted to comma-separated ``models``, ``tasks`` and ``conditions`` (each must be in some
     part; parts left empty are dropped) and run at ``budgets`` (positive uniform-rank equivalents);
-    ``frontier=False`` drops uniform's frontier runs."""
+    ``frontier=False`` drops the frontier runs."""
 
     def pick(given: str | None, what: str) -> set[str] | None:
         if given is None:
@@ -280,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the grid's")
     parser.add_argument("--conditions", default=None, help="comma-separated subset of the grid's conditions "
                         f"(known: {', '.join(CONDITIONS + EXTRA + INIT)})")
-    parser.add_argument("--no-frontier", action="store_true", help="skip uniform's frontier runs")
+    parser.add_argument("--no-frontier", action="store_true", help="skip the frontier runs (lr/steps/rank variants)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")
     parser.add_argument("--command", default=None, help="with --report-only: the command(s) that made the CSV")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the CSV")

@@ -164,10 +164,7 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
     """
     cap = max(1, round(rho * rank))
     names = [c.name for c in eligible]
-    # rho = 1 at r = cap: every module gets all `cap` components; every token counts (recall rows label only the
-    # answers, too few tokens for EVA's PCA), as in the covariances below
-    batches = [{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches]
-    state = eva_components(model, eligible, batches, cap)
+    state = eva_components(model, eligible, batches, cap)  # every module: all `cap` components, every token
     cov = _input_covariances(model, names, batches)
     scored = []  # (ratio, module, index)
     for n in names:

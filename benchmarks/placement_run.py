@@ -94,19 +94,17 @@ class ModelSetup:
 
     def eva_components(self, task: str, k: int) -> Any:
         """EVA's top ``k`` input directions per module (rho = 1), for EVA-initialised placements."""
-        key = (task, "components", k)
-        if key not in self._eva:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._eva[key] = pc.eva_components(self.model, self.eligible, self.calib(task), k)
-        return self._eva[key]
+        return self._eva_cached((task, "components", k), pc.eva_components, k)
 
     def eva(self, task: str, rank: int, budget: int) -> Any:
-        key = (task, rank)
+        """EVA's parameter-matched ranks and lora_A init at ``budget`` (rho 2)."""
+        return self._eva_cached((task, rank), pc.eva_ranks, budget, rank)
+
+    def _eva_cached(self, key: tuple, fn: Any, *args: Any) -> Any:
         if key not in self._eva:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._eva[key] = pc.eva_ranks(self.model, self.eligible, self.calib(task), budget, rank)
+                self._eva[key] = fn(self.model, self.eligible, self.calib(key[0]), *args)
         return self._eva[key]
 
 
@@ -187,8 +185,6 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
             u = UtilitySettings(signal=kind)
         elif kind == "retention":
             u = UtilitySettings(retention_weight=RETENTION_WEIGHT)
-        for k, v in setup.grid.extra.get(condition, {}).items():
-            u = replace(u, **{k: v})
         risk = setup.report("general") if kind == "retention" else None
         ranks, added, info = pc.allocator_ranks(setup.report(task), eligible, setup.components, budget, u,
                                                 solver, risk_report=risk)
