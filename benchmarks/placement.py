@@ -37,19 +37,20 @@ CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
 # The solver's default grid is coarse at the low end (allocator.solve.DEFAULT_RANKS); alloc_dense runs the dense
 # grid, which reproduced uniform at every budget here.
-EXTRA = ("alloc_dense",)
+EXTRA = ("alloc_dense", "alloc_evidence")
 # Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
 # (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "alloc_ev": ({"signal": "explained_variance", "uniform_prior": 0.0}, {"ranks": DENSE_RANKS, "granularity": "module"}),
     "alloc_dense": ({}, {"ranks": DENSE_RANKS}),
+    "alloc_evidence": ({"uniform_prior": 0.0}, {}),  # the probes' evidence alone, without the uniform prior
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev", "alloc_ev_eva_init")
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params", "target_loss",
-           "initial_target_loss", "retention_loss", "base_retention_loss", "recall_accuracy", "recall_chance",
+           "initial_target_loss", "retention_loss", "base_retention_loss", "target_accuracy", "target_chance",
            "share_attention", "share_recurrent", "share_mlp", "n_adapted", "plan_hash", "wall_s", "note", "finished",
            "setup_id")
 
@@ -65,37 +66,57 @@ class Grid:
     seeds: tuple[int, ...]
     conditions: tuple[str, ...] = CONDITIONS
     steps: int = 40  # sized so the core grid fits an hour on 2 shared cores (docs/method.md)
-    lr: float = 1e-3  # chosen on uniform alone (docs/method.md): 2e-3 overfits the train files by step 20
+    lr: float = 1e-3  # LoRA lr of budgets not in ``lrs``
+    lrs: tuple[tuple[str, int, float], ...] = ()  # (model, budget, LoRA lr): uniform's best (benchmarks.lr_sweep)
     full_lr: float = 2e-4
     batch_size: int = 8
     n_train: int = 4096  # rows of 128 tokens; no row repeats within a run
     n_eval: int = 64
     n_calib: int = 32
+    n_facts: int = 512  # fact_recall: facts to store (train rows of 8); scored on all of them in other contexts
     frontier: tuple[tuple[str, float, float, float], ...] = (
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),
         ("lr*2", 1, 2, 1))  # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
     varied: tuple[str, ...] = ("uniform",)  # the conditions the frontier variants are run for
 
+    def lr_for(self, model: str, budget: int, condition: str = "") -> float:
+        """The lr of a run of ``model`` at uniform-rank ``budget`` (full fine-tuning: ``full_lr``); ``lr`` where
+        ``lrs`` has no entry."""
+        if condition == "full":
+            return self.full_lr
+        return {(m, b): lr for m, b, lr in self.lrs}.get((model, budget), self.lr)
 
-CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT)
+
+# LoRA lr per budget and the full fine-tuning lr, chosen on uniform (resp. full fine-tuning) alone by
+# `python -m benchmarks.lr_sweep` on a validation split (docs/results/lr_sweep.md, docs/method.md)
+LRS = (("qwen3_5_tiny", 1, 1.6e-2), ("qwen3_5_tiny", 4, 8e-3), ("qwen3_5_tiny", 16, 4e-3),
+       ("falcon_h1_tiny", 1, 3.2e-2), ("falcon_h1_tiny", 4, 1.6e-2), ("falcon_h1_tiny", 16, 8e-3),
+       ("qwen3_5_deep", 4, 8e-3))
+FULL_LR = 8e-4
+CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT,
+            lrs=LRS, full_lr=FULL_LR)
+# The second task (storing new facts in the weights, scored by accuracy against chance): every condition at r4
+FACT_PART = replace(CORE, tasks=("fact_recall",),
+                    conditions=CONDITIONS + EXTRA + ("uniform_eva_init", "allocator_eva_init"),
+                    frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
 # Tight and generous budgets, and the 12-layer model: the conditions that answer the questions there
 BUDGET_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
-                     "alloc_dense", "alloc_retention", "uniform_eva_init", "allocator_eva_init")
+                     "alloc_retention", *EXTRA, "uniform_eva_init", "allocator_eva_init")
 DEEP_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
                    "uniform_eva_init", "allocator_eva_init")
-# Is a gain just a larger effective step? The EVA-init and EVA conditions beside uniform at 2x and 4x the lr
+# EVA's data-driven lora_A acts like a larger step (docs/method.md): is its best lr lower than uniform's?
 LR_CONDITIONS = ("uniform", "uniform_eva_init", "allocator_eva_init", "eva")
-LR_PART = Grid(CORE.models, ("text_domain",), (4,), CORE.seeds, conditions=LR_CONDITIONS,
-               frontier=(("lr*2", 1, 2, 1), ("lr*4", 1, 4, 1)), varied=LR_CONDITIONS)
+LR_PART = replace(CORE, conditions=LR_CONDITIONS, frontier=(("lr/2", 1, 0.5, 1),), varied=LR_CONDITIONS)
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x seed)
 GRIDS: dict[str, tuple[Grid, ...]] = {
-    "smoke": (Grid(("qwen3_5_tiny",), ("text_domain",), (4,), (0,), steps=3, batch_size=2, n_train=8, n_eval=4,
-                   n_calib=4, frontier=(("lr/4", 1, 0.25, 1),), conditions=CONDITIONS + EXTRA + INIT),),
+    "smoke": (Grid(("qwen3_5_tiny",), ("text_domain", "fact_recall"), (4,), (0,), steps=3, batch_size=2, n_train=8,
+                   n_eval=4, n_calib=4, n_facts=16, frontier=(("lr/4", 1, 0.25, 1),),
+                   conditions=CONDITIONS + EXTRA + INIT),),
     "core": (CORE,),
-    "full": (CORE,
-             Grid(CORE.models, ("text_domain",), (1, 16), CORE.seeds, conditions=BUDGET_CONDITIONS,
-                  frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1), ("lr*2", 1, 2, 1))),
-             Grid(("qwen3_5_deep",), ("text_domain",), (4,), CORE.seeds, conditions=DEEP_CONDITIONS, frontier=()),
+    "full": (CORE, FACT_PART,
+             replace(CORE, budgets=(1, 16), conditions=BUDGET_CONDITIONS,
+                     frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1))),
+             replace(CORE, models=("qwen3_5_deep",), conditions=DEEP_CONDITIONS, frontier=()),
              LR_PART),
 }
 
@@ -119,10 +140,11 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def append_row(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Append ``row`` to the CSV at ``path`` (header first when new), synced to disk: a stopped run keeps it."""
     new = not path.is_file()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -149,29 +171,32 @@ def planned_runs(grid: Grid) -> list[tuple]:
     return main + frontier  # the frontier (uniform variants) after every condition
 
 
-def check_setup(path: Path, model: str, setup_id: str) -> None:
-    """Refuse to extend a CSV whose rows of ``model`` came from other weights, data or fine-tune settings: their
-    numbers are not comparable with new runs (and resuming would skip runs that must be redone)."""
-    stale = [r for r in read_rows(path) if r["model"] == model and r.get("setup_id", "") != setup_id]
+def check_setup(path: Path, model: str, task: str, setup_id: str) -> None:
+    """Refuse to extend a CSV whose rows of ``model`` on ``task`` came from other weights, data or fine-tune
+    settings: their numbers are not comparable with new runs (and resuming would skip runs that must be redone)."""
+    stale = [r for r in read_rows(path)
+             if (r["model"], r["task"]) == (model, task) and r.get("setup_id", "") != setup_id]
     if stale:
-        raise SystemExit(f"{len(stale)} rows of {model} in {path} were made with other weights, data or fine-tune "
+        raise SystemExit(f"{len(stale)} rows of {model} on {task} in {path} were made with other weights, data or fine-tune "
                          f"settings (setup {stale[0].get('setup_id') or 'unrecorded'} vs {setup_id}); rerun without "
                          "--resume (a fresh CSV) or with another --out")
 
 
-def model_ready(name: str) -> bool:
+def model_ready(name: str, zoo_dir: Path | None = None) -> bool:
     """The reference model is fully written: ``training.json`` comes last in ``benchmarks.zoo``."""
     from allocator.reference import ZOO_DIR
 
-    folder = ZOO_DIR / name
+    folder = (zoo_dir or ZOO_DIR) / name
     return (folder / "model.safetensors").is_file() and (folder / "training.json").is_file()
 
 
 def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: dict | None = None,
-             deadline: float | None = None, poll_s: float = 30.0) -> list[dict]:
+             deadline: float | None = None, poll_s: float = 30.0, zoo_dir: Path | None = None) -> list[dict]:
     """Run every planned run (skipping finished ones with ``resume``) and return all CSV rows.
 
-    Runs of a reference model not built yet wait until it is (polled every ``poll_s``) or until ``deadline``."""
+    Runs of a reference model not built yet wait until it is (polled every ``poll_s``) or until ``deadline``.
+    ``zoo_dir`` loads the reference models from another folder (default ``allocator/zoo``), e.g. a second
+    pretraining seed built by ``python -m benchmarks.zoo --seed 1 --out DIR``."""
     from benchmarks.placement_run import ModelSetup, run_one
 
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +212,7 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
         waiting = []
         for i, (model, task, rank, cond, seed, label, rf, lf, sf) in enumerate(todo):
             steps = max(2, round(grid.steps * sf))
-            lr = (grid.full_lr if cond == "full" else grid.lr) * lf
+            lr = grid.lr_for(model, rank, cond) * lf
             key = run_key({"model": model, "task": task, "budget": f"r{rank}",
                            "condition": cond if not label else f"{cond}[{label}]", "seed": seed, "steps": steps,
                            "lr": f"{lr:g}", "batch_size": grid.batch_size})
@@ -197,12 +222,13 @@ def run_grid(grid: Grid, out: Path, *, resume: bool, cache_dir: Path, models: di
                 _log("deadline reached; stopping (rerun with --resume to continue)")
                 return read_rows(path)
             given = (models or {}).get(model)
-            if given is None and model not in setups and not model_ready(model):
+            if given is None and model not in setups and not model_ready(model, zoo_dir):
                 waiting.append(todo[i])
                 continue
             if model not in setups:  # tiny models: every setup stays in memory
-                setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)))
-                check_setup(path, model, setups[model].setup_id)
+                setups[model] = ModelSetup(model, grid, cache_dir, *(given or (None, None)), zoo_dir=zoo_dir)
+                for t, setup_id in setups[model].setup_ids.items():
+                    check_setup(path, model, t, setup_id)
             reuse.update({reuse_key(r): r for r in read_rows(path) if r.get("plan_hash") and "reused" not in r["note"]})
             row = run_one(setups[model], task, rank, cond, seed, frontier=label, lr_factor=lf, steps_factor=sf,
                           rank_factor=rf, reuse=reuse)
@@ -268,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--zoo", type=Path, default=None,
+                        help="folder of reference models (default allocator/zoo); e.g. a second pretraining seed "
+                        "from `python -m benchmarks.zoo --seed 1 --out build/zoo-seed1` (use another --out)")
     parser.add_argument("--steps", type=int, default=None, help="override the grid's fine-tune steps")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds to run (e.g. 2): split a grid "
@@ -312,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_rows(args.out / CSV_NAME)
     if not args.report_only:
         for i, part in enumerate(parts):  # later parts extend the CSV the first one started
-            rows = run_grid(part, args.out, resume=args.resume or i > 0, cache_dir=args.cache_dir, deadline=deadline)
+            rows = run_grid(part, args.out, resume=args.resume or i > 0, cache_dir=args.cache_dir, deadline=deadline,
+                            zoo_dir=args.zoo)
     command = args.command or "python -m benchmarks.placement " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(rows, args.out, grid=parts[0], grid_name=args.grid, command=command.strip(),
                  wall_s=time.time() - start, threads=args.threads)

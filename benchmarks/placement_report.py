@@ -54,6 +54,13 @@ def _versions() -> str:
     return ", ".join(out)
 
 
+def header(title: str, command: str, wall_s: float) -> list[str]:
+    """The first lines of a benchmark report: title, date, command, machine, versions, wall time."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [f"# {title}", "", f"- Date: {now}", f"- Command: `{command}`", f"- Machine: {machine()}",
+            f"- Versions: {_versions()}", f"- Wall time of this invocation: {wall_s / 60:.1f} min"]
+
+
 def _f(row: dict, key: str) -> float:
     try:
         return float(row[key])
@@ -129,6 +136,27 @@ def overview(rows: Sequence[dict], baseline: str = "uniform", metric: str = "tar
                 text = d.fmt(3)
                 out.append(f"**{text}**" if d.n >= 2 and d.excludes_zero() else text)
         lines.append(f"| {cond} | " + " | ".join(out) + " |")
+    return lines
+
+
+def accuracy_lines(rows: Sequence[dict]) -> list[str]:
+    """For tasks scored by accuracy (``target_accuracy``): each condition's accuracy, chance level and paired
+    Δ accuracy against uniform (positive = more correct answers than uniform). Empty for loss-only tasks."""
+    acc = [a for a in stats.summarize(rows, ["target_accuracy", "target_chance"]) if "target_accuracy" in a]
+    if not acc:
+        return []
+    table = stats.by_seed(rows, "target_accuracy")
+    lines = ["", "Answer accuracy (teacher-forced argmax; higher is better):", "",
+             "| condition | accuracy | chance | Δ accuracy vs uniform |", "|---|---|---|---|"]
+    for a in sorted(acc, key=lambda a: _order({x["condition"] for x in acc}).index(a["condition"])):
+        key = (a["model"], a["task"], a["budget"])
+        ours, base = table.get((*key, a["condition"])), table.get((*key, "uniform"))
+        delta = "—"
+        if a["condition"] != "uniform" and ours and base:
+            d = stats.paired(ours, base)
+            delta = f"**{d.fmt(3)}**" if d.n >= 2 and d.excludes_zero() else d.fmt(3)
+        lines.append(f"| {a['condition']} | {a['target_accuracy'].fmt(3)} | {a['target_chance'].mean:.3f} | "
+                     f"{delta} |")
     return lines
 
 
@@ -213,6 +241,13 @@ def _se(rows: Sequence[dict], condition: str, metric: str) -> float:
     return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
 
 
+def _lrs(grid: Any) -> str:
+    if not grid.lrs:
+        return f"{grid.lr:g}"
+    return "per model and budget, uniform's best on validation (" + ", ".join(
+        f"{m} r{b} {lr:g}" for m, b, lr in sorted(grid.lrs)) + ")"
+
+
 def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, command: str, wall_s: float,
                  threads: int) -> Path:
     rows = list(rows)
@@ -234,7 +269,7 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
           f"{', '.join(sorted({r['task'] for r in rows}))}; budgets "
           f"{', '.join(sorted({r['budget'] for r in rows}, key=lambda b: int(b[1:])))}; seeds "
           f"{sorted({int(r['seed']) for r in rows})}; grid `{grid_name}` settings: {grid.steps} steps × "
-          f"{grid.batch_size} rows × 128 tokens, AdamW lr {grid.lr:g} (full fine-tune {grid.full_lr:g}), cosine, "
+          f"{grid.batch_size} rows × 128 tokens, AdamW lr {_lrs(grid)} (full fine-tune {grid.full_lr:g}), cosine, "
           f"10% warmup, LoRA alpha = 2r (constant scale); train {grid.n_train} rows, eval {grid.n_eval} rows, "
           f"calibration {grid.n_calib} train rows × 128 tokens",
           "- Budget: `rN` = the parameters of uniform rank N on every eligible target; every LoRA condition's PEFT "
@@ -266,11 +301,7 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
                       for ours, bases in INIT_PAIRS for c in stats.compare(sub, "target_loss", ours, bases)]
         if init_lines:
             md += ["", "With EVA's lora_A init (placement effects at equal init; target loss):", "", *init_lines]
-        if cell[1] == "recall":
-            acc = stats.summarize(sub, ["recall_accuracy", "recall_chance"])
-            md += ["", "| condition | recall accuracy | chance |", "|---|---|---|"]
-            md += [f"| {a['condition']} | {a['recall_accuracy'].fmt(3)} | {a['recall_chance'].mean:.3f} |"
-                   for a in acc if "recall_accuracy" in a]
+        md += accuracy_lines(sub)
         md += ["", *frontier_lines(sub), ""]
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / PNG_NAME)

@@ -23,7 +23,8 @@ from benchmarks.placement import FAMILIES, RETENTION_WEIGHT, SIGNALS, VARIANTS, 
 class ModelSetup:
     """A reference model with its tasks, calibration probes and per-budget EVA components (computed once)."""
 
-    def __init__(self, name: str, grid: Grid, cache_dir: Path, model: Any = None, tokenizer: Any = None):
+    def __init__(self, name: str, grid: Grid, cache_dir: Path, model: Any = None, tokenizer: Any = None, *,
+                 zoo_dir: Path | None = None):
         import probes
         from allocator.components import find_components
         from benchmarks import tasks
@@ -35,7 +36,7 @@ class ModelSetup:
             from allocator.modelio import load_model
             from allocator.reference import reference_model_path
 
-            path = reference_model_path(name)
+            path = reference_model_path(name) if zoo_dir is None else zoo_dir / name
             model, tokenizer = load_model(str(path)), AutoTokenizer.from_pretrained(path)
             self.weights_id = _file_id(path / "model.safetensors")
         else:
@@ -44,7 +45,9 @@ class ModelSetup:
         self.components = tuple(find_components(model, fused_kernels=False))  # CPU training: torch paths run
         self.eligible = [c for c in self.components if c.eligible and not c.is_parameter]
         self.comps = {c.name: c for c in self.eligible}
-        self.tasks = {t: tasks.TASKS[t](tokenizer, seed=0, n_train=grid.n_train, n_eval=grid.n_eval)
+        sizes = {"fact_recall": {"n_train": grid.n_facts, "n_eval": None}}
+        self.tasks = {t: tasks.TASKS[t](tokenizer, seed=0, **sizes.get(t, {"n_train": grid.n_train,
+                                                                         "n_eval": grid.n_eval}))
                       for t in grid.tasks}
         # The tasks' eval rows are the first windows of the sorted eval files (one or two files at 64 rows); spread
         # them over every eval file instead, so the score is the domain's and not one file's.
@@ -63,7 +66,7 @@ class ModelSetup:
         general = tasks.token_windows(tokenizer, train_files[:: max(1, len(train_files) // 64)],
                                       max_windows=grid.n_calib)
         self.general_calib = tasks.lm_batches(general, 4)  # pretraining-like text, disjoint from the eval files
-        self.setup_id = _setup_id(self.weights_id, grid, self.tasks, self.retention)
+        self.setup_ids = {t: _setup_id(self.weights_id, grid, {t: self.tasks[t]}, self.retention) for t in self.tasks}
         self._reports: dict[str, Any] = {}
         self.adalora_pilot: dict[tuple, tuple[int, int]] = {}  # (task, rank, steps) -> (rank units, final params)
         self._eva: dict[tuple, Any] = {}
@@ -108,22 +111,28 @@ class ModelSetup:
         return self._eva[key]
 
 
-def _spread(tokenizer: Any, files: Any, n: int) -> tuple:
-    """``n`` windows of 128 tokens evenly spaced over all of ``files``, in batches of 16."""
+def _spread(tokenizer: Any, files: Any, n: int, *, between: bool = False) -> tuple:
+    """``n`` windows of 128 tokens evenly spaced over all of ``files``, in batches of 16; ``between`` takes the
+    n - 1 windows halfway between those (a validation split disjoint from the eval windows, to choose the lr on)."""
     import torch
 
     from benchmarks import tasks
 
     windows = tasks.token_windows(tokenizer, files)
-    idx = torch.linspace(0, windows.shape[0] - 1, min(n, windows.shape[0])).round().long()
-    return tuple(tasks.lm_batches(windows[idx], 16))
+    pos = torch.linspace(0, windows.shape[0] - 1, min(n, windows.shape[0]))
+    if between:  # the n - 1 midpoints
+        pos = (pos[1:] + pos[:-1]) / 2
+    return tuple(tasks.lm_batches(windows[pos.round().long()], 16))
 
 
 def _setup_id(weights_id: str, grid: Grid, tasks: dict, retention: Any) -> str:
-    """Fingerprint of everything a run's numbers depend on besides its condition: weights, every task's train and
-    eval rows, the retention rows and the fine-tune settings. Rows of one CSV must share it (``--resume``)."""
+    """Fingerprint of everything a run's numbers depend on besides its condition: weights, the task's train and
+    eval rows, the retention rows and the fine-tune settings. Rows of one model and task in a CSV must share it
+    (``--resume``)."""
     h = hashlib.sha256(weights_id.encode())
     h.update(json.dumps([grid.lr, grid.full_lr, grid.batch_size, grid.n_train, grid.n_eval, grid.n_calib]).encode())
+    if grid.lrs:  # per-budget lrs (left out when empty, so older setups keep their fingerprint)
+        h.update(json.dumps(sorted(grid.lrs)).encode())
     for name in sorted(tasks):
         for batch in (*tasks[name].train_batches, *tasks[name].eval_batches):
             for key in sorted(batch):
@@ -214,7 +223,7 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     run_rank = max(1, round(rank * rank_factor))
     run_budget = run_rank * params_per_uniform_rank(setup.components)
     steps = max(2, round(g.steps * steps_factor))
-    lr = (g.full_lr if condition == "full" else g.lr) * lr_factor
+    lr = g.lr_for(setup.name, rank, condition) * lr_factor
     config, init, target_bgt, ranks, added, note = plan_condition(setup, task, condition, run_rank, run_budget,
                                                                   seed, steps)
     plan_hash = ""
@@ -222,7 +231,7 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         tag = [] if init is None else ["eva-rho2" if condition == "eva" else "eva-init"]
         plan_hash = hashlib.sha256(json.dumps(sorted(ranks.items()) + tag).encode()).hexdigest()[:12]
     cond = condition if not frontier else f"{condition}[{frontier}]"
-    key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size, setup.setup_id)
+    key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size, setup.setup_ids[task])
     if plan_hash and reuse is not None and key in reuse:
         row = dict(reuse[key])
         row.update(condition=cond, frontier=frontier, budget=f"r{rank}", fill_params=added, wall_s="0.0",
@@ -235,8 +244,10 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
 
     def metrics(model):
         out = {"retention_loss": evaluate_loss(model, ret)}
-        if task == "recall":
-            out.update(t.evaluate(model))
+        if task != "text_domain":  # accuracy tasks: their scorer's accuracy and chance level
+            scores = t.evaluate(model)
+            out.update({f"target_{kind}": v for k, v in scores.items() for kind in ("accuracy", "chance")
+                        if k.endswith(f"_{kind}")})
         if condition == "adalora":
             out["effective_params"] = pc.adalora_effective_params(model)
         return out
@@ -271,8 +282,8 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         "fill_params": added, "target_loss": f"{res.eval_loss:.5f}",
         "initial_target_loss": f"{res.initial_eval_loss:.5f}",
         "retention_loss": f"{extra['retention_loss']:.5f}", "base_retention_loss": f"{setup.base_retention:.5f}",
-        "recall_accuracy": extra.get("recall_accuracy", ""), "recall_chance": extra.get("recall_chance", ""),
-        **shares, "plan_hash": plan_hash, "setup_id": setup.setup_id, "wall_s": f"{res.wall_time_s:.1f}", "note": note,
+        "target_accuracy": extra.get("target_accuracy", ""), "target_chance": extra.get("target_chance", ""),
+        **shares, "plan_hash": plan_hash, "setup_id": setup.setup_ids[task], "wall_s": f"{res.wall_time_s:.1f}", "note": note,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     row["run_id"] = run_key(row)

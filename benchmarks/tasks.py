@@ -382,18 +382,25 @@ def fact_recall_task(
     n_eval: int | None = None,
     batch_size: int = 16,
     per_row: int = 8,
+    shuffle_values: bool = False,
 ) -> Task:
     """Store ``n_train`` new ``key -> value`` facts (5-letter keys over n..z) in the weights: parametric recall.
 
     Train rows list the facts in a ``seed``-shuffled order; eval rows list the first ``n_eval`` of them (default
     all) in a fixed other order, ``per_row`` to a row, so a fact is never visible in its own context. The facts
-    do not depend on ``seed``. Chance is 1/90 (values 10..99)."""
+    do not depend on ``seed``. Chance is 1/90 (values 10..99). ``shuffle_values`` is the control: train on the
+    same keys and values with the values permuted among the keys (eval keeps the true facts), so the row format is
+    learnt but no fact is; its accuracy must stay at chance."""
     rng = random.Random("fact-recall")
     keys: set[str] = set()
     while len(keys) < n_train:
         keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
     facts = [(k, rng.randint(10, 99)) for k in sorted(keys)]
     train_order, eval_order = list(facts), list(facts)
+    if shuffle_values:
+        values = [v for _, v in facts]
+        random.Random("fact-recall-control").shuffle(values)
+        train_order = [(k, v) for (k, _), v in zip(facts, values)]
     random.Random(seed).shuffle(train_order)
     random.Random("fact-recall-eval").shuffle(eval_order)
     train = _fact_rows(tokenizer, train_order, per_row, batch_size)

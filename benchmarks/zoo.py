@@ -216,6 +216,7 @@ def pretrain(
     out_dir: Path,
     *,
     steps: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Pretrain reference model ``name`` and save it with its tokenizer and ``training.json`` in ``out_dir``."""
     import torch
@@ -226,6 +227,8 @@ def pretrain(
     recipe = RECIPES[name]
     if steps is not None:
         recipe = Recipe(**{**asdict(recipe), "steps": steps})
+    if seed is not None:
+        recipe = Recipe(**{**asdict(recipe), "seed": seed})
     torch.manual_seed(recipe.seed)
     cfg = dict(recipe.config)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -378,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="zoo folder (default: allocator/zoo)")
     parser.add_argument("--steps", type=int, default=None, help="override the step budget (trials only)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="override the recipe's seed (init, data order, recall episodes; the tokenizer does not "
+                        "change): a second pretraining seed, e.g. --seed 1 --out build/zoo-seed1")
     parser.add_argument(
         "--threads",
         type=int,
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(train_files)} files, {held_windows.numel():,} held-out tokens in {len(held_files)} files"
     )
     for name in names:
-        pretrain(name, tokenizer, train_windows, held_windows, args.out / name, steps=args.steps)
+        pretrain(name, tokenizer, train_windows, held_windows, args.out / name, steps=args.steps, seed=args.seed)
     return 0
 
 

@@ -56,3 +56,15 @@ def saved_tiny_model(tmp_path_factory, tiny_tokenizer):
         return cache[model_type]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a shared
+    CPU, two threads spin on every tiny op and run up to ~50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,18 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from benchmarks import stats
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, two threads spin on every tiny op and run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_t_interval_and_paired_verdicts():
@@ -54,6 +46,12 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
         if r["condition"] not in ("full", "adalora") and not r["frontier"]:
             assert abs(int(r["trainable_params"]) - b) <= 0.01 * b, r["condition"]
     assert {r["condition"] for r in rows} >= set(placement.CONDITIONS)
+    assert {r["task"] for r in rows} == {"text_domain", "fact_recall"}
+    for r in rows:  # the fact task is scored by accuracy against chance (1 of 90 values); text by loss alone
+        if r["task"] == "fact_recall":
+            assert 0.0 <= float(r["target_accuracy"]) <= 1.0 and float(r["target_chance"]) == pytest.approx(1 / 90)
+        else:
+            assert r["target_accuracy"] == "" and r["target_chance"] == ""
     summary = stats.summarize(rows, ["target_loss", "retention_loss"])
     assert {s["condition"] for s in summary} >= set(placement.CONDITIONS)
     assert stats.compare(rows, "target_loss", "allocator", ["uniform", "random"])
@@ -63,15 +61,20 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
     md = write_report(rows, tmp_path, grid=grid, grid_name="smoke", command="test", wall_s=1.0, threads=1)
     text = md.read_text()
     assert "| uniform |" in text and "nproc" in text
+    assert "Answer accuracy" in text and "## qwen3_5_tiny / fact_recall / r4" in text
     assert (tmp_path / "placement.png").stat().st_size > 0
     again = placement.run_grid(grid, tmp_path, resume=True, cache_dir=tmp_path / "cache")  # nothing left to run
     assert len(again) == len(rows)
     # another setup (other weights, data or fine-tune settings) must not be mixed into this CSV
     from benchmarks.placement import check_setup
 
-    check_setup(tmp_path / placement.CSV_NAME, "qwen3_5_tiny", rows[0]["setup_id"])
+    ids = {(r["model"], r["task"]): r["setup_id"] for r in rows}
+    assert len(ids) == 2 and len(set(ids.values())) == 2  # one fingerprint per task, shared by its rows
+    assert all(r["setup_id"] == ids[(r["model"], r["task"])] for r in rows)
+    for (model, task), setup_id in ids.items():
+        check_setup(tmp_path / placement.CSV_NAME, model, task, setup_id)
     with pytest.raises(SystemExit, match="other weights, data or fine-tune settings"):
-        check_setup(tmp_path / placement.CSV_NAME, "qwen3_5_tiny", "0" * 12)
+        check_setup(tmp_path / placement.CSV_NAME, "qwen3_5_tiny", "text_domain", "0" * 12)
 
 
 def test_grid_filters_keep_each_part_and_name_unknown_values():
@@ -85,3 +88,14 @@ def test_grid_filters_keep_each_part_and_name_unknown_values():
                             ({"conditions": "uniform,best"}, "--conditions: best")):
         with pytest.raises(ValueError, match=message):
             subset(GRIDS["full"], **kwargs)
+
+
+def test_each_budget_runs_at_its_own_lr():
+    from benchmarks.placement import GRIDS, LRS
+
+    core = GRIDS["core"][0]
+    assert [core.lr_for(m, b) for m, b, _ in LRS] == [lr for _, _, lr in LRS]
+    assert core.lr_for("qwen3_5_tiny", 4, "full") == core.full_lr != core.lr_for("qwen3_5_tiny", 4)
+    assert core.lr_for("qwen3_5_tiny", 2) == core.lr  # a budget outside the sweep falls back to the grid's lr
+    smoke = GRIDS["smoke"][0]
+    assert smoke.lr_for("qwen3_5_tiny", 4) == smoke.lr

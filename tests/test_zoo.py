@@ -19,13 +19,7 @@ from benchmarks import tasks, zoo
 RELEASED = Path("/work/shared/reference-configs")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, two threads spin on every tiny op and run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +177,27 @@ def test_recall_task_scores_against_chance(tokenizer, default_model):
     metrics = tasks.recall_task(tokenizer, n_train=16, n_eval=16).evaluate(default_model)
     assert 1 / 14 <= metrics["recall_chance"] <= 1 / 10
     assert 0.0 <= metrics["recall_accuracy"] <= 1.0 and math.isfinite(metrics["recall_loss"])
+
+
+def test_fact_accuracy_measures_facts_stored_in_the_weights(tokenizer, default_model):
+    """Above-chance fact accuracy needs the key -> value mapping in the weights: the untrained model and a model
+    trained on the same rows with the values permuted among the keys (same format, same value distribution) stay
+    near chance (1/90); training on the true facts lifts it far above."""
+    from peft import LoraConfig
+
+    from allocator.finetune import finetune
+
+    true = tasks.fact_recall_task(tokenizer, n_train=32, batch_size=8)
+    control = tasks.fact_recall_task(tokenizer, n_train=32, batch_size=8, shuffle_values=True)
+    assert sorted(torch.cat([b["labels"][b["labels"] != -100] for b in control.train_batches]).tolist()) == \
+        sorted(torch.cat([b["labels"][b["labels"] != -100] for b in true.train_batches]).tolist())
+    base = true.evaluate(default_model)
+    assert base["fact_chance"] == pytest.approx(1 / 90) and base["fact_accuracy"] <= 0.1
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    scores = {}
+    for name, task in (("true", true), ("control", control)):
+        res = finetune(default_model, config, task.train_batches, task.eval_batches, steps=40, lr=1e-2, seed=0,
+                       batch_size=4, metrics_fn=true.evaluate)  # both scored on the true facts
+        scores[name] = res.metrics["fact_accuracy"]
+    assert scores["true"] >= 0.4, scores
+    assert scores["control"] <= 0.1, scores

@@ -1,0 +1,168 @@
+"""Choose the placement benchmark's learning rate on uniform LoRA alone: ``python -m benchmarks.lr_sweep``.
+
+Fine-tunes uniform LoRA (every eligible target at rank ``r``) of each reference model at several learning rates
+with the placement grid's other settings (steps, batch, alpha, data), and scores the target task on a
+**validation** split: the windows halfway between the eval windows of the held-out files
+(``placement_run._spread(..., between=True)``), so the lr is never chosen on the rows the benchmark reports.
+Writes ``docs/results/lr_sweep.md`` and ``lr_sweep_runs.csv``. Only uniform is swept: every LoRA condition of the
+benchmark then shares the chosen lr, which if anything favours the baseline the allocator must beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks import stats
+from benchmarks.placement import GRIDS, RESULTS, Grid, _log, append_row, read_rows
+
+LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep": (4,)}
+FULL_LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)  # full fine-tuning: the tiny models only
+FULL_MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
+COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss", "wall_s")
+
+
+def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple[int, ...], task: str,
+          cache_dir: Path, csv_path: Path, condition: str = "uniform", grid: Grid | None = None) -> list[dict]:
+    """Every (model, budget, lr, seed) of ``condition`` (uniform LoRA, or ``full`` fine-tuning) scored on the
+    validation split; rows appended to ``csv_path`` as they finish (runs already there are skipped). ``grid``:
+    the settings (default: the core grid's)."""
+    from benchmarks import tasks
+    from benchmarks.placement_run import ModelSetup, _spread, run_one
+
+    grid = replace(grid or GRIDS["core"][0], tasks=(task,))
+    done = {(r["model"], r["condition"], r["budget"], r["lr"], r["seed"]) for r in read_rows(csv_path)}
+    if condition == "full":  # no budget: one cell per model
+        plan = {m: budgets[:1] for m, budgets in plan.items()}
+    for model, budgets in plan.items():
+        setup = None
+        for rank in budgets:
+            for lr in lrs:
+                for seed in seeds:
+                    if (model, condition, _budget(condition, rank), f"{lr:g}", str(seed)) in done:
+                        continue
+                    if setup is None:
+                        setup = ModelSetup(model, grid, cache_dir)
+                        _, domain_eval = tasks.domain_files()
+                        validation = _spread(setup.tokenizer, domain_eval, grid.n_eval, between=True)
+                        setup.tasks[task] = replace(setup.tasks[task], eval_batches=validation)
+                    row = run_one(setup, task, rank, condition, seed, lr_factor=lr / grid.lr_for(model, rank, condition))
+                    out = {"model": model, "task": task, "condition": condition,
+                           "budget": _budget(condition, rank), "lr": f"{lr:g}", "seed": seed,
+                           "validation_loss": row["target_loss"], "retention_loss": row["retention_loss"],
+                           "wall_s": row["wall_s"]}
+                    append_row(csv_path, out, COLUMNS)
+                    _log(f"{model} {condition} {out['budget']} lr {lr:g} seed {seed}: validation {row['target_loss']} retention "
+                         f"{row['retention_loss']}")
+    return read_rows(csv_path)
+
+
+def report(rows: list[dict], *, command: str, wall_s: float) -> list[str]:
+    """Markdown: per model and budget, mean validation and retention loss per lr, the best lr marked."""
+    from benchmarks.placement_report import header
+
+    total = sum(float(r["wall_s"]) for r in rows) / 60
+    md = [*header("Learning rate for the placement benchmark, chosen on uniform LoRA", command, wall_s),
+          f"- Runs in the CSV: {len(rows)}, {total:.1f} min of fine-tuning in all (`--resume` keeps finished runs, "
+          "so a rerun of the command completes or rewrites the report)",
+          "- Uniform LoRA on every eligible target at rank r (alpha 2r), and full fine-tuning (the benchmark's "
+          "ceiling), with the placement grid's steps, batch and data; "
+          "validation = the text-domain windows halfway between the benchmark's eval windows (never reported). "
+          "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean validation "
+          "loss of the row.", "",
+          "The chosen lrs (`benchmarks.placement.LRS`) and why: `docs/method.md`.", ""]
+    best: dict[tuple, str] = {}
+    for condition in sorted({r["condition"] for r in rows}, key=lambda c: c != "uniform"):
+        sub = [r for r in rows if r["condition"] == condition]
+        cells = sorted({(r["model"], r["budget"]) for r in sub}, key=lambda c: (c[0], _rank(c[1])))
+        lrs = sorted({r["lr"] for r in sub}, key=float)
+        head = ["| model | budget | " + " | ".join(f"lr {x}" for x in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
+        tables = {"validation_loss": [], "retention_loss": []}
+        for cell in cells:
+            for metric, lines in tables.items():
+                ivs = {}
+                for lr in lrs:
+                    vals = [float(r[metric]) for r in sub if (r["model"], r["budget"], r["lr"]) == (*cell, lr)]
+                    if vals:
+                        ivs[lr] = stats.t_interval(vals)
+                if metric == "validation_loss":
+                    best[(condition, *cell)] = min(ivs, key=lambda lr: ivs[lr].mean)
+                cols = [("**{}**" if lr == best[(condition, *cell)] else "{}").format(ivs[lr].fmt(4))
+                        if lr in ivs else "" for lr in lrs]
+                lines.append(f"| {cell[0]} | {cell[1]} | " + " | ".join(cols) + " |")
+        md += [f"## {condition}: validation loss (target task)", "", *head, *tables["validation_loss"], "",
+               f"## {condition}: retention loss (held-out pretraining text; what the model forgets)", "", *head,
+               *tables["retention_loss"], ""]
+    md += ["Lowest validation loss per cell: " + ", ".join(f"{c} {m} {b}: {lr}" for (c, m, b), lr in best.items())
+           + "."]
+    return md
+
+
+def _rank(budget: str) -> int:
+    return int(budget[1:]) if budget.startswith("r") else 0
+
+
+def _budget(condition: str, rank: int) -> str:
+    return "all weights" if condition == "full" else f"r{rank}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lr_sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default "
+                        f"{','.join(f'{x:g}' for x in LRS)})")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per (model, budget, lr)")
+    parser.add_argument("--models", default=",".join(PLAN), help="comma-separated reference models")
+    parser.add_argument("--task", default="text_domain", choices=["text_domain"])
+    parser.add_argument("--condition", default="all", choices=["all", "uniform", "full"],
+                        help="uniform LoRA (per model and budget), full fine-tuning (the tiny models; default lrs "
+                        f"{','.join(f'{x:g}' for x in FULL_LRS)}) or both (default)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="keep the CSV and skip runs already in it")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the placement smoke grid's settings (a few steps), for the tests; needs --out")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.smoke and args.out == RESULTS:
+        parser.error("--smoke writes throwaway numbers: give another --out")
+    if args.lrs and args.condition == "all":
+        parser.error("--lrs needs --condition uniform or full (their lr ranges differ)")
+    try:
+        plan = {m: PLAN[m] for m in args.models.split(",")}
+        given = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None
+    except (ValueError, KeyError) as e:
+        parser.error(f"bad --lrs or --models ({e}); models: {', '.join(PLAN)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / "lr_sweep_runs.csv"
+    if not args.resume and csv_path.exists():
+        csv_path.unlink()
+    start = time.time()
+    grid = GRIDS["smoke"][0] if args.smoke else None
+    seeds = tuple(range(args.seeds))
+    rows = []
+    if args.condition in ("all", "uniform"):
+        rows = sweep(plan, given or LRS, seeds, args.task, args.cache_dir, csv_path, "uniform", grid)
+    if args.condition in ("all", "full"):
+        full_plan = {m: b for m, b in plan.items() if m in FULL_MODELS}
+        rows = sweep(full_plan, given or FULL_LRS, seeds, args.task, args.cache_dir, csv_path, "full", grid)
+    command = "python -m benchmarks.lr_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = report(rows, command=command.strip(), wall_s=time.time() - start)
+    tmp = args.out / "lr_sweep.md.tmp"
+    tmp.write_text("\n".join(md) + "\n")
+    tmp.replace(args.out / "lr_sweep.md")
+    _log(f"wrote {args.out / 'lr_sweep.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
