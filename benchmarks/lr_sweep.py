@@ -21,10 +21,14 @@ from benchmarks import stats
 from benchmarks.placement import GRIDS, RESULTS, Grid, _log, append_row, read_rows
 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
+FACT_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep": (4,)}
+# The fact task runs at r4 on the tiny models only (benchmarks.placement.FACT_PART)
+FACT_PLAN = {"qwen3_5_tiny": (4,), "falcon_h1_tiny": (4,)}
 FULL_LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)  # full fine-tuning: the tiny models only
 FULL_MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
-COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss", "wall_s")
+COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss", "wall_s",
+           "accuracy")
 
 
 def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple[int, ...], task: str,
@@ -48,21 +52,22 @@ def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple
                         continue
                     if setup is None:
                         setup = ModelSetup(model, grid, cache_dir)
-                        _, domain_eval = tasks.domain_files()
-                        validation = _spread(setup.tokenizer, domain_eval, grid.n_eval, between=True)
-                        setup.tasks[task] = replace(setup.tasks[task], eval_batches=validation)
+                        if task == "text_domain":  # the fact task has no unseen split: its eval is the facts
+                            _, domain_eval = tasks.domain_files()
+                            validation = _spread(setup.tokenizer, domain_eval, grid.n_eval, between=True)
+                            setup.tasks[task] = replace(setup.tasks[task], eval_batches=validation)
                     row = run_one(setup, task, rank, condition, seed, lr_factor=lr / grid.lr_for(model, rank, condition))
                     out = {"model": model, "task": task, "condition": condition,
                            "budget": _budget(condition, rank), "lr": f"{lr:g}", "seed": seed,
                            "validation_loss": row["target_loss"], "retention_loss": row["retention_loss"],
-                           "wall_s": row["wall_s"]}
+                           "wall_s": row["wall_s"], "accuracy": row["target_accuracy"]}
                     append_row(csv_path, out, COLUMNS)
                     _log(f"{model} {condition} {out['budget']} lr {lr:g} seed {seed}: validation {row['target_loss']} retention "
                          f"{row['retention_loss']}")
     return read_rows(csv_path)
 
 
-def report(rows: list[dict], *, command: str, wall_s: float) -> list[str]:
+def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_domain") -> list[str]:
     """Markdown: per model and budget, mean validation and retention loss per lr, the best lr marked."""
     from benchmarks.placement_report import header
 
@@ -72,22 +77,27 @@ def report(rows: list[dict], *, command: str, wall_s: float) -> list[str]:
           "so a rerun of the command completes or rewrites the report)",
           "- Uniform LoRA on every eligible target at rank r (alpha 2r), and full fine-tuning (the benchmark's "
           "ceiling), with the placement grid's steps, batch and data; "
-          "validation = the text-domain windows halfway between the benchmark's eval windows (never reported). "
+          + ("validation = the text-domain windows halfway between the benchmark's eval windows (never reported). "
+             if task == "text_domain" else
+             "the fact task has no unseen split (its eval is the stored facts themselves in other contexts), so it is "
+             "scored on its eval: the choice favours uniform, the baseline. ") +
           "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean validation "
           "loss of the row.", "",
-          "The chosen lrs (`benchmarks.placement.LRS`) and why: `docs/method.md`.", ""]
+          "The chosen lrs (`benchmarks.placement.LRS`, `FACT_LRS` for the fact task) and the rule behind them: "
+          "`docs/method.md`.", ""]
     best: dict[tuple, str] = {}
     for condition in sorted({r["condition"] for r in rows}, key=lambda c: c != "uniform"):
         sub = [r for r in rows if r["condition"] == condition]
         cells = sorted({(r["model"], r["budget"]) for r in sub}, key=lambda c: (c[0], _rank(c[1])))
         lrs = sorted({r["lr"] for r in sub}, key=float)
         head = ["| model | budget | " + " | ".join(f"lr {x}" for x in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
-        tables = {"validation_loss": [], "retention_loss": []}
+        tables = {"validation_loss": [], "retention_loss": [], "accuracy": []}
         for cell in cells:
             for metric, lines in tables.items():
                 ivs = {}
                 for lr in lrs:
-                    vals = [float(r[metric]) for r in sub if (r["model"], r["budget"], r["lr"]) == (*cell, lr)]
+                    vals = [float(r[metric]) for r in sub
+                            if (r["model"], r["budget"], r["lr"]) == (*cell, lr) and r.get(metric, "") != ""]
                     if vals:
                         ivs[lr] = stats.t_interval(vals)
                 if metric == "validation_loss":
@@ -98,6 +108,8 @@ def report(rows: list[dict], *, command: str, wall_s: float) -> list[str]:
         md += [f"## {condition}: validation loss (target task)", "", *head, *tables["validation_loss"], "",
                f"## {condition}: retention loss (held-out pretraining text; what the model forgets)", "", *head,
                *tables["retention_loss"], ""]
+        if any(line.count("±") for line in tables["accuracy"]):
+            md += [f"## {condition}: answer accuracy (target task)", "", *head, *tables["accuracy"], ""]
     md += ["Lowest validation loss per cell: " + ", ".join(f"{c} {m} {b}: {lr}" for (c, m, b), lr in best.items())
            + "."]
     return md
@@ -116,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default "
                         f"{','.join(f'{x:g}' for x in LRS)})")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per (model, budget, lr)")
-    parser.add_argument("--models", default=",".join(PLAN), help="comma-separated reference models")
-    parser.add_argument("--task", default="text_domain", choices=["text_domain"])
+    parser.add_argument("--models", default=None, help="comma-separated reference models (default: all of the task's)")
+    parser.add_argument("--task", default="text_domain", choices=["text_domain", "fact_recall"],
+                        help="text_domain: scored on the validation windows; fact_recall (r4, tiny models, uniform "
+                        "only; writes lr_sweep_fact_recall.md): scored on its eval, the stored facts themselves")
     parser.add_argument("--condition", default="all", choices=["all", "uniform", "full"],
                         help="uniform LoRA (per model and budget), full fine-tuning (the tiny models; default lrs "
                         f"{','.join(f'{x:g}' for x in FULL_LRS)}) or both (default)")
@@ -135,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.smoke and args.out == RESULTS:
         parser.error("--smoke writes throwaway numbers: give another --out")
-    if args.lrs and args.condition == "all":
+    if args.lrs and args.condition == "all" and args.task == "text_domain":
         parser.error("--lrs needs --condition uniform or full (their lr ranges differ)")
     try:
-        plan = {m: PLAN[m] for m in args.models.split(",")}
+        task_plan = FACT_PLAN if args.task == "fact_recall" else PLAN
+        plan = {m: task_plan[m] for m in (args.models or ",".join(task_plan)).split(",")}
         given = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None
     except (ValueError, KeyError) as e:
-        parser.error(f"bad --lrs or --models ({e}); models: {', '.join(PLAN)}")
+        parser.error(f"bad --lrs or --models ({e}); models: {', '.join(task_plan)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "lr_sweep_runs.csv"
+    stem = "lr_sweep" if args.task == "text_domain" else f"lr_sweep_{args.task}"
+    csv_path = args.out / f"{stem}_runs.csv"
     if not args.resume and csv_path.exists():
         csv_path.unlink()
     start = time.time()
@@ -151,16 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(range(args.seeds))
     rows = []
     if args.condition in ("all", "uniform"):
-        rows = sweep(plan, given or LRS, seeds, args.task, args.cache_dir, csv_path, "uniform", grid)
-    if args.condition in ("all", "full"):
+        default = FACT_LRS if args.task == "fact_recall" else LRS
+        rows = sweep(plan, given or default, seeds, args.task, args.cache_dir, csv_path, "uniform", grid)
+    if args.condition in ("all", "full") and args.task == "text_domain":
         full_plan = {m: b for m, b in plan.items() if m in FULL_MODELS}
         rows = sweep(full_plan, given or FULL_LRS, seeds, args.task, args.cache_dir, csv_path, "full", grid)
     command = "python -m benchmarks.lr_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = report(rows, command=command.strip(), wall_s=time.time() - start)
-    tmp = args.out / "lr_sweep.md.tmp"
+    md = report(rows, command=command.strip(), wall_s=time.time() - start, task=args.task)
+    tmp = args.out / f"{stem}.md.tmp"
     tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(args.out / "lr_sweep.md")
-    _log(f"wrote {args.out / 'lr_sweep.md'}")
+    tmp.replace(args.out / f"{stem}.md")
+    _log(f"wrote {args.out / f'{stem}.md'}")
     return 0
 
 
