@@ -108,6 +108,8 @@ BUDGET_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", 
                      "alloc_retention", *EXTRA)
 DEEP_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
                    "alloc_evidence")
+BUDGET_PART = replace(CORE, conditions=BUDGET_CONDITIONS,
+                      frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
 # EVA's data-driven lora_A acts like a larger step (docs/method.md): is its best lr lower than uniform's?
 LR_CONDITIONS = ("uniform", "uniform_eva_init", "allocator_eva_init", "eva")
 LR_PART = replace(CORE, conditions=LR_CONDITIONS, frontier=(("lr/2", 1, 0.5, 1),), varied=LR_CONDITIONS)
@@ -117,11 +119,10 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
                    n_eval=4, n_calib=4, n_facts=16, frontier=(("lr/4", 1, 0.25, 1),),
                    conditions=CONDITIONS + EXTRA + INIT),),
     "core": (CORE,),
-    "full": (CORE, FACT_PART,
-             replace(CORE, budgets=(1, 16), conditions=BUDGET_CONDITIONS,
-                     frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1))),
+    # in order of what the claims need most: the tight budget and the deep model before r16 and the lr part
+    "full": (CORE, FACT_PART, replace(BUDGET_PART, budgets=(1,)),
              replace(CORE, models=("qwen3_5_deep",), conditions=DEEP_CONDITIONS, frontier=()),
-             LR_PART),
+             replace(BUDGET_PART, budgets=(16,)), LR_PART),
 }
 
 

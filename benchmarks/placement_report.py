@@ -121,7 +121,8 @@ def overview(rows: Sequence[dict], baseline: str = "uniform", metric: str = "tar
     cells = _cells(rows)
     table = stats.by_seed(rows, metric)
     conds = _order({r["condition"] for r in rows if not r["frontier"]})
-    lines = ["| condition | " + " | ".join(f"{m} {b}" for m, _, b in cells) + " |",
+    many = len({t for _, t, _ in cells}) > 1
+    lines = ["| condition | " + " | ".join(f"{m} {t} {b}" if many else f"{m} {b}" for m, t, b in cells) + " |",
              "|---|" + "---|" * len(cells)]
     for cond in conds:
         out = []
