@@ -108,7 +108,7 @@ def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_d
         md += [f"## {condition}: validation loss (target task)", "", *head, *tables["validation_loss"], "",
                f"## {condition}: retention loss (held-out pretraining text; what the model forgets)", "", *head,
                *tables["retention_loss"], ""]
-        if any(line.count("±") for line in tables["accuracy"]):
+        if any(r.get("accuracy") for r in sub):  # tasks scored by accuracy
             md += [f"## {condition}: answer accuracy (target task)", "", *head, *tables["accuracy"], ""]
     md += ["Lowest validation loss per cell: " + ", ".join(f"{c} {m} {b}: {lr}" for (c, m, b), lr in best.items())
            + "."]
@@ -172,12 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.condition in ("all", "full") and args.task == "text_domain":
         full_plan = {m: b for m, b in plan.items() if m in FULL_MODELS}
         rows = sweep(full_plan, given or FULL_LRS, seeds, args.task, args.cache_dir, csv_path, "full", grid)
+    from benchmarks.placement_report import write_markdown
+
     command = "python -m benchmarks.lr_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     md = report(rows, command=command.strip(), wall_s=time.time() - start, task=args.task)
-    tmp = args.out / f"{stem}.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(args.out / f"{stem}.md")
-    _log(f"wrote {args.out / f'{stem}.md'}")
+    _log(f"wrote {write_markdown(args.out / f'{stem}.md', md)}")
     return 0
 
 

@@ -36,7 +36,7 @@ SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora", "allocator",
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
 # The solver's default grid is coarse at the low end (allocator.solve.DEFAULT_RANKS); alloc_dense runs the dense
-# grid, which reproduced uniform at every budget here.
+# grid (at uniform's best lr: uniform's plan on text, better than uniform on the qwen fact task; docs/method.md).
 EXTRA = ("alloc_dense", "alloc_evidence")
 # Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
 # (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.

@@ -61,6 +61,14 @@ def header(title: str, command: str, wall_s: float) -> list[str]:
             f"- Versions: {_versions()}", f"- Wall time of this invocation: {wall_s / 60:.1f} min"]
 
 
+def write_markdown(path: Path, lines: Sequence[str]) -> Path:
+    """Write a report atomically (a temporary sibling, then a rename): a stopped run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def _f(row: dict, key: str) -> float:
     try:
         return float(row[key])
@@ -310,6 +318,4 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
            "Plot: target loss (x) against retention loss (y), means over seeds with ±1 standard error; the dashed "
            "line joins uniform's runs at lower lr, fewer steps and a quarter of the budget (its frontier). A point "
            "below the line forgets less at equal target loss.", ""]
-    path = out / MD_NAME
-    path.write_text("\n".join(md) + "\n")
-    return path
+    return write_markdown(out / MD_NAME, md)

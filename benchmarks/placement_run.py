@@ -131,7 +131,7 @@ def _setup_id(weights_id: str, grid: Grid, tasks: dict, retention: Any) -> str:
     (``--resume``)."""
     h = hashlib.sha256(weights_id.encode())
     h.update(json.dumps([grid.lr, grid.full_lr, grid.batch_size, grid.n_train, grid.n_eval, grid.n_calib]).encode())
-    if grid.lrs:  # per-budget lrs (left out when empty, so older setups keep their fingerprint)
+    if grid.lrs:  # per (model, budget) lrs (left out when empty, so older setups keep their fingerprint)
         h.update(json.dumps(sorted(grid.lrs)).encode())
     for name in sorted(tasks):
         for batch in (*tasks[name].train_batches, *tasks[name].eval_batches):

@@ -49,12 +49,11 @@ def compare(rows_a: Sequence[dict], rows_b: Sequence[dict], labels: tuple[str, s
         cells = sorted({k[:3] for k in da} & {k[:3] for k in db})
         shifts, flips, n = [], 0, 0
         for cell in cells:
-            for key in ((*cell, "uniform"),):
-                a, b = ua.get(key), ub.get(key)
-                if a and b:
-                    ma, mb = stats.t_interval(a.values()), stats.t_interval(b.values())
-                    md.append(f"| {' '.join(cell)} | uniform (absolute) | {ma.fmt(4)} | {mb.fmt(4)} | "
-                              f"{mb.mean - ma.mean:+.4f} | — |")
+            a, b = ua.get((*cell, "uniform")), ub.get((*cell, "uniform"))
+            if a and b:
+                ma, mb = stats.t_interval(a.values()), stats.t_interval(b.values())
+                md.append(f"| {' '.join(cell)} | uniform (absolute) | {ma.fmt(4)} | {mb.fmt(4)} | "
+                          f"{mb.mean - ma.mean:+.4f} | — |")
             for cond in CONDITIONS[1:]:
                 key = (*cell, cond)
                 if key not in da or key not in db:
@@ -80,7 +79,7 @@ def _verdict(d: stats.Interval) -> int:
 
 
 def write(rows_a: Sequence[dict], rows_b: Sequence[dict], out: Path, command: str, wall_s: float) -> Path:
-    from benchmarks.placement_report import header
+    from benchmarks.placement_report import header, write_markdown
 
     md = [*header("Placement results under a second pretraining seed", command, wall_s),
           "- Seed 0: the shipped reference models (`docs/results/placement_runs.csv`); seed 1: the same recipe, data "
@@ -89,11 +88,7 @@ def write(rows_a: Sequence[dict], rows_b: Sequence[dict], out: Path, command: st
           "- A verdict is the sign of a Δ whose 95% interval excludes 0, else 'indistinguishable'; 'same verdict' "
           "compares them across the two pretraining seeds.", ""]
     md += compare(rows_a, rows_b, ("pretraining seed 0", "pretraining seed 1"))
-    path = out / "pretrain_seeds.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(path)
-    return path
+    return write_markdown(out / "pretrain_seeds.md", md)
 
 
 def main(argv: list[str] | None = None) -> int:
