@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from allocator.errors import AllocatorError, InputError
+
+# Calibration (and tuning) data: a path, "builtin", or token batches the caller has tokenised already
+DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,14 @@ def library_versions() -> dict[str, str]:
 
 def allocate(
     model: Any = None,
-    data: str | os.PathLike[str] = "builtin",
+    data: DataSource = "builtin",
     budget: str | int = "r8",
     *,
     data_settings: DataSettings | None = None,
     probe_settings: Any = None,
     utility_settings: Any = None,
     solver_settings: Any = None,
-    retention_data: str | os.PathLike[str] | None = None,
+    retention_data: DataSource | None = None,
     fused_kernels: bool = True,
     alpha_ratio: float = 2.0,
     use_rslora: bool = False,
@@ -87,7 +91,9 @@ def allocate(
     Args:
         model: a hub id, a local folder, or a loaded ``PreTrainedModel``; ``None`` takes the built-in reference
             model (a small pretrained Qwen3.5-architecture model shipped with the package).
-        data: calibration data: a ``.txt``/``.jsonl`` file, a ``datasets`` folder, or ``"builtin"``.
+        data: calibration data: a ``.txt``/``.jsonl`` file, a ``datasets`` folder, ``"builtin"``, or token batches
+            you have tokenised already (mappings of ``input_ids``, optionally ``labels`` and ``attention_mask``;
+            taken in order, see :func:`probes.load_batches`).
         budget: trainable LoRA parameters: ``"2.5M"``, ``"0.5%"`` of the base model, or ``"r16"`` (what
             uniform rank 16 on every eligible target costs).
         retention_data: general text whose probes give each module a retention risk (used when the utility
@@ -145,9 +151,9 @@ def allocate(
     provenance = {
         "model_id": model_id,
         "model_revision": getattr(model_obj.config, "_commit_hash", None),
-        "data": str(data),
-        "data_hash": report.meta.get("data_hash"),
-        "retention_data": None if retention_data is None else str(retention_data),
+        "data": probes.describe_source(data),
+        "data_hash": report.meta.get("data_fingerprint"),
+        "retention_data": None if retention_data is None else probes.describe_source(retention_data),
         "budget_spec": str(parsed_budget),
         "data_settings": asdict(data_settings),
         "probe_settings": _settings_dict(probe_settings),
@@ -254,7 +260,7 @@ def _probe(model, model_id, data, tokenizer, names, data_settings, probe_setting
 
     try:
         batches = probes.load_batches(
-            str(data),
+            data,
             tokenizer,
             seq_len=data_settings.seq_len,
             samples=data_settings.samples,
@@ -262,7 +268,7 @@ def _probe(model, model_id, data, tokenizer, names, data_settings, probe_setting
             seed=data_settings.seed,
             text_field=data_settings.text_field,
         )
-        meta = {"model_id": model_id, "data": str(data), **asdict(data_settings)}
+        meta = {"model_id": model_id, "data": probes.describe_source(data), **asdict(data_settings)}
         if cache_dir is not None:
             return probes.run_cached(model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta)
         return probes.run(model, batches, names, probe_settings, meta=meta)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,7 +140,9 @@ def _trainable(model: torch.nn.Module, lora_config: Any, seed: int) -> tuple[tor
     from peft import get_peft_model
 
     torch.manual_seed(seed)  # LoRA A matrices are drawn here
-    model = get_peft_model(model, lora_config)
+    with warnings.catch_warnings():  # PEFT reads a renamed transformers attribute: a FutureWarning per tuning trial
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora_config)
     return model, int(model.get_nb_trainable_parameters()[0])
 
 

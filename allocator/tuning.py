@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from allocator.api import DataSource
 from allocator.budget import Budget
 from allocator.errors import AllocatorError, InputError
 from allocator.solve import GRANULARITIES
@@ -215,8 +216,8 @@ class TuneSettings:
 
 def tune(
     model: Any = None,
-    data: str | os.PathLike[str] = "builtin",
-    eval_data: str | os.PathLike[str] | None = None,
+    data: DataSource = "builtin",
+    eval_data: DataSource | None = None,
     *,
     settings: TuneSettings | None = None,
     out_dir: str | os.PathLike[str] = "tune-study",
@@ -227,7 +228,7 @@ def tune(
     probe_settings: Any = None,
     utility_settings: Any = None,
     solver_settings: Any = None,
-    retention_data: str | os.PathLike[str] | None = None,
+    retention_data: DataSource | None = None,
     fused_kernels: bool = True,
     use_rslora: bool = False,
     trust_remote_code: bool = False,
@@ -238,8 +239,9 @@ def tune(
 
     Args:
         model, data, retention_data, fused_kernels, trust_remote_code, tokenizer: as :func:`allocator.allocate`;
-            ``data`` also gives the fine-tune's training sequences.
-        eval_data: text scored by the built-in fine-tune (required unless ``objective`` is given).
+            ``data`` also gives the fine-tune's training sequences (a path, ``"builtin"`` or token batches).
+        eval_data: data scored by the built-in fine-tune, in any form ``data`` takes (required unless
+            ``objective`` is given).
         settings: study size, mode, fine-tune and search space (:class:`TuneSettings`).
         out_dir: probe cache, default storage ``sqlite:///OUT_DIR/study.db``, ``best/``, ``study.md``,
             ``study.png``. An existing ``out_dir`` of the same study is resumed; any other needs ``overwrite``.
@@ -396,7 +398,7 @@ class _Run:
             "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
             "fused_kernels": fused_kernels, "use_rslora": self.use_rslora})
         self.provenance = {"model_id": self.model_id, "model_revision": getattr(self.model.config, "_commit_hash", None),
-                           "data": str(data), "retention_data": self.signature["retention_data"],
+                           "data": _where(data), "retention_data": self.signature["retention_data"],
                            "data_settings": self.signature["data_settings"],
                            "probe_settings": self.probe_settings.to_dict(), "fused_kernels": fused_kernels,
                            "versions": library_versions()}
@@ -407,7 +409,7 @@ class _Run:
 
         d = self.data_settings
         try:
-            return tuple(probes.load_batches(str(source), self.tokenizer, seq_len=d.seq_len, samples=samples,
+            return tuple(probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=samples,
                                              batch_size=self.settings.batch_size, seed=seed, text_field=d.text_field))
         except ProbeError as exc:
             raise InputError(str(exc)) from None
@@ -422,7 +424,7 @@ class _Run:
 
         def report(source: Any) -> Any:
             try:
-                batches = probes.load_batches(str(source), self.tokenizer, seq_len=d.seq_len, samples=d.samples,
+                batches = probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=d.samples,
                                               batch_size=d.batch_size, seed=d.seed, text_field=d.text_field)
                 return probes.run_cached(self.model, batches, names, self.probe_settings,
                                          cache_dir=self.out / "probes", key_meta=meta)
@@ -431,7 +433,7 @@ class _Run:
 
         self.report = report(data)
         self.risk = None if retention_data is None else report(retention_data)
-        self.provenance["data_hash"] = self.report.meta.get("data_hash")
+        self.provenance["data_hash"] = self.report.meta.get("data_fingerprint")
         self.probe_seconds = time.perf_counter() - started
         families = sorted({c.family for c in self.eligible if c.name in self.report.modules})
         self.search = _Search(self.settings, self.utility, self.solver, families,
@@ -619,7 +621,8 @@ def _fast_sqlite(storage: Any) -> None:
 
 
 def _grid(ranks: tuple[int, ...], top: int) -> tuple[int, ...]:
-    """The solver's rank grid cut at ``top``: ``(0, 4, 8, 16, 32, 64)`` at 16 -> ``(0, 4, 8, 16)``."""
+    """The solver's rank grid cut at ``top``: ``(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, ...)`` at 16 -> ``(0, 1, 2, 3, 4, 6, 8,
+    12, 16)``."""
     return tuple(r for r in ranks if r < top) + (top,)
 
 
@@ -637,8 +640,15 @@ def _reporter(trial: Any, prunable: bool) -> Callable[[int, float], None]:
 
 
 def _where(ref: Any) -> str | None:
-    """A data or model reference as the study records it: local paths absolute, anything else as given."""
-    return None if ref is None else str(Path(ref).resolve()) if Path(str(ref)).exists() else str(ref)
+    """A data or model reference as the study records it: local paths absolute, token batches by count and
+    fingerprint (``probes.describe_source``), anything else as given."""
+    import probes
+
+    if ref is None:
+        return None
+    if probes.is_token_source(ref):
+        return probes.describe_source(ref)
+    return str(Path(ref).resolve()) if Path(str(ref)).exists() else str(ref)
 
 
 def _jsonable(value: Any) -> Any:

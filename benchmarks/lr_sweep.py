@@ -23,8 +23,9 @@ from benchmarks.placement import GRIDS, RESULTS, Grid, _log, append_row, read_ro
 LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 FACT_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep": (4,)}
-# The fact task runs at r4 on the tiny models only (benchmarks.placement.FACT_PART)
-FACT_PLAN = {"qwen3_5_tiny": (4,), "falcon_h1_tiny": (4,)}
+# The fact task runs at r4 on the tiny models, and at r1 (the tight budget) on qwen3_5_tiny, the model that learns
+# the facts (benchmarks.placement.FACT_PART)
+FACT_PLAN = {"qwen3_5_tiny": (1, 4), "falcon_h1_tiny": (4,)}
 FULL_LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)  # full fine-tuning: the tiny models only
 FULL_MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
 COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss", "wall_s",
@@ -36,8 +37,7 @@ def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple
     """Every (model, budget, lr, seed) of ``condition`` (uniform LoRA, or ``full`` fine-tuning) scored on the
     validation split; rows appended to ``csv_path`` as they finish (runs already there are skipped). ``grid``:
     the settings (default: the core grid's)."""
-    from benchmarks import tasks
-    from benchmarks.placement_run import ModelSetup, _spread, run_one
+    from benchmarks.placement_run import ModelSetup, run_one
 
     grid = replace(grid or GRIDS["core"][0], tasks=(task,))
     done = {(r["model"], r["condition"], r["budget"], r["lr"], r["seed"]) for r in read_rows(csv_path)}
@@ -50,12 +50,9 @@ def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple
                 for seed in seeds:
                     if (model, condition, _budget(condition, rank), f"{lr:g}", str(seed)) in done:
                         continue
-                    if setup is None:
+                    if setup is None:  # scored on the validation split, never on the benchmark's eval rows
                         setup = ModelSetup(model, grid, cache_dir)
-                        if task == "text_domain":  # the fact task has no unseen split: its eval is the facts
-                            _, domain_eval = tasks.domain_files()
-                            validation = _spread(setup.tokenizer, domain_eval, grid.n_eval, between=True)
-                            setup.tasks[task] = replace(setup.tasks[task], eval_batches=validation)
+                        setup.tasks[task] = setup.validation_task(task)
                     row = run_one(setup, task, rank, condition, seed, lr_factor=lr / grid.lr_for(model, rank, condition))
                     out = {"model": model, "task": task, "condition": condition,
                            "budget": _budget(condition, rank), "lr": f"{lr:g}", "seed": seed,
@@ -79,8 +76,9 @@ def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_d
           "ceiling), with the placement grid's steps, batch and data; "
           + ("validation = the text-domain windows halfway between the benchmark's eval windows (never reported). "
              if task == "text_domain" else
-             "the fact task has no unseen split (its eval is the stored facts themselves in other contexts), so it is "
-             "scored on its eval: the choice favours uniform, the baseline. ") +
+             "validation = the same facts in a third order and grouping (neither the train rows' nor the eval "
+             "rows'; `fact_recall_task(split=\"validation\")`), so a fact is scored outside its training context "
+             "and the eval rows are never used. ") +
           "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean validation "
           "loss of the row.", "",
           "The chosen lrs (`benchmarks.placement.LRS`, `FACT_LRS` for the fact task) and the rule behind them: "
@@ -130,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per (model, budget, lr)")
     parser.add_argument("--models", default=None, help="comma-separated reference models (default: all of the task's)")
     parser.add_argument("--task", default="text_domain", choices=["text_domain", "fact_recall"],
-                        help="text_domain: scored on the validation windows; fact_recall (r4, tiny models, uniform "
-                        "only; writes lr_sweep_fact_recall.md): scored on its eval, the stored facts themselves")
+                        help="text_domain: scored on the validation windows; fact_recall (r4 on the tiny models, r1 "
+                        "on qwen3_5_tiny; uniform only; writes lr_sweep_fact_recall.md): scored on the facts in a "
+                        "third order and grouping")
     parser.add_argument("--condition", default="all", choices=["all", "uniform", "full"],
                         help="uniform LoRA (per model and budget), full fine-tuning (the tiny models; default lrs "
                         f"{','.join(f'{x:g}' for x in FULL_LRS)}) or both (default)")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from allocator.solve import DENSE_RANKS
+from allocator.solve import COARSE_RANKS, DENSE_RANKS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -35,14 +35,15 @@ FAMILIES = ("attention", "recurrent", "mlp")
 SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora", "allocator",
               *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
-# The solver's default grid is coarse at the low end (allocator.solve.DEFAULT_RANKS); alloc_dense runs the dense
-# grid (at uniform's best lr: uniform's plan on text, better than uniform on the qwen fact task; docs/method.md).
-EXTRA = ("alloc_dense", "alloc_evidence")
+# alloc_coarse: the solver's earlier default grid (0, 4, 8, 16, 32, 64), replaced by the dense one on this benchmark
+# (at uniform's best lr the coarse plan was worse in mean at Falcon-H1 r1, the dense one beat uniform on the qwen
+# fact task; docs/method.md). alloc_tuned: `allocate tune`, pilot fine-tunes choosing the placement and the priors.
+EXTRA = ("alloc_coarse", "alloc_evidence", "alloc_tuned")
 # Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
 # (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "alloc_ev": ({"signal": "explained_variance", "uniform_prior": 0.0}, {"ranks": DENSE_RANKS, "granularity": "module"}),
-    "alloc_dense": ({}, {"ranks": DENSE_RANKS}),
+    "alloc_coarse": ({}, {"ranks": COARSE_RANKS}),
     "alloc_evidence": ({"uniform_prior": 0.0}, {}),  # the probes' evidence alone, without the uniform prior
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
@@ -74,6 +75,7 @@ class Grid:
     n_eval: int = 64
     n_calib: int = 32
     n_facts: int = 128  # fact_recall: facts to store (16 train rows of 8); scored on all of them in other contexts
+    tune_trials: int = 10  # alloc_tuned: trials of its study (5 enqueued baselines + searched ones)
     frontier: tuple[tuple[str, float, float, float], ...] = (
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),
         ("lr*2", 1, 2, 1))  # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
@@ -98,7 +100,7 @@ CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2
 # The second task (storing new facts in the weights, scored by accuracy against chance): every condition at r4.
 # Its lr: uniform's lowest answer loss among the lrs that raise the retention loss by less than 0.5 nats
 # (`python -m benchmarks.lr_sweep --task fact_recall`; higher lrs wreck the model, docs/method.md)
-FACT_LRS = (("qwen3_5_tiny", 4, 8e-3), ("falcon_h1_tiny", 4, 2e-3))
+FACT_LRS = (("qwen3_5_tiny", 1, 8e-3), ("qwen3_5_tiny", 4, 8e-3), ("falcon_h1_tiny", 4, 2e-3))
 FACT_PART = replace(CORE, tasks=("fact_recall",), lrs=FACT_LRS,
                     conditions=CONDITIONS + EXTRA + ("uniform_eva_init", "allocator_eva_init"),
                     frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
@@ -110,19 +112,24 @@ DEEP_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "r
                    "alloc_evidence")
 BUDGET_PART = replace(CORE, conditions=BUDGET_CONDITIONS,
                       frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
+# The fact task at the tight budget, on the model that stores facts (Falcon-H1 stores none at r4)
+FACT_TIGHT = replace(FACT_PART, models=("qwen3_5_tiny",), budgets=(1,),
+                     conditions=BUDGET_CONDITIONS + ("uniform_eva_init",),
+                     frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25)))
 # EVA's data-driven lora_A acts like a larger step (docs/method.md): is its best lr lower than uniform's?
 LR_CONDITIONS = ("uniform", "uniform_eva_init", "allocator_eva_init", "eva")
 LR_PART = replace(CORE, conditions=LR_CONDITIONS, frontier=(("lr/2", 1, 0.5, 1),), varied=LR_CONDITIONS)
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x seed)
 GRIDS: dict[str, tuple[Grid, ...]] = {
     "smoke": (Grid(("qwen3_5_tiny",), ("text_domain", "fact_recall"), (4,), (0,), steps=3, batch_size=2, n_train=8,
-                   n_eval=4, n_calib=4, n_facts=16, frontier=(("lr/4", 1, 0.25, 1),),
+                   n_eval=4, n_calib=4, n_facts=16, tune_trials=6, frontier=(("lr/4", 1, 0.25, 1),),
                    conditions=CONDITIONS + EXTRA + INIT),),
     "core": (CORE,),
     # in order of what the claims need most: the tight budget and the deep model before r16 and the lr part
     "full": (CORE, FACT_PART, replace(BUDGET_PART, budgets=(1,)),
              replace(CORE, models=("qwen3_5_deep",), conditions=DEEP_CONDITIONS, frontier=()),
-             replace(BUDGET_PART, budgets=(16,)), LR_PART),
+             replace(BUDGET_PART, budgets=(16,)), LR_PART, FACT_TIGHT,
+             replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=())),
 }
 
 

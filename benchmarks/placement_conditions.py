@@ -21,9 +21,12 @@ import torch
 
 from allocator.budget import lora_params
 from allocator.components import Component
+from allocator.solve import COARSE_RANKS
 
 Ranks = dict[str, int]
-GRID = (0, 4, 8, 16, 32, 64)  # random placement draws each module's rank from the solver's default grid
+# The null draws each module's rank from the solver's coarse grid (its default until the benchmark chose the dense
+# one; kept so the null stays the one measured)
+GRID = COARSE_RANKS
 
 
 def cost(ranks: Mapping[str, int], comps: Mapping[str, Component]) -> int:
@@ -225,3 +228,37 @@ def adalora_effective_params(peft_model: torch.nn.Module) -> int:
             b = module.lora_B["default"]
             total += int((e != 0).sum()) * (a.shape[1] + b.shape[0] + 1)
     return total
+
+
+def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Component], train: Sequence[Mapping],
+                validation: Sequence[Mapping], budget: int, *, lr: float, steps: int, batch_size: int, seed: int,
+                trials: int, n_calib: int, probe_settings: Any, out_dir: Any) -> tuple[Ranks, int, dict]:
+    """``allocate tune`` (:func:`allocator.tuning.tune`) at the fixed budget, lr and alpha: Optuna chooses the
+    placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver utility's
+    family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored on
+    ``validation`` (never the eval rows). The best trial's ranks: a family baseline as the benchmark's own
+    ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first."""
+    from allocator.api import DataSettings
+    from allocator.tuning import TuneSettings, tune
+
+    rows = sum(int(b["input_ids"].shape[0]) for b in train)
+    seq_len = max(int(b["input_ids"].shape[1]) for b in (*train, *validation))
+    settings = TuneSettings(
+        trials=trials, steps=steps, batch_size=batch_size, eval_every=0, pruner="none", train_samples=rows,
+        eval_samples=sum(int(b["input_ids"].shape[0]) for b in validation), seed=seed, budget=str(budget),
+        lr=f"{lr:g}", alpha_ratio="2", weights="", uniform_prior="0..1", family_priors="0.25..4",
+        retention_weight="", granularity="", max_rank="")
+    result = tune(model, data=list(train), eval_data=list(validation), tokenizer=tokenizer, settings=settings,
+                  out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings,
+                  data_settings=DataSettings(seq_len=seq_len, samples=n_calib, batch_size=4))
+    best, comps = result.best, {c.name: c for c in eligible}
+    if best.placement in ("attention", "recurrent", "mlp"):  # a family baseline won: the benchmark's own placement
+        out, added = single_family(eligible, best.placement, budget)
+    else:  # the solver's plan (or uniform, which fill leaves as is), closed like the allocator's
+        ranks = {n: int(result.best_plan.ranks.get(n, 0)) for n in comps}
+        order = sorted(comps, key=lambda n: (ranks[n] == 0, n))
+        out, added = fill(ranks, comps, budget, order, cap=lambda c: min(c.d_in, c.d_out))
+    info = {"placement": best.placement, "params": {k: round(v, 3) if isinstance(v, float) else v
+                                                     for k, v in best.params.items()},
+            "pilots": len(result.trials), "pilot_s": sum(t.duration_s or 0.0 for t in result.trials)}
+    return out, added, info

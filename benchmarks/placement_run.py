@@ -70,6 +70,24 @@ class ModelSetup:
         self._reports: dict[str, Any] = {}
         self.adalora_pilot: dict[tuple, tuple[int, int]] = {}  # (task, rank, steps) -> (rank units, final params)
         self._eva: dict[tuple, Any] = {}
+        self._validation: dict[str, Any] = {}
+
+    def validation_task(self, task: str) -> Any:
+        """The task scored on rows to choose settings on, disjoint from its eval rows: the text-domain windows
+        halfway between the eval windows, or the facts in a third order and grouping."""
+        from benchmarks import tasks
+
+        if task not in self._validation:
+            if task == "text_domain":
+                _, domain_eval = tasks.domain_files()
+                self._validation[task] = replace(self.tasks[task], eval_batches=_spread(
+                    self.tokenizer, domain_eval, self.grid.n_eval, between=True))
+            elif task == "fact_recall":
+                self._validation[task] = tasks.fact_recall_task(self.tokenizer, seed=0, n_train=self.grid.n_facts,
+                                                                split="validation")
+            else:
+                raise ValueError(f"no validation split for task {task!r}")
+        return self._validation[task]
 
     def calib(self, task: str) -> list[dict]:
         """The first ``n_calib`` rows of the task's TRAIN split, in micro-batches of 4 (never eval rows)."""
@@ -183,6 +201,19 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         components = setup.eva_components(task, max(ranks.values()))
         init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
         return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
+    elif condition == "alloc_tuned":  # `allocate tune`: pilot fine-tunes choose placement and priors
+        g = setup.grid
+        with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
+            warnings.simplefilter("ignore")
+            ranks, added, info = pc.tuned_ranks(
+                setup.model, setup.tokenizer, eligible, setup.tasks[task].train_batches,
+                setup.validation_task(task).eval_batches, budget, lr=g.lr_for(setup.name, rank),
+                steps=max(2, steps // 2), batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
+                n_calib=g.n_calib, probe_settings=setup.settings,
+                out_dir=setup.cache_dir / "tune" / f"{setup.name}-{task}-r{rank}-seed{seed}")
+        chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
+        note = (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} pilots of "
+                f"{max(2, steps // 2)} steps, {info['pilot_s']:.0f} s")
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
         solver = SolverSettings()
@@ -263,8 +294,9 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     if condition not in ("full", "adalora"):
         expected = pc.cost(ranks, setup.comps)
         assert trainable == expected, f"PEFT counts {trainable} but the placement costs {expected}"
-        if condition.endswith("_only"):  # integer ranks on one family may not reach within 1% of a tight budget
-            family = condition.removesuffix("_only")
+        adapted = {setup.comps[n].family for n, r in ranks.items() if r > 0}
+        if len(adapted) == 1 and condition != "uniform":  # one family's integer ranks may not reach within 1% of
+            (family,) = adapted                            # a tight budget (`*_only`, or alloc_tuned choosing one)
             step = min(c.n_params_per_rank for c in setup.comps.values() if c.family == family and c.eligible)
             assert 0 <= run_budget - trainable < step, f"{condition}: {trainable} trainable vs budget {run_budget}"
             if run_budget - trainable > 0.01 * run_budget:

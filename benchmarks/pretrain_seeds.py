@@ -21,7 +21,7 @@ from benchmarks.placement import CSV_NAME, RESULTS, _log, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
-CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
+CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator", "alloc_tuned",
               "uniform_eva_init", "allocator_eva_init")
 
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "pretrain_seed1",
                         help="placement results on the seed-1 models")
     parser.add_argument("--budgets", default="4", help="comma-separated uniform-rank budgets")
-    parser.add_argument("--tasks", default="text_domain", help="comma-separated tasks of the placement grid")
+    parser.add_argument("--tasks", default="text_domain,fact_recall",
+                        help="comma-separated tasks of the placement grid")
     parser.add_argument("--resume", action="store_true", help="keep finished seed-1 runs")
     parser.add_argument("--compare-only", action="store_true", help="only rewrite the comparison")
     args = parser.parse_args(argv)

@@ -383,6 +383,7 @@ def fact_recall_task(
     batch_size: int = 16,
     per_row: int = 8,
     shuffle_values: bool = False,
+    split: str = "eval",
 ) -> Task:
     """Store ``n_train`` new ``key -> value`` facts (5-letter keys over n..z) in the weights: parametric recall.
 
@@ -390,19 +391,18 @@ def fact_recall_task(
     all) in a fixed other order, ``per_row`` to a row, so a fact is never visible in its own context. The facts
     do not depend on ``seed``. Chance is 1/90 (values 10..99). ``shuffle_values`` is the control: train on the
     same keys and values with the values permuted among the keys (eval keeps the true facts), so the row format is
-    learnt but no fact is; its accuracy must stay at chance."""
-    rng = random.Random("fact-recall")
-    keys: set[str] = set()
-    while len(keys) < n_train:
-        keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
-    facts = [(k, rng.randint(10, 99)) for k in sorted(keys)]
+    learnt but no fact is; its accuracy must stay at chance. ``split="validation"`` scores the facts in a third
+    order and grouping (neither the train rows' nor the eval rows'), to choose settings on without the eval rows."""
+    if split not in ("eval", "validation"):
+        raise ValueError(f"split must be 'eval' or 'validation', got {split!r}")
+    facts = _facts(n_train)
     train_order, eval_order = list(facts), list(facts)
     if shuffle_values:
         values = [v for _, v in facts]
         random.Random("fact-recall-control").shuffle(values)
         train_order = [(k, v) for (k, _), v in zip(facts, values)]
     random.Random(seed).shuffle(train_order)
-    random.Random("fact-recall-eval").shuffle(eval_order)
+    random.Random(f"fact-recall-{split}").shuffle(eval_order)
     train = _fact_rows(tokenizer, train_order, per_row, batch_size)
     evals = _fact_rows(tokenizer, eval_order[:n_eval], per_row, batch_size)
 
@@ -419,6 +419,15 @@ def fact_recall_task(
         tuple(evals),
         evaluate,
     )
+
+
+def _facts(n: int) -> list[tuple[str, int]]:
+    """The ``n`` facts ``(key, value)`` of the fact task, sorted by key; they depend on nothing but ``n``."""
+    rng = random.Random("fact-recall")
+    keys: set[str] = set()
+    while len(keys) < n:
+        keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
+    return [(k, rng.randint(10, 99)) for k in sorted(keys)]
 
 
 def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16, per_file: int = 4) -> Task:

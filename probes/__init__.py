@@ -25,6 +25,8 @@ _LAZY = {
     "ModuleStats": "probes.report",
     "load_batches": "probes.data",
     "data_fingerprint": "probes.data",
+    "describe_source": "probes.data",
+    "is_token_source": "probes.data",
     "run": "probes.runner",
     "run_cached": "probes.cache",
 }

@@ -12,6 +12,9 @@ Sources, chosen by what ``source`` is:
   tokenizer's chat template, loss on assistant turns) or ``prompt`` + ``response``/``completion`` (loss on the
   response only).
 - any other file: plain text.
+- a sequence of token batches (mappings holding ``input_ids``, optionally ``labels`` and ``attention_mask``; 1-D
+  rows or 2-D batches; tensors or lists): data the caller has tokenised already. Its rows are taken **in order**
+  (``seed`` is not used), truncated or padded to ``seq_len`` and re-batched at ``batch_size``.
 
 Plain text is packed into windows of ``seq_len`` tokens; records are truncated/padded to ``seq_len``.
 Everything is deterministic under ``seed``; :func:`data_fingerprint` hashes the resulting batches.
@@ -42,8 +45,11 @@ _OVERSAMPLE = 8  # packed text: tokenise up to this many times the tokens needed
 Batch = dict[str, torch.Tensor]
 
 
+TokenSource = Sequence[Mapping[str, Any]]
+
+
 def load_batches(
-    source: str | os.PathLike,
+    source: str | os.PathLike | TokenSource,
     tokenizer: Any,
     *,
     seq_len: int = 256,
@@ -52,15 +58,17 @@ def load_batches(
     seed: int = 0,
     text_field: str = "text",
 ) -> list[Batch]:
-    """Token batches for :func:`probes.run` from text, JSONL, a ``datasets`` folder or ``"builtin"``.
+    """Token batches for :func:`probes.run` from text, JSONL, a ``datasets`` folder, ``"builtin"`` or batches the
+    caller has tokenised already.
 
     Args:
-        source: ``"builtin"``, a file path or a ``datasets`` folder (see the module docstring).
+        source: ``"builtin"``, a file path, a ``datasets`` folder or a sequence of token batches (see the module
+            docstring).
         tokenizer: a Hugging Face tokenizer (callable, with ``eos_token_id``/``pad_token_id``).
         seq_len: tokens per sequence (window length for text, pad/truncate length for records).
         samples: number of sequences in all; fewer are returned (with a ``ProbeWarning``) if the data is short.
         batch_size: sequences per micro-batch; the last batch may be smaller.
-        seed: picks the windows / records and their order.
+        seed: picks the windows / records and their order (token batches keep theirs).
         text_field: the record field holding plain text.
 
     Raises:
@@ -72,7 +80,9 @@ def load_batches(
     if seq_len < 2:
         raise ProbeError(f"seq_len must be >= 2 for a next-token loss, got {seq_len}")
     rng = random.Random(seed)
-    if str(source) == "builtin":
+    if is_token_source(source):
+        rows = _token_rows(source, tokenizer, seq_len, samples)
+    elif str(source) == "builtin":
         rows = _packed_rows(_builtin_chunks(rng), tokenizer, "builtin", seq_len, samples, rng)
     else:
         path = Path(source)
@@ -88,6 +98,21 @@ def load_batches(
         else:
             rows = _packed_rows(_text_chunks(path), tokenizer, str(path), seq_len, samples, rng)
     return _collate(rows, batch_size)
+
+
+def is_token_source(source: Any) -> bool:
+    """Whether ``source`` is a sequence of token batches rather than a path or ``"builtin"``."""
+    return isinstance(source, Sequence) and not isinstance(source, (str, bytes))
+
+
+def describe_source(source: Any) -> str:
+    """How a run records its data: the path or name as given, or a count and fingerprint of token batches."""
+    if not is_token_source(source):
+        return str(source)
+    rows = sum(_as_rows(b.get("input_ids") if isinstance(b, Mapping) else None, i).shape[0]
+               for i, b in enumerate(source))
+    tensors = [{k: torch.as_tensor(v) for k, v in b.items()} for b in source]
+    return f"<{rows} tokenised sequences in {len(source)} batches, sha256 {data_fingerprint(tensors)[:16]}>"
 
 
 def data_fingerprint(batches: Sequence[Mapping[str, torch.Tensor]]) -> str:
@@ -155,6 +180,46 @@ def _packed_rows(chunks, tokenizer, label: str, seq_len: int, samples: int, rng:
     for w in starts:
         ids = stream[w * seq_len:(w + 1) * seq_len]
         rows.append((ids, list(ids), [1] * seq_len))
+    return rows
+
+
+# --- token batches given by the caller ---------------------------------------------------------------------
+
+
+def _as_rows(value: Any, index: int) -> torch.Tensor:
+    if value is None:
+        raise ProbeError(f"token batch {index} has no 'input_ids'; give mappings with input_ids (and optionally "
+                         "labels, attention_mask)")
+    tensor = torch.as_tensor(value)
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2 or tensor.is_floating_point() or tensor.is_complex():
+        raise ProbeError(f"token batch {index}: input_ids must be integer ids of shape (seq,) or (batch, seq), got "
+                         f"{tuple(tensor.shape)} {tensor.dtype}")
+    return tensor.long()
+
+
+def _token_rows(source: TokenSource, tokenizer: Any, seq_len: int, samples: int):
+    label, rows, pad_id = "(token batches)", [], _pad_id(tokenizer)
+    for index, batch in enumerate(source):
+        if not isinstance(batch, Mapping):
+            raise ProbeError(f"token batch {index} is a {type(batch).__name__}, not a mapping of input_ids/labels")
+        ids = _as_rows(batch.get("input_ids"), index)
+        mask = torch.ones_like(ids) if batch.get("attention_mask") is None else torch.as_tensor(
+            batch["attention_mask"]).reshape(ids.shape).long()
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if batch.get("labels") is None else torch.as_tensor(
+            batch["labels"]).reshape(ids.shape).long()
+        for i in range(ids.shape[0]):
+            row_ids, row_labels, row_mask = (t[i, :seq_len].tolist() for t in (ids, labels, mask))
+            if sum(lab != IGNORE_INDEX for lab in row_labels[1:]) == 0:
+                continue
+            pad = seq_len - len(row_ids)
+            rows.append((row_ids + [pad_id] * pad, row_labels + [IGNORE_INDEX] * pad, row_mask + [0] * pad))
+            if len(rows) == samples:
+                return rows
+    if not rows:
+        raise ProbeError(f"{label}: no sequence has a loss token within seq_len={seq_len}; check the labels")
+    _warn_short(label, len(rows), samples)
     return rows
 
 

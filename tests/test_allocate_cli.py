@@ -83,3 +83,27 @@ def test_help_teaches_by_example(argv, capsys):
         main(argv)
     assert exc.value.code == 0
     assert "example" in capsys.readouterr().out.lower()
+
+
+def test_token_batches_give_the_plan_of_the_file_they_came_from(saved_tiny_model, corpus_file, tiny_tokenizer):
+    """Data already tokenised by the caller (``allocate(data=batches)``) is probed as is: the batches that
+    ``probes.load_batches`` draws from a file give that file's plan, rank for rank."""
+    import allocator
+    import probes
+    from allocator.api import DataSettings
+
+    folder = saved_tiny_model("qwen3_5")
+    settings = DataSettings(seq_len=32, samples=4, batch_size=2)
+    quiet = probes.ProbeSettings(progress=False)
+    from_file = allocator.allocate(str(folder), data=str(corpus_file), budget="r4", data_settings=settings,
+                                   probe_settings=quiet)
+    batches = probes.load_batches(str(corpus_file), tiny_tokenizer, seq_len=32, samples=4, batch_size=2)
+    from_batches = allocator.allocate(str(folder), data=batches, budget="r4", data_settings=settings,
+                                      probe_settings=quiet)
+    assert from_batches.ranks == from_file.ranks and from_batches.cost == from_file.cost
+    assert from_batches.provenance["data_hash"] == from_file.provenance["data_hash"]
+    assert len(from_file.provenance["data_hash"]) == 64  # the batches' sha256 (probes.data_fingerprint)
+    assert from_batches.provenance["data"].startswith("<4 tokenised sequences in 2 batches, sha256 ")
+    shuffled = allocator.allocate(str(folder), data=batches[::-1], budget="r4", data_settings=settings,
+                                  probe_settings=quiet)  # other data: another fingerprint
+    assert shuffled.provenance["data_hash"] != from_file.provenance["data_hash"]

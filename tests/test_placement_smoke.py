@@ -52,6 +52,8 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
             assert 0.0 <= float(r["target_accuracy"]) <= 1.0 and float(r["target_chance"]) == pytest.approx(1 / 90)
         else:
             assert r["target_accuracy"] == "" and r["target_chance"] == ""
+    tuned = [r for r in rows if r["condition"] == "alloc_tuned"]  # `allocate tune`'s pilots chose these plans
+    assert len(tuned) == 2 and all(f"; {grid.tune_trials} pilots of " in r["note"] for r in tuned)
     summary = stats.summarize(rows, ["target_loss", "retention_loss"])
     assert {s["condition"] for s in summary} >= set(placement.CONDITIONS)
     assert stats.compare(rows, "target_loss", "allocator", ["uniform", "random"])
@@ -81,7 +83,7 @@ def test_grid_filters_keep_each_part_and_name_unknown_values():
     from benchmarks.placement import GRIDS, subset
 
     parts = subset(GRIDS["full"], models="qwen3_5_deep")
-    assert [p.models for p in parts] == [("qwen3_5_deep",)]  # the parts without it are dropped
+    assert {p.models for p in parts} == {("qwen3_5_deep",)} and len(parts) < len(GRIDS["full"])  # others dropped
     parts = subset(GRIDS["full"], budgets="2", conditions="uniform,eva", frontier=False)
     assert all(p.budgets == (2,) and set(p.conditions) <= {"uniform", "eva"} and not p.frontier for p in parts)
     for kwargs, message in (({"models": "llama"}, "--models: llama"), ({"budgets": "0"}, "--budgets"),

@@ -133,3 +133,45 @@ def test_fingerprint_sees_every_tensor():
     base = [{"input_ids": torch.arange(6).view(2, 3), "labels": torch.arange(6).view(2, 3)}]
     changed = [{"input_ids": torch.arange(6).view(2, 3), "labels": torch.tensor([[0, 1, 2], [3, 4, -100]])}]
     assert data_fingerprint(base) == data_fingerprint([dict(base[0])]) != data_fingerprint(changed)
+
+
+def test_token_batches_pass_through_in_order_padded_and_rebatched(tok, tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    loaded = load_batches(str(text), tok, seq_len=16, samples=6, batch_size=4, seed=3)
+    again = load_batches(loaded, tok, seq_len=16, samples=6, batch_size=4, seed=99)  # seed: token batches keep order
+    assert data_fingerprint(again) == data_fingerprint(loaded)
+    rebatched = load_batches(loaded, tok, seq_len=16, samples=5, batch_size=2)
+    _check_shapes(rebatched, 5, 16, 2)
+    assert torch.equal(torch.cat([b["input_ids"] for b in rebatched]), torch.cat([b["input_ids"] for b in loaded])[:5])
+    # 1-D rows as lists, no labels: labels = ids, rows padded (masked) or truncated to seq_len
+    rows = load_batches([{"input_ids": [5, 6, 7]}, {"input_ids": list(range(10, 30))}], tok, seq_len=8, samples=2,
+                        batch_size=4)
+    _check_shapes(rows, 2, 8, 4)
+    assert rows[0]["labels"][0].tolist() == [5, 6, 7] + [-100] * 5
+    assert rows[0]["input_ids"][1].tolist() == list(range(10, 18))
+    # given labels (a prompt masked out) and attention masks are kept
+    masked = load_batches([{"input_ids": [[1, 2, 3, 4]], "labels": [[-100, -100, 3, 4]],
+                            "attention_mask": [[1, 1, 1, 1]]}], tok, seq_len=4, samples=1)
+    assert masked[0]["labels"].tolist() == [[-100, -100, 3, 4]]
+
+
+@pytest.mark.parametrize("source, match", [
+    ([{"ids": [1, 2]}], "has no 'input_ids'"),
+    ([[1, 2, 3]], "not a mapping"),
+    ([{"input_ids": [[0.5, 1.5]]}], "integer ids"),
+    ([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], "no sequence has a loss token"),
+])
+def test_bad_token_batches_name_the_fix(tok, source, match):
+    with pytest.raises(ProbeError, match=match):
+        load_batches(source, tok, seq_len=4, samples=1)
+
+
+def test_token_batches_are_described_by_count_and_fingerprint(tok):
+    from probes import describe_source
+
+    batches = [{"input_ids": torch.arange(8).reshape(2, 4)}]
+    text = describe_source(batches)
+    assert text.startswith("<2 tokenised sequences in 1 batches, sha256 ")
+    assert describe_source([{"input_ids": torch.arange(8).reshape(2, 4) + 1}]) != text
+    assert describe_source("builtin") == "builtin"

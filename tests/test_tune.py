@@ -163,3 +163,19 @@ def test_out_dir_of_another_study_is_refused_and_overwrite_starts_over(tiny, tex
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]  # refused before anything was written
     fresh = _tune(tiny, texts, out, settings, objective=_synthetic, study_name="b", overwrite=True)
     assert len(fresh.trials) == 2 and not (out / "pareto").exists()
+
+
+def test_study_takes_token_batches_for_data_and_eval_data(tiny, texts, tmp_path):
+    """Data the caller has tokenised already: probes, fine-tunes and the study's record all take it as is."""
+    import probes
+
+    model, tokenizer = tiny
+    train = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=8, batch_size=2)
+    evals = probes.load_batches(texts[1], tokenizer, seq_len=32, samples=4, batch_size=2)
+    result = allocator.tune(model, train, evals, settings=TuneSettings(trials=6, **FAST), out_dir=tmp_path / "s",
+                            tokenizer=tokenizer, data_settings=DataSettings(seq_len=32, samples=4, batch_size=2),
+                            probe_settings=probes.ProbeSettings(max_rank=8, progress=False))
+    assert sum(r.state == "complete" for r in result.trials) == 6
+    assert all(math.isfinite(r.value) for r in result.trials)
+    assert result.best_plan.provenance["data"].startswith("<8 tokenised sequences in 4 batches, sha256 ")
+    assert result.best_plan.provenance["data_hash"] == probes.data_fingerprint(train[:2])  # the first 4 rows probed

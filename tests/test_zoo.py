@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,14 @@ def test_tasks_are_deterministic_under_a_seed(tokenizer):
         return sorted(torch.cat([b["labels"][b["labels"] != -100] for b in task.train_batches]).tolist())
 
     assert answer_tokens(facts) == answer_tokens(again)  # the same facts in another order
+    # the validation split: the same facts (answer tokens) grouped in rows that neither train nor eval has
+    validation = tasks.fact_recall_task(tokenizer, seed=3, n_train=32, per_row=4, batch_size=4, split="validation")
+    assert torch.equal(validation.train_batches[0]["input_ids"], facts.train_batches[0]["input_ids"])
+    rows = {name: {tuple(r.tolist()) for b in batches for r in b["input_ids"]}
+            for name, batches in (("train", facts.train_batches), ("eval", facts.eval_batches),
+                                  ("validation", validation.eval_batches))}
+    assert not rows["validation"] & (rows["train"] | rows["eval"])
+    assert answer_tokens(replace(facts, train_batches=validation.eval_batches)) == answer_tokens(facts)
     for name, build in tasks.TASKS.items():  # one call signature for every fine-tune task
         task = build(tokenizer, seed=0, n_train=16, n_eval=8, batch_size=8)
         assert task.name == name and task.train_batches and task.eval_batches
