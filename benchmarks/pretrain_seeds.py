@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated tasks of the placement grid")
     parser.add_argument("--resume", action="store_true", help="keep finished seed-1 runs")
     parser.add_argument("--compare-only", action="store_true", help="only rewrite the comparison")
+    parser.add_argument("--command", default=None, help="with --compare-only: the command(s) that made the CSVs")
     args = parser.parse_args(argv)
     start = time.time()
     if not args.compare_only:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     seed1 = read_rows(args.out / CSV_NAME)
     if not seed1:
         parser.error(f"no seed-1 runs in {args.out / CSV_NAME}; run without --compare-only")
-    command = "python -m benchmarks.pretrain_seeds " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = args.command or "python -m benchmarks.pretrain_seeds " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write(seed0, seed1, RESULTS, command.strip(), time.time() - start)
     _log(f"wrote {path}")
     return 0
