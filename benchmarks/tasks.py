@@ -395,7 +395,11 @@ def fact_recall_task(
     order and grouping (neither the train rows' nor the eval rows'), to choose settings on without the eval rows."""
     if split not in ("eval", "validation"):
         raise ValueError(f"split must be 'eval' or 'validation', got {split!r}")
-    facts = _facts(n_train)
+    rng = random.Random("fact-recall")
+    keys: set[str] = set()
+    while len(keys) < n_train:
+        keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
+    facts = [(k, rng.randint(10, 99)) for k in sorted(keys)]
     train_order, eval_order = list(facts), list(facts)
     if shuffle_values:
         values = [v for _, v in facts]
@@ -419,15 +423,6 @@ def fact_recall_task(
         tuple(evals),
         evaluate,
     )
-
-
-def _facts(n: int) -> list[tuple[str, int]]:
-    """The ``n`` facts ``(key, value)`` of the fact task, sorted by key; they depend on nothing but ``n``."""
-    rng = random.Random("fact-recall")
-    keys: set[str] = set()
-    while len(keys) < n:
-        keys.add("".join(rng.choice(SHIFTED_RECALL.letters) for _ in range(5)))
-    return [(k, rng.randint(10, 99)) for k in sorted(keys)]
 
 
 def retention_task(tokenizer: Any, *, n_eval: int = 64, batch_size: int = 16, per_file: int = 4) -> Task:

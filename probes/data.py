@@ -109,8 +109,7 @@ def describe_source(source: Any) -> str:
     """How a run records its data: the path or name as given, or a count and fingerprint of token batches."""
     if not is_token_source(source):
         return str(source)
-    rows = sum(_as_rows(b.get("input_ids") if isinstance(b, Mapping) else None, i).shape[0]
-               for i, b in enumerate(source))
+    rows = sum(_batch_ids(b, i).shape[0] for i, b in enumerate(source))
     tensors = [{k: torch.as_tensor(v) for k, v in b.items()} for b in source]
     return f"<{rows} tokenised sequences in {len(source)} batches, sha256 {data_fingerprint(tensors)[:16]}>"
 
@@ -186,6 +185,21 @@ def _packed_rows(chunks, tokenizer, label: str, seq_len: int, samples: int, rng:
 # --- token batches given by the caller ---------------------------------------------------------------------
 
 
+def _batch_ids(batch: Any, index: int) -> torch.Tensor:
+    """A token batch's ``input_ids`` as (rows, seq) int64, or a ProbeError naming what is wrong with it."""
+    if not isinstance(batch, Mapping):
+        raise ProbeError(f"token batch {index} is a {type(batch).__name__}, not a mapping of input_ids/labels")
+    return _as_rows(batch.get("input_ids"), index)
+
+
+def _shaped_like(batch: Mapping, key: str, ids: torch.Tensor, index: int) -> torch.Tensor:
+    tensor = torch.as_tensor(batch[key])
+    if tensor.numel() != ids.numel():
+        raise ProbeError(f"token batch {index}: {key} has shape {tuple(tensor.shape)}, input_ids "
+                         f"{tuple(ids.shape)}; give one value per token")
+    return tensor.reshape(ids.shape).long()
+
+
 def _as_rows(value: Any, index: int) -> torch.Tensor:
     if value is None:
         raise ProbeError(f"token batch {index} has no 'input_ids'; give mappings with input_ids (and optionally "
@@ -202,13 +216,11 @@ def _as_rows(value: Any, index: int) -> torch.Tensor:
 def _token_rows(source: TokenSource, tokenizer: Any, seq_len: int, samples: int):
     label, rows, pad_id = "(token batches)", [], _pad_id(tokenizer)
     for index, batch in enumerate(source):
-        if not isinstance(batch, Mapping):
-            raise ProbeError(f"token batch {index} is a {type(batch).__name__}, not a mapping of input_ids/labels")
-        ids = _as_rows(batch.get("input_ids"), index)
-        mask = torch.ones_like(ids) if batch.get("attention_mask") is None else torch.as_tensor(
-            batch["attention_mask"]).reshape(ids.shape).long()
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if batch.get("labels") is None else torch.as_tensor(
-            batch["labels"]).reshape(ids.shape).long()
+        ids = _batch_ids(batch, index)
+        mask = torch.ones_like(ids) if batch.get("attention_mask") is None else _shaped_like(
+            batch, "attention_mask", ids, index)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if batch.get("labels") is None else _shaped_like(
+            batch, "labels", ids, index)
         for i in range(ids.shape[0]):
             row_ids, row_labels, row_mask = (t[i, :seq_len].tolist() for t in (ids, labels, mask))
             if sum(lab != IGNORE_INDEX for lab in row_labels[1:]) == 0:

@@ -161,6 +161,7 @@ def test_token_batches_pass_through_in_order_padded_and_rebatched(tok, tmp_path)
     ([[1, 2, 3]], "not a mapping"),
     ([{"input_ids": [[0.5, 1.5]]}], "integer ids"),
     ([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], "no sequence has a loss token"),
+    ([{"input_ids": [1, 2, 3], "labels": [1, 2]}], "labels has shape"),
 ])
 def test_bad_token_batches_name_the_fix(tok, source, match):
     with pytest.raises(ProbeError, match=match):
