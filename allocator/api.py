@@ -151,7 +151,7 @@ def allocate(
     provenance = {
         "model_id": model_id,
         "model_revision": getattr(model_obj.config, "_commit_hash", None),
-        "data": probes.describe_source(data),
+        "data": report.meta["data"],  # probes.describe_source(data), recorded by _probe
         "data_hash": report.meta.get("data_fingerprint"),
         "retention_data": None if retention_data is None else probes.describe_source(retention_data),
         "budget_spec": str(parsed_budget),

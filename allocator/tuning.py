@@ -398,7 +398,7 @@ class _Run:
             "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
             "fused_kernels": fused_kernels, "use_rslora": self.use_rslora})
         self.provenance = {"model_id": self.model_id, "model_revision": getattr(self.model.config, "_commit_hash", None),
-                           "data": _where(data), "retention_data": self.signature["retention_data"],
+                           "data": self.signature["data"], "retention_data": self.signature["retention_data"],
                            "data_settings": self.signature["data_settings"],
                            "probe_settings": self.probe_settings.to_dict(), "fused_kernels": fused_kernels,
                            "versions": library_versions()}

@@ -202,18 +202,18 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
         return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
     elif condition == "alloc_tuned":  # `allocate tune`: pilot fine-tunes choose placement and priors
-        g = setup.grid
+        g, pilot_steps = setup.grid, max(2, steps // 2)
         with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
             warnings.simplefilter("ignore")
             ranks, added, info = pc.tuned_ranks(
                 setup.model, setup.tokenizer, eligible, setup.tasks[task].train_batches,
                 setup.validation_task(task).eval_batches, budget, lr=g.lr_for(setup.name, rank),
-                steps=max(2, steps // 2), batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
+                steps=pilot_steps, batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
                 n_calib=g.n_calib, probe_settings=setup.settings,
                 out_dir=setup.cache_dir / "tune" / f"{setup.name}-{task}-r{rank}-seed{seed}")
         chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
         note = (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} pilots of "
-                f"{max(2, steps // 2)} steps, {info['pilot_s']:.0f} s")
+                f"{pilot_steps} steps, {info['pilot_s']:.0f} s")
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
         solver = SolverSettings()

@@ -222,11 +222,10 @@ def _token_rows(source: TokenSource, tokenizer: Any, seq_len: int, samples: int)
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if batch.get("labels") is None else _shaped_like(
             batch, "labels", ids, index)
         for i in range(ids.shape[0]):
-            row_ids, row_labels, row_mask = (t[i, :seq_len].tolist() for t in (ids, labels, mask))
-            if sum(lab != IGNORE_INDEX for lab in row_labels[1:]) == 0:
+            row = _padded_row(ids[i].tolist(), labels[i].tolist(), mask[i].tolist(), seq_len, pad_id)
+            if row is None:
                 continue
-            pad = seq_len - len(row_ids)
-            rows.append((row_ids + [pad_id] * pad, row_labels + [IGNORE_INDEX] * pad, row_mask + [0] * pad))
+            rows.append(row)
             if len(rows) == samples:
                 return rows
     if not rows:
@@ -277,6 +276,16 @@ def _datasets_records(path: Path):
     return loaded
 
 
+def _padded_row(ids: list[int], labels: list[int], mask: list[int], seq_len: int, pad_id: int):
+    """One sequence truncated to ``seq_len`` and right-padded (``pad_id``, label -100, mask 0); None when no label
+    is left to predict."""
+    ids, labels, mask = ids[:seq_len], labels[:seq_len], mask[:seq_len]
+    if sum(lab != IGNORE_INDEX for lab in labels[1:]) == 0:  # labels[0] is never predicted
+        return None
+    pad = seq_len - len(ids)
+    return ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, mask + [0] * pad
+
+
 def _record_rows(records, tokenizer, label, seq_len, samples, rng, text_field):
     if not records:
         raise ProbeError(f"calibration data {label} is empty; give it at least one record")
@@ -285,13 +294,11 @@ def _record_rows(records, tokenizer, label, seq_len, samples, rng, text_field):
     rows, n_masked = [], 0
     for index in order:
         ids, labels = _encode_record(dict(records[index]), index, tokenizer, text_field, label)
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        if sum(lab != IGNORE_INDEX for lab in labels[1:]) == 0:  # labels[0] is never predicted
+        row = _padded_row(ids, labels, [1] * len(ids), seq_len, _pad_id(tokenizer))
+        if row is None:
             n_masked += 1
             continue
-        pad = seq_len - len(ids)
-        pad_id = _pad_id(tokenizer)
-        rows.append((ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, [1] * len(ids) + [0] * pad))
+        rows.append(row)
         if len(rows) == samples:
             break
     if not rows:
