@@ -465,14 +465,16 @@ class _Run:
             hook = "failed_trial_callback"
 
         s, single = self.settings, self.settings.mode == "single"
+        self.retry = Retry(max_retry=s.max_retry)  # re-enqueues a stale trial's parameters, at most max_retry times
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}} if
                                      self.url.startswith("sqlite") else None, heartbeat_interval=s.heartbeat_interval,
-                                     grace_period=s.grace_period, **{hook: Retry(max_retry=s.max_retry)})
+                                     grace_period=s.grace_period, **{hook: self.retry})
             if self.url.startswith("sqlite"):
                 _fast_sqlite(storage)
+            self.storage = storage
         except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server
             raise InputError(f"could not open storage {redact(self.url)} ({type(exc).__name__}: {exc}); pass a "
                              "database URL Optuna takes, e.g. sqlite:///study.db or postgresql://host/db") from None
@@ -582,12 +584,13 @@ class _Run:
         import optuna
         from optuna.trial import TrialState
 
-        n = self.settings.trials
+        n, unbeating = self.settings.trials, {}
         while True:
             with self.lock:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
+                self._fail_orphans(study, unbeating)
                 states = [t.state for t in study.get_trials(deepcopy=False)]
                 done = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
                 if done >= n:
@@ -599,6 +602,42 @@ class _Run:
                     study.optimize(self.objective_fn, n_trials=1)  # objective_fn releases the lock once claimed
                     continue
             time.sleep(min(5.0, self.settings.heartbeat_interval))
+
+
+    def _fail_orphans(self, study: Any, first_seen: dict[int, float]) -> None:
+        """Fail (and so retry) RUNNING trials that never recorded a heartbeat for ``grace_period`` of this worker.
+
+        A worker killed between claiming a trial (``ask``) and its first heartbeat leaves a trial that Optuna's
+        ``fail_stale_trials`` never fails: it only ages heartbeats, and a trial without one is left alone (a
+        user's ask-and-tell trial may legitimately have none). Every trial of this study is run with heartbeats,
+        so one without any after the grace period is an orphan. The grace period is timed on this worker's own
+        clock (``first_seen``: trial id -> when it was first seen so), so clock skew between hosts cannot fail a
+        live trial.
+        """
+        import copy
+
+        import sqlalchemy
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        query = sqlalchemy.text("SELECT trial_id FROM trials WHERE study_id = :study AND state = 'RUNNING' AND "
+                                "trial_id NOT IN (SELECT trial_id FROM trial_heartbeats)")
+        with self.storage.engine.connect() as connection:
+            orphans = {row[0] for row in connection.execute(
+                query, {"study": self.storage.get_study_id_from_name(self.study_name)})}
+        now = time.monotonic()
+        for trial_id in set(first_seen) - orphans:
+            del first_seen[trial_id]
+        for trial_id in orphans:
+            if now - first_seen.setdefault(trial_id, now) <= self.settings.grace_period:
+                continue
+            del first_seen[trial_id]
+            try:
+                if not study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except UpdateFinishedTrialError:  # another worker failed it first
+                continue
+            self.retry(study, copy.deepcopy(study._storage.get_trial(trial_id)))
 
 
 def _fast_sqlite(storage: Any) -> None:

@@ -86,7 +86,7 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
     assert killed is not None, "the worker finished or never started a trial before it could be killed"
     assert [t.state.name for t in _trials(out)].count("RUNNING") == 1
 
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     trials = _trials(out)
     states = {t.number: t.state.name for t in trials}
@@ -96,3 +96,26 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE"  # the killed trial was re-run, same params
     assert retry[0].params == next(t for t in trials if t.number == killed).params
     assert (out / "best" / "adapter_config.json").is_file() and (out / "study.md").is_file()
+
+
+def test_trial_orphaned_before_its_first_heartbeat_is_failed_and_rerun(setup, tmp_path):
+    """A worker killed between claiming a trial and its first heartbeat leaves a RUNNING trial Optuna never calls
+    stale (it has no heartbeat to age); the next worker must fail and rerun it, not wait for it forever."""
+    import optuna
+
+    out = tmp_path / "study"
+    first = subprocess.run(_command(setup, out, trials=2, steps=4), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # what the killed worker left: ``ask`` committed the trial as RUNNING, no heartbeat thread ever started
+    orphan = optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").ask().number
+
+    resumed = subprocess.run(_command(setup, out, trials=3, steps=4), cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = _trials(out)
+    states = {t.number: t.state.name for t in trials}
+    assert states[orphan] == "FAIL" and len(_finished(trials)) == 3, states
+    assert "RUNNING" not in states.values() and "WAITING" not in states.values()
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
