@@ -142,6 +142,8 @@ def _trainable(model: torch.nn.Module, lora_config: Any, seed: int) -> tuple[tor
     torch.manual_seed(seed)  # LoRA A matrices are drawn here
     with warnings.catch_warnings():  # PEFT reads a renamed transformers attribute: a FutureWarning per tuning trial
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # a plan with init "eva" records it in the config, but EVA's directions come from allocator.lora_init
+        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
         model = get_peft_model(model, lora_config)
     return model, int(model.get_nb_trainable_parameters()[0])
 
@@ -164,6 +166,7 @@ def finetune(
     max_grad_norm: float | None = 1.0,
     metrics_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
     return_model: bool = False,
+    init: Callable[[torch.nn.Module], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``model`` for ``steps`` AdamW steps and report eval losses.
 
@@ -183,6 +186,8 @@ def finetune(
         max_grad_norm: clip the global gradient norm; ``None`` disables clipping.
         metrics_fn: called on the trained model; its mapping is stored in ``FinetuneResult.metrics``.
         return_model: keep the trained model in ``FinetuneResult.model``.
+        init: ``init(peft_model)`` right after the adapters are built, before the first eval and step: sets
+            their initial weights, e.g. EVA's lora_A at the plan's ranks (``allocator.lora_init.init_lora_a``).
 
     Raises:
         InputError: on a non-positive ``steps``/``lr``/``batch_size``, an unknown ``schedule``, a ``warmup``
@@ -203,6 +208,8 @@ def finetune(
     device = _device(model)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         trained, n_trainable = _trainable(model, lora_config, seed)
+        if init is not None:
+            init(trained)
         torch.manual_seed(seed)  # dropout
         order = torch.Generator().manual_seed(seed)  # data order, independent of model code's draws
         params = [p for p in trained.parameters() if p.requires_grad]

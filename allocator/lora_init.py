@@ -43,6 +43,13 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     batches = [{key: b[key] for key in BATCH_KEYS if key in b} for b in batches]
     if not batches:
         raise InputError("EVA init needs calibration batches; pass init_data=probes.load_batches(...)")
+    # PEFT skips a batch with fewer counted tokens than components, and cycles the data until every module has
+    # converged: with no batch large enough it would loop forever
+    largest = max(_counted_tokens(b, use_label_mask) for b in batches)
+    if largest < k:
+        raise InputError(f"EVA init at rank {k} needs a calibration batch with at least {k} tokens that "
+                         f"{'carry a label' if use_label_mask else 'are attended'}; the largest has {largest}: use "
+                         "larger batches or longer sequences (--data-batch-size, --data-seq-len), or lower ranks")
     config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=list(names), init_lora_weights="eva",
                         eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=use_label_mask))
     try:
@@ -55,6 +62,17 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
         raise InputError(f"EVA found fewer than {k} input directions for {(missing + short)[:3]}; use more "
                          "calibration samples")
     return state
+
+
+def _counted_tokens(batch: Mapping[str, Any], use_label_mask: bool) -> int:
+    """Tokens of ``batch`` that EVA's PCA sees: attended ones, and with ``use_label_mask`` only labelled ones
+    (PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled token)."""
+    import torch
+
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    if use_label_mask and "labels" in batch:
+        mask = mask & (batch["labels"] != -100)
+    return int(mask.sum())
 
 
 def init_lora_a(peft_model: Any, components: Mapping[str, Any], ranks: Mapping[str, int],

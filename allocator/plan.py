@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,9 @@ class Plan:
 
             components = eva_components(model, list(self.targets), init_data, max(self.targets.values()))
         config = self.to_lora_config(**lora_kwargs)
-        with _without_peft_moe_remap(model, self.targets):
+        with _without_peft_moe_remap(model, self.targets), warnings.catch_warnings():
+            # PEFT's advice for its own EVA pass; the directions here come from allocator.lora_init
+            warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
             peft_model = get_peft_model(model, config)
         trainable, _ = peft_model.get_nb_trainable_parameters()
         if trainable != self.cost:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.api import DataSource
 from allocator.budget import Budget
 from allocator.errors import AllocatorError, InputError
+from allocator.lora_init import check_init
 from allocator.solve import GRANULARITIES
 from allocator.tune_report import LOCK_NAME, FileLock, redact
 
@@ -231,6 +232,8 @@ def tune(
     retention_data: DataSource | None = None,
     fused_kernels: bool = True,
     use_rslora: bool = False,
+    init: str = "default",
+    init_data: DataSource | None = None,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     objective: Callable[[Plan, Any], float] | None = None,
@@ -250,6 +253,12 @@ def tune(
         overwrite: start over: clear ``out_dir`` and delete ``study_name`` from ``storage``.
         data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
             at ``""`` keep their value; the ``default`` baseline uses them).
+        init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or ``"eva"``
+            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data``, once
+            per worker and rank; ``allocator.lora_init``). With ``"eva"`` the study picks the placement that does
+            best under that init, and ``best/`` is a plan to apply with ``Plan.apply(model, init_data=...)``.
+        init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows); PEFT's
+            EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
 
@@ -267,14 +276,16 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out_dir).expanduser().resolve()
     url = storage or f"sqlite:///{out / 'study.db'}"
-    run = _Run(settings, out, url, study_name, objective, use_rslora)
+    run = _Run(settings, out, url, study_name, objective, use_rslora, check_init(init))
     check_out_dir(out, study_name, url, overwrite)  # before any work, and before the lock file is created
     with run.lock:
         prepare_out_dir(out, study_name, url, overwrite)
+    if init_data is not None and init != "eva":
+        raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or drop it")
     run.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
-             data_settings, probe_settings, utility_settings, solver_settings)
+             data_settings, probe_settings, utility_settings, solver_settings, init_data)
     with run.lock:
-        run.probe(data, retention_data)
+        run.probe(data, retention_data, init_data)
         study = run.open_study()
         run.enqueue_baselines(study)
     run.run_trials(study)
@@ -350,13 +361,15 @@ class _Run:
     """One worker's share of a study: the model, the cached probe reports, the search and the trial loop."""
 
     def __init__(self, settings: TuneSettings, out: Path, url: str, study_name: str,
-                 objective: Callable[[Plan, Any], float] | None, use_rslora: bool) -> None:
+                 objective: Callable[[Plan, Any], float] | None, use_rslora: bool, init: str = "default") -> None:
         self.settings, self.out, self.url, self.study_name = settings, out, url, study_name
-        self.objective, self.use_rslora = objective, use_rslora
+        self.objective, self.use_rslora, self.init = objective, use_rslora, init
+        self.calibration: list = []
+        self._eva: dict[str, Any] = {}  # EVA components per module, computed as trials need them
         self.lock, self.probe_seconds = FileLock(out / LOCK_NAME), 0.0
 
     def load(self, model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
-             data_settings, probe_settings, utility_settings, solver_settings) -> None:
+             data_settings, probe_settings, utility_settings, solver_settings, init_data=None) -> None:
         """Model, components and fine-tune batches; the base settings. No probes yet."""
         import probes
         from allocator.api import (
@@ -386,8 +399,8 @@ class _Run:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
         self.train = self.evals = ()
         if self.objective is None:
-            self.train = self._batches(data, s.train_samples, s.seed)
-            self.evals = self._batches(eval_data, s.eval_samples, s.seed)
+            self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
+            self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
         self.signature = _jsonable({
             "settings": {k: v for k, v in s.to_dict().items()
                          if k not in ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")},
@@ -396,25 +409,27 @@ class _Run:
             "objective": "finetune" if self.objective is None else getattr(self.objective, "__name__", "custom"),
             "data_settings": dataclasses.asdict(self.data_settings), "probe_settings": self.probe_settings.result_key(),
             "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
-            "fused_kernels": fused_kernels, "use_rslora": self.use_rslora})
+            "fused_kernels": fused_kernels, "use_rslora": self.use_rslora,
+            **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {})})
+        # (init keys absent by default, so studies begun before they existed still resume)
         self.provenance = {"model_id": self.model_id, "model_revision": getattr(self.model.config, "_commit_hash", None),
                            "data": self.signature["data"], "retention_data": self.signature["retention_data"],
                            "data_settings": self.signature["data_settings"],
                            "probe_settings": self.probe_settings.to_dict(), "fused_kernels": fused_kernels,
                            "versions": library_versions()}
 
-    def _batches(self, source: Any, samples: int, seed: int) -> tuple:
+    def _batches(self, source: Any, samples: int, batch_size: int, seed: int) -> list:
         import probes
         from probes.errors import ProbeError
 
         d = self.data_settings
         try:
-            return tuple(probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=samples,
-                                             batch_size=self.settings.batch_size, seed=seed, text_field=d.text_field))
+            return list(probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=samples,
+                                            batch_size=batch_size, seed=seed, text_field=d.text_field))
         except ProbeError as exc:
             raise InputError(str(exc)) from None
 
-    def probe(self, data: Any, retention_data: Any) -> None:
+    def probe(self, data: Any, retention_data: Any, init_data: Any = None) -> None:
         """Probe reports from ``OUT_DIR/probes`` (run once per study; the caller holds the lock)."""
         import probes
         from probes.errors import ProbeError
@@ -422,17 +437,21 @@ class _Run:
         started, d, names = time.perf_counter(), self.data_settings, [c.name for c in self.eligible if not c.is_parameter]
         meta = {"model_id": self.model_id, "model_revision": self.provenance["model_revision"]}
 
-        def report(source: Any) -> Any:
+        def report(batches: list) -> Any:
             try:
-                batches = probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=d.samples,
-                                              batch_size=d.batch_size, seed=d.seed, text_field=d.text_field)
                 return probes.run_cached(self.model, batches, names, self.probe_settings,
                                          cache_dir=self.out / "probes", key_meta=meta)
             except ProbeError as exc:
                 raise InputError(str(exc)) from None
 
-        self.report = report(data)
-        self.risk = None if retention_data is None else report(retention_data)
+        def calibration(source: Any) -> list:
+            return self._batches(source, d.samples, d.batch_size, d.seed)
+
+        batches = calibration(data)
+        self.report = report(batches)
+        if self.init == "eva":  # EVA's data, as Plan.apply(init_data=...) takes it
+            self.calibration = batches if init_data is None else calibration(init_data)
+        self.risk = None if retention_data is None else report(calibration(retention_data))
         self.provenance["data_hash"] = self.report.meta.get("data_fingerprint")
         self.probe_seconds = time.perf_counter() - started
         families = sorted({c.family for c in self.eligible if c.name in self.report.modules})
@@ -465,10 +484,10 @@ class _Run:
             hook = "failed_trial_callback"
 
         s, single = self.settings, self.settings.mode == "single"
-        self.retry = Retry(max_retry=s.max_retry)  # re-enqueues a stale trial's parameters, at most max_retry times
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.retry = Retry(max_retry=s.max_retry)  # re-enqueues a stale trial's parameters, max_retry times
                 storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}} if
                                      self.url.startswith("sqlite") else None, heartbeat_interval=s.heartbeat_interval,
                                      grace_period=s.grace_period, **{hook: self.retry})
@@ -526,13 +545,13 @@ class _Run:
         if placement == "solver":
             return solve_plan(self.model_id, self.components, self.report, budget, cfg["utility"], cfg["solver"],
                               risk_report=self.risk, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
-                              use_rslora=self.use_rslora)
+                              use_rslora=self.use_rslora, init=self.init)
         rank = self._baseline_rank(placement, {"budget": budget})
         ranks = {c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible}
         solver = {"status": f"baseline ({placement})", "mip_gap": 0.0, "granularity": "type", "groups": {}}
         return Plan(model_id=self.model_id, components=self.components, ranks=dict(ranks), budget=budget,
                     solver=solver, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
-                    use_rslora=self.use_rslora)
+                    use_rslora=self.use_rslora, init=self.init)
 
     def plan_for_params(self, params: Mapping[str, Any], number: int | None = None) -> Plan:
         """Rebuild a finished trial's plan from its parameters (solving is deterministic)."""
@@ -567,11 +586,24 @@ class _Run:
             config = plan.to_lora_config(base_model_name_or_path=None)  # PEFT fills in the model's own
             result = finetune(self.model, config, self.train, self.evals, steps=s.steps, lr=cfg["lr"], seed=s.seed,
                               batch_size=s.batch_size, eval_every=(s.eval_every or None) if single else None,
-                              callback=_reporter(trial, prunable) if single else None)
+                              callback=_reporter(trial, prunable) if single else None,
+                              init=self._eva_init(plan) if plan.init == "eva" else None)
             value, work = result.eval_loss, result.wall_time_s
             trial.set_user_attr("initial_eval_loss", result.initial_eval_loss)
         trial.set_user_attr("timing", {"setup_s": setup, "objective_s": work})
         return value if s.mode == "single" else (value, float(plan.cost))
+
+    def _eva_init(self, plan: Plan) -> Callable[[Any], None]:
+        """The fine-tune's ``init``: EVA's components copied into lora_A at ``plan``'s ranks, as ``Plan.apply``
+        does. Components are kept per module; one EVA pass computes those a plan needs beyond what earlier trials
+        asked for, at its largest such rank, and a module takes their first ``r`` rows."""
+        from allocator.lora_init import eva_components, init_lora_a
+
+        targets, cache = plan.targets, self._eva
+        need = {n: r for n, r in targets.items() if n not in cache or cache[n].shape[0] < r}
+        if need:
+            cache.update(eva_components(self.model, sorted(need), self.calibration, max(need.values())))
+        return lambda peft_model: init_lora_a(peft_model, cache, targets)
 
     def run_trials(self, study: Any) -> None:
         """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).

@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev", "alloc_ev_eva_init")
+# `allocate tune --init eva` (pilots from EVA's init too), then EVA's init: where EVA's init wins (the fact task)
+TUNED_EVA = ("alloc_tuned_eva_init",)
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params", "target_loss",
@@ -102,7 +104,7 @@ CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2
 # (`python -m benchmarks.lr_sweep --task fact_recall`; higher lrs wreck the model, docs/method.md)
 FACT_LRS = (("qwen3_5_tiny", 1, 8e-3), ("qwen3_5_tiny", 4, 8e-3), ("falcon_h1_tiny", 4, 2e-3))
 FACT_PART = replace(CORE, tasks=("fact_recall",), lrs=FACT_LRS,
-                    conditions=CONDITIONS + EXTRA + ("uniform_eva_init", "allocator_eva_init"),
+                    conditions=CONDITIONS + EXTRA + ("uniform_eva_init", "allocator_eva_init") + TUNED_EVA,
                     frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
 # Tight and generous budgets, and the 12-layer model: the conditions that answer the questions there
 # (EVA's init is left to the core grid: at uniform's best lr it tied uniform there and forgot more)
@@ -114,7 +116,7 @@ BUDGET_PART = replace(CORE, conditions=BUDGET_CONDITIONS,
                       frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
 # The fact task at the tight budget, on the model that stores facts (Falcon-H1 stores none at r4)
 FACT_TIGHT = replace(FACT_PART, models=("qwen3_5_tiny",), budgets=(1,),
-                     conditions=BUDGET_CONDITIONS + ("uniform_eva_init",),
+                     conditions=BUDGET_CONDITIONS + ("uniform_eva_init",) + TUNED_EVA,
                      frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25)))
 # EVA's data-driven lora_A acts like a larger step (docs/method.md): is its best lr lower than uniform's?
 LR_CONDITIONS = ("uniform", "uniform_eva_init", "allocator_eva_init", "eva")
@@ -123,7 +125,7 @@ LR_PART = replace(CORE, conditions=LR_CONDITIONS, frontier=(("lr/2", 1, 0.5, 1),
 GRIDS: dict[str, tuple[Grid, ...]] = {
     "smoke": (Grid(("qwen3_5_tiny",), ("text_domain", "fact_recall"), (4,), (0,), steps=3, batch_size=2, n_train=8,
                    n_eval=4, n_calib=4, n_facts=16, tune_trials=6, frontier=(("lr/4", 1, 0.25, 1),),
-                   conditions=CONDITIONS + EXTRA + INIT),),
+                   conditions=CONDITIONS + EXTRA + INIT + TUNED_EVA),),
     "core": (CORE,),
     # in order of what the claims need most: the tight budget and the deep model before r16 and the lr part
     "full": (CORE, FACT_PART, replace(BUDGET_PART, budgets=(1,)),
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default=None, help="comma-separated uniform-rank budgets (e.g. 1,16), replacing "
                         "the grid's")
     parser.add_argument("--conditions", default=None, help="comma-separated subset of the grid's conditions "
-                        f"(known: {', '.join(CONDITIONS + EXTRA + INIT)})")
+                        f"(known: {', '.join(CONDITIONS + EXTRA + INIT + TUNED_EVA)})")
     parser.add_argument("--no-frontier", action="store_true", help="skip the frontier runs (lr/steps/rank variants)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")
     parser.add_argument("--command", default=None, help="with --report-only: the command(s) that made the CSV")

@@ -232,12 +232,15 @@ def adalora_effective_params(peft_model: torch.nn.Module) -> int:
 
 def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Component], train: Sequence[Mapping],
                 validation: Sequence[Mapping], budget: int, *, lr: float, steps: int, batch_size: int, seed: int,
-                trials: int, n_calib: int, probe_settings: Any, out_dir: Any) -> tuple[Ranks, int, dict]:
+                trials: int, n_calib: int, probe_settings: Any, out_dir: Any,
+                init: str = "default") -> tuple[Ranks, int, dict]:
     """``allocate tune`` (:func:`allocator.tuning.tune`) at the fixed budget, lr and alpha: Optuna chooses the
     placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver utility's
     family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored on
     ``validation`` (never the eval rows). The best trial's ranks: a family baseline as the benchmark's own
-    ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first."""
+    ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first. ``init="eva"``:
+    every pilot starts from EVA's lora_A (``allocate tune --init eva``), every token of the calibration rows
+    counted as in :func:`eva_components` (``init_data`` without labels)."""
     from allocator.api import DataSettings
     from allocator.tuning import TuneSettings, tune
 
@@ -249,7 +252,8 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
         lr=f"{lr:g}", alpha_ratio="2", weights="", uniform_prior="0..1", family_priors="0.25..4",
         retention_weight="", granularity="", max_rank="")
     result = tune(model, data=list(train), eval_data=list(validation), tokenizer=tokenizer, settings=settings,
-                  out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings,
+                  out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings, init=init,
+                  init_data=[{k: v for k, v in b.items() if k != "labels"} for b in train] if init == "eva" else None,
                   data_settings=DataSettings(seq_len=seq_len, samples=n_calib, batch_size=4))
     best, comps = result.best, {c.name: c for c in eligible}
     if best.placement in ("attention", "recurrent", "mlp"):  # a family baseline won: the benchmark's own placement

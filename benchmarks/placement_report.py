@@ -23,6 +23,7 @@ OURS = ("allocator", "alloc_retention", "alloc_tuned")
 # Under EVA's lora_A init, does a placement beat uniform's? (ours, baselines)
 INIT_PAIRS = (("allocator_eva_init", ("uniform_eva_init", "uniform", "eva")),
               ("alloc_ev_eva_init", ("uniform_eva_init", "allocator_eva_init", "eva")),
+              ("alloc_tuned_eva_init", ("uniform_eva_init", "allocator_eva_init", "eva", "alloc_tuned", "uniform")),
               ("eva", ("uniform_eva_init",)), ("eva_ranks_eva_init", ("uniform_eva_init",)))
 
 

@@ -196,24 +196,17 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         init = pc.eva_init(a_init) if condition == "eva" else None
         note = f"EVA rank units {info['eva_rank_units']} (PEFT would use {info['eva_rank_units_peft']})"
     elif condition.endswith("_eva_init"):  # a placement's ranks with EVA's data-driven lora_A (rho = 1)
-        config, _, _, ranks, added, note = plan_condition(setup, task, condition.removesuffix("_eva_init"), rank,
-                                                          budget, seed, steps)
+        base = condition.removesuffix("_eva_init")
+        if base == "alloc_tuned":  # `allocate tune --init eva`: the pilots start from EVA's init too
+            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init="eva")
+            config = to_lora_config(ranks, setup.components, alpha_ratio=2.0)
+        else:
+            config, _, _, ranks, added, note = plan_condition(setup, task, base, rank, budget, seed, steps)
         components = setup.eva_components(task, max(ranks.values()))
         init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
         return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
     elif condition == "alloc_tuned":  # `allocate tune`: pilot fine-tunes choose placement and priors
-        g, pilot_steps = setup.grid, max(2, steps // 2)
-        with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
-            warnings.simplefilter("ignore")
-            ranks, added, info = pc.tuned_ranks(
-                setup.model, setup.tokenizer, eligible, setup.tasks[task].train_batches,
-                setup.validation_task(task).eval_batches, budget, lr=g.lr_for(setup.name, rank),
-                steps=pilot_steps, batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
-                n_calib=g.n_calib, probe_settings=setup.settings,
-                out_dir=setup.cache_dir / "tune" / f"{setup.name}-{task}-r{rank}-seed{seed}")
-        chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
-        note = (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} pilots of "
-                f"{pilot_steps} steps, {info['pilot_s']:.0f} s")
+        ranks, added, note = _tuned(setup, task, rank, budget, seed, steps)
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
         solver = SolverSettings()
@@ -233,6 +226,23 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         raise ValueError(f"unknown condition {condition!r}")
     config = to_lora_config(ranks, setup.components, alpha_ratio=2.0)
     return config, init, target_bgt, ranks, added, note
+
+
+def _tuned(setup: ModelSetup, task: str, rank: int, budget: int, seed: int, steps: int,
+           init: str = "default") -> tuple[dict, int, str]:
+    """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note."""
+    g, pilot_steps = setup.grid, max(2, steps // 2)
+    with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
+        warnings.simplefilter("ignore")
+        ranks, added, info = pc.tuned_ranks(
+            setup.model, setup.tokenizer, setup.eligible, setup.tasks[task].train_batches,
+            setup.validation_task(task).eval_batches, budget, lr=g.lr_for(setup.name, rank),
+            steps=pilot_steps, batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
+            n_calib=g.n_calib, probe_settings=setup.settings, init=init,
+            out_dir=setup.cache_dir / "tune" / f"{setup.name}-{task}-r{rank}-seed{seed}{'-eva' * (init == 'eva')}")
+    chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
+    return ranks, added, (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} pilots "
+                          f"of {pilot_steps} steps, {info['pilot_s']:.0f} s")
 
 
 def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, *, frontier: str = "",

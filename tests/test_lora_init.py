@@ -79,6 +79,23 @@ def test_eva_plan_without_data_names_the_fix(saved_tiny_model, corpus_file):
         plan.apply(model)
 
 
+def test_eva_with_too_few_labelled_tokens_per_batch_names_the_fix_instead_of_looping(saved_tiny_model, corpus_file):
+    """PEFT skips batches with fewer counted tokens than components and cycles the data until convergence: with
+    every batch too small that never ends. Labels on 2 tokens per row, 2 rows a batch: 4 < rank 8."""
+    model, batches, plan = _setup(saved_tiny_model, corpus_file)
+    plan = Plan(model_id=plan.model_id, components=plan.components, budget=10**9, init="eva",
+                ranks={n: 8 for n in plan.targets})
+    sparse = []
+    for b in probes.load_batches(str(corpus_file), AutoTokenizer.from_pretrained(saved_tiny_model("qwen3_5")),
+                                 seq_len=32, samples=4, batch_size=2):
+        labels = torch.full_like(b["input_ids"], -100)
+        labels[:, -2:] = b["input_ids"][:, -2:]
+        sparse.append({**b, "labels": labels})
+    with pytest.raises(InputError, match="at least 8 tokens that carry a label; the largest has 4"):
+        plan.apply(model, init_data=sparse)
+    assert plan.apply(model, init_data=[{k: v for k, v in b.items() if k != "labels"} for b in sparse]) is not None
+
+
 def test_unknown_init_is_refused():
     with pytest.raises(InputError, match="eva"):
         Plan(model_id="m", components=(), ranks={}, budget=1, init="pissa")

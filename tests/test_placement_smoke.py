@@ -54,6 +54,8 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
             assert r["target_accuracy"] == "" and r["target_chance"] == ""
     tuned = [r for r in rows if r["condition"] == "alloc_tuned"]  # `allocate tune`'s pilots chose these plans
     assert len(tuned) == 2 and all(f"; {grid.tune_trials} pilots of " in r["note"] for r in tuned)
+    tuned_eva = [r for r in rows if r["condition"] == "alloc_tuned_eva_init"]  # `allocate tune --init eva`
+    assert len(tuned_eva) == 2 and all("pilots of" in r["note"] and "EVA init" in r["note"] for r in tuned_eva)
     summary = stats.summarize(rows, ["target_loss", "retention_loss"])
     assert {s["condition"] for s in summary} >= set(placement.CONDITIONS)
     assert stats.compare(rows, "target_loss", "allocator", ["uniform", "random"])

@@ -179,3 +179,42 @@ def test_study_takes_token_batches_for_data_and_eval_data(tiny, texts, tmp_path)
     assert all(math.isfinite(r.value) for r in result.trials)
     assert result.best_plan.provenance["data"].startswith("<8 tokenised sequences in 4 batches, sha256 ")
     assert result.best_plan.provenance["data_hash"] == probes.data_fingerprint(train[:2])  # the first 4 rows probed
+
+
+def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(tiny, texts, tmp_path):
+    """``init="eva"``: each trial's fine-tune is the one ``Plan.apply(model, init_data=calibration)`` would start."""
+    import probes
+    from allocator.finetune import finetune
+    from allocator.lora_init import eva_components, init_lora_a
+
+    model, tokenizer = tiny
+    settings = TuneSettings(trials=2, baselines=("uniform",), **FAST)
+    out = tmp_path / "eva"
+    result = _tune(tiny, texts, out, settings, init="eva")
+    plain = _tune(tiny, texts, tmp_path / "plain", settings)
+    assert [r.state for r in result.trials] == ["complete", "complete"]
+    assert result.best_plan.init == "eva" and Plan.load(out / "best").init == "eva"
+
+    # the uniform baseline (trial 0) again, outside the study: EVA's components on the calibration rows in lora_A
+    uniform = result.trials[0]
+    components = find_components(model)
+    budget = Budget.parse("r8").resolve(components)
+    rank = budget // params_per_uniform_rank(components)
+    plan = Plan(model_id="tiny", components=components, budget=budget, solver={}, init="eva",
+                ranks={c.name: rank for c in components if c.eligible})
+    calibration = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=4, batch_size=2)
+    directions = eva_components(model, sorted(plan.targets), calibration, rank)
+    train = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=8, batch_size=2)
+    evals = probes.load_batches(texts[1], tokenizer, seq_len=32, samples=4, batch_size=2)
+    again = finetune(model, plan.to_lora_config(base_model_name_or_path=None), train, evals, steps=3,
+                     lr=uniform.params["lr"], seed=0, batch_size=2,
+                     init=lambda m: init_lora_a(m, directions, plan.targets))
+    assert again.eval_loss == pytest.approx(uniform.value, abs=1e-6)
+    assert abs(plain.trials[0].value - uniform.value) > 1e-4  # PEFT's init trains to another loss
+
+    with pytest.raises(InputError, match="started with other init"):
+        _tune(tiny, texts, out, TuneSettings(trials=3, baselines=("uniform",), **FAST))
+    with pytest.raises(InputError, match="pass init='eva'"):
+        _tune(tiny, texts, tmp_path / "other", settings, init_data=texts[0])
+    assert not (tmp_path / "other" / "study.db").exists()
+

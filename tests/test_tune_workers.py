@@ -5,6 +5,7 @@ The workers run the real CLI on a tiny random-init Llama saved to a folder (hidd
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -28,13 +29,13 @@ def setup(tmp_path_factory) -> dict[str, str]:
     return {k: str(folder / v) for k, v in (("model", "model"), ("train", "train.txt"), ("eval", "eval.txt"))}
 
 
-def _command(setup: dict[str, str], out: Path, trials: int, steps: int) -> list[str]:
+def _command(setup: dict[str, str], out: Path, trials: int, steps: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "allocator.cli", "tune", setup["model"], "--data", setup["train"],
             "--eval-data", setup["eval"], "-o", str(out), "--trials", str(trials), "--steps", str(steps),
             "--eval-every", "0", "--batch-size", "2", "--train-samples", "8", "--eval-samples", "4",
             "--budget", "r4", "--max-rank", "8,16", "--baselines", "uniform", "--heartbeat-interval", "1",
             "--grace-period", "2", "--data-seq-len", "32", "--data-samples", "4", "--data-batch-size", "2",
-            "--probe-max-rank", "8", "--quiet"]
+            "--probe-max-rank", "8", "--quiet", *extra]
 
 
 def _trials(out: Path):
@@ -49,7 +50,8 @@ def _finished(trials) -> list:
 
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(setup, tmp_path):
     out = tmp_path / "study"
-    workers = [subprocess.Popen(_command(setup, out, trials=6, steps=4), cwd=ROOT, stdout=subprocess.PIPE,
+    # with EVA's init (each worker computes the directions it needs): the CLI records it in the winning plan
+    workers = [subprocess.Popen(_command(setup, out, 6, 4, "--init", "eva"), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], logs
@@ -61,6 +63,8 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(setup,
     assert len(set(params)) == len(params)  # no configuration evaluated twice
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
     assert len(list((out / "probes").glob("probe-*"))) == 1  # probes ran once for the study
+    assert json.loads((out / "best" / "allocation.json").read_text())["init"] == "eva"
+    assert all("Plan.load(" in log and "init_data=" in log for log in logs)  # how to apply an EVA plan
 
 
 def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):

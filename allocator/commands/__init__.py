@@ -19,3 +19,11 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 1
+
+
+def usage_line(folder: object, init: str) -> str:
+    """How to apply a plan written to ``folder``: PEFT alone, or ``Plan.apply`` where lora_A takes EVA's init."""
+    if init == "eva":
+        return (f"use:  Plan.load({str(folder)!r}).apply(model, init_data=probes.load_batches(DATA, tokenizer))"
+                "  (EVA init of lora_A at these ranks)")
+    return f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder)!r}))"

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from allocator.commands import run_guarded
+from allocator.commands import run_guarded, usage_line
 from allocator.commands._options import add_settings_options, settings_from_args
 
 EXAMPLES = """\
@@ -123,11 +123,8 @@ def format_summary(plan, folder: Path, seconds: float) -> str:
     lines += [
         "",
         f"wrote {folder}/adapter_config.json, allocation.json, report.md, heatmap.png ({seconds:.0f} s)",
-        f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder)!r}))",
+        usage_line(folder, plan.init),
     ]
-    if plan.init == "eva":
-        lines[-1] = (f"use:  Plan.load({str(folder)!r}).apply(model, init_data=probes.load_batches(DATA, tokenizer))"
-                     "  (EVA init of lora_A at these ranks)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from allocator.commands import run_guarded
+from allocator.commands import run_guarded, usage_line
 from allocator.commands._options import add_settings_options, settings_from_args
 
 EXAMPLES = """\
@@ -19,6 +19,8 @@ examples:
       eval loss against trainable parameters; the Pareto front's plans land in out/pareto/
   allocate tune ./my-model --data d.txt --eval-data e.txt --lr 3e-3 --granularity layer-type -o out
       fix the learning rate and the granularity, search the rest
+  allocate tune ./my-model --data d.txt --eval-data e.txt --init eva -o out
+      every trial starts lora_A on EVA's input principal directions at its ranks; out/best records init 'eva'
   allocate tune ... --storage postgresql://host/db --study qwen-r8      (run on several machines)
       workers given the same --storage and --study share one study; on one machine, start the same command
       several times with the same -o (the default storage is sqlite:///OUT_DIR/study.db)
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", default="tune", help="study name in the storage (default: tune)")
     parser.add_argument("--overwrite", action="store_true", help="start over: clear the output folder and delete the study")
     parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r)")
+    parser.add_argument("--init", choices=("default", "eva"), default="default",
+                        help="lora_A init of every trial's fine-tune, recorded in the plans: PEFT's default, or 'eva' "
+                        "(top principal directions of each module's input at the trial's ranks; the study then picks "
+                        "the placement for that init)")
+    parser.add_argument("--init-data", default=None, help="EVA's calibration data (default: --data); PEFT's EVA counts "
+                        "only labelled tokens, so data labelled on answers only may need its own")
     parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         utility_settings=settings_from_args(args, utility_cls, prefix="utility"),
         solver_settings=settings_from_args(args, solver_cls, prefix="solver"),
         retention_data=args.retention_data, fused_kernels=not args.no_fused_kernels, use_rslora=args.rslora,
-        trust_remote_code=args.trust_remote_code,
+        init=args.init, init_data=args.init_data, trust_remote_code=args.trust_remote_code,
     )
     print(format_summary(result, time.perf_counter() - started))
     return 0
@@ -106,7 +114,7 @@ def format_summary(result, seconds: float) -> str:
         lines.append(f"        vs {name:<10} {result.baselines[name].value:.4f}  ({delta:+.4f})")
     folder = Path(result.out_dir) if result.out_dir else Path(".")
     lines += ["", f"wrote {folder}/best, study.md, study.png ({seconds:.0f} s)",
-              f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder / 'best')!r}))"]
+              usage_line(folder / "best", result.best_plan.init if result.best_plan else "default")]
     return "\n".join(lines)
 
 
