@@ -254,8 +254,8 @@ def tune(
         data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
             at ``""`` keep their value; the ``default`` baseline uses them).
         init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or ``"eva"``
-            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data``, once
-            per worker and rank; ``allocator.lora_init``). With ``"eva"`` the study picks the placement that does
+            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data`` by
+            each worker as its trials need them; ``allocator.lora_init``). With ``"eva"`` the study picks the placement that does
             best under that init, and ``best/`` is a plan to apply with ``Plan.apply(model, init_data=...)``.
         init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows); PEFT's
             EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its own.
@@ -273,6 +273,8 @@ def tune(
     settings = settings or TuneSettings()
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an objective")
+    if init_data is not None and check_init(init) != "eva":
+        raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or drop it")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out_dir).expanduser().resolve()
     url = storage or f"sqlite:///{out / 'study.db'}"
@@ -280,8 +282,6 @@ def tune(
     check_out_dir(out, study_name, url, overwrite)  # before any work, and before the lock file is created
     with run.lock:
         prepare_out_dir(out, study_name, url, overwrite)
-    if init_data is not None and init != "eva":
-        raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or drop it")
     run.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
              data_settings, probe_settings, utility_settings, solver_settings, init_data)
     with run.lock:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import stats
-from benchmarks.placement import CSV_NAME, RESULTS, _log, read_rows
+from benchmarks.placement import CSV_NAME, RESULTS, TUNED_EVA, _log, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
@@ -54,7 +54,7 @@ def compare(rows_a: Sequence[dict], rows_b: Sequence[dict], labels: tuple[str, s
                 ma, mb = stats.t_interval(a.values()), stats.t_interval(b.values())
                 md.append(f"| {' '.join(cell)} | uniform (absolute) | {ma.fmt(4)} | {mb.fmt(4)} | "
                           f"{mb.mean - ma.mean:+.4f} | — |")
-            for cond in CONDITIONS[1:]:
+            for cond in (*CONDITIONS[1:], *TUNED_EVA):  # TUNED_EVA: run on the fact cells by placement's CLI
                 key = (*cell, cond)
                 if key not in da or key not in db:
                     continue

@@ -216,5 +216,5 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
         _tune(tiny, texts, out, TuneSettings(trials=3, baselines=("uniform",), **FAST))
     with pytest.raises(InputError, match="pass init='eva'"):
         _tune(tiny, texts, tmp_path / "other", settings, init_data=texts[0])
-    assert not (tmp_path / "other" / "study.db").exists()
+    assert not (tmp_path / "other").exists()  # refused before anything was written
 
