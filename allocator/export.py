@@ -114,3 +114,17 @@ def check_matching(config: Any, ranks: Mapping[str, int], all_module_names: Sequ
         key = get_pattern_key(list(config.rank_pattern), name)
         if config.rank_pattern.get(key) != chosen[name]:
             raise AllocatorError(f"PEFT would give {name!r} rank {config.rank_pattern.get(key)}, plan says {chosen[name]}")
+
+
+def get_peft_model_quietly(model: Any, config: Any) -> Any:
+    """``peft.get_peft_model`` without two warnings that say nothing about the user's run: transformers' rename of
+    ``is_gradient_checkpointing`` (PEFT reads the old name), and PEFT's memory advice for its own EVA pass (a plan
+    with ``init="eva"`` records EVA in the config, but its directions come from ``allocator.lora_init``)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
+        return get_peft_model(model, config)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,14 +136,10 @@ def _trainable(model: torch.nn.Module, lora_config: Any, seed: int) -> tuple[tor
         for p in model.parameters():
             p.requires_grad_(True)
         return model, sum(p.numel() for p in model.parameters())
-    from peft import get_peft_model
+    from allocator.export import get_peft_model_quietly
 
     torch.manual_seed(seed)  # LoRA A matrices are drawn here
-    with warnings.catch_warnings():  # PEFT reads a renamed transformers attribute: a FutureWarning per tuning trial
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # a plan with init "eva" records it in the config, but EVA's directions come from allocator.lora_init
-        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
-        model = get_peft_model(model, lora_config)
+    model = get_peft_model_quietly(model, lora_config)  # not a FutureWarning per tuning trial
     return model, int(model.get_nb_trainable_parameters()[0])
 
 

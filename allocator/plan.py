@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +115,7 @@ class Plan:
         ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the top
         principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``).
         """
-        from peft import get_peft_model
+        from allocator.export import get_peft_model_quietly
 
         components = None
         if self.init == "eva":
@@ -127,10 +126,8 @@ class Plan:
 
             components = eva_components(model, list(self.targets), init_data, max(self.targets.values()))
         config = self.to_lora_config(**lora_kwargs)
-        with _without_peft_moe_remap(model, self.targets), warnings.catch_warnings():
-            # PEFT's advice for its own EVA pass; the directions here come from allocator.lora_init
-            warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
-            peft_model = get_peft_model(model, config)
+        with _without_peft_moe_remap(model, self.targets):
+            peft_model = get_peft_model_quietly(model, config)
         trainable, _ = peft_model.get_nb_trainable_parameters()
         if trainable != self.cost:
             raise AllocatorError(
