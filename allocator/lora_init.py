@@ -46,7 +46,7 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
         raise InputError("EVA init needs calibration batches; pass init_data=probes.load_batches(...)")
     # PEFT skips a batch with fewer counted tokens than components, and cycles the data until every module has
     # converged: with no batch large enough it would loop forever
-    largest = max(_counted_tokens(b, use_label_mask) for b in batches)
+    largest = max(int(_token_mask(b, use_label_mask).sum()) for b in batches)
     if largest < k:
         raise InputError(f"EVA init at rank {k} needs a calibration batch with at least {k} tokens that "
                          f"{'carry a label' if use_label_mask else 'are attended'}; the largest has {largest}: use "
@@ -54,7 +54,9 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=list(names), init_lora_weights="eva",
                         eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=use_label_mask))
     try:
-        state = get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=show_progress)
+        state = get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=show_progress,
+                                   prepare_model_inputs_fn=lambda batch, _config: _token_mask(batch, use_label_mask),
+                                   prepare_layer_inputs_fn=_counted_rows)
     except ValueError as exc:  # PEFT: too few tokens for the components, non-converged layers
         raise InputError(f"EVA init failed: {exc}; use more calibration samples or a lower rank") from None
     missing = sorted(set(names) - set(state))
@@ -65,15 +67,34 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     return state
 
 
-def _counted_tokens(batch: Mapping[str, Any], use_label_mask: bool) -> int:
-    """Tokens of ``batch`` that EVA's PCA sees: attended ones, and with ``use_label_mask`` only labelled ones
-    (PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled token)."""
+def _token_mask(batch: Mapping[str, Any], use_label_mask: bool) -> Any:
+    """``(batch, seq)`` bool: the tokens EVA's PCA sees, attended ones and with ``use_label_mask`` only labelled
+    ones (as PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled token)."""
     import torch
 
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     if use_label_mask and "labels" in batch:
         mask = mask & (batch["labels"] != -100)
-    return int(mask.sum())
+    return mask
+
+
+def _counted_rows(layer_input: Any, mask: Any, layer_name: str) -> Any:
+    """A module's input rows at the counted tokens. PEFT's own version indexes ``(batch, seq, d)`` inputs only;
+    MoE blocks flatten tokens to ``(batch * seq, d)`` before their shared expert, in the same order."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
+        return x[mask]
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
+    raise InputError(f"EVA cannot map the input of {layer_name} (shape {tuple(x.shape)}) to tokens of a "
+                     f"{tuple(mask.shape)} batch; use init 'default' for this model")
+
+
+def eva_targets(components: Sequence[Any], ranks: Mapping[str, int]) -> dict[str, int]:
+    """The planned modules EVA initialises: every adapted ``nn.Linear``. Expert weights adapted as parameters
+    (PEFT's ``target_parameters``) read a different token subset per expert; they keep PEFT's init."""
+    parameters = {c.name for c in components if c.is_parameter}
+    return {n: r for n, r in ranks.items() if r > 0 and n not in parameters}
 
 
 def init_lora_a(peft_model: Any, components: Mapping[str, Any], ranks: Mapping[str, int],

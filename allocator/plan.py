@@ -113,18 +113,21 @@ class Plan:
 
         With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
         ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the top
-        principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``).
+        principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``; MoE
+        expert weights adapted as parameters keep PEFT's init).
         """
         from allocator.export import get_peft_model_quietly
 
-        components = None
+        components, eva = None, {}
         if self.init == "eva":
             if init_data is None:
                 raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
                                  "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
-            from allocator.lora_init import eva_components, init_lora_a
+            from allocator.lora_init import eva_components, eva_targets, init_lora_a
 
-            components = eva_components(model, list(self.targets), init_data, max(self.targets.values()))
+            eva = eva_targets(self.components, self.targets)
+            if eva:
+                components = eva_components(model, list(eva), init_data, max(eva.values()))
         config = self.to_lora_config(**lora_kwargs)
         with _without_peft_moe_remap(model, self.targets):
             peft_model = get_peft_model_quietly(model, config)
@@ -135,7 +138,7 @@ class Plan:
                 "was the model built from the same config the plan was made for?"
             )
         if components is not None:
-            init_lora_a(peft_model, components, self.targets)
+            init_lora_a(peft_model, components, eva)
         return peft_model
 
     # ---- serialisation ----------------------------------------------------------------------------------------

@@ -597,9 +597,9 @@ class _Run:
         """The fine-tune's ``init``: EVA's components copied into lora_A at ``plan``'s ranks, as ``Plan.apply``
         does. Components are kept per module; one EVA pass computes those a plan needs beyond what earlier trials
         asked for, at its largest such rank, and a module takes their first ``r`` rows."""
-        from allocator.lora_init import eva_components, init_lora_a
+        from allocator.lora_init import eva_components, eva_targets, init_lora_a
 
-        targets, cache = plan.targets, self._eva
+        targets, cache = eva_targets(plan.components, plan.targets), self._eva
         need = {n: r for n, r in targets.items() if n not in cache or cache[n].shape[0] < r}
         if need:
             cache.update(eva_components(self.model, sorted(need), self.calibration, max(need.values())))

@@ -73,6 +73,33 @@ def test_eva_rows_span_the_top_principal_directions_of_the_input(saved_tiny_mode
     assert torch.trace(random_rows @ cov @ random_rows.T) / torch.trace(top.T @ cov @ top) < captured
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_next", "granitemoehybrid"])
+def test_eva_init_on_moe_hybrids_covers_linears_and_leaves_expert_parameters_to_peft(model_type):
+    """MoE blocks flatten tokens before their shared expert ((batch * seq, d) inputs, which PEFT's EVA cannot
+    index), and routed experts are adapted as 3-D parameters (no single input to take directions from)."""
+    from tiny_models import build
+
+    torch.manual_seed(0)
+    model = build(model_type).eval()
+    components = find_components(model)
+    plan = Plan(model_id=model_type, components=tuple(components), budget=10**9, init="eva",
+                ranks={c.name: 2 for c in components if c.eligible})
+    experts = [c.name for c in components if c.eligible and c.is_parameter]
+    shared = [n for n in plan.targets if "shared_expert" in n]
+    assert experts and (shared or model_type != "qwen3_next")
+    ids = torch.randint(0, 100, (4, 32))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    peft_model = plan.apply(model, init_data=batches)
+    assert peft_model.get_nb_trainable_parameters()[0] == plan.cost
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, before)  # lora_B = 0 everywhere
+    for name in [n for n in plan.targets if n not in experts]:  # shared experts included: EVA's rows
+        a = peft_model.base_model.model.get_submodule(name).lora_A["default"].weight.detach().double()
+        torch.testing.assert_close(a @ a.T, torch.eye(2, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
 def test_eva_plan_without_data_names_the_fix(saved_tiny_model, corpus_file):
     model, _, plan = _setup(saved_tiny_model, corpus_file)
     with pytest.raises(InputError, match="init_data"):
