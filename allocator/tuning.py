@@ -255,8 +255,9 @@ def tune(
             at ``""`` keep their value; the ``default`` baseline uses them).
         init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or ``"eva"``
             (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data`` by
-            each worker as its trials need them; ``allocator.lora_init``). With ``"eva"`` the study picks the placement that does
-            best under that init, and ``best/`` is a plan to apply with ``Plan.apply(model, init_data=...)``.
+            each worker as its trials need them; ``allocator.lora_init``). With ``"eva"`` the study picks the
+            placement that does best under that init, and ``best/`` is a plan to apply with
+            ``Plan.apply(model, init_data=...)``.
         init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows); PEFT's
             EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
@@ -273,12 +274,13 @@ def tune(
     settings = settings or TuneSettings()
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an objective")
-    if init_data is not None and check_init(init) != "eva":
+    init = check_init(init)
+    if init_data is not None and init != "eva":
         raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or drop it")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out_dir).expanduser().resolve()
     url = storage or f"sqlite:///{out / 'study.db'}"
-    run = _Run(settings, out, url, study_name, objective, use_rslora, check_init(init))
+    run = _Run(settings, out, url, study_name, objective, use_rslora, init)
     check_out_dir(out, study_name, url, overwrite)  # before any work, and before the lock file is created
     with run.lock:
         prepare_out_dir(out, study_name, url, overwrite)
@@ -634,7 +636,6 @@ class _Run:
                     study.optimize(self.objective_fn, n_trials=1)  # objective_fn releases the lock once claimed
                     continue
             time.sleep(min(5.0, self.settings.heartbeat_interval))
-
 
     def _fail_orphans(self, study: Any, first_seen: dict[int, float]) -> None:
         """Fail (and so retry) RUNNING trials that never recorded a heartbeat for ``grace_period`` of this worker.
