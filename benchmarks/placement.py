@@ -48,7 +48,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev", "alloc_ev_eva_init")
-# `allocate tune --init eva` (pilots from EVA's init too), then EVA's init: where EVA's init wins (the fact task)
+# `allocate tune --init eva` (pilots from EVA's init too), then EVA's init: core and fact cells
 TUNED_EVA = ("alloc_tuned_eva_init",)
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
@@ -97,7 +97,8 @@ LRS = (("qwen3_5_tiny", 1, 1.6e-2), ("qwen3_5_tiny", 4, 8e-3), ("qwen3_5_tiny", 
        ("falcon_h1_tiny", 1, 3.2e-2), ("falcon_h1_tiny", 4, 1.6e-2), ("falcon_h1_tiny", 16, 8e-3),
        ("qwen3_5_deep", 4, 8e-3))
 FULL_LR = 8e-4
-CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2), conditions=CONDITIONS + EXTRA + INIT,
+CORE = Grid(("qwen3_5_tiny", "falcon_h1_tiny"), ("text_domain",), (4,), (0, 1, 2),
+            conditions=CONDITIONS + EXTRA + INIT + TUNED_EVA,
             lrs=LRS, full_lr=FULL_LR)
 # The second task (storing new facts in the weights, scored by accuracy against chance): every condition at r4.
 # Its lr: uniform's lowest answer loss among the lrs that raise the retention loss by less than 0.5 nats
