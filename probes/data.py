@@ -360,7 +360,7 @@ def _encode_chat(messages: list, tokenizer, label: str):
 
 
 def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
 
 
 def _pad_id(tokenizer) -> int:

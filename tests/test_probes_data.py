@@ -51,6 +51,17 @@ def test_plain_text_file_is_packed_into_windows(tok, tmp_path):
     assert "beta" in text
 
 
+def test_a_file_longer_than_the_tokenizer_maximum_loads_without_its_indexing_warning(tmp_path, capfd):
+    """transformers warns that a text longer than ``model_max_length`` "will result in indexing errors"; the text
+    is cut into ``seq_len`` windows, so the warning is wrong here and must not reach the user."""
+    short = byte_tokenizer()
+    short.model_max_length = 64
+    path = tmp_path / "long.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 40)
+    assert len(load_batches(str(path), short, seq_len=32, samples=4, batch_size=2)) == 2
+    assert "indexing errors" not in capfd.readouterr().err
+
+
 def test_jsonl_text_records_are_padded_with_masked_labels(tok, tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "short one"}, {"text": "x" * 100}, {"body": "b", "text": "z z"}])
     batches = load_batches(path, tok, seq_len=16, samples=3, batch_size=2)
