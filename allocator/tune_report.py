@@ -148,8 +148,11 @@ def _params_text(params: Mapping[str, Any]) -> str:
 def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
     """``study.md``: summary, winner vs baselines, Pareto front, importances, every trial."""
     states = [r.state for r in result.trials]
+    init = result.best_plan.init if result.best_plan is not None else "default"
     lines = [f"# Tune study `{result.study_name}` ({result.mode} mode)", "",
              f"- storage: `{result.storage}`",
+             *(["- lora_A init of every trial: EVA's (apply `best/` with `Plan.apply(model, init_data=...)`)"]
+               if init == "eva" else []),
              f"- trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
              f"{states.count('fail')} failed, {states.count('running') + states.count('waiting')} unfinished", ""]
     if result.best is not None:

@@ -194,6 +194,8 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
     plain = _tune(tiny, texts, tmp_path / "plain", settings)
     assert [r.state for r in result.trials] == ["complete", "complete"]
     assert result.best_plan.init == "eva" and Plan.load(out / "best").init == "eva"
+    assert "lora_A init of every trial: EVA's" in (out / "study.md").read_text()
+    assert "lora_A init" not in (tmp_path / "plain" / "study.md").read_text()
 
     # the uniform baseline (trial 0) again, outside the study: EVA's components on the calibration rows in lora_A
     uniform = result.trials[0]
