@@ -50,7 +50,8 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     if largest < k:
         raise InputError(f"EVA init at rank {k} needs a calibration batch with at least {k} tokens that "
                          f"{'carry a label' if use_label_mask else 'are attended'}; the largest has {largest}: use "
-                         "larger batches or longer sequences (--data-batch-size, --data-seq-len), or lower ranks")
+                         "larger batches or longer sequences (--data-batch-size, --data-seq-len), data with more "
+                         "such tokens (init_data, --init-data), or lower ranks")
     config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=list(names), init_lora_weights="eva",
                         eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=use_label_mask))
     try:

@@ -463,7 +463,8 @@ class _Run:
         self._check_feasible()
 
     def _check_feasible(self) -> None:
-        """The smallest and the largest budget must solve at the smallest grid top; else InputError up front."""
+        """The smallest and the largest budget must solve at the smallest grid top, and with EVA's init its data
+        must hold the uniform baseline's ranks; else InputError up front."""
         sp, base = self.search.spaces, self.search.suggest(_BaseTrial("solver"))
         top = min(sp["max_rank"].values) if sp["max_rank"].searched else base["solver"].ranks[-1]
         base["solver"] = dataclasses.replace(base["solver"], ranks=_grid(self.solver.ranks, top))
@@ -473,6 +474,8 @@ class _Run:
             except InputError as exc:
                 raise InputError(f"the search space reaches an infeasible corner (budget {budget:,}, max_rank {top})"
                                  f": {exc}; narrow --budget or raise --max-rank") from None
+        if self.init == "eva":  # EVA's data must hold the uniform baseline's ranks: find out before any trial runs
+            self._eva_init(self.plan({**self.search.suggest(_BaseTrial("uniform")), "budget": max(sp["budget"].values)}))
 
     def open_study(self) -> Any:
         import optuna

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import allocator
 from allocator.api import DataSettings
@@ -216,6 +217,11 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
 
     with pytest.raises(InputError, match="started with other init"):
         _tune(tiny, texts, out, TuneSettings(trials=3, baselines=("uniform",), **FAST))
+    # EVA data with too few labelled tokens per batch for the uniform baseline's rank: refused before any trial
+    sparse = [{**b, "labels": torch.where(torch.arange(32) < 30, -100, b["input_ids"])} for b in calibration]
+    with pytest.raises(InputError, match=f"at least {rank} tokens that carry a label; the largest has 4"):
+        _tune(tiny, texts, tmp_path / "sparse", settings, init="eva", init_data=sparse)
+    assert not (tmp_path / "sparse" / "study.db").exists()
     with pytest.raises(InputError, match="pass init='eva'"):
         _tune(tiny, texts, tmp_path / "other", settings, init_data=texts[0])
     assert not (tmp_path / "other").exists()  # refused before anything was written
