@@ -235,7 +235,8 @@ def plot(rows: Sequence[dict], path: Path) -> None:
             t, r = s["target_loss"], s["retention_loss"]
             se = [_se(sub, c, "target_loss"), _se(sub, c, "retention_loss")]
             fmt, ms, color = {"uniform": ("s", 9, "k"), "allocator": ("*", 14, "r"), "alloc_retention": ("*", 12, "m"),
-                              "alloc_tuned": ("P", 11, "b"), "full": ("x", 9, "k")}.get(
+                              "alloc_tuned": ("P", 11, "b"), "alloc_tuned_eva_init": ("P", 11, "c"),
+                              "full": ("x", 9, "k")}.get(
                 c, (markers[k % len(markers)], 6, colors[k % len(colors)]))
             ax.errorbar([t.mean], [r.mean], xerr=[se[0]], yerr=[se[1]], fmt=fmt, ms=ms, color=color, lw=0.8,
                         capsize=2, label=c)
