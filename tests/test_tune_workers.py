@@ -98,7 +98,10 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
     assert "RUNNING" not in states.values() and "WAITING" not in states.values()
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE"  # the killed trial was re-run, same params
-    assert retry[0].params == next(t for t in trials if t.number == killed).params
+    # same params as far as the killed trial had suggested them (a kill can land between two suggestions; the
+    # retry then draws the rest)
+    killed_params = next(t for t in trials if t.number == killed).params
+    assert killed_params and killed_params.items() <= retry[0].params.items()
     assert (out / "best" / "adapter_config.json").is_file() and (out / "study.md").is_file()
 
 
