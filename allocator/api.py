@@ -8,6 +8,7 @@ Each stage is its own function (see docs/design.md); this module only chains the
 
 from __future__ import annotations
 
+import codecs
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from allocator.errors import AllocatorError, InputError
+from allocator.errors import AllocatorError, InputError, as_input_error
+from probes.settings import Range, check_ranges, ranged
 
 # Calibration (and tuning) data: a path, "builtin", or token batches the caller has tokenised already
 DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
@@ -25,16 +27,21 @@ DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
 class DataSettings:
     """How calibration batches are drawn from ``data``."""
 
-    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
-    samples: int = field(default=32, metadata={"help": "Calibration sequences in all."})
-    batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward micro-batch."})
-    seed: int = field(default=0, metadata={"help": "Seed for drawing and ordering calibration samples."})
+    seq_len: int = ranged(256, "Tokens per calibration sequence.", Range(2, integer=True))
+    samples: int = ranged(32, "Calibration sequences in all.", Range(1, integer=True))
+    batch_size: int = ranged(4, "Sequences per forward/backward micro-batch.", Range(1, integer=True))
+    seed: int = ranged(0, "Seed for drawing and ordering calibration samples.", Range(0, integer=True))
     text_field: str = field(default="text", metadata={"help": "JSONL field holding plain text records."})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "Text encoding of .txt/.jsonl data, decoded strictly (a bad byte is an error naming its offset)."})
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, InputError)
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise InputError(f"DataSettings.encoding {self.encoding!r} is not a text encoding Python knows; "
+                             "try utf-8, utf-16 or latin-1") from None
 
 
 def resolve_model_ref(model: Any) -> Any:
@@ -46,6 +53,46 @@ def resolve_model_ref(model: Any) -> Any:
     if isinstance(model, os.PathLike):
         return os.fspath(model)
     return model
+
+
+def settings_or_default(value: Any, cls: type, name: str) -> Any:
+    """``value`` if it is a ``cls``, ``cls()`` for None; anything else is an InputError naming the class."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise InputError(f"{name} must be a {cls.__name__} (allocator.{cls.__name__}(...)), got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def check_source(source: Any, name: str) -> None:
+    """InputError now, before any model loads, unless ``source`` is a form data can take and (a path) exists."""
+    import probes
+
+    if probes.is_token_source(source):
+        return
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"{name} must be a file or folder path, 'builtin', or token batches (a list of dicts of "
+                         f"input_ids), got {type(source).__name__}")
+    if str(source) != "builtin" and not Path(source).expanduser().exists():
+        raise InputError(f"{name} {str(source)!r} not found; pass an existing .txt/.jsonl file, a datasets folder "
+                         "or 'builtin'")
+
+
+def load_or_check_model(model: Any, trust_remote_code: bool) -> tuple[Any, str]:
+    """(loaded model, id it is recorded under) from a hub id, a folder, None (the built-in model) or a model object;
+    an object that is not a transformers causal LM is an InputError."""
+    from allocator.modelio import load_model
+
+    ref = resolve_model_ref(model)
+    if isinstance(ref, str):
+        return load_model(ref, trust_remote_code=trust_remote_code), ref
+    from torch import nn
+
+    if not isinstance(ref, nn.Module) or getattr(ref, "config", None) is None:
+        raise InputError(f"model must be a hub id, a model folder, None (the built-in reference model) or a loaded "
+                         f"transformers model (AutoModelForCausalLM.from_pretrained), got {type(ref).__name__}")
+    return ref, getattr(ref.config, "_name_or_path", "") or type(ref).__name__
 
 
 def library_versions() -> dict[str, str]:
@@ -112,26 +159,30 @@ def allocate(
     """
     import probes
     from allocator.budget import Budget
-    from allocator.components import find_components
+    from allocator.components import architecture_of, find_components
+    from allocator.export import check_alpha_ratio
     from allocator.lora_init import check_init
-    from allocator.modelio import count_base_params, load_model
+    from allocator.modelio import count_base_params
     from allocator.solve import SolverSettings, check_budget
     from allocator.utility import UtilitySettings
+    from probes.errors import ProbeError
 
     check_init(init)
-    data_settings = data_settings or DataSettings()
-    probe_settings = probe_settings or probes.ProbeSettings()
-    utility_settings = utility_settings or UtilitySettings()
-    solver_settings = solver_settings or SolverSettings()
-    parsed_budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
+    alpha_ratio = check_alpha_ratio(alpha_ratio)
+    data_settings = settings_or_default(data_settings, DataSettings, "data_settings")
+    probe_settings = settings_or_default(probe_settings, probes.ProbeSettings, "probe_settings")
+    utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
+    solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
+    parsed_budget = Budget.parse(budget)
+    check_source(data, "data")
+    if retention_data is not None:
+        check_source(retention_data, "retention_data")
+    with as_input_error(ProbeError):  # before the model loads: these need nothing of it
+        probes.check_device(probe_settings.device)
+        if cache_dir is not None:
+            probes.check_cache_dir(cache_dir)
 
-    model_ref = resolve_model_ref(model)
-    if isinstance(model_ref, str):
-        model_id = model_ref
-        model_obj = load_model(model_ref, trust_remote_code=trust_remote_code)
-    else:
-        model_obj = model_ref
-        model_id = getattr(model_obj.config, "_name_or_path", "") or type(model_obj).__name__
+    model_obj, model_id = load_or_check_model(model, trust_remote_code)
     tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code)
 
     components = [unprobed_experts_off(c) for c in find_components(model_obj, fused_kernels=fused_kernels)]
@@ -172,6 +223,7 @@ def allocate(
         alpha_ratio=alpha_ratio,
         use_rslora=use_rslora,
         init=init,
+        architecture=architecture_of(model_obj),
     )
 
 
@@ -188,6 +240,7 @@ def solve_plan(
     alpha_ratio: float = 2.0,
     use_rslora: bool = False,
     init: str = "default",
+    architecture: Mapping[str, Any] | None = None,
 ) -> Any:
     """Utilities from a probe report, the integer program, and the :class:`~allocator.plan.Plan` they make.
 
@@ -224,6 +277,7 @@ def solve_plan(
         alpha_ratio=alpha_ratio,
         use_rslora=use_rslora,
         init=init,
+        architecture=dict(architecture or {}),
     )
 
 
@@ -258,7 +312,7 @@ def _probe(model, model_id, data, tokenizer, names, data_settings, probe_setting
     import probes
     from probes.errors import ProbeError
 
-    try:
+    with as_input_error(ProbeError):
         batches = probes.load_batches(
             data,
             tokenizer,
@@ -267,10 +321,9 @@ def _probe(model, model_id, data, tokenizer, names, data_settings, probe_setting
             batch_size=data_settings.batch_size,
             seed=data_settings.seed,
             text_field=data_settings.text_field,
+            encoding=data_settings.encoding,
         )
         meta = {"model_id": model_id, "data": probes.describe_source(data), **asdict(data_settings)}
         if cache_dir is not None:
             return probes.run_cached(model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta)
         return probes.run(model, batches, names, probe_settings, meta=meta)
-    except ProbeError as exc:
-        raise InputError(str(exc)) from None

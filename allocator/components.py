@@ -119,6 +119,15 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
     return sorted(components, key=lambda c: c.name)
 
 
+def architecture_of(model: nn.Module) -> dict[str, Any]:
+    """What a plan records of the model it was made for, to refuse another: model_type, decoder layers, class."""
+    config = text_config(model)
+    stack = find_stack(model, config)
+    return {"model_type": getattr(config, "model_type", None),
+            "n_layers": len(model.get_submodule(stack)) if stack else 0,
+            "model_class": type(model).__name__}
+
+
 def text_config(model: nn.Module) -> Any:
     """The config of the language model (``text_config`` of a composite config); None without a config."""
     config = getattr(model, "config", None)

@@ -1,5 +1,10 @@
 """The one exception root and the one warning category of the project."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class AllocatorError(Exception):
     """Raised for an impossible request or a failed run. The message names the fix.
@@ -18,3 +23,13 @@ class InputError(AllocatorError, ValueError):
 
 class AllocatorWarning(UserWarning):
     """Warned when the allocator had to guess; the message says how to make it go away."""
+
+
+@contextlib.contextmanager
+def as_input_error(*types: type[BaseException]) -> Iterator[None]:
+    """Re-raise ``types`` (e.g. ``probes.ProbeError``, ``probes.folders.FolderError``) as :class:`InputError` with
+    the same one-line message: the layers below ``allocator`` have their own exceptions."""
+    try:
+        yield
+    except types as exc:
+        raise InputError(str(exc)) from None

@@ -9,6 +9,7 @@ PEFT's own matching to prove it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,14 @@ from allocator.errors import AllocatorError, InputError
 
 def _pattern_key(name: str) -> str:
     return re.escape(name)
+
+
+def check_alpha_ratio(alpha_ratio: Any) -> float:
+    """``alpha_ratio`` as a float, or an :class:`InputError`: it must be a finite number > 0."""
+    if isinstance(alpha_ratio, bool) or not isinstance(alpha_ratio, (int, float)) or not (
+            math.isfinite(alpha_ratio) and alpha_ratio > 0):
+        raise InputError(f"alpha_ratio must be a finite number > 0, got {alpha_ratio!r}; try 1 or 2")
+    return float(alpha_ratio)
 
 
 def lora_config_kwargs(
@@ -37,8 +46,7 @@ def lora_config_kwargs(
     and ranks change capacity, not step size. With ``use_rslora`` PEFT scales by alpha/sqrt(r) and one alpha
     (``rslora_alpha``, default ``alpha_ratio * median rank``) is used for every module.
     """
-    if alpha_ratio <= 0:
-        raise InputError(f"alpha_ratio must be > 0, got {alpha_ratio}; try 1 or 2")
+    alpha_ratio = check_alpha_ratio(alpha_ratio)
     by_name = {c.name: c for c in components}
     unknown = sorted(set(ranks) - set(by_name))
     if unknown:
@@ -128,3 +136,49 @@ def get_peft_model_quietly(model: Any, config: Any) -> Any:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
         return get_peft_model(model, config)
+
+
+def adapted_shape(model: Any, name: str, is_parameter: bool) -> tuple[int, int, int] | None:
+    """(n_experts, d_in, d_out) of the module or 3-D parameter ``name`` as a LoRA there sees it; None if absent."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    if is_parameter:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = dict(model.named_modules(remove_duplicate=False)).get(owner_name)
+        param = getattr(owner, leaf, None) if owner is not None else None
+        if not isinstance(param, nn.Parameter) or param.dim() not in (2, 3):
+            return None
+        if param.dim() == 2:
+            return 1, int(param.shape[1]), int(param.shape[0])
+        n, a, b = (int(v) for v in param.shape)
+        return (n, a, b) if getattr(owner, "is_transposed", False) else (n, b, a)
+    module = dict(model.named_modules(remove_duplicate=False)).get(name)
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return 1, int(d_in), int(d_out)
+    return None
+
+
+def snapshot_base_model(model: Any) -> dict[str, Any]:
+    """What ``get_peft_model`` changes on the model it wraps: its attributes and every ``requires_grad`` flag."""
+    return {"attrs": set(vars(model)), "flags": [(p, p.requires_grad) for p in model.parameters()]}
+
+
+def restore_base_model(model: Any, snapshot: dict[str, Any]) -> None:
+    """Undo a (possibly half-done) ``get_peft_model`` on ``model``: every LoRA layer PEFT swapped in is replaced by
+    the module it wrapped, attributes PEFT added are removed and ``requires_grad`` flags restored."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in sorted(swapped, key=lambda item: -item[0].count(".")):  # innermost first (nested wrappers)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if getattr(parent, child, None) is layer:
+            setattr(parent, child, layer.get_base_layer())
+    for key in set(vars(model)) - snapshot["attrs"]:
+        delattr(model, key)
+    for param, flag in snapshot["flags"]:
+        param.requires_grad_(flag)

@@ -120,17 +120,37 @@ def _raw_config(ref: str | os.PathLike, trust_remote_code: bool) -> tuple[dict, 
 
         raw, _ = PretrainedConfig.get_config_dict(text, trust_remote_code=trust_remote_code, **_hub_kwargs())
     except Exception as exc:
+        if _network_failure(exc):  # the hub could not be reached: not the user's input at fault
+            raise AllocatorError(f"could not reach the Hugging Face hub for '{text}' ({_first_line(exc)}); check the "
+                                 "network, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
         where = "offline" if _offline() else "in the cache or on the hub"
         raise InputError(f"could not find model '{text}' {where}; pass a local folder or a path to its "
-                         f"config.json ({_first_line(exc)})") from exc
+                         f"config.json ({_first_line(exc)})") from None
     return raw, text
+
+
+def _network_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a connection or timeout error, as opposed to 'no such model'."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if isinstance(exc, (ConnectionError, TimeoutError)) or name in (
+                "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "ConnectionError", "ProxyError"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"could not read {path} as JSON: {exc}") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"could not read {path} as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not a config object; pass a model's "
+                         "config.json")
+    return data
 
 
 def _check_legacy(raw: dict, source: str) -> None:

@@ -7,7 +7,8 @@ model (``apply``: trainable parameters == ``cost``), and saves a folder (``save`
     OUT_DIR/allocation.json       budget, cost, every rank/cost/utility, provenance
     OUT_DIR/report.md, heatmap.png
 
-Writes are atomic: everything is written to a temporary sibling folder and renamed into place.
+Writes go through the one safe folder writer (:mod:`probes.folders`): atomic, marked with a manifest, and an
+overwrite replaces only the files a plan writes. ``allocation.json`` carries a schema version (:data:`SCHEMA`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,14 @@ from typing import Any
 
 from allocator.budget import lora_params
 from allocator.components import Component
-from allocator.errors import AllocatorError, InputError
+from allocator.errors import AllocatorError, InputError, as_input_error
+from probes.folders import FolderError, check_target, write_folder
 
 ALLOCATION_FILE = "allocation.json"
+PLAN_FILES = ("adapter_config.json", ALLOCATION_FILE, "report.md", "heatmap.png")
+# plan folders written before the folder manifest existed: exactly these files mark them as the tool's
+LEGACY_PLAN_FILES = (frozenset(PLAN_FILES), frozenset(PLAN_FILES[:2]))
+SCHEMA = 2  # allocation.json: 1 had no "schema" key; 2 adds "schema" and "architecture"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class Plan:
         default="default",
         metadata={"help": "lora_A init: 'default' (PEFT's) or 'eva' (top input principal directions at these ranks)."},
     )
+    architecture: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "model_type, decoder layers and class of the model the plan was made for; apply checks them."},
+    )
 
     def __post_init__(self) -> None:
         from allocator.lora_init import check_init
@@ -64,6 +72,14 @@ class Plan:
         unknown = sorted(set(self.ranks) - names)
         if unknown:
             raise AllocatorError(f"plan ranks name unknown modules {unknown[:5]}")
+        bad = sorted(n for n, r in self.ranks.items() if isinstance(r, bool) or not isinstance(r, int) or r < 0)
+        if bad:
+            raise InputError(f"plan ranks must be integers >= 0; {bad[0]!r} has {self.ranks[bad[0]]!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise InputError(f"plan budget must be a whole number of parameters >= 1, got {self.budget!r}")
+        from allocator.export import check_alpha_ratio
+
+        object.__setattr__(self, "alpha_ratio", check_alpha_ratio(self.alpha_ratio))
         if self.cost > self.budget:
             raise AllocatorError(f"plan cost {self.cost:,} exceeds its budget {self.budget:,}")
 
@@ -111,13 +127,17 @@ class Plan:
     def apply(self, model: Any, *, init_data: Any = None, **lora_kwargs: Any):
         """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``.
 
+        The model is checked first against what the plan was made for (:meth:`check_model`); on any failure the
+        model is left exactly as it was (no adapter injected, ``requires_grad`` flags untouched).
+
         With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
         ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the top
         principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``; MoE
         expert weights adapted as parameters keep PEFT's init).
         """
-        from allocator.export import get_peft_model_quietly
+        from allocator.export import get_peft_model_quietly, restore_base_model, snapshot_base_model
 
+        self.check_model(model)
         components, eva = None, {}
         if self.init == "eva":
             if init_data is None:
@@ -129,17 +149,51 @@ class Plan:
             if eva:
                 components = eva_components(model, list(eva), init_data, max(eva.values()))
         config = self.to_lora_config(**lora_kwargs)
-        with _without_peft_moe_remap(model, self.targets):
-            peft_model = get_peft_model_quietly(model, config)
-        trainable, _ = peft_model.get_nb_trainable_parameters()
-        if trainable != self.cost:
-            raise AllocatorError(
-                f"PEFT counts {trainable:,} trainable parameters but the plan costs {self.cost:,}; "
-                "was the model built from the same config the plan was made for?"
-            )
-        if components is not None:
-            init_lora_a(peft_model, components, eva)
+        snapshot = snapshot_base_model(model)
+        try:
+            with _without_peft_moe_remap(model, self.targets):
+                peft_model = get_peft_model_quietly(model, config)
+            trainable, _ = peft_model.get_nb_trainable_parameters()
+            if trainable != self.cost:
+                raise AllocatorError(
+                    f"PEFT counts {trainable:,} trainable parameters but the plan costs {self.cost:,}; "
+                    "was the model built from the same config the plan was made for?"
+                )
+            if components is not None:
+                init_lora_a(peft_model, components, eva)
+        except BaseException:
+            restore_base_model(model, snapshot)
+            raise
         return peft_model
+
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`InputError` unless ``model`` is the architecture this plan was made for: the same
+        model_type and decoder layer count (when recorded) and every planned module present with its d_in/d_out.
+        """
+        from allocator.components import architecture_of
+        from allocator.export import adapted_shape
+
+        if hasattr(model, "peft_config") or not hasattr(model, "named_modules"):
+            what = "already holds PEFT adapters" if hasattr(model, "peft_config") else f"is a {type(model).__name__}"
+            raise InputError(f"the model {what}; apply the plan to the base transformers model it was made for")
+        found = architecture_of(model)
+        differ = [f"{k} {self.architecture[k]!r} (model: {found[k]!r})" for k in ("model_type", "n_layers")
+                  if self.architecture.get(k) is not None and self.architecture[k] != found[k]]
+        by_name = self.by_name
+        missing, wrong = [], []
+        for name in self.targets:
+            c = by_name[name]
+            shape = adapted_shape(model, name, c.is_parameter)
+            if shape is None:
+                missing.append(name)
+            elif shape != (c.n_experts, c.d_in, c.d_out):
+                wrong.append(f"{name} is {shape[1]}->{shape[2]}" + (f" x{shape[0]}" if shape[0] > 1 else "")
+                             + f", the plan has {c.d_in}->{c.d_out}" + (f" x{c.n_experts}" if c.n_experts > 1 else ""))
+        if differ or missing or wrong:
+            detail = "; ".join(differ + ([f"{len(missing)} planned modules missing, e.g. {missing[0]}"] if missing
+                                         else []) + wrong[:2])
+            raise InputError(f"this plan was made for another model ({self.model_id}): {detail}; make a plan for "
+                             "this model with `allocate`, or load the model the plan names")
 
     # ---- serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +209,9 @@ class Plan:
                 )
             modules.append(entry)
         return {
+            "schema": SCHEMA,
             "model_id": self.model_id,
+            "architecture": dict(self.architecture),
             "budget": int(self.budget),
             "cost": int(self.cost),
             "utility": self.total_utility,
@@ -169,27 +225,45 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict`'s output; anything malformed is an :class:`InputError`."""
+        if not isinstance(data, Mapping):
+            raise InputError(f"a plan is a JSON object, got {type(data).__name__}")
+        schema = data.get("schema", 1)
+        if not isinstance(schema, int) or schema > SCHEMA:
+            raise InputError(f"this plan has schema {schema!r}; this version reads up to {SCHEMA}: upgrade "
+                             "hybrid-lora-allocator")
+        missing = [k for k in ("model_id", "budget", "modules") if k not in data]
+        if missing or not isinstance(data["modules"], list):
+            raise InputError(f"not a plan: {', '.join(missing) or 'modules'} missing or malformed; pass an "
+                             f"{ALLOCATION_FILE} written by `allocate -o`")
         keys = set(Component.__dataclass_fields__)
         components, ranks, utility, risk = [], {}, {}, {}
-        for entry in data["modules"]:
-            components.append(Component.from_dict({k: v for k, v in entry.items() if k in keys}))
-            if "rank" in entry:
-                ranks[entry["name"]] = int(entry["rank"])
-                utility[entry["name"]] = float(entry.get("utility", 0.0))
-                risk[entry["name"]] = float(entry.get("risk", 0.0))
-        return cls(
-            model_id=data["model_id"],
-            components=tuple(components),
-            ranks=ranks,
-            budget=int(data["budget"]),
-            utility=utility,
-            risk=risk,
-            solver=data.get("solver", {}),
-            provenance=data.get("provenance", {}),
-            alpha_ratio=float(data.get("alpha_ratio", 2.0)),
-            use_rslora=bool(data.get("use_rslora", False)),
-            init=str(data.get("init", "default")),
-        )
+        try:
+            for entry in data["modules"]:
+                components.append(Component.from_dict({k: v for k, v in entry.items() if k in keys}))
+                if "rank" in entry:
+                    ranks[entry["name"]] = _whole(entry["rank"], f"rank of {entry['name']}")
+                    utility[entry["name"]] = float(entry.get("utility", 0.0))
+                    risk[entry["name"]] = float(entry.get("risk", 0.0))
+            return cls(
+                model_id=str(data["model_id"]),
+                components=tuple(components),
+                ranks=ranks,
+                budget=_whole(data["budget"], "budget"),
+                utility=utility,
+                risk=risk,
+                solver=dict(data.get("solver", {})),
+                provenance=dict(data.get("provenance", {})),
+                alpha_ratio=float(data.get("alpha_ratio", 2.0)),
+                use_rslora=bool(data.get("use_rslora", False)),
+                init=str(data.get("init", "default")),
+                architecture=dict(data.get("architecture", {})),
+            )
+        except InputError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"malformed plan ({type(exc).__name__}: {exc}); pass an {ALLOCATION_FILE} written by "
+                             "`allocate -o`") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
@@ -199,29 +273,33 @@ class Plan:
             path = path / ALLOCATION_FILE
         if not path.is_file():
             raise InputError(f"no {ALLOCATION_FILE} at {path}; pass a folder written by `allocate -o`")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"could not read {path} as JSON ({exc}); pass a folder written by `allocate -o`") from None
+        return cls.from_dict(data)
 
     def save(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, report: bool = True) -> Path:
-        """Write the plan folder atomically; an existing folder is replaced only with ``overwrite=True``."""
-        out = Path(out_dir).resolve()
-        check_output_dir(out, overwrite=overwrite)
-        made_parent = not out.parent.exists()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        """Write the plan folder atomically (:mod:`probes.folders`): a new or empty folder, or with ``overwrite``
+        one this tool wrote, whose plan files are replaced (files of the user's beside them are kept)."""
+
+        def fill(tmp: Path) -> None:
             self.to_lora_config().save_pretrained(str(tmp))
-            (tmp / ALLOCATION_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+            (tmp / ALLOCATION_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True,
+                                                          allow_nan=False) + "\n")
             if report:
                 from allocator.report import write_report
 
                 write_report(self, tmp)
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if made_parent:
-                shutil.rmtree(out.parent, ignore_errors=True)
-            raise
-        return out
+
+        with as_input_error(FolderError):
+            return write_folder(out_dir, fill, overwrite=overwrite, legacy=LEGACY_PLAN_FILES)
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise InputError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
 
 
 @contextlib.contextmanager
@@ -246,27 +324,7 @@ def _without_peft_moe_remap(model: Any, targets: Mapping[str, int]):
         config.model_type = model_type
 
 
-def check_output_dir(out: Path, *, overwrite: bool) -> None:
-    """Fail early, before any work, if ``out`` cannot be written as asked."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a folder; choose another -o")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output folder {out} already exists; pass --overwrite or choose another -o")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{parent} is a file, so {out} cannot be created; choose another -o")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to {parent}; choose an -o in a writable folder")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an old ``out`` is removed only after the new one is in place."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
+def check_output_dir(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Fail early, before any work, if a plan cannot be written to ``out`` as asked; return its absolute path."""
+    with as_input_error(FolderError):
+        return check_target(out, overwrite=overwrite, legacy=LEGACY_PLAN_FILES)

@@ -28,6 +28,7 @@ from allocator.errors import AllocatorError, AllocatorWarning, InputError
 from allocator.program import Program, build_program
 from allocator.reduction import Reduction, reduce_program
 from allocator.utility import UtilityTable, check_ranks
+from probes.settings import Range, check_ranges, ranged
 
 __all__ = ["COARSE_RANKS", "DEFAULT_RANKS", "DENSE_RANKS", "Allocation", "Program", "SolverSettings", "build_program",
            "decode", "solve"]
@@ -53,10 +54,8 @@ class SolverSettings:
         default="layer-type",
         metadata={"help": "one rank per: module | layer-type (same kind in one layer) | type (same kind everywhere)"},
     )
-    ranks: tuple[int, ...] = field(
-        default=DEFAULT_RANKS, metadata={"help": "rank grid, strictly increasing from 0"}
-    )
-    align: int = field(default=1, metadata={"help": "every non-zero grid rank must be a multiple of this"})
+    ranks: tuple[int, ...] = ranged(DEFAULT_RANKS, "rank grid, strictly increasing from 0", Range(0, integer=True))
+    align: int = ranged(1, "every non-zero grid rank must be a multiple of this", Range(1, integer=True))
     share_bounds: dict[str, tuple[float, float]] = field(
         default_factory=dict,
         metadata={"help": "budget share per family as lo:hi fractions of the budget, e.g. attention=0.1:0.5"},
@@ -66,8 +65,8 @@ class SolverSettings:
         default=(), metadata={"help": "regexes; if given, only matching module names may get budget"}
     )
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "regexes; matching module names never get budget"})
-    time_limit: float = field(default=60.0, metadata={"help": "seconds HiGHS may search"})
-    mip_rel_gap: float = field(default=1e-6, metadata={"help": "relative optimality gap at which HiGHS stops"})
+    time_limit: float = ranged(60.0, "seconds HiGHS may search", Range(0, lo_open=True))
+    mip_rel_gap: float = ranged(1e-6, "relative optimality gap at which HiGHS stops", Range(0, 1, hi_open=True))
     presolve: bool = field(
         default=False,
         metadata={"help": "let HiGHS presolve (off: on these programs it costs more than it saves, see docs/solver.md)"},
@@ -80,10 +79,11 @@ class SolverSettings:
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise InputError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
+        if not isinstance(self.ranks, (tuple, list)):
+            raise InputError(f"SolverSettings.ranks must be a sequence of ranks, got {self.ranks!r}")
+        check_ranges(self, InputError)
         ranks = check_ranks(self.ranks, "SolverSettings.ranks")
         object.__setattr__(self, "ranks", ranks)
-        if isinstance(self.align, bool) or not isinstance(self.align, (int, np.integer)) or self.align < 1:
-            raise InputError(f"align must be an integer >= 1, got {self.align!r}")
         object.__setattr__(self, "align", int(self.align))
         off = [r for r in ranks if r % self.align]
         if off:
@@ -117,10 +117,8 @@ class SolverSettings:
                 except re.error as exc:
                     raise InputError(f"{name} pattern {p!r} is not a regex ({exc}); fix or escape it") from None
             object.__setattr__(self, name, patterns)
-        if not (math.isfinite(self.time_limit) and self.time_limit > 0):
-            raise InputError(f"time_limit must be > 0 seconds, got {self.time_limit!r}")
-        if not 0 <= self.mip_rel_gap < 1:
-            raise InputError(f"mip_rel_gap must be in [0, 1), got {self.mip_rel_gap!r}")
+        for name in ("time_limit", "mip_rel_gap"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -19,13 +19,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InputError
+from allocator.errors import InputError, as_input_error
+from probes.folders import FolderError, write_file, write_folder
 
 if TYPE_CHECKING:
     from allocator.plan import Plan
@@ -223,32 +223,22 @@ def write_plot(result: TuneResult, path: Path) -> None:
     plt.close(fig)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(result: TuneResult, out: Path) -> TuneResult:
-    """Write ``best/``, ``pareto/``, ``study.md``, ``study.png`` and ``study.json`` (the caller holds the lock)."""
+    """Write ``best/``, ``pareto/``, ``study.md``, ``study.png`` and ``study.json`` (the caller holds the lock), each
+    through the safe writer of :mod:`probes.folders` (atomic; only the tool's own files are replaced)."""
     if result.best_plan is not None:
         result.best_plan.save(out / "best", overwrite=True)
     if result.pareto_plans:
-        tmp = Path(tempfile.mkdtemp(prefix=".pareto.", dir=out))
-        for number, plan in sorted(result.pareto_plans.items()):
-            plan.save(tmp / f"trial-{number:04d}", report=False)
-        old = out / f".pareto.old-{os.getpid()}"
-        if (out / "pareto").exists():
-            os.replace(out / "pareto", old)
-        os.replace(tmp, out / "pareto")
-        shutil.rmtree(old, ignore_errors=True)
-    plot = out / "study.png"
-    tmp_plot = out / f".study.{os.getpid()}.png"
-    write_plot(result, tmp_plot)
-    os.replace(tmp_plot, plot)
+        def fill(tmp: Path) -> None:
+            for number, plan in sorted(result.pareto_plans.items()):
+                plan.save(tmp / f"trial-{number:04d}", report=False)
+
+        with as_input_error(FolderError):
+            write_folder(out / "pareto", fill, overwrite=True)
+    write_file(out / "study.png", lambda path: write_plot(result, path))
     result = replace(result, out_dir=out)
-    _write_atomic(out / "study.md", render_markdown(result))
-    _write_atomic(out / "study.json", json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+    write_file(out / "study.md", render_markdown(result))
+    write_file(out / "study.json", json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     return result
 
 
@@ -299,33 +289,94 @@ def redact(url: str) -> str:
         return url
 
 
+DEFAULT_STORAGE = "default"  # the record's name for sqlite:///OUT_DIR/study.db: a moved folder still resumes
+# what `allocate tune` writes in its folder; --overwrite removes these and nothing else
+TUNE_ENTRIES = frozenset({MARKER, LOCK_NAME, "study.db", "study.db-wal", "study.db-shm", "study.db-journal", "probes",
+                          "best", "pareto", "study.md", "study.png", "study.json"})
+_SETUP_ENTRIES = frozenset({LOCK_NAME, "study.db", "study.db-wal", "study.db-shm", "study.db-journal"})
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{out / 'study.db'}"
+
+
+def read_record(out: Path) -> dict[str, str] | None:
+    """The folder's record (``tune.json``: study name and storage), or None when it has none (or an unreadable one)."""
+    try:
+        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("study"), str) or not isinstance(data.get("storage"), str):
+        return None
+    storage = data["storage"]
+    if storage.startswith("sqlite:///") and storage.endswith("/study.db"):  # an older record: its own folder's db
+        storage = DEFAULT_STORAGE
+    return {"study": data["study"], "storage": storage}
+
+
+def _record_of(out: Path, study_name: str, url: str) -> dict[str, str]:
+    return {"study": study_name, "storage": DEFAULT_STORAGE if url == default_storage(out) else redact(url)}
+
+
 def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
-    """Refuse, without side effects, a folder that holds anything but this study (unless ``overwrite``)."""
+    """Refuse, without side effects, a folder that holds anything but this study (``overwrite``: anything but a
+    study of this tool's), a file, or a link."""
+    if out.is_symlink():
+        raise InputError(f"-o {out} is a symbolic link (to {os.path.realpath(out)}); give the folder itself: a link "
+                         "is never followed to write or delete")
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder; choose another -o")
-    entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
-    if not entries or overwrite:
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if entries <= _SETUP_ENTRIES:  # empty, or a first run that stopped before its record was written
         return
-    if not (out / MARKER).is_file():
-        raise InputError(f"output folder {out} exists and holds no tune study; pass --overwrite or choose another -o")
-    found, mine = json.loads((out / MARKER).read_text()), {"study": study_name, "storage": redact(url)}
-    if found != mine:
-        raise InputError(f"{out} holds study {found.get('study')!r} in {found.get('storage')}; pass that --study and "
-                         "--storage to resume it, --overwrite to start over, or choose another -o")
-
-
-def prepare_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
-    """Check again under the lock; ``overwrite`` clears the folder and deletes the study from ``url``."""
-    check_out_dir(out, study_name, url, overwrite)
+    record = read_record(out)
+    if record is None:
+        raise InputError(f"output folder {out} holds files this tool did not write ({', '.join(sorted(entries)[:5])}"
+                         f"{'...' if len(entries) > 5 else ''}) and no tune study; choose a new or empty -o")
     if overwrite:
-        for p in out.iterdir():
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        if not url.startswith(f"sqlite:///{out}/"):
+        if out == Path(out.anchor) or out == Path.home().resolve():
+            raise InputError(f"refusing --overwrite on {out}; choose a dedicated -o folder")
+        return
+    mine = _record_of(out, study_name, url)
+    if record != mine:
+        where = "this folder's study.db" if record["storage"] == DEFAULT_STORAGE else record["storage"]
+        raise InputError(f"{out} holds study {record['study']!r} in {where}; pass that --study and --storage to "
+                         "resume it, --overwrite to start over, or choose another -o")
+
+
+def prepare_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> list[str]:
+    """Check again under the lock; ``overwrite`` removes what tune wrote in ``out`` (nothing else) and deletes the
+    study that the folder's own record names from the storage it names. Returns what was done, for the user."""
+    check_out_dir(out, study_name, url, overwrite)
+    record = read_record(out)
+    if not overwrite or record is None:
+        return []
+    done = []
+    if record["storage"] != DEFAULT_STORAGE:
+        if record["storage"] == redact(url):
             import optuna
 
             try:
-                optuna.delete_study(study_name=study_name, storage=url)
-            except KeyError:  # no such study yet
+                optuna.delete_study(study_name=record["study"], storage=url)
+                done.append(f"deleted study {record['study']!r} from {record['storage']}")
+            except KeyError:  # no such study (a run that never started one)
                 pass
-    _write_atomic(out / MARKER, json.dumps({"study": study_name, "storage": redact(url)}, sort_keys=True) + "\n")
+        else:
+            done.append(f"study {record['study']!r} in {record['storage']} was NOT deleted (this run uses another "
+                        "storage); pass that --storage with --overwrite to delete it")
+    removed = []
+    for name in sorted(TUNE_ENTRIES - {LOCK_NAME}):
+        path = out / name
+        if path.is_symlink() or not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(name)
+    if removed:
+        db = " (with the study it held)" if "study.db" in removed else ""
+        done.append(f"removed {', '.join(removed)} from {out}{db}; other files there were kept")
+    return done
+
+
+def write_record(out: Path, study_name: str, url: str) -> None:
+    """Mark ``out`` as this study's folder; written once the storage has opened (a wrong --storage leaves none)."""
+    write_file(out / MARKER, json.dumps(_record_of(out, study_name, url), sort_keys=True) + "\n")

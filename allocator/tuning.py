@@ -22,9 +22,12 @@ defaults) are enqueued first, once per study, and are never pruned. The search a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import platform
+import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.api import DataSource
 from allocator.budget import Budget
-from allocator.errors import AllocatorError, InputError
+from allocator.errors import AllocatorError, InputError, as_input_error
 from allocator.lora_init import check_init
 from allocator.solve import GRANULARITIES
 from allocator.tune_report import LOCK_NAME, FileLock, redact
+from probes.settings import Range, check_ranges, ranged
 
 if TYPE_CHECKING:
     from allocator.plan import Plan
@@ -45,12 +49,13 @@ if TYPE_CHECKING:
 
 __all__ = ["BASELINES", "PLACEMENTS", "Space", "TuneSettings", "parse_space", "tune"]
 
+log = logging.getLogger("allocator")
+
 FAMILY_BASELINES = ("attention", "recurrent", "mlp")
 BASELINES = ("default", "uniform", *FAMILY_BASELINES)
 PLACEMENTS = ("solver", "uniform", *FAMILY_BASELINES)  # the categorical `placement` parameter
 MODES, PRUNERS = ("single", "pareto"), ("median", "hyperband", "none")
 WEIGHTED_SIGNALS = ("activation_rank", "fisher", "gradient_spectrum", "heldout_capture")
-_POSITIVE = ("trials", "steps", "batch_size", "train_samples", "eval_samples", "heartbeat_interval", "grace_period")
 # part -> (value type, log scale, lowest allowed value, highest allowed value, strict lower bound)
 _PARTS: dict[str, tuple[type, bool, float, float, bool]] = {
     "budget": (Budget, True, 0, math.inf, True),
@@ -111,6 +116,8 @@ def parse_space(part: str, text: str) -> Space:
             raise InputError(f"{part}={text!r}: {item!r} is not a {cast.__name__} ({exc}); see docs/tuning.md") from None
         if cast is str and out not in GRANULARITIES:
             raise InputError(f"{part}={text!r}: {item!r} is not one of {GRANULARITIES}")
+        if cast in (int, float) and not math.isfinite(out):
+            raise InputError(f"{part}={text!r}: {item!r} is not a finite number")
         if cast in (int, float) and not (lo_ok < out <= hi_ok if strict else lo_ok <= out <= hi_ok):
             raise InputError(f"{part}={text!r}: {item!r} lies outside {'(' if strict else '['}{lo_ok}, {hi_ok}]")
         return out
@@ -147,19 +154,19 @@ def _space_field(default: str, what: str) -> Any:
 class TuneSettings:
     """One study: its size and mode, the fine-tune every trial runs, and the search space. Validated here."""
 
-    trials: int = field(default=20, metadata={"help": "finished trials (complete + pruned) of the study, all workers together"})
+    trials: int = ranged(20, "finished trials (complete + pruned) of the study, all workers together", Range(1, integer=True))
     mode: str = field(default="single", metadata={"help": "single: min eval loss at one budget | pareto: min (eval loss, trainable params)"})
     pruner: str = field(default="median", metadata={"help": "median | hyperband | none (single mode; baselines are never pruned)"})
     baselines: tuple[str, ...] = field(default=BASELINES, metadata={"help": f"trials enqueued first, once per study: any of {BASELINES}"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps of every trial's LoRA fine-tune"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per fine-tune step"})
-    eval_every: int = field(default=10, metadata={"help": "steps between intermediate eval losses (reported for pruning; 0: end only)"})
-    train_samples: int = field(default=256, metadata={"help": "fine-tune training sequences drawn from --data"})
-    eval_samples: int = field(default=64, metadata={"help": "eval sequences drawn from --eval-data"})
-    seed: int = field(default=0, metadata={"help": "seed of every fine-tune (data order, LoRA init) and of the sampler"})
-    heartbeat_interval: int = field(default=30, metadata={"help": "seconds between a running trial's heartbeats"})
-    grace_period: int = field(default=90, metadata={"help": "a trial silent this many seconds is failed and retried"})
-    max_retry: int = field(default=2, metadata={"help": "times a killed (stale) trial is re-run"})
+    steps: int = ranged(60, "optimizer steps of every trial's LoRA fine-tune", Range(1, integer=True))
+    batch_size: int = ranged(8, "sequences per fine-tune step", Range(1, integer=True))
+    eval_every: int = ranged(10, "steps between intermediate eval losses (reported for pruning; 0: end only)", Range(0, integer=True))
+    train_samples: int = ranged(256, "fine-tune training sequences drawn from --data", Range(1, integer=True))
+    eval_samples: int = ranged(64, "eval sequences drawn from --eval-data", Range(1, integer=True))
+    seed: int = ranged(0, "seed of every fine-tune (data order, LoRA init) and of the sampler", Range(0, integer=True))
+    heartbeat_interval: int = ranged(30, "seconds between a running trial's heartbeats", Range(1, integer=True))
+    grace_period: int = ranged(90, "a trial silent this many seconds is failed and retried", Range(1, integer=True))
+    max_retry: int = ranged(2, "times a killed (stale) trial is re-run", Range(0, integer=True))
     budget: str = field(default="", metadata={"help": "trainable-parameter budget: v (single mode), lo..hi or a,b "
                                                "(pareto mode); '' = r8 in single mode, r2..r12 in pareto mode"})
     lr: str = _space_field("1e-3..1e-2@3e-3", "learning rate")
@@ -172,11 +179,7 @@ class TuneSettings:
     max_rank: str = _space_field("16,32,64", "largest rank of the solver's grid")
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"TuneSettings.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.eval_every < 0 or self.max_retry < 0:
-            raise InputError(f"eval_every and max_retry must be >= 0, got {self.eval_every}, {self.max_retry}")
+        check_ranges(self, InputError)
         if self.grace_period < self.heartbeat_interval:
             raise InputError(f"grace_period {self.grace_period}s is shorter than heartbeat_interval "
                              f"{self.heartbeat_interval}s; raise it (Optuna suggests twice the interval)")
@@ -269,21 +272,54 @@ def tune(
     """
     import optuna
 
-    from allocator.tune_report import check_out_dir, prepare_out_dir, summarize, write_outputs
+    import probes
+    from allocator.api import DataSettings, check_source, settings_or_default
+    from allocator.solve import SolverSettings
+    from allocator.tune_report import (
+        check_out_dir,
+        default_storage,
+        prepare_out_dir,
+        summarize,
+        write_outputs,
+        write_record,
+    )
+    from allocator.utility import UtilitySettings
+    from probes.errors import ProbeError
+    from probes.folders import FolderError, resolve_target
 
-    settings = settings or TuneSettings()
+    settings = settings_or_default(settings, TuneSettings, "settings")
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an objective")
     init = check_init(init)
     if init_data is not None and init != "eva":
         raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or drop it")
+    data_settings = settings_or_default(data_settings, DataSettings, "data_settings")
+    probe_settings = settings_or_default(probe_settings, probes.ProbeSettings, "probe_settings")
+    utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
+    solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
+    for name, source in (("data", data), ("eval_data", eval_data), ("retention_data", retention_data),
+                         ("init_data", init_data)):
+        if source is not None:
+            check_source(source, name)
+    with as_input_error(ProbeError):
+        probes.check_device(probe_settings.device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = Path(out_dir).expanduser().resolve()
-    url = storage or f"sqlite:///{out / 'study.db'}"
+    with as_input_error(FolderError):
+        out = resolve_target(out_dir)
+    url = storage or default_storage(out)
     run = _Run(settings, out, url, study_name, objective, use_rslora, init)
     check_out_dir(out, study_name, url, overwrite)  # before any work, and before the lock file is created
-    with run.lock:
-        prepare_out_dir(out, study_name, url, overwrite)
+    created = not out.exists()
+    try:
+        with run.lock:
+            for line in prepare_out_dir(out, study_name, url, overwrite):
+                log.warning("overwrite: %s", line)
+            run.connect()  # a wrong --storage fails here, before the folder is marked as this study's
+            write_record(out, study_name, url)
+    except BaseException:
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     run.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
              data_settings, probe_settings, utility_settings, solver_settings, init_data)
     with run.lock:
@@ -373,29 +409,16 @@ class _Run:
     def load(self, model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
              data_settings, probe_settings, utility_settings, solver_settings, init_data=None) -> None:
         """Model, components and fine-tune batches; the base settings. No probes yet."""
-        import probes
-        from allocator.api import (
-            DataSettings,
-            _load_tokenizer,
-            library_versions,
-            resolve_model_ref,
-            unprobed_experts_off,
-        )
-        from allocator.components import find_components
-        from allocator.modelio import load_model
-        from allocator.solve import SolverSettings
-        from allocator.utility import UtilitySettings
+        from allocator.api import _load_tokenizer, library_versions, load_or_check_model, unprobed_experts_off
+        from allocator.components import architecture_of, find_components
 
         s = self.settings
-        self.data_settings = data_settings or DataSettings()
-        self.probe_settings = probe_settings or probes.ProbeSettings()
-        self.utility, self.solver = utility_settings or UtilitySettings(), solver_settings or SolverSettings()
-        ref = resolve_model_ref(model)
-        self.model = load_model(ref, trust_remote_code=trust_remote_code) if isinstance(ref, str) else ref
-        self.model_id = ref if isinstance(ref, str) else (
-            getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+        self.data_settings, self.probe_settings = data_settings, probe_settings
+        self.utility, self.solver = utility_settings, solver_settings
+        self.model, self.model_id = load_or_check_model(model, trust_remote_code)
         self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
         self.components = tuple(unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels))
+        self.architecture = architecture_of(self.model)
         self.eligible = [c for c in self.components if c.eligible]
         if not self.eligible:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
@@ -409,7 +432,9 @@ class _Run:
             "model": _where(self.model_id), "data": _where(data), "eval_data": _where(eval_data),
             "retention_data": _where(retention_data),
             "objective": "finetune" if self.objective is None else getattr(self.objective, "__name__", "custom"),
-            "data_settings": dataclasses.asdict(self.data_settings), "probe_settings": self.probe_settings.result_key(),
+            "data_settings": {k: v for k, v in dataclasses.asdict(self.data_settings).items()
+                              if not (k == "encoding" and v == "utf-8")},  # studies begun before it resume
+            "probe_settings": self.probe_settings.result_key(),
             "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
             "fused_kernels": fused_kernels, "use_rslora": self.use_rslora,
             **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {})})
@@ -425,11 +450,12 @@ class _Run:
         from probes.errors import ProbeError
 
         d = self.data_settings
-        try:
-            return list(probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=samples,
-                                            batch_size=batch_size, seed=seed, text_field=d.text_field))
-        except ProbeError as exc:
-            raise InputError(str(exc)) from None
+        with as_input_error(ProbeError):
+            batches = list(probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=samples,
+                                               batch_size=batch_size, seed=seed, text_field=d.text_field,
+                                               encoding=d.encoding))
+            probes.check_token_ids(self.model, batches)
+        return batches
 
     def probe(self, data: Any, retention_data: Any, init_data: Any = None) -> None:
         """Probe reports from ``OUT_DIR/probes`` (run once per study; the caller holds the lock)."""
@@ -477,7 +503,9 @@ class _Run:
         if self.init == "eva":  # EVA's data must hold the uniform baseline's ranks: find out before any trial runs
             self._eva_init(self.plan({**self.search.suggest(_BaseTrial("uniform")), "budget": max(sp["budget"].values)}))
 
-    def open_study(self) -> Any:
+    def connect(self) -> None:
+        """Open the storage (``self.storage``): a bad URL, a missing driver, an unreachable server, or a locked or
+        read-only sqlite file is an error naming the fix, before anything is marked or probed."""
         import optuna
         from optuna.storages import RDBStorage
 
@@ -488,20 +516,27 @@ class _Run:
             from optuna.storages import RetryFailedTrialCallback as Retry
             hook = "failed_trial_callback"
 
-        s, single = self.settings, self.settings.mode == "single"
+        s = self.settings
+        sqlite = self.url.startswith("sqlite")
+        if sqlite:
+            check_sqlite_writable(self.url)
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.retry = Retry(max_retry=s.max_retry)  # re-enqueues a stale trial's parameters, max_retry times
-                storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}} if
-                                     self.url.startswith("sqlite") else None, heartbeat_interval=s.heartbeat_interval,
+                storage = RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if
+                                     sqlite else None, heartbeat_interval=s.heartbeat_interval,
                                      grace_period=s.grace_period, **{hook: self.retry})
-            if self.url.startswith("sqlite"):
+            if sqlite:
                 _fast_sqlite(storage)
             self.storage = storage
-        except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server
-            raise InputError(f"could not open storage {redact(self.url)} ({type(exc).__name__}: {exc}); pass a "
-                             "database URL Optuna takes, e.g. sqlite:///study.db or postgresql://host/db") from None
+        except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server, locked file
+            raise storage_error(self.url, exc) from None
+
+    def open_study(self) -> Any:
+        import optuna
+
+        s, single = self.settings, self.settings.mode == "single"
         n_enqueued = len(s.baselines)
         pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=max(5, n_enqueued),
                                                         n_warmup_steps=s.steps // 3),
@@ -509,14 +544,18 @@ class _Run:
                                                               max_resource=s.steps),
                   "none": optuna.pruners.NopPruner()}[s.pruner if single else "none"]
         sampler = _Sampler(s.seed, n_enqueued + max(3, (s.trials - n_enqueued) // 3))
-        study = optuna.create_study(storage=storage, study_name=self.study_name, sampler=sampler, pruner=pruner,
-                                    directions=["minimize"] * (1 if single else 2), load_if_exists=True)
-        stored = study.user_attrs.get("tune")
-        if stored is None:
-            study.set_user_attr("tune", self.signature)
-        elif stored != self.signature:
-            keys = sorted(k for k in set(stored) | set(self.signature) if stored.get(k) != self.signature.get(k))
-            raise InputError(f"study {self.study_name!r} was started with other {', '.join(keys)}; pass the same "
+        try:
+            study = optuna.create_study(storage=self.storage, study_name=self.study_name, sampler=sampler,
+                                        pruner=pruner, directions=["minimize"] * (1 if single else 2),
+                                        load_if_exists=True)
+            stored = study.user_attrs.get("tune")
+            if stored is None:
+                study.set_user_attr("tune", self.signature)
+        except Exception as exc:
+            raise storage_error(self.url, exc) from None
+        if stored is not None and stored != self.signature:
+            differ = "; ".join(_differences(stored, self.signature)[:4])
+            raise InputError(f"study {self.study_name!r} was started with other settings ({differ}); pass the same "
                              "settings to resume it, or --overwrite / another --study to start a new one")
         return study
 
@@ -550,13 +589,13 @@ class _Run:
         if placement == "solver":
             return solve_plan(self.model_id, self.components, self.report, budget, cfg["utility"], cfg["solver"],
                               risk_report=self.risk, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
-                              use_rslora=self.use_rslora, init=self.init)
+                              use_rslora=self.use_rslora, init=self.init, architecture=self.architecture)
         rank = self._baseline_rank(placement, {"budget": budget})
         ranks = {c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible}
         solver = {"status": f"baseline ({placement})", "mip_gap": 0.0, "granularity": "type", "groups": {}}
         return Plan(model_id=self.model_id, components=self.components, ranks=dict(ranks), budget=budget,
                     solver=solver, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
-                    use_rslora=self.use_rslora, init=self.init)
+                    use_rslora=self.use_rslora, init=self.init, architecture=self.architecture)
 
     def plan_for_params(self, params: Mapping[str, Any], number: int | None = None) -> Plan:
         """Rebuild a finished trial's plan from its parameters (solving is deterministic)."""
@@ -674,6 +713,56 @@ class _Run:
             except UpdateFinishedTrialError:  # another worker failed it first
                 continue
             self.retry(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+
+
+SQLITE_TIMEOUT_S = 60  # a worker waits this long for another's write lock before sqlite reports "locked"
+
+
+def check_sqlite_writable(url: str) -> None:
+    """A sqlite study file (or its folder) that cannot be written fails later inside Optuna with a misleading
+    message ("invalid data in the commit"); say what it is now."""
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    if path is None or str(path) in ("", ":memory:"):
+        return
+    if path.exists() and not os.access(path, os.W_OK):
+        raise AllocatorError(f"the study database {path} is read-only; make it writable (chmod u+w) or choose "
+                             "another -o / --storage")
+    if not path.exists() and path.parent.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise AllocatorError(f"cannot create the study database in {path.parent} (read-only folder); choose "
+                             "another -o / --storage")
+
+
+def storage_error(url: str, exc: BaseException) -> AllocatorError:
+    """The one-line error for a storage that did not open or answer, naming the cause and the fix."""
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    low = text.lower()
+    if "database is locked" in low:
+        return AllocatorError(f"the study database {redact(url)} is locked by another process for over "
+                              f"{SQLITE_TIMEOUT_S} s; wait for it or use a server database (--storage postgresql://...)")
+    if "readonly" in low or "read-only" in low:
+        return AllocatorError(f"the study database {redact(url)} is read-only; make it writable or choose another "
+                              "-o / --storage")
+    driver = re.search(r"No module named '([\w.]+)'", str(exc))
+    if driver or isinstance(exc, ModuleNotFoundError):
+        module = driver[1] if driver else str(exc)
+        hint = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pymysql": "pymysql",
+                "MySQLdb": "mysqlclient"}.get(module.split(".")[0], module.split(".")[0])
+        return InputError(f"the --storage URL {redact(url)} needs the Python package {hint!r}: pip install {hint}")
+    if "could not parse" in low or "argumenterror" in low or "no such module" in low or "can't load plugin" in low:
+        return InputError(f"could not open storage {redact(url)} ({text}); pass a database URL Optuna takes, e.g. "
+                          "sqlite:///study.db or postgresql://user@host/db")
+    return AllocatorError(f"could not open or use storage {redact(url)} ({text}); check that the database is "
+                          "reachable and writable")
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``['settings.steps: 60 (now 80)', ...]``: the leaves where two signatures differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path}: {old!r} (now {new!r})"]
 
 
 def _fast_sqlite(storage: Any) -> None:

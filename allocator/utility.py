@@ -26,6 +26,7 @@ import numpy as np
 from allocator.components import FAMILIES, Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
 from allocator.signals import SIGNALS, check_curves, n_entries, prior_curves, scale_weights
+from probes.settings import Range, check_ranges, ranged
 
 __all__ = ["SIGNALS", "UtilitySettings", "UtilityTable", "compute_utilities", "risk_curves", "with_risk"]
 
@@ -115,45 +116,38 @@ class UtilitySettings:
     """How probe statistics become utilities. Defaults are a starting point for the placement benchmark to tune."""
 
     signal: str = field(default="combined", metadata={"help": f"utility signal, one of {sorted(SIGNALS)}"})
-    weights: dict[str, float] = field(
-        default_factory=_default_weights,
-        metadata={"help": "weights of the signals mixed by signal=combined, e.g. gradient_spectrum=0.5,heldout_capture=0.5"},
-    )
-    uniform_prior: float = field(
-        default=0.5,
-        metadata={"help": "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the uniform plan"},
-    )
-    magnitude_exponent: float = field(
-        default=0.25,
-        metadata={"help": "exponent compressing gradient/Fisher magnitudes across modules (0 ignores magnitude)"},
-    )
-    consistency_exponent: float = field(
-        default=0.5, metadata={"help": "exponent on held-out direction consistency across modules (0 ignores it)"}
-    )
-    scale_clip: float = field(
-        default=2.0, metadata={"help": "bound (>= 1) on magnitude/consistency/risk weights: each lies in [1/clip, clip]"}
-    )
-    family_priors: dict[str, float] = field(
-        default_factory=dict, metadata={"help": "utility multiplier per family, e.g. attention=1.2,recurrent=0.9"}
-    )
-    retention_weight: float = field(
-        default=0.0,
-        metadata={"help": "lambda >= 0 on the retention risk from general-text probes: max sum u - lambda sum risk"},
-    )
-    risk_exponent: float = field(
-        default=0.5, metadata={"help": "exponent compressing general-text Fisher into the retention risk weight"}
-    )
+    weights: dict[str, float] = ranged(
+        help="weights of the signals mixed by signal=combined, e.g. gradient_spectrum=0.5,heldout_capture=0.5",
+        range=Range(0), default_factory=_default_weights)
+    uniform_prior: float = ranged(
+        0.5, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the uniform plan", Range(0, 1))
+    magnitude_exponent: float = ranged(
+        0.25, "exponent compressing gradient/Fisher magnitudes across modules (0 ignores magnitude)", Range(0, 4))
+    consistency_exponent: float = ranged(
+        0.5, "exponent on held-out direction consistency across modules (0 ignores it)", Range(0, 4))
+    scale_clip: float = ranged(
+        2.0, "bound (>= 1) on magnitude/consistency/risk weights: each lies in [1/clip, clip]", Range(1))
+    family_priors: dict[str, float] = ranged(
+        help="utility multiplier per family, e.g. attention=1.2,recurrent=0.9", range=Range(0, lo_open=True),
+        default_factory=dict)
+    retention_weight: float = ranged(
+        0.0, "lambda >= 0 on the retention risk from general-text probes: max sum u - lambda sum risk", Range(0))
+    risk_exponent: float = ranged(
+        0.5, "exponent compressing general-text Fisher into the retention risk weight", Range(0, 4))
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
             raise InputError(f"unknown utility signal {self.signal!r}; choose one of {sorted(SIGNALS)}")
+        for name in ("weights", "family_priors"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise InputError(f"UtilitySettings.{name} must be a mapping of names to numbers, got "
+                                 f"{getattr(self, name)!r}")
+        check_ranges(self, InputError)
         weights = {str(k): float(v) for k, v in dict(self.weights).items()}
         mixable = sorted(set(SIGNALS) - {"combined"})
         bad = sorted(k for k in weights if k not in mixable)
         if bad:
             raise InputError(f"utility weights name unknown signals {bad}; choose from {mixable}")
-        if any(not (math.isfinite(w) and w >= 0) for w in weights.values()):
-            raise InputError(f"utility weights must be finite and >= 0, got {weights}")
         if self.signal == "combined" and not any(w > 0 for w in weights.values()):
             raise InputError("signal=combined needs a positive weight; set e.g. weights={'gradient_spectrum': 1}")
         object.__setattr__(self, "weights", dict(sorted(weights.items())))
@@ -161,21 +155,10 @@ class UtilitySettings:
         bad = sorted(k for k in priors if k not in FAMILIES)
         if bad:
             raise InputError(f"family_priors name unknown families {bad}; families are {list(FAMILIES)}")
-        if any(not (math.isfinite(v) and v > 0) for v in priors.values()):
-            raise InputError(f"family_priors must be finite and > 0, got {priors}")
         object.__setattr__(self, "family_priors", dict(sorted(priors.items())))
-        for name, lo, hi in (
-            ("uniform_prior", 0.0, 1.0),
-            ("magnitude_exponent", 0.0, 4.0),
-            ("consistency_exponent", 0.0, 4.0),
-            ("risk_exponent", 0.0, 4.0),
-            ("scale_clip", 1.0, math.inf),
-            ("retention_weight", 0.0, math.inf),
-        ):
-            value = float(getattr(self, name))
-            if not (math.isfinite(value) and lo <= value <= hi):
-                raise InputError(f"UtilitySettings.{name} must be a finite number in [{lo}, {hi}], got {value!r}")
-            object.__setattr__(self, name, value)
+        for name in ("uniform_prior", "magnitude_exponent", "consistency_exponent", "risk_exponent", "scale_clip",
+                     "retention_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,7 +28,10 @@ _LAZY = {
     "describe_source": "probes.data",
     "is_token_source": "probes.data",
     "run": "probes.runner",
+    "check_device": "probes.runner",
+    "check_token_ids": "probes.runner",
     "run_cached": "probes.cache",
+    "check_cache_dir": "probes.cache",
 }
 
 __all__ = sorted(_LAZY)

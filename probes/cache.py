@@ -3,7 +3,8 @@
 The key is a sha256 over: model id and revision (``key_meta``), the data fingerprint of the batches, the sorted
 module names, the result-relevant settings (all but ``progress``) and the report format. A hit loads
 ``<cache_dir>/probe-<key>/`` and runs nothing; a miss runs :func:`probes.run` and rank 0 writes the folder
-atomically (write to a temporary folder, then rename).
+through the safe folder writer (:mod:`probes.folders`: atomic, marked as ours). A cached report that cannot be read
+(truncated, edited) is probed again and replaced, with a warning.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from probes.data import data_fingerprint
-from probes.report import FORMAT, JSON_NAME, ProbeReport
+from probes.errors import ProbeError, ProbeWarning
+from probes.folders import FolderError, write_folder
+from probes.report import ARRAYS_NAME, FORMAT, JSON_NAME, ProbeReport
 from probes.runner import run
 from probes.settings import ProbeSettings
 
@@ -49,6 +51,7 @@ def run_cached(
     reads its own cache and the run is reused only if all ranks hit, so the collectives stay in step.
     """
     settings = settings or ProbeSettings()
+    check_cache_dir(cache_dir)
     if key_meta is None:
         config = getattr(model, "config", None)
         key_meta = {"model_id": getattr(config, "name_or_path", None),
@@ -64,27 +67,43 @@ def run_cached(
     return report
 
 
+def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
+    """``cache_dir`` as a Path, or a ProbeError now (before any probing) if it cannot hold a cache."""
+    path = Path(cache_dir).expanduser()
+    if not str(cache_dir).strip():
+        raise ProbeError("the probe cache folder is empty; give a folder name, e.g. --cache-dir probe-cache")
+    if path.exists() and not path.is_dir():
+        raise ProbeError(f"probe cache {path} is a file, not a folder; pass a folder to --cache-dir")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ProbeError(f"probe cache {path} cannot be created or written under {parent}; pass a writable "
+                         "--cache-dir")
+    return path
+
+
 def _load(folder: Path, key: str) -> ProbeReport | None:
-    if not (folder / JSON_NAME).is_file():
+    if not folder.exists():
         return None
     try:
         report = ProbeReport.load(folder)
-    except (OSError, ValueError, KeyError):
+        if report.meta.get("cache_key") != key:
+            raise ValueError("its cache key differs")
+    except Exception as exc:  # safetensors, json and field errors alike: the cache is only a shortcut
+        warnings.warn(f"cached probe report {folder} is unreadable ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); probing again and replacing it",
+                      ProbeWarning, stacklevel=3)
         return None
-    return report if report.meta.get("cache_key") == key else None
+    return report
 
 
 def _save_atomic(report: ProbeReport, folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        report.save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(folder, report.save, overwrite=True, legacy=[{JSON_NAME, ARRAYS_NAME}], flag="cache folder",
+                     overwrite_flag="replacing")
+    except FolderError as exc:
+        raise ProbeError(f"{exc} (probe cache)") from None
 
 
 def _distributed(settings: ProbeSettings) -> bool:

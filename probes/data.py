@@ -57,6 +57,7 @@ def load_batches(
     batch_size: int = 4,
     seed: int = 0,
     text_field: str = "text",
+    encoding: str = "utf-8",
 ) -> list[Batch]:
     """Token batches for :func:`probes.run` from text, JSONL, a ``datasets`` folder, ``"builtin"`` or batches the
     caller has tokenised already.
@@ -70,9 +71,12 @@ def load_batches(
         batch_size: sequences per micro-batch; the last batch may be smaller.
         seed: picks the windows / records and their order (token batches keep theirs).
         text_field: the record field holding plain text.
+        encoding: how ``.txt``/``.jsonl`` files are decoded, strictly: a byte that does not decode (or a NUL byte,
+            the mark of a binary file) is a ProbeError naming its offset and line.
 
     Raises:
-        ProbeError: missing file, empty data, text shorter than one sequence, every label masked.
+        ProbeError: missing file, undecodable or binary file, empty data, text shorter than one sequence, every
+            label masked.
     """
     for name, value in (("seq_len", seq_len), ("samples", samples), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
@@ -94,9 +98,10 @@ def load_batches(
         if path.is_dir():
             rows = _record_rows(_datasets_records(path), tokenizer, str(path), seq_len, samples, rng, text_field)
         elif path.suffix.lower() in RECORD_SUFFIXES:
-            rows = _record_rows(_jsonl_records(path), tokenizer, str(path), seq_len, samples, rng, text_field)
+            rows = _record_rows(_jsonl_records(path, encoding), tokenizer, str(path), seq_len, samples, rng,
+                                text_field)
         else:
-            rows = _packed_rows(_text_chunks(path), tokenizer, str(path), seq_len, samples, rng)
+            rows = _packed_rows(_text_chunks(path, encoding), tokenizer, str(path), seq_len, samples, rng)
     return _collate(rows, batch_size)
 
 
@@ -143,8 +148,28 @@ def _builtin_chunks(rng: random.Random):
         yield (root / rel).read_text(encoding="utf-8", errors="replace"), True  # True: a document ends here
 
 
-def _text_chunks(path: Path):
-    text = path.read_text(encoding="utf-8", errors="replace")
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The whole file decoded strictly; a bad byte or a NUL byte is a ProbeError naming where it is."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ProbeError(f"cannot read calibration data {path} ({exc.strerror or exc}); check the path and its "
+                         "permissions") from None
+    nul = data.find(b"\x00") if encoding.replace("-", "").lower() in ("utf8", "ascii", "latin1") else -1
+    try:
+        if nul >= 0:
+            raise UnicodeDecodeError(encoding, data, nul, nul + 1, "NUL byte")
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        what = "looks binary (a NUL byte" if err.reason == "NUL byte" else f"is not valid {encoding} (byte " \
+            f"0x{data[err.start]:02x}"
+        raise ProbeError(f"{path} {what} at offset {err.start}, line {line}); give a UTF-8 text file, convert it "
+                         "(iconv -f latin1 -t utf-8), or name its encoding with --encoding") from None
+
+
+def _text_chunks(path: Path, encoding: str = "utf-8"):
+    text = read_text(path, encoding)
     start = 0
     while start < len(text):
         end = min(len(text), start + _CHUNK_CHARS)
@@ -237,26 +262,27 @@ def _token_rows(source: TokenSource, tokenizer: Any, seq_len: int, samples: int)
 # --- records: padded sequences -----------------------------------------------------------------------------
 
 
-def _jsonl_records(path: Path) -> list[dict]:
+def _jsonl_records(path: Path, encoding: str = "utf-8") -> list[dict]:
+    text = read_text(path, encoding)
     if path.suffix.lower() == ".json":  # a whole-file JSON list of objects is accepted too
         try:
-            whole = json.loads(path.read_text(encoding="utf-8"))
+            whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None
         if isinstance(whole, list) and all(isinstance(r, dict) for r in whole):
             return whole
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ProbeError(f"{path}:{line_no} is not valid JSON ({err.msg}); write one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise ProbeError(f"{path}:{line_no} is a {type(record).__name__}, not a JSON object; write one object per line")
-            records.append(record)
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ProbeError(f"{path}:{line_no} is not valid JSON ({err.msg}); write one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise ProbeError(f"{path}:{line_no} is a {type(record).__name__}, not a JSON object; write one object "
+                             "per line")
+        records.append(record)
     return records
 
 
@@ -311,6 +337,11 @@ def _record_rows(records, tokenizer, label, seq_len, samples, rng, text_field):
 
 
 def _encode_record(record: dict, index: int, tokenizer, text_field: str, label: str):
+    if text_field in record and not isinstance(record[text_field], str):
+        value = record[text_field]
+        raise ProbeError(f"record {index} of {label} has {text_field!r}: "
+                         f"{'null' if value is None else type(value).__name__}, not a string; give it text or drop "
+                         "the record")
     if isinstance(record.get(text_field), str):
         ids = _encode(tokenizer, record[text_field], special=True)
         return ids, list(ids)

@@ -50,9 +50,11 @@ def run(
             ``settings.skip_nonfinite``), a model that returns no loss.
     """
     settings = settings or ProbeSettings()
+    check_device(settings.device)
     dtype = getattr(torch, settings.dtype)
     probes, by_name = _resolve(model, modules, dtype)
     _check_batches(batches)
+    check_token_ids(model, batches)
     world, rank = _world(settings)
     mine = [i for i in range(len(batches)) if i % world == rank]
     prober = Prober(probes, dtype, settings.sketch_threshold, settings.sketch_dim, settings.seed)
@@ -97,6 +99,10 @@ def run(
         finally:
             prober.detach()
         counts = reduce_counts(probes, [n_skipped, n_tokens], world)
+        if counts["run"][0] == len(batches):
+            raise ProbeError(f"every calibration batch ({len(batches)}) had a non-finite loss and was skipped; check "
+                             "the model's dtype and weights (a float16 model may overflow: load it in bfloat16 or "
+                             "float32)")
         per_probe = finalize_all(probes, prober, settings, world, counts["probes"])
     info = _meta(model, batches, settings, world, counts["run"], device)
     info.update(meta or {})
@@ -148,6 +154,42 @@ def _check_batches(batches) -> None:
             raise ProbeError(f"batch {i} lacks {sorted(missing)}; batches need input_ids and labels (load_batches)")
         if not bool((batch["labels"][..., 1:] != IGNORE_INDEX).any()):
             raise ProbeError(f"batch {i} has every label masked (-100), so its loss is undefined; drop it")
+
+
+def check_token_ids(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Raise ProbeError when a batch holds a token id outside the model's vocabulary (its input embedding rows):
+    the embedding lookup would fail with an IndexError deep in the forward."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(size, int):
+        return
+    for i, batch in enumerate(batches):
+        ids = torch.as_tensor(batch["input_ids"])
+        if ids.numel() and (int(ids.max()) >= size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= size else int(ids.min())
+            raise ProbeError(f"batch {i} holds token id {bad}, outside the model's vocabulary of {size:,}; tokenise "
+                             "the data with the model's own tokenizer")
+
+
+def check_device(device: str) -> None:
+    """Raise ProbeError unless ``device`` ('auto', 'model' or a torch device string) can run here."""
+    if device in ("auto", "model"):
+        return
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ProbeError(f"ProbeSettings.device {device!r} is not a torch device; use auto, model, cpu or cuda[:N]") \
+            from None
+    available = {"cpu": True, "meta": False, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+                 "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}.get(target.type, False)
+    if not available:
+        raise ProbeError(f"ProbeSettings.device {device!r}: this torch ({torch.__version__}) has no usable "
+                         f"{target.type} device; use device 'auto' or 'cpu'")
+    count = {"cuda": torch.cuda.device_count}.get(target.type)
+    if count is not None and target.index is not None and target.index >= count():
+        raise ProbeError(f"ProbeSettings.device {device!r}: only {count()} {target.type} device(s) here; use "
+                         f"{target.type}:0..{count() - 1}")
 
 
 @contextlib.contextmanager

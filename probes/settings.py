@@ -1,11 +1,78 @@
-"""``ProbeSettings``: what one probe run does. Every field documents itself in ``metadata["help"]``."""
+"""``ProbeSettings``: what one probe run does. Every field documents itself in ``metadata["help"]``.
+
+Numeric fields of every settings class of the project also declare the values they accept, ``metadata["range"]``
+(a :class:`Range`), and :func:`check_ranges` enforces them: finite, of the right type, inside the range. The
+allocator's settings reuse both (``probes`` is the lower layer).
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from probes.errors import ProbeError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric settings field accepts: finite numbers from ``lo`` to ``hi`` (ends open or closed),
+    whole numbers only when ``integer``. A mapping or tuple field's range applies to each of its values."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.hi == math.inf:
+            return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return False
+        if self.integer and not (isinstance(value, numbers.Integral) or float(value).is_integer()):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+
+def ranged(default: Any = None, help: str = "", range: Range | None = None, **kwargs: Any) -> Any:  # noqa: A002
+    """``dataclasses.field`` with ``metadata={"help": help, "range": range}`` (``default_factory`` via kwargs)."""
+    if "default_factory" not in kwargs:
+        kwargs["default"] = default
+    return field(metadata={"help": help, "range": range}, **kwargs)
+
+
+def check_ranges(settings: Any, error: type[Exception]) -> None:
+    """Raise ``error`` naming the first field of ``settings`` whose value is outside its declared ``Range``.
+
+    Integer fields holding a whole float (``4.0`` from a YAML file) are set to the int.
+    """
+    for f in fields(settings):
+        spec = f.metadata.get("range")
+        if spec is None:
+            continue
+        value = getattr(settings, f.name)
+        if isinstance(value, Mapping):
+            items = list(value.values())
+        elif isinstance(value, (tuple, list)):
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if not spec.admits(item):
+                shown = repr(value) if len(items) == 1 and item is value else f"{item!r} in {value!r}"
+                raise error(f"{type(settings).__name__}.{f.name} must be {spec}, got {shown}")
+        if spec.integer and isinstance(value, float):
+            object.__setattr__(settings, f.name, int(value))
+
 
 DTYPES = ("float32", "float64")
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -18,16 +85,16 @@ class ProbeSettings:
     max_rank: int = field(
         default=64,
         metadata={"help": "k: how many gradient singular values and held-out capture points (r = 1..k) to keep "
-                  "per module; capped by min(d_in, d_out)."},
+                  "per module; capped by min(d_in, d_out).", "range": Range(1, integer=True)},
     )
     sketch_threshold: int = field(
         default=4096,
         metadata={"help": "Modules whose input width d_in exceeds this keep a Nystrom sketch of the input second "
-                  "moment instead of the exact d_in x d_in matrix."},
+                  "moment instead of the exact d_in x d_in matrix.", "range": Range(2, integer=True)},
     )
     sketch_dim: int = field(
         default=512,
-        metadata={"help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept."},
+        metadata={"help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept.", "range": Range(2, integer=True)},
     )
     svd: str = field(
         default="auto",
@@ -37,12 +104,12 @@ class ProbeSettings:
     )
     svd_oversample: int = field(
         default=32,
-        metadata={"help": "Extra random directions of the randomized SVD beyond max_rank."},
+        metadata={"help": "Extra random directions of the randomized SVD beyond max_rank.", "range": Range(0, integer=True)},
     )
     svd_power_iters: int = field(
         default=3,
         metadata={"help": "Power iterations q of the randomized SVD; the error of sigma_j shrinks like "
-                  "(sigma_{k+p+1} / sigma_j)^(2q+1)."},
+                  "(sigma_{k+p+1} / sigma_j)^(2q+1).", "range": Range(0, integer=True)},
     )
     skip_nonfinite: bool = field(
         default=False,
@@ -60,7 +127,7 @@ class ProbeSettings:
     )
     seed: int = field(
         default=0,
-        metadata={"help": "Seed of the Gaussian test matrix of the Nystrom sketch (same on every rank)."},
+        metadata={"help": "Seed of the Gaussian test matrix of the Nystrom sketch (same on every rank).", "range": Range(0, integer=True)},
     )
     dtype: str = field(
         default="float32",
@@ -80,21 +147,9 @@ class ProbeSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_rank", "sketch_threshold", "sketch_dim", "seed", "svd_oversample", "svd_power_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ProbeError(f"ProbeSettings.{name} must be an int, got {value!r}")
-        if self.max_rank < 1:
-            raise ProbeError(f"ProbeSettings.max_rank must be >= 1, got {self.max_rank}")
+        check_ranges(self, ProbeError)
         if self.svd not in SVD_METHODS:
             raise ProbeError(f"ProbeSettings.svd must be one of {SVD_METHODS}, got {self.svd!r}")
-        if self.svd_oversample < 0 or self.svd_power_iters < 0:
-            raise ProbeError(
-                f"ProbeSettings.svd_oversample and svd_power_iters must be >= 0, got {self.svd_oversample} and "
-                f"{self.svd_power_iters}"
-            )
-        if self.sketch_dim < 2:
-            raise ProbeError(f"ProbeSettings.sketch_dim must be >= 2, got {self.sketch_dim}")
         if self.sketch_threshold < self.sketch_dim:
             raise ProbeError(
                 f"ProbeSettings.sketch_threshold ({self.sketch_threshold}) must be >= sketch_dim ({self.sketch_dim}); "

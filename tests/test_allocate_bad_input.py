@@ -71,7 +71,9 @@ def test_bad_budgets(tmp_path, capsys, model_dir, corpus_file, budget, needle):
 
 @pytest.mark.parametrize("budget", ["1", "100B"])
 def test_infeasible_budget_fails_before_the_data_is_read(tmp_path, capsys, model_dir, budget):
-    code, errors = _run([model_dir, "--data", tmp_path / "nope.txt", "--budget", budget, "-o", tmp_path / "out",
+    unreadable = tmp_path / "binary.txt"  # reading it would fail: the budget error must come first
+    unreadable.write_bytes(b"\xff\xfe\x00binary")
+    code, errors = _run([model_dir, "--data", unreadable, "--budget", budget, "-o", tmp_path / "out",
                          *FAST], capsys)
     assert code == 2 and len(errors) == 1 and "feasible range" in errors[0], errors
     assert not (tmp_path / "out").exists()
@@ -90,7 +92,7 @@ def test_existing_output_dir_is_kept(tmp_path, capsys, model_dir, corpus_file):
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
     code, errors = _run([model_dir, "--data", corpus_file, "-o", out, *FAST], capsys)
-    assert code == 2 and len(errors) == 1 and "--overwrite" in errors[0]
+    assert code == 2 and len(errors) == 1 and "already exists" in errors[0] and "did not write" in errors[0]
     assert (out / "adapter_config.json").read_text() == "{}"
 
 

@@ -103,18 +103,36 @@ def test_alpha_keeps_scale_constant_or_uses_rslora():
     assert rs.use_rslora and rs.alpha_pattern == {}
 
 
-def test_save_refuses_existing_folder_and_leaves_it_untouched(tmp_path):
+def test_save_refuses_a_folder_it_did_not_write_even_with_overwrite(tmp_path):
     model = _model("falcon_h1")
     plan = _random_plan(model)
     out = tmp_path / "plan"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="did not write"):
+        plan.save(out)
+    with pytest.raises(InputError, match="did not write.*keep.txt"):
+        plan.save(out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan"]  # no temporary folders left behind
+
+
+def test_overwrite_replaces_the_plan_files_and_keeps_the_users(tmp_path):
+    model = _model("falcon_h1")
+    plan = _random_plan(model)
+    out = tmp_path / "plan"
+    plan.save(out)
     with pytest.raises(InputError, match="--overwrite"):
         plan.save(out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    plan.save(out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["plan"]  # no temporary folders left behind
+    (out / "notes.md").write_text("my notes")
+    (out / "report.md").unlink()  # the next plan writes no report: its old report must go, the notes stay
+    second = Plan(model_id="other", components=plan.components, ranks=plan.ranks, budget=plan.budget)
+    second.save(out, overwrite=True, report=False)
+    assert (out / "notes.md").read_text() == "my notes"
+    assert Plan.load(out).model_id == "other"
+    assert sorted(p.name for p in out.iterdir()) == [".allocator-files.json", "adapter_config.json",
+                                                      "allocation.json", "notes.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["plan"]
 
 
 def test_plan_over_budget_is_rejected():

@@ -1,24 +1,60 @@
-"""One module per `allocate` subcommand: ``build_parser()``, ``run(args) -> int`` and ``main(argv) -> int``."""
+"""One module per `allocate` subcommand: ``build_parser()``, ``run(args) -> int`` and ``main(argv) -> int``.
+
+Exit codes, the same for every subcommand (and listed in ``allocate --help`` and the README):
+0 success; 1 a run that failed for a stated reason (solver time limit, non-finite loss, storage unreachable);
+2 bad input (argument, data, model, budget); 3 an unexpected error, a bug to report; 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from allocator.errors import AllocatorError
 
+EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = ("exit codes: 0 success; 1 a run that failed for a stated reason (solver time limit, non-finite loss, "
+              "storage unreachable); 2 bad input (argument, data, model, budget); 3 an unexpected error (a bug: "
+              "please report it); 130 interrupted.")
+DEBUG_ENV = "ALLOCATE_DEBUG"  # set to 1 to see the traceback of an unexpected error
+
 
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, interrupted: str) -> int:
-    """Run a command; an ``AllocatorError`` becomes one ``error:`` line and its exit code (1 failure, 2 bad input)."""
+    """Run a command; every outcome is one ``error:`` line and its exit code, never a traceback (see the module
+    docstring). Messages name command-line flags where the library names settings fields."""
+    from allocator.commands._options import cli_message
+    from probes.errors import ProbeError
+    from probes.folders import FolderError
+
     try:
         return run(args)
     except AllocatorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except (ProbeError, FolderError) as exc:  # the lower layer's own bad-input errors, should one slip through
+        print(f"error: {cli_message(str(exc))}", file=sys.stderr)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory; lower --batch-size or --seq-len, or set --probe-gradient-checkpointing true",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # a bug: say so, and how to get the traceback, instead of printing it
+        if "OutOfMemoryError" in type(exc).__name__:  # torch.cuda.OutOfMemoryError and kin
+            print(f"error: {type(exc).__name__} on the device; lower --batch-size or --seq-len, or set "
+                  "--probe-gradient-checkpointing true", file=sys.stderr)
+            return EXIT_FAILURE
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: unexpected {type(exc).__name__}: {first}. This is a bug: please report it with the command "
+              f"line (run again with {DEBUG_ENV}=1 to print the traceback)", file=sys.stderr)
+        return EXIT_BUG
 
 
 def usage_line(folder: object, init: str) -> str:

@@ -9,10 +9,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from typing import Any
 
 from allocator.errors import InputError
+
+# (settings class name, field name) -> the option string of the parser built last; lets error messages that name
+# a settings field (``SolverSettings.ranks``, ``ProbeSettings(skip_nonfinite=True)``) name the flag instead
+FLAGS: dict[tuple[str, str], str] = {}
+_FIELD = re.compile(r"\b([A-Z]\w*Settings)\.(\w+)\b")
+_CALL = re.compile(r"\b([A-Z]\w*Settings)\((\w+)=([^)]*)\)")
+
+
+def cli_message(text: str) -> str:
+    """``text`` as a command-line user reads it: settings fields the current parser exposes become their flags
+    (``ProbeSettings.max_rank`` -> ``--probe-max-rank``; ``ProbeSettings(skip_nonfinite=True)`` ->
+    ``--probe-skip-nonfinite true``). Unknown names stay as they are."""
+
+    def call(m: re.Match) -> str:
+        flag = FLAGS.get((m[1], m[2]))
+        return m[0] if flag is None else f"{flag} {m[3].strip().strip(chr(39)).lower()}"
+
+    def field(m: re.Match) -> str:
+        return FLAGS.get((m[1], m[2]), m[0])
+
+    return _FIELD.sub(field, _CALL.sub(call, text))
 
 
 def _option(prefix: str, name: str) -> str:
@@ -86,12 +108,15 @@ def add_settings_options(
         )
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         flags = [_option(prefix, f.name)] + ([aliases[f.name]] if f.name in aliases else [])
+        FLAGS[(cls.__name__, f.name)] = flags[-1]
+        spec = f.metadata.get("range")
         group.add_argument(
             *flags,
             dest=_dest(prefix, f.name),
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),  # argparse formats help with %
+            help=(f"{f.metadata['help']} (default: {shown}" + (f"; {spec}" if spec is not None else "") + ")"
+                  ).replace("%", "%%"),  # argparse formats help with %
         )
 
 

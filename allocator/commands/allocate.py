@@ -7,8 +7,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from allocator.commands import run_guarded, usage_line
+from allocator.commands import EXIT_CODES, run_guarded, usage_line
 from allocator.commands._options import add_settings_options, settings_from_args
+from allocator.errors import InputError
 
 EXAMPLES = """\
 examples:
@@ -28,7 +29,7 @@ then, in Python:
 
 budgets: an absolute count (2500000, 2.5M, 800k), a share of the base model (0.5%), or a uniform
 equivalent (r16 = what rank 16 on every eligible target costs).
-exit codes: 0 success, 1 failure, 2 bad input.
+--overwrite replaces only the files a plan writes (a folder this tool wrote); files of yours beside them stay.
 """
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure where LoRA parameters pay off in a (hybrid) causal LM and choose per-layer, "
         "per-component ranks under an exact trainable-parameter budget. Writes a PEFT adapter_config.json, "
         "allocation.json, report.md and heatmap.png.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + EXIT_CODES + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="builtin", help="calibration data: .txt, .jsonl, a datasets folder, or 'builtin' (default)")
     parser.add_argument("--budget", default="r8", help="trainable LoRA parameters: 2.5M | 0.5%% | r16 (default: r8)")
     parser.add_argument("-o", "--output", default="lora-plan", help="output folder (default: ./lora-plan)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the plan files in an output folder this tool wrote (other files are kept)")
     parser.add_argument("--retention-data", default=None, help="general text for the retention risk ('builtin' for the package corpus)")
     parser.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r per module (default: 2)")
     parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r) with one alpha")
@@ -77,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import allocator
-
-    data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
-    out = Path(args.output)
     from allocator.plan import check_output_dir
 
-    check_output_dir(out.resolve(), overwrite=args.overwrite)  # fail before the expensive part
+    data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
+    out = check_output_dir(args.output, overwrite=args.overwrite)  # fail before the expensive part
+    if args.cache_dir is not None and Path(args.cache_dir).expanduser().resolve() == out:
+        raise InputError(f"--cache-dir and -o are the same folder ({out}); give the probe cache a folder of its own")
     started = time.perf_counter()
     plan = allocator.allocate(
         args.model,

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 
-from allocator.errors import AllocatorError
+from allocator.commands import EXIT_CODES, run_guarded
+from allocator.errors import InputError
 
 DEFAULT_CONFIG = "qwen3_5-0.8b.config.json"  # allocator/data: the Qwen3.5-0.8B architecture, config only
 
@@ -28,7 +29,6 @@ columns: modules / LoRA parameters per rank unit (Σ d_in + d_out, times experts
 to get a cost: "at r=16" does it for you. "not effective" modules are never offered: their forward
 is bypassed (fused Mamba kernels, dt_proj), they never run (dead Zamba2 adapter entries), or PEFT
 refuses them (out_proj on falcon_h1 / mamba / nemotron_h).
-exit codes: 0 success, 1 failure, 2 bad input.
 """
 
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every module a LoRA could adapt, labelled by decoder layer, family (attention, "
         "recurrent, mlp, moe, other) and kind (softmax, gated_deltanet, mamba2, expert, ...), with the "
         "LoRA cost of one rank unit per group.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + EXIT_CODES + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", nargs="?", default=None,
@@ -58,18 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from allocator.inspect import inspect_model
 
-    try:
-        if args.rank < 1:
-            raise _input_error(f"--rank must be >= 1, got {args.rank}")
-        ref, name = args.model, args.model
-        if ref is None:
-            ref = str(resources.files("allocator") / "data" / DEFAULT_CONFIG)
-            name = f"{DEFAULT_CONFIG} (built-in)"
-        report = inspect_model(ref, fused_kernels=args.fused_kernels, trust_remote_code=args.trust_remote_code,
-                               name=name)
-    except AllocatorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    if args.rank < 1:
+        raise InputError(f"--rank must be >= 1, got {args.rank}")
+    ref, name = args.model, args.model
+    if ref is None:
+        ref = str(resources.files("allocator") / "data" / DEFAULT_CONFIG)
+        name = f"{DEFAULT_CONFIG} (built-in)"
+    report = inspect_model(ref, fused_kernels=args.fused_kernels, trust_remote_code=args.trust_remote_code,
+                           name=name)
     for message in report.warnings:
         print(f"warning: {message}", file=sys.stderr)
     if args.json:
@@ -80,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    return run_guarded(run, build_parser().parse_args(argv), interrupted="interrupted")
 
 
 def format_report(report, rank: int = 16, modules: bool = False) -> str:
@@ -150,12 +146,6 @@ def _align(table: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
             .rstrip() for row in table]
-
-
-def _input_error(message: str):
-    from allocator.errors import InputError
-
-    return InputError(message)
 
 
 if __name__ == "__main__":

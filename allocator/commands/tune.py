@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from allocator.commands import run_guarded, usage_line
+from allocator.commands import EXIT_CODES, run_guarded, usage_line
 from allocator.commands._options import add_settings_options, settings_from_args
 
 EXAMPLES = """\
@@ -27,7 +27,9 @@ examples:
 
 search parts: lo..hi (a range), a,b,c (a list), v (fixed), '' (keep the base --utility-*/--solver-* value);
 append @v to set the base point the baselines use. A killed study resumes: run the same command again.
-then: LoraConfig.from_pretrained("out/best") is the winning plan. exit codes: 0 success, 1 failure, 2 bad input.
+then: LoraConfig.from_pretrained("out/best") is the winning plan.
+--overwrite starts over: it removes what tune wrote in OUT_DIR (other files stay) and deletes the study from the
+storage that OUT_DIR's own record (tune.json) names, nowhere else.
 """
 
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run (or join, or resume) an Optuna study over the budget, the allocation settings, LoRA alpha "
         "and the learning rate; each trial solves from probes run once per study and scores a short LoRA fine-tune. "
         "Writes OUT_DIR/best (the winning plan), study.md and study.png.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + EXIT_CODES + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", default="tune-study", help="study folder: probe cache, default storage, results (default: ./tune-study)")
     parser.add_argument("--storage", default=None, help="Optuna database URL shared by workers (default: sqlite:///OUTPUT/study.db)")
     parser.add_argument("--study", default="tune", help="study name in the storage (default: tune)")
-    parser.add_argument("--overwrite", action="store_true", help="start over: clear the output folder and delete the study")
+    parser.add_argument("--overwrite", action="store_true", help="start over: remove what tune wrote in the output folder and delete the study its "
+                        "record names")
     parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r)")
     parser.add_argument("--init", choices=("default", "eva"), default="default",
                         help="lora_A init of every trial's fine-tune, recorded in the plans: PEFT's default, or 'eva' "
