@@ -331,8 +331,9 @@ def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None
         return
     record = read_record(out)
     if record is None:
-        raise InputError(f"output folder {out} holds files this tool did not write ({', '.join(sorted(entries)[:5])}"
-                         f"{'...' if len(entries) > 5 else ''}) and no tune study; choose a new or empty -o")
+        raise InputError(f"output folder {out} holds no tune study but files this tool did not write "
+                         f"({', '.join(sorted(entries)[:5])}{'...' if len(entries) > 5 else ''}); choose a new or "
+                         "empty -o")
     if overwrite:
         if out == Path(out.anchor) or out == Path.home().resolve():
             raise InputError(f"refusing --overwrite on {out}; choose a dedicated -o folder")

@@ -314,7 +314,8 @@ def tune(
         with run.lock:
             for line in prepare_out_dir(out, study_name, url, overwrite):
                 log.warning("overwrite: %s", line)
-            run.connect()  # a wrong --storage fails here, before the folder is marked as this study's
+            if storage is not None:
+                run.connect()  # a wrong --storage fails here, before the folder is marked as this study's
             write_record(out, study_name, url)
     except BaseException:
         if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # leave no trace
@@ -322,15 +323,19 @@ def tune(
         raise
     run.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
              data_settings, probe_settings, utility_settings, solver_settings, init_data)
-    with run.lock:
-        run.probe(data, retention_data, init_data)
-        study = run.open_study()
-        run.enqueue_baselines(study)
-    run.run_trials(study)
-    with run.lock:
-        result = summarize(study, run.plan_for_params, storage=redact(url), mode=settings.mode,
-                           probe_seconds=run.probe_seconds)
-        return write_outputs(result, out)
+    try:
+        with run.lock:
+            run.probe(data, retention_data, init_data)
+            study = run.open_study()
+            run.enqueue_baselines(study)
+        run.run_trials(study)
+        with run.lock:
+            result = summarize(study, run.plan_for_params, storage=redact(url), mode=settings.mode,
+                               probe_seconds=run.probe_seconds)
+            return write_outputs(result, out)
+    except (optuna.exceptions.StorageInternalError, _sqlalchemy_errors()) as exc:  # the database failed mid-study
+        cause = exc.__cause__ or exc
+        raise storage_error(url, cause) from None
 
 
 class _BaseTrial:
@@ -405,6 +410,7 @@ class _Run:
         self.calibration: list = []
         self._eva: dict[str, Any] = {}  # EVA components per module, computed as trials need them
         self.lock, self.probe_seconds = FileLock(out / LOCK_NAME), 0.0
+        self.storage: Any = None
 
     def load(self, model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
              data_settings, probe_settings, utility_settings, solver_settings, init_data=None) -> None:
@@ -536,6 +542,8 @@ class _Run:
     def open_study(self) -> Any:
         import optuna
 
+        if self.storage is None:  # the default sqlite file is made only now, once the inputs have all been read
+            self.connect()
         s, single = self.settings, self.settings.mode == "single"
         n_enqueued = len(s.baselines)
         pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=max(5, n_enqueued),
@@ -554,9 +562,10 @@ class _Run:
         except Exception as exc:
             raise storage_error(self.url, exc) from None
         if stored is not None and stored != self.signature:
+            keys = sorted(k for k in set(stored) | set(self.signature) if stored.get(k) != self.signature.get(k))
             differ = "; ".join(_differences(stored, self.signature)[:4])
-            raise InputError(f"study {self.study_name!r} was started with other settings ({differ}); pass the same "
-                             "settings to resume it, or --overwrite / another --study to start a new one")
+            raise InputError(f"study {self.study_name!r} was started with other {', '.join(keys)} ({differ}); pass "
+                             "the same settings to resume it, or --overwrite / another --study to start a new one")
         return study
 
     def enqueue_baselines(self, study: Any) -> None:
@@ -753,6 +762,12 @@ def storage_error(url: str, exc: BaseException) -> AllocatorError:
                           "sqlite:///study.db or postgresql://user@host/db")
     return AllocatorError(f"could not open or use storage {redact(url)} ({text}); check that the database is "
                           "reachable and writable")
+
+
+def _sqlalchemy_errors() -> type[BaseException]:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:

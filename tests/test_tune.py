@@ -17,6 +17,7 @@ from allocator.components import find_components
 from allocator.errors import InputError
 from allocator.plan import Plan
 from allocator.tuning import Space, TuneSettings, _reporter, parse_space
+from probes.folders import MANIFEST
 
 SOURCES = Path(__file__).resolve().parents[1] / "probes"
 FAST = dict(steps=3, eval_every=0, batch_size=2, train_samples=8, eval_samples=4, max_rank="16,32")
@@ -113,7 +114,10 @@ def test_single_study_runs_baselines_first_probes_once_and_resumes(tiny, texts, 
         assert r.cost == budget // per_rank * per_rank and r.params == {"alpha_ratio": 2.0, "lr": 3e-3}
     assert rows[1].cost == budget // params_per_uniform_rank(components) * params_per_uniform_rank(components)
     assert result.versus.keys() == {"default", "uniform", "attention", "recurrent", "mlp"}
-    assert all(delta <= 0 for delta in result.versus.values())  # the winner is never worse than a baseline
+    complete = [r for r in rows if r.state == "complete"]
+    for name, delta in result.versus.items():  # winner minus baseline, as the trials say
+        assert delta == min(r.value for r in complete) - result.baselines[name].value
+    assert result.best.value == min(r.value for r in complete)
     best = Plan.load(out / "best")
     assert best.cost == result.best.cost <= best.budget == budget
     assert (out / "best" / "adapter_config.json").is_file() and (out / "study.db").is_file()
@@ -141,9 +145,11 @@ def test_pareto_mode_with_user_objective_returns_front_plans_and_importances(tin
     done = [r for r in result.trials if r.state == "complete"]
     for p in front:  # nothing dominates a point of the front
         assert not any(r.cost <= p.cost and r.value < p.value or r.cost < p.cost and r.value <= p.value for r in done)
-    assert {p.name for p in (out / "pareto").iterdir()} == {f"trial-{r.number:04d}" for r in front}
+    assert {p.name for p in (out / "pareto").iterdir()} == {f"trial-{r.number:04d}" for r in front} | {MANIFEST}
     assert all(Plan.load(out / "pareto" / f"trial-{r.number:04d}").cost == r.cost for r in front)
-    assert result.versus["uniform"] <= 0 and (out / "study.png").is_file()
+    uniform = result.baselines["uniform"]  # compared with the best trial within the uniform baseline's budget
+    assert result.versus["uniform"] == min(r.value for r in done if r.cost <= uniform.budget) - uniform.value
+    assert (out / "study.png").is_file()
     assert result.importances and "over 10 searched trials" in result.importance_note  # PED-ANOVA without sklearn
 
 
