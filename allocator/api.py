@@ -1,4 +1,4 @@
-"""The main job as one call: model + a little data + a budget -> :class:`~allocator.plan.Plan`.
+"""The main job as one call: model + a little data + a budget -> :class:`~allocator.output.plan.Plan`.
 
     plan = allocator.allocate("Qwen/Qwen3.5-0.8B", data="train.jsonl", budget="r8")
     peft_model = plan.apply(model)
@@ -8,46 +8,46 @@ Each stage is its own function (see docs/design.md); this module only chains the
 
 from __future__ import annotations
 
-import codecs
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy
+import peft
+import scipy
+import torch
+import transformers
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import allocator
+import probes
+from allocator.discovery.component import Component
+from allocator.discovery.components import architecture_of, find_components
+from allocator.discovery.modelio import count_base_params, load_model
 from allocator.errors import AllocatorError, InputError, as_input_error
-from probes.settings import Range, check_ranges, ranged
+from allocator.output.export import check_alpha_ratio
+from allocator.output.lora_init import check_init
+from allocator.output.plan import Plan
+from allocator.reference import DEFAULT_MODEL, reference_model_path
+from allocator.scoring.utility import UtilitySettings, compute_utilities
+from allocator.solver.budget import Budget
+from allocator.solver.settings import SolverSettings
+from allocator.solver.solve import check_budget, solve
+from probes.errors import ProbeError
+from probes.report import ProbeReport
+from probes.settings import DataSettings, ProbeSettings
 
 # Calibration (and tuning) data: a path, "builtin", or token batches the caller has tokenised already
 DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
 
 
-@dataclass(frozen=True)
-class DataSettings:
-    """How calibration batches are drawn from ``data``."""
-
-    seq_len: int = ranged(256, "Tokens per calibration sequence.", Range(2, integer=True))
-    samples: int = ranged(32, "Calibration sequences in all.", Range(1, integer=True))
-    batch_size: int = ranged(4, "Sequences per forward/backward micro-batch.", Range(1, integer=True))
-    seed: int = ranged(0, "Seed for drawing and ordering calibration samples.", Range(0, integer=True))
-    text_field: str = field(default="text", metadata={"help": "JSONL field holding plain text records."})
-    encoding: str = field(default="utf-8", metadata={
-        "help": "Text encoding of .txt/.jsonl data, decoded strictly (a bad byte is an error naming its offset)."})
-
-    def __post_init__(self) -> None:
-        check_ranges(self, InputError)
-        try:
-            codecs.lookup(self.encoding)
-        except (LookupError, TypeError):
-            raise InputError(f"DataSettings.encoding {self.encoding!r} is not a text encoding Python knows; "
-                             "try utf-8, utf-16 or latin-1") from None
-
-
 def resolve_model_ref(model: Any) -> Any:
     """``None`` -> the built-in reference model's folder; anything else unchanged."""
     if model is None:
-        from allocator.reference import DEFAULT_MODEL, reference_model_path
 
         return str(reference_model_path(DEFAULT_MODEL))
     if isinstance(model, os.PathLike):
@@ -67,7 +67,6 @@ def settings_or_default(value: Any, cls: type, name: str) -> Any:
 
 def check_source(source: Any, name: str) -> None:
     """InputError now, before any model loads, unless ``source`` is a form data can take and (a path) exists."""
-    import probes
 
     if probes.is_token_source(source):
         return
@@ -82,12 +81,10 @@ def check_source(source: Any, name: str) -> None:
 def load_or_check_model(model: Any, trust_remote_code: bool) -> tuple[Any, str]:
     """(loaded model, id it is recorded under) from a hub id, a folder, None (the built-in model) or a model object;
     an object that is not a transformers causal LM is an InputError."""
-    from allocator.modelio import load_model
 
     ref = resolve_model_ref(model)
     if isinstance(ref, str):
         return load_model(ref, trust_remote_code=trust_remote_code), ref
-    from torch import nn
 
     if not isinstance(ref, nn.Module) or getattr(ref, "config", None) is None:
         raise InputError(f"model must be a hub id, a model folder, None (the built-in reference model) or a loaded "
@@ -96,13 +93,7 @@ def load_or_check_model(model: Any, trust_remote_code: bool) -> tuple[Any, str]:
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import peft
-    import scipy
-    import torch
-    import transformers
 
-    import allocator
 
     return {
         "allocator": allocator.__version__,
@@ -116,14 +107,14 @@ def library_versions() -> dict[str, str]:
 
 
 def allocate(
-    model: Any = None,
+    model: str | os.PathLike[str] | PreTrainedModel | None = None,
     data: DataSource = "builtin",
-    budget: str | int = "r8",
+    budget: str | int | Budget = "r8",
     *,
     data_settings: DataSettings | None = None,
-    probe_settings: Any = None,
-    utility_settings: Any = None,
-    solver_settings: Any = None,
+    probe_settings: ProbeSettings | None = None,
+    utility_settings: UtilitySettings | None = None,
+    solver_settings: SolverSettings | None = None,
     retention_data: DataSource | None = None,
     fused_kernels: bool = True,
     alpha_ratio: float = 2.0,
@@ -131,8 +122,8 @@ def allocate(
     init: str = "default",
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
-    tokenizer: Any = None,
-) -> Any:
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Plan:
     """Measure where LoRA parameters pay off on ``data`` and choose ranks under ``budget``.
 
     Args:
@@ -151,21 +142,12 @@ def allocate(
         cache_dir: reuse probe reports whose model, data and settings match.
 
     Returns:
-        A :class:`~allocator.plan.Plan`; ``plan.cost <= plan.budget`` always.
+        A :class:`~allocator.output.plan.Plan`; ``plan.cost <= plan.budget`` always.
 
     Raises:
         InputError: bad input (unknown model, empty data, malformed or infeasible budget), naming the fix.
         AllocatorError: the run failed (non-finite loss, solver failure).
     """
-    import probes
-    from allocator.budget import Budget
-    from allocator.components import architecture_of, find_components
-    from allocator.export import check_alpha_ratio
-    from allocator.lora_init import check_init
-    from allocator.modelio import count_base_params
-    from allocator.solve import SolverSettings, check_budget
-    from allocator.utility import UtilitySettings
-    from probes.errors import ProbeError
 
     check_init(init)
     alpha_ratio = check_alpha_ratio(alpha_ratio)
@@ -229,26 +211,23 @@ def allocate(
 
 def solve_plan(
     model_id: str,
-    components: Any,
-    report: Any,
+    components: Sequence[Component],
+    report: ProbeReport,
     budget: int,
-    utility_settings: Any,
-    solver_settings: Any,
+    utility_settings: UtilitySettings,
+    solver_settings: SolverSettings,
     *,
-    risk_report: Any = None,
+    risk_report: ProbeReport | None = None,
     provenance: dict[str, Any] | None = None,
     alpha_ratio: float = 2.0,
     use_rslora: bool = False,
     init: str = "default",
     architecture: Mapping[str, Any] | None = None,
-) -> Any:
-    """Utilities from a probe report, the integer program, and the :class:`~allocator.plan.Plan` they make.
+) -> Plan:
+    """Utilities from a probe report, the integer program, and the :class:`~allocator.output.plan.Plan` they make.
 
     The part of :func:`allocate` after probing; ``allocator.tune`` calls it once per trial on a cached report.
     """
-    from allocator.plan import Plan
-    from allocator.solve import solve
-    from allocator.utility import compute_utilities
 
     table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
@@ -297,7 +276,6 @@ def _settings_dict(settings: Any) -> dict[str, Any]:
 
 
 def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
@@ -309,8 +287,6 @@ def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
 
 
 def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir):
-    import probes
-    from probes.errors import ProbeError
 
     with as_input_error(ProbeError):
         batches = probes.load_batches(

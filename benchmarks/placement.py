@@ -1,7 +1,7 @@
 """Budget-matched LoRA placement benchmark: ``python -m benchmarks.placement [--grid core|full|smoke] [--resume]``.
 
 Every condition trains the same trainable-parameter budget ``B`` (uniform rank ``r`` on every eligible target,
-PEFT's count asserted within 1% per run) with :func:`allocator.finetune.finetune` (fixed steps, lr, batch; the
+PEFT's count asserted within 1% per run) with :func:`allocator.tuning.finetune.finetune` (fixed steps, lr, batch; the
 seed sets LoRA init and data order), on a reference model of ``allocator/zoo``; then scores the target task and
 retention (loss on held-out pretraining text). Conditions (``benchmarks/placement_conditions.py``): uniform,
 attention-/recurrent-/MLP-only, random (a new draw per seed), PEFT EVA (rho 2), AdaLoRA, the allocator with
@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from allocator.solve import COARSE_RANKS, DENSE_RANKS
+from allocator.solver.settings import COARSE_RANKS, DENSE_RANKS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from allocator.budget import lora_params
-from allocator.components import Component
-from allocator.solve import COARSE_RANKS
+from allocator.discovery.component import Component
+from allocator.solver.budget import lora_params
+from allocator.solver.settings import COARSE_RANKS
 
 Ranks = dict[str, int]
 # The null draws each module's rank from the solver's coarse grid (its default until the benchmark chose the dense
@@ -83,8 +83,8 @@ def allocator_ranks(report: Any, eligible: Sequence[Component], components: Sequ
     """The allocator's plan (``compute_utilities`` + ``solve``, exactly as ``allocate`` chains them), closed by
     rank + 1 on the modules it gave budget, highest marginal objective (utility minus weighted risk) per
     parameter first (capped at ``min(d_in, d_out)``), then on the others."""
-    from allocator.solve import solve
-    from allocator.utility import compute_utilities
+    from allocator.scoring.utility import compute_utilities
+    from allocator.solver.solve import solve
 
     table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
@@ -149,9 +149,9 @@ def _input_covariances(model: torch.nn.Module, names: Sequence[str], batches: Se
 
 def eva_components(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping],
                    k: int) -> dict[str, torch.Tensor]:
-    """PEFT EVA's top ``k`` input principal directions of every target (``allocator.lora_init``), every token
+    """PEFT EVA's top ``k`` input principal directions of every target (``allocator.output.lora_init``), every token
     counted (recall rows label only the answers, too few tokens for EVA's PCA)."""
-    from allocator.lora_init import eva_components as components
+    from allocator.output.lora_init import eva_components as components
 
     return components(model, [c.name for c in eligible], batches, k, use_label_mask=False)
 
@@ -190,7 +190,7 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
 
 def eva_init(init: Mapping[str, torch.Tensor]) -> Callable[[torch.nn.Module], None]:
     """Copy EVA's components into lora_A of a PeftModel built from the same ranks (lora_B stays zero)."""
-    from allocator.lora_init import init_lora_a
+    from allocator.output.lora_init import init_lora_a
 
     def apply(peft_model: torch.nn.Module) -> None:
         init_lora_a(peft_model, init, {n: a.shape[0] for n, a in init.items()})
@@ -241,8 +241,8 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
     ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first. ``init="eva"``:
     every pilot starts from EVA's lora_A (``allocate tune --init eva``), every token of the calibration rows
     counted as in :func:`eva_components` (``init_data`` without labels)."""
-    from allocator.api import DataSettings
     from allocator.tuning import TuneSettings, tune
+    from probes.settings import DataSettings
 
     rows = sum(int(b["input_ids"].shape[0]) for b in train)
     seq_len = max(int(b["input_ids"].shape[1]) for b in (*train, *validation))

@@ -2,7 +2,7 @@
 
 ``ModelSetup`` loads a reference model once with its task batches, calibration rows and cached probe reports;
 ``run_one`` builds a condition's adapter (``placement_conditions``), fine-tunes it with
-:func:`allocator.finetune.finetune`, checks the budget and returns the CSV row. Used by ``benchmarks.placement``.
+:func:`allocator.tuning.finetune.finetune`, checks the budget and returns the CSV row. Used by ``benchmarks.placement``.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ class ModelSetup:
     def __init__(self, name: str, grid: Grid, cache_dir: Path, model: Any = None, tokenizer: Any = None, *,
                  zoo_dir: Path | None = None):
         import probes
-        from allocator.components import find_components
+        from allocator.discovery.components import find_components
         from benchmarks import tasks
 
         self.name, self.grid, self.cache_dir = name, grid, cache_dir
         if model is None:
             from transformers import AutoTokenizer
 
-            from allocator.modelio import load_model
+            from allocator.discovery.modelio import load_model
             from allocator.reference import reference_model_path
 
             path = reference_model_path(name) if zoo_dir is None else zoo_dir / name
@@ -58,7 +58,7 @@ class ModelSetup:
                                                 eval_batches=_spread(tokenizer, domain_eval, grid.n_eval))
         self.retention = replace(tasks.retention_task(tokenizer, n_eval=1),
                                  eval_batches=_spread(tokenizer, general_eval, grid.n_eval))
-        from allocator.finetune import evaluate_loss
+        from allocator.tuning.finetune import evaluate_loss
 
         self.base_retention = evaluate_loss(model, self.retention.eval_batches)
         self.settings = probes.ProbeSettings(max_rank=64, progress=False)
@@ -91,7 +91,7 @@ class ModelSetup:
 
     def calib(self, task: str) -> list[dict]:
         """The first ``n_calib`` rows of the task's TRAIN split, in micro-batches of 4 (never eval rows)."""
-        from allocator.finetune import pool_rows
+        from allocator.tuning.finetune import pool_rows
 
         pool = pool_rows(self.tasks[task].train_batches)
         n = min(self.grid.n_calib, pool["input_ids"].shape[0])
@@ -169,9 +169,9 @@ def _file_id(path: Path) -> str:
 
 def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budget: int, seed: int, steps: int):
     """``(lora_config or None, init_fn, adalora_target_bgt, ranks, fill_params, note)`` for one run."""
-    from allocator.export import to_lora_config
-    from allocator.solve import SolverSettings
-    from allocator.utility import UtilitySettings
+    from allocator.output.export import to_lora_config
+    from allocator.scoring.utility import UtilitySettings
+    from allocator.solver.settings import SolverSettings
 
     eligible, note, init, target_bgt = setup.eligible, "", None, None
     if condition == "full":
@@ -255,8 +255,8 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     results are copied and the note says so."""
     import contextlib
 
-    from allocator.budget import params_per_uniform_rank
-    from allocator.finetune import evaluate_loss, finetune
+    from allocator.solver.budget import params_per_uniform_rank
+    from allocator.tuning.finetune import FinetuneSettings, evaluate_loss, finetune
 
     g = setup.grid
     if condition == "adalora" and not _pilot:
@@ -296,8 +296,8 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = stack.enter_context(_prepared(init, target_bgt))
-        res = finetune(setup.model, config, t.train_batches, t.eval_batches, steps=steps, lr=lr, seed=seed,
-                       batch_size=g.batch_size, metrics_fn=metrics)
+        res = finetune(setup.model, config, t.train_batches, t.eval_batches,
+                       FinetuneSettings(steps=steps, lr=lr, seed=seed, batch_size=g.batch_size), metrics_fn=metrics)
     extra.update(res.metrics)
     trainable = res.trainable_params
     effective = int(extra.get("effective_params", trainable))
@@ -374,7 +374,7 @@ def _prepared(init, target_bgt):
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import allocator.finetune as ft
+    import allocator.tuning.finetune as ft
 
     @contextlib.contextmanager
     def ctx():

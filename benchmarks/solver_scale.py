@@ -1,4 +1,4 @@
-"""Solver scale: how long ``allocator.solve`` takes from 100 to 100,000 groups x 8 ranks, and what a greedy loses.
+"""Solver scale: how long ``allocator.solver.solve`` takes from 100 to 100,000 groups x 8 ranks, and what a greedy loses.
 
     python -m benchmarks.solver_scale                      # writes docs/results/solver.md and solver_scale.png
     python -m benchmarks.solver_scale --max-groups 10000   # quicker
@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from allocator.components import Component
-from allocator.program import build_program
-from allocator.reduction import reduce_program
-from allocator.solve import SolverSettings, solve
-from allocator.utility import UtilityTable
+from allocator.discovery.component import Component
+from allocator.scoring.utility import UtilityTable
+from allocator.solver.program import build_program
+from allocator.solver.reduction import reduce_program
+from allocator.solver.settings import SolverSettings
+from allocator.solver.solve import solve
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (0, 2, 4, 8, 16, 32, 64, 128)
@@ -115,12 +116,12 @@ def breakdown(n: int, settings: SolverSettings) -> dict:
     """Seconds per stage of one solve: construction vs the Lagrangian reduction vs HiGHS vs decoding."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    from allocator.solve import _check_feasible_range, decode
+    from allocator.solver.solve import _check_feasible_range, decode
 
     comps, table, budget = instance(n)
     t = [time.perf_counter()]
     program = build_program(comps, table, budget, settings)
-    _check_feasible_range(program, settings, comps)
+    _check_feasible_range(program.family_costs, budget, settings, comps)
     t.append(time.perf_counter())
     red = reduce_program(program)
     t.append(time.perf_counter())

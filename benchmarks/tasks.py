@@ -12,7 +12,7 @@ Every text source is present on every machine: the Python standard library of th
   pretraining text; eval only).
 
 Batches are dicts of ``input_ids`` / ``attention_mask`` / ``labels`` (``-100`` where no loss is taken), the
-format :func:`allocator.finetune.finetune` takes. Everything is deterministic under the ``seed`` argument.
+format :func:`allocator.tuning.finetune.finetune` takes. Everything is deterministic under the ``seed`` argument.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def recall_accuracy(model: torch.nn.Module, batches: Sequence[Batch]) -> tuple[f
 
 @dataclass(frozen=True)
 class Task:
-    """A fine-tune task: batches for :func:`allocator.finetune.finetune` and a scorer for the trained model."""
+    """A fine-tune task: batches for :func:`allocator.tuning.finetune.finetune` and a scorer for the trained model."""
 
     name: str
     description: str
@@ -281,7 +281,7 @@ class Task:
 
 def _loss_metrics(prefix: str, batches: Sequence[Batch]) -> Callable[[torch.nn.Module], dict[str, float]]:
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from allocator.finetune import evaluate_loss
+        from allocator.tuning.finetune import evaluate_loss
 
         return {f"{prefix}_loss": evaluate_loss(model, batches)}
 
@@ -325,7 +325,7 @@ def recall_task(
     )
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from allocator.finetune import evaluate_loss
+        from allocator.tuning.finetune import evaluate_loss
 
         acc, chance = recall_accuracy(model, evals)
         return {"recall_accuracy": acc, "recall_chance": chance, "recall_loss": evaluate_loss(model, evals)}
@@ -411,7 +411,7 @@ def fact_recall_task(
     evals = _fact_rows(tokenizer, eval_order[:n_eval], per_row, batch_size)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from allocator.finetune import evaluate_loss
+        from allocator.tuning.finetune import evaluate_loss
 
         acc, chance = recall_accuracy(model, evals)
         return {"fact_accuracy": acc, "fact_chance": chance, "fact_loss": evaluate_loss(model, evals)}

@@ -55,7 +55,7 @@ def model_and_tokenizer(smoke: bool) -> tuple[object, object, str]:
     if not smoke and (path / "model.safetensors").is_file():
         from transformers import AutoTokenizer
 
-        from allocator.modelio import load_model
+        from allocator.discovery.modelio import load_model
 
         return load_model(str(path)), AutoTokenizer.from_pretrained(str(path)), "allocator/zoo/qwen3_5_tiny"
     from probes.testing import byte_tokenizer, tiny_model
@@ -69,7 +69,7 @@ def measure(smoke: bool, trials: int, steps: int) -> dict:
     import allocator.tuning as api
     import probes
     import probes.cache
-    from allocator.api import DataSettings
+    from probes.settings import DataSettings
 
     calls: list[int] = []
     real = probes.cache.run

@@ -222,7 +222,7 @@ def pretrain(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from allocator.finetune import evaluate_loss, lr_at, token_loss_sum
+    from allocator.tuning.finetune import evaluate_loss, lr_at, token_loss_sum
 
     recipe = RECIPES[name]
     if steps is not None:
@@ -339,7 +339,7 @@ def measure(folder: Path) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from allocator.finetune import evaluate_loss
+    from allocator.tuning.finetune import evaluate_loss
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

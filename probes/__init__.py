@@ -21,6 +21,7 @@ _LAZY = {
     "ProbeError": "probes.errors",
     "ProbeWarning": "probes.errors",
     "ProbeSettings": "probes.settings",
+    "DataSettings": "probes.settings",
     "ProbeReport": "probes.report",
     "ModuleStats": "probes.report",
     "load_batches": "probes.data",

@@ -11,12 +11,12 @@ torch.distributed ranks); sums are associative, so merged shards equal one pass 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from probes import spectra
 
 
 def _all_reduce(tensor: torch.Tensor) -> None:
-    import torch.distributed as dist  # noqa: PLC0415 - only when running distributed
 
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 

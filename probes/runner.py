@@ -14,11 +14,13 @@ import platform
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from probes.data import IGNORE_INDEX, data_fingerprint
 from probes.errors import ProbeError
@@ -288,7 +290,6 @@ def _world(settings: ProbeSettings) -> tuple[int, int]:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm  # noqa: PLC0415
 
     return tqdm(total=total, disable=not enabled, unit="batch", desc="probing", dynamic_ncols=True)
 
@@ -318,7 +319,6 @@ def _meta(model, batches, settings, world, run_counts, device) -> dict[str, Any]
 
 
 def _version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
 
     try:
         return version(distribution)

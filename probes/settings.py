@@ -1,4 +1,6 @@
-"""``ProbeSettings``: what one probe run does. Every field documents itself in ``metadata["help"]``.
+"""``ProbeSettings``: what one probe run does; ``DataSettings``: how calibration batches are drawn from data.
+
+Every field documents itself in ``metadata["help"]``.
 
 Numeric fields of every settings class of the project also declare the values they accept, ``metadata["range"]``
 (a :class:`Range`), and :func:`check_ranges` enforces them: finite, of the right type, inside the range. The
@@ -7,6 +9,7 @@ allocator's settings reuse both (``probes`` is the lower layer).
 
 from __future__ import annotations
 
+import codecs
 import math
 import numbers
 from collections.abc import Mapping
@@ -60,6 +63,8 @@ def check_ranges(settings: Any, error: type[Exception]) -> None:
         if spec is None:
             continue
         value = getattr(settings, f.name)
+        if value is None:  # an optional field left unset
+            continue
         if isinstance(value, Mapping):
             items = list(value.values())
         elif isinstance(value, (tuple, list)):
@@ -178,3 +183,24 @@ class ProbeSettings:
         out = self.to_dict()
         out.pop("progress")
         return out
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How calibration batches are drawn from ``data``."""
+
+    seq_len: int = ranged(256, "Tokens per calibration sequence.", Range(2, integer=True))
+    samples: int = ranged(32, "Calibration sequences in all.", Range(1, integer=True))
+    batch_size: int = ranged(4, "Sequences per forward/backward micro-batch.", Range(1, integer=True))
+    seed: int = ranged(0, "Seed for drawing and ordering calibration samples.", Range(0, integer=True))
+    text_field: str = field(default="text", metadata={"help": "JSONL field holding plain text records."})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "Text encoding of .txt/.jsonl data, decoded strictly (a bad byte is an error naming its offset)."})
+
+    def __post_init__(self) -> None:
+        check_ranges(self, ProbeError)
+        try:
+            codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            raise ProbeError(f"DataSettings.encoding {self.encoding!r} is not a text encoding Python knows; "
+                             "try utf-8, utf-16 or latin-1") from None

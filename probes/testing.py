@@ -6,7 +6,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
@@ -16,8 +18,6 @@ CHAT_TEMPLATE = (
 
 def byte_tokenizer(chat_template: bool = True):
     """A 258-token byte-level BPE without merges (256 bytes, ``<eos>`` = 256, ``<pad>`` = 257)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)} | {"<eos>": 256, "<pad>": 257}
@@ -32,7 +32,6 @@ def byte_tokenizer(chat_template: bool = True):
 
 def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int = 260, **overrides: Any):
     """A scaled-down config of ``family`` ("qwen3_5" hybrid GatedDeltaNet/attention, "falcon_h1", "llama")."""
-    from transformers import AutoConfig  # noqa: PLC0415
 
     heads = max(2, hidden // 16)
     if family == "qwen3_5":
@@ -57,7 +56,6 @@ def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int = 
 
 def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **kw: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_config(tiny_config(...))`` with weights drawn from ``seed``."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=dtype)

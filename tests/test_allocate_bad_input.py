@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from allocator.cli import main
+from allocator.commands.cli import main
 
 FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
 

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from allocator.architectures import peft_target_remap
-from allocator.cli import main
-from allocator.plan import Plan
+from allocator.commands.cli import main
+from allocator.discovery.architectures import peft_target_remap
+from allocator.output.plan import Plan
 
 HYBRIDS = (
     "qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid", "falcon_h1", "bamba", "granitemoehybrid", "nemotron_h",
@@ -90,7 +90,7 @@ def test_token_batches_give_the_plan_of_the_file_they_came_from(saved_tiny_model
     ``probes.load_batches`` draws from a file give that file's plan, rank for rank."""
     import allocator
     import probes
-    from allocator.api import DataSettings
+    from probes.settings import DataSettings
 
     folder = saved_tiny_model("qwen3_5")
     settings = DataSettings(seq_len=32, samples=4, batch_size=2)

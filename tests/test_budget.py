@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocator.budget import Budget, lora_params, params_per_uniform_rank, uniform_rank_equivalent
-from allocator.components import Component
+from allocator.discovery.component import Component
 from allocator.errors import InputError
+from allocator.solver.budget import Budget, lora_params, params_per_uniform_rank, uniform_rank_equivalent
 
 
 def _components() -> list[Component]:

@@ -17,8 +17,8 @@ from tiny_models import TINY, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from allocator.architectures import ARCHITECTURES
-from allocator.components import find_components
+from allocator.discovery.architectures import ARCHITECTURES
+from allocator.discovery.components import find_components
 from allocator.errors import AllocatorWarning
 
 # Pure transformers (and MoE transformers) the allocator is checked against, on top of the architecture table.

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny_models import EXPECTED, TINY, build, called_linears
 
-from allocator.components import Component, find_components
+from allocator.discovery.component import Component
+from allocator.discovery.components import find_components
 from allocator.errors import AllocatorWarning
 
 HYBRIDS = sorted(TINY)
@@ -207,7 +208,7 @@ def test_peft_refusal_is_never_offered_even_without_fused_kernels():
 
 
 def test_peft_moe_remap_reported_for_qwen2_moe_pattern_types():
-    from allocator.architectures import peft_target_remap
+    from allocator.discovery.architectures import peft_target_remap
 
     assert peft_target_remap("qwen3_next")["gate_proj"] == "gate_up_proj"
     assert peft_target_remap("qwen3_5_text") == {} and peft_target_remap("llama") == {}

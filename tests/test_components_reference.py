@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from allocator.components import find_components
-from allocator.modelio import load_skeleton
+from allocator.discovery.components import find_components
+from allocator.discovery.modelio import load_skeleton
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 RANK = 16

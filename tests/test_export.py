@@ -10,10 +10,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from allocator.components import find_components
+from allocator.discovery.components import find_components
 from allocator.errors import AllocatorError, InputError
-from allocator.export import check_matching
-from allocator.plan import Plan
+from allocator.output.export import check_matching
+from allocator.output.plan import Plan
 
 TINY = {
     "qwen3_5_text": dict(

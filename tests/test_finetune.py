@@ -1,4 +1,4 @@
-"""allocator.finetune on a tiny random-init Qwen3.5 (GatedDeltaNet + gated attention) built from a config."""
+"""allocator.tuning.finetune on a tiny random-init Qwen3.5 (GatedDeltaNet + gated attention) built from a config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from allocator.errors import InputError
-from allocator.finetune import FinetuneResult, evaluate_loss, finetune, lr_at
+from allocator.tuning.finetune import FinetuneResult, FinetuneSettings, evaluate_loss, finetune, lr_at
 
 VOCAB = 64
 
@@ -60,8 +60,9 @@ LORA = LoraConfig(
 
 
 def _run(model: torch.nn.Module, seed: int = 0, **kw) -> FinetuneResult:
+    hooks = {k: kw.pop(k) for k in ("callback", "metrics_fn", "return_model", "init") if k in kw}
     args = {"steps": 8, "lr": 5e-2, "seed": seed, "batch_size": 4, "eval_every": 4, **kw}
-    return finetune(model, LORA, _batches(1, 16), _batches(2, 8), **args)
+    return finetune(model, LORA, _batches(1, 16), _batches(2, 8), FinetuneSettings(**args), **hooks)
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +100,15 @@ def test_finetune_is_deterministic_under_a_seed_and_leaves_global_rng(model, bas
 
 def test_finetune_does_not_mutate_the_base_model(model, base):
     _, state, base_loss = base
-    finetune(model, None, _batches(1, 16), _batches(2, 8), steps=2, lr=1e-1, seed=0, batch_size=4)
+    finetune(model, None, _batches(1, 16), _batches(2, 8), FinetuneSettings(steps=2, lr=1e-1, seed=0, batch_size=4))
     assert not hasattr(model, "peft_config")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert evaluate_loss(model, _batches(2, 8)) == base_loss
 
 
 def test_full_finetune_trains_every_parameter(model):
-    result = finetune(model, None, _batches(1, 16), _batches(2, 8), steps=4, lr=1e-2, seed=0, batch_size=4)
+    result = finetune(model, None, _batches(1, 16), _batches(2, 8), FinetuneSettings(steps=4, lr=1e-2, seed=0,
+                                                                                      batch_size=4))
     assert result.trainable_params == sum(p.numel() for p in model.parameters())
     assert result.eval_loss < result.initial_eval_loss
 
@@ -135,10 +137,10 @@ def test_evaluate_loss_is_token_weighted(model):
 @pytest.mark.parametrize(
     "kwargs", [{"steps": 0}, {"schedule": "step"}, {"warmup": 1.0}, {"eval_every": 0}, {"batch_size": 0}]
 )
-def test_bad_settings_raise_input_error(model, kwargs):
+def test_bad_settings_raise_input_error(kwargs):
     args = {"steps": 2, "lr": 1e-3, "seed": 0, "batch_size": 2, **kwargs}
     with pytest.raises(InputError):
-        finetune(model, None, _batches(1, 4), _batches(2, 4), **args)
+        FinetuneSettings(**args)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -126,7 +126,7 @@ def test_help_teaches_by_example(capsys):
 
 
 def test_cli_entry_point_dispatches_inspect():
-    result = subprocess.run([sys.executable, "-m", "allocator.cli", "inspect", "--json"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "allocator.commands.cli", "inspect", "--json"], capture_output=True,
                             text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["totals"]["params_per_rank"] == 676_416

@@ -10,10 +10,10 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import probes
-from allocator.cli import main
-from allocator.components import find_components
+from allocator.commands.cli import main
+from allocator.discovery.components import find_components
 from allocator.errors import InputError
-from allocator.plan import Plan
+from allocator.output.plan import Plan
 
 FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from allocator.discovery.modelio import count_base_params, load_config, load_model, load_skeleton
 from allocator.errors import InputError
-from allocator.modelio import count_base_params, load_config, load_model, load_skeleton
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 QWEN = CONFIGS / "qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json"

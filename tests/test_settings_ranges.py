@@ -10,13 +10,12 @@ import typing
 
 import pytest
 
-from allocator.api import DataSettings
 from allocator.errors import InputError
-from allocator.solve import SolverSettings
+from allocator.scoring.utility import UtilitySettings
+from allocator.solver.settings import SolverSettings
 from allocator.tuning import TuneSettings
-from allocator.utility import UtilitySettings
 from probes.errors import ProbeError
-from probes.settings import ProbeSettings, Range
+from probes.settings import DataSettings, ProbeSettings, Range
 
 SETTINGS = (DataSettings, ProbeSettings, UtilitySettings, SolverSettings, TuneSettings)
 ERRORS = (InputError, ProbeError)

@@ -11,13 +11,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from allocator.budget import lora_params
-from allocator.components import Component
+from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, InputError
-from allocator.program import group_key
-from allocator.reduction import reduce_program
-from allocator.solve import Allocation, SolverSettings, build_program, decode, solve
-from allocator.utility import UtilityTable
+from allocator.scoring.utility import UtilityTable
+from allocator.solver.budget import lora_params
+from allocator.solver.program import group_key
+from allocator.solver.reduction import reduce_program
+from allocator.solver.settings import SolverSettings
+from allocator.solver.solve import Allocation, build_program, decode, solve
 
 FAMS = ("attention", "recurrent", "mlp")
 
@@ -175,7 +176,7 @@ def test_more_budget_never_lowers_optimal_utility(n, seed, granularity):
 @pytest.mark.parametrize("granularity", ["module", "layer-type", "type"])
 @pytest.mark.parametrize("r", [4, 8, 16])
 def test_flat_utility_reproduces_the_uniform_plan(granularity, r):
-    from allocator.signals import prior_curves
+    from allocator.scoring.signals import prior_curves
 
     comps = [comp(f"l{i}.{k}", i, f, di, do) for i in range(3)
              for k, (f, di, do) in enumerate([("attention", 64, 64), ("attention", 64, 16), ("mlp", 64, 256),

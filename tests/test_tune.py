@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import allocator
-from allocator.api import DataSettings
-from allocator.budget import Budget, params_per_uniform_rank
-from allocator.components import find_components
+from allocator.discovery.components import find_components
 from allocator.errors import InputError
-from allocator.plan import Plan
-from allocator.tuning import Space, TuneSettings, _reporter, parse_space
+from allocator.output.plan import Plan
+from allocator.solver.budget import Budget, params_per_uniform_rank
+from allocator.tuning import Space, TuneSettings, parse_space
+from allocator.tuning.objective import Pruned, _reporter
 from probes.folders import MANIFEST
+from probes.settings import DataSettings
 
 SOURCES = Path(__file__).resolve().parents[1] / "probes"
 FAST = dict(steps=3, eval_every=0, batch_size=2, train_samples=8, eval_samples=4, max_rank="16,32")
@@ -84,13 +85,11 @@ def test_settings_round_trip_through_dict_and_reject_unknown_keys():
 
 
 def test_pruning_callback_reports_every_eval_and_spares_baselines():
-    import optuna
-
     reports = []
     trial = SimpleNamespace(report=lambda v, s: reports.append((s, v)), should_prune=lambda: True)
     _reporter(trial, prunable=False)(5, 1.25)
     assert reports == [(5, 1.25)]
-    with pytest.raises(optuna.TrialPruned, match="step 10"):
+    with pytest.raises(Pruned, match="step 10"):
         _reporter(trial, prunable=True)(10, 2.0)
 
 
@@ -191,8 +190,8 @@ def test_study_takes_token_batches_for_data_and_eval_data(tiny, texts, tmp_path)
 def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(tiny, texts, tmp_path):
     """``init="eva"``: each trial's fine-tune is the one ``Plan.apply(model, init_data=calibration)`` would start."""
     import probes
-    from allocator.finetune import finetune
-    from allocator.lora_init import eva_components, init_lora_a
+    from allocator.output.lora_init import eva_components, init_lora_a
+    from allocator.tuning.finetune import FinetuneSettings, finetune
 
     model, tokenizer = tiny
     settings = TuneSettings(trials=2, baselines=("uniform",), **FAST)
@@ -215,8 +214,8 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
     directions = eva_components(model, sorted(plan.targets), calibration, rank)
     train = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=8, batch_size=2)
     evals = probes.load_batches(texts[1], tokenizer, seq_len=32, samples=4, batch_size=2)
-    again = finetune(model, plan.to_lora_config(base_model_name_or_path=None), train, evals, steps=3,
-                     lr=uniform.params["lr"], seed=0, batch_size=2,
+    again = finetune(model, plan.to_lora_config(base_model_name_or_path=None), train, evals,
+                     FinetuneSettings(steps=3, lr=uniform.params["lr"], seed=0, batch_size=2),
                      init=lambda m: init_lora_a(m, directions, plan.targets))
     assert again.eval_loss == pytest.approx(uniform.value, abs=1e-6)
     assert abs(plain.trials[0].value - uniform.value) > 1e-4  # PEFT's init trains to another loss

@@ -30,7 +30,7 @@ def setup(tmp_path_factory) -> dict[str, str]:
 
 
 def _command(setup: dict[str, str], out: Path, trials: int, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "allocator.cli", "tune", setup["model"], "--data", setup["train"],
+    return [sys.executable, "-m", "allocator.commands.cli", "tune", setup["model"], "--data", setup["train"],
             "--eval-data", setup["eval"], "-o", str(out), "--trials", str(trials), "--steps", str(steps),
             "--eval-every", "0", "--batch-size", "2", "--train-samples", "8", "--eval-samples", "4",
             "--budget", "r4", "--max-rank", "8,16", "--baselines", "uniform", "--heartbeat-interval", "1",

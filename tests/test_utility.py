@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from allocator.components import Component
+from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
-from allocator.signals import SIGNALS, check_curves, prior_curves, scale_weights
-from allocator.utility import UtilitySettings, UtilityTable, compute_utilities, risk_curves, with_risk
+from allocator.scoring.signals import SIGNALS, check_curves, prior_curves, scale_weights
+from allocator.scoring.utility import UtilitySettings, UtilityTable, compute_utilities, risk_curves, with_risk
 
 GRID = (0, 4, 8, 16, 32)
 
@@ -309,8 +309,8 @@ def test_every_setting_is_documented():
 
 def test_pure_modules_do_not_import_torch():
     code = (
-        "import sys; import allocator.budget, allocator.signals, allocator.utility, allocator.program, "
-        "allocator.solve; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+        "import sys; import allocator.solver.budget, allocator.scoring.signals, allocator.scoring.utility, allocator.solver.program, "
+        "allocator.solver.solve; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -318,7 +318,8 @@ def test_pure_modules_do_not_import_torch():
 def test_explained_variance_is_evas_ranking_counted_in_parameters():
     # a concentrated input explains more per direction than an isotropic one, so it wins the budget (EVA), and a
     # module's i-th direction is worth its explained-variance ratio per parameter: the solver's plan is EVA's
-    from allocator.solve import SolverSettings, solve
+    from allocator.solver.settings import SolverSettings
+    from allocator.solver.solve import solve
 
     concentrated, spread = comp("concentrated", 64, 64), comp("spread", 64, 64)
     lam_c = np.r_[np.full(4, 10.0), np.full(60, 0.1)]

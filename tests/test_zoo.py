@@ -57,7 +57,7 @@ def test_missing_weights_say_how_to_build_them(monkeypatch, tmp_path):
 def test_reference_model_loads_like_a_hub_id_and_beats_a_uniform_guess(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from allocator.finetune import evaluate_loss
+    from allocator.tuning.finetune import evaluate_loss
 
     folder = reference.reference_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -75,7 +75,7 @@ def test_reference_model_loads_like_a_hub_id_and_beats_a_uniform_guess(name):
 def test_recorded_heldout_loss_matches_a_recomputation(tokenizer, default_model):
     """The last loss-curve point (first N_CURVE_EVAL held-out windows) recomputed from the stored weights;
     ``python -m benchmarks.zoo --check`` does the same for the final loss over N_FINAL_EVAL windows."""
-    from allocator.finetune import evaluate_loss
+    from allocator.tuning.finetune import evaluate_loss
 
     record = json.loads((reference.reference_model_path() / "training.json").read_text())
     _, held = tasks.pretraining_files()
@@ -194,7 +194,7 @@ def test_fact_accuracy_measures_facts_stored_in_the_weights(tokenizer, default_m
     near chance (1/90); training on the true facts lifts it far above."""
     from peft import LoraConfig
 
-    from allocator.finetune import finetune
+    from allocator.tuning.finetune import FinetuneSettings, finetune
 
     true = tasks.fact_recall_task(tokenizer, n_train=32, batch_size=8)
     control = tasks.fact_recall_task(tokenizer, n_train=32, batch_size=8, shuffle_values=True)
@@ -205,8 +205,9 @@ def test_fact_accuracy_measures_facts_stored_in_the_weights(tokenizer, default_m
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     scores = {}
     for name, task in (("true", true), ("control", control)):
-        res = finetune(default_model, config, task.train_batches, task.eval_batches, steps=40, lr=1e-2, seed=0,
-                       batch_size=4, metrics_fn=true.evaluate)  # both scored on the true facts
+        res = finetune(default_model, config, task.train_batches, task.eval_batches,
+                       FinetuneSettings(steps=40, lr=1e-2, seed=0, batch_size=4),
+                       metrics_fn=true.evaluate)  # both scored on the true facts
         scores[name] = res.metrics["fact_accuracy"]
     assert scores["true"] >= 0.4, scores
     assert scores["control"] <= 0.1, scores

@@ -13,7 +13,10 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from allocator.commands import _options
 from allocator.errors import AllocatorError
+from probes.errors import ProbeError
+from probes.folders import FolderError
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = ("exit codes: 0 success; 1 a run that failed for a stated reason (solver time limit, non-finite loss, "
@@ -25,17 +28,13 @@ DEBUG_ENV = "ALLOCATE_DEBUG"  # set to 1 to see the traceback of an unexpected e
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, interrupted: str) -> int:
     """Run a command; every outcome is one ``error:`` line and its exit code, never a traceback (see the module
     docstring). Messages name command-line flags where the library names settings fields."""
-    from allocator.commands._options import cli_message
-    from probes.errors import ProbeError
-    from probes.folders import FolderError
-
     try:
         return run(args)
     except AllocatorError as exc:
-        print(f"error: {cli_message(str(exc))}", file=sys.stderr)
+        print(f"error: {_options.cli_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except (ProbeError, FolderError) as exc:  # the lower layer's own bad-input errors, should one slip through
-        print(f"error: {cli_message(str(exc))}", file=sys.stderr)
+        print(f"error: {_options.cli_message(str(exc))}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -7,9 +7,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import allocator
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
 from allocator.commands._options import add_settings_options, settings_from_args
 from allocator.errors import InputError
+from allocator.scoring.utility import UtilitySettings
+from allocator.solver.settings import SolverSettings
+from probes.settings import DataSettings, ProbeSettings
 
 EXAMPLES = """\
 examples:
@@ -31,15 +35,6 @@ budgets: an absolute count (2500000, 2.5M, 800k), a share of the base model (0.5
 equivalent (r16 = what rank 16 on every eligible target costs).
 --overwrite replaces only the files a plan writes (a folder this tool wrote); files of yours beside them stay.
 """
-
-
-def _settings_classes():
-    import probes
-    from allocator.api import DataSettings
-    from allocator.solve import SolverSettings
-    from allocator.utility import UtilitySettings
-
-    return DataSettings, probes.ProbeSettings, UtilitySettings, SolverSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,19 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="reuse probe reports stored here when model, data and settings match")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub (off by default)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
-    add_settings_options(parser, data_cls, title="calibration data")
-    add_settings_options(parser, solver_cls, title="solver", aliases={"share_bounds": "--share"})
-    add_settings_options(parser, utility_cls, prefix="utility", title="utility (how probe signals become rank values)")
-    add_settings_options(parser, probe_cls, prefix="probe", title="probes")
+    add_settings_options(parser, DataSettings, title="calibration data")
+    add_settings_options(parser, SolverSettings, title="solver", aliases={"share_bounds": "--share"})
+    add_settings_options(parser, UtilitySettings, prefix="utility", title="utility (how probe signals become rank values)")
+    add_settings_options(parser, ProbeSettings, prefix="probe", title="probes")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import allocator
-    from allocator.plan import check_output_dir
+    # imported when the command runs (torch, peft): --help and argument errors stay instant
+    from allocator.output.plan import check_output_dir
 
-    data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
     out = check_output_dir(args.output, overwrite=args.overwrite)  # fail before the expensive part
     if args.cache_dir is not None and Path(args.cache_dir).expanduser().resolve() == out:
         raise InputError(f"--cache-dir and -o are the same folder ({out}); give the probe cache a folder of its own")
@@ -90,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         data=args.data,
         budget=args.budget,
-        data_settings=settings_from_args(args, data_cls),
-        probe_settings=settings_from_args(args, probe_cls, prefix="probe", **({"progress": False} if args.quiet else {})),
-        utility_settings=settings_from_args(args, utility_cls, prefix="utility"),
-        solver_settings=settings_from_args(args, solver_cls),
+        data_settings=settings_from_args(args, DataSettings),
+        probe_settings=settings_from_args(args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})),
+        utility_settings=settings_from_args(args, UtilitySettings, prefix="utility"),
+        solver_settings=settings_from_args(args, SolverSettings),
         retention_data=args.retention_data,
         fused_kernels=not args.no_fused_kernels,
         alpha_ratio=args.alpha_ratio,
@@ -108,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(plan, folder: Path, seconds: float) -> str:
-    from allocator.report import family_rows, uniform_comparison
+    from allocator.output.report import family_rows, uniform_comparison  # with the plan: its stage is loaded
 
     uniform = uniform_comparison(plan)
     lines = [

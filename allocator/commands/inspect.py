@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.inspect import inspect_model
+    from allocator.discovery.inspect import inspect_model  # torch, transformers: loaded when the command runs
 
     if args.rank < 1:
         raise InputError(f"--rank must be >= 1, got {args.rank}")

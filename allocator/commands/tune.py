@@ -9,6 +9,10 @@ from pathlib import Path
 
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
 from allocator.commands._options import add_settings_options, settings_from_args
+from allocator.scoring.utility import UtilitySettings
+from allocator.solver.settings import SolverSettings
+from allocator.tuning.settings import TuneSettings
+from probes.settings import DataSettings, ProbeSettings
 
 EXAMPLES = """\
 examples:
@@ -31,16 +35,6 @@ then: LoraConfig.from_pretrained("out/best") is the winning plan.
 --overwrite starts over: it removes what tune wrote in OUT_DIR (other files stay) and deletes the study from the
 storage that OUT_DIR's own record (tune.json) names, nowhere else.
 """
-
-
-def _settings_classes():
-    import probes
-    from allocator.api import DataSettings
-    from allocator.solve import SolverSettings
-    from allocator.tuning import TuneSettings
-    from allocator.utility import UtilitySettings
-
-    return TuneSettings, DataSettings, probes.ProbeSettings, UtilitySettings, SolverSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    tune_cls, data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
-    add_settings_options(parser, tune_cls, title="study and search space")
-    add_settings_options(parser, data_cls, prefix="data", title="calibration data")
-    add_settings_options(parser, utility_cls, prefix="utility", title="base utility settings")
-    add_settings_options(parser, solver_cls, prefix="solver", title="base solver settings")
-    add_settings_options(parser, probe_cls, prefix="probe", title="probes")
+    add_settings_options(parser, TuneSettings, title="study and search space")
+    add_settings_options(parser, DataSettings, prefix="data", title="calibration data")
+    add_settings_options(parser, UtilitySettings, prefix="utility", title="base utility settings")
+    add_settings_options(parser, SolverSettings, prefix="solver", title="base solver settings")
+    add_settings_options(parser, ProbeSettings, prefix="probe", title="probes")
     for action in parser._actions:  # a bare '%' in a settings help breaks argparse's help formatting
         try:
             (action.help or "") % {**vars(action), "prog": parser.prog}
@@ -87,18 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import allocator.tuning as api
+    from allocator.tuning.run import (
+        tune,  # imported when the command runs (Optuna, torch): --help stays instant
+    )
 
-    tune_cls, data_cls, probe_cls, utility_cls, solver_cls = _settings_classes()
     started = time.perf_counter()
-    result = api.tune(
+    result = tune(
         args.model, args.data, args.eval_data,
-        settings=settings_from_args(args, tune_cls),
+        settings=settings_from_args(args, TuneSettings),
         out_dir=args.output, storage=args.storage, study_name=args.study, overwrite=args.overwrite,
-        data_settings=settings_from_args(args, data_cls, prefix="data"),
-        probe_settings=settings_from_args(args, probe_cls, prefix="probe", **({"progress": False} if args.quiet else {})),
-        utility_settings=settings_from_args(args, utility_cls, prefix="utility"),
-        solver_settings=settings_from_args(args, solver_cls, prefix="solver"),
+        data_settings=settings_from_args(args, DataSettings, prefix="data"),
+        probe_settings=settings_from_args(args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})),
+        utility_settings=settings_from_args(args, UtilitySettings, prefix="utility"),
+        solver_settings=settings_from_args(args, SolverSettings, prefix="solver"),
         retention_data=args.retention_data, fused_kernels=not args.no_fused_kernels, use_rslora=args.rslora,
         init=args.init, init_data=args.init_data, trust_remote_code=args.trust_remote_code,
     )

@@ -1,6 +1,6 @@
 """Exact Lagrangian reduction of the rank program before HiGHS: drop options no optimal solution can use.
 
-Stage 4b. Input: a :class:`~allocator.program.Program`. Output: a :class:`Reduction` (the residual program HiGHS
+Stage 4b. Input: a :class:`~allocator.solver.program.Program`. Output: a :class:`Reduction` (the residual program HiGHS
 sees, the fixed columns, the bound and the incumbent), or ``None`` when no feasible incumbent is at hand. Why and
 the proof: ``docs/solver.md`` ("Exact reduction before HiGHS"). Pure: numpy/scipy only.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from allocator.program import Program
+from allocator.solver.program import Program
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,6 +14,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
 from allocator.errors import AllocatorError, InputError
 
 if TYPE_CHECKING:
@@ -39,8 +43,6 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> Pret
     _check_legacy(raw, source)
     model_type = raw.get("model_type")
     try:
-        from transformers import AutoConfig
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         if Path(os.path.expanduser(str(ref))).is_file():  # a bare config.json; folders go through from_pretrained
             if model_type not in CONFIG_MAPPING:
@@ -58,8 +60,6 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> Pret
 
 def load_skeleton(ref: Any, trust_remote_code: bool = False) -> PreTrainedModel:
     """The causal LM of ``ref`` (or of an already loaded config) built on the meta device, without weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     config = load_config(ref, trust_remote_code) if isinstance(ref, (str, os.PathLike)) else ref
     errors = []
@@ -82,7 +82,6 @@ def load_model(ref: str | os.PathLike, dtype: str | torch.dtype | None = None,
     ``dtype``: ``"bfloat16"``, a ``torch.dtype``, ``"auto"``, or None for transformers' default. Extra keyword
     arguments (``device_map="auto"``, ...) go to ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM
 
     path = Path(os.path.expanduser(str(ref)))
     if path.is_file():
@@ -116,7 +115,6 @@ def _raw_config(ref: str | os.PathLike, trust_remote_code: bool) -> tuple[dict, 
     if _looks_local(text):
         raise InputError(f"no such file or folder: {text}")
     try:
-        from transformers import PretrainedConfig
 
         raw, _ = PretrainedConfig.get_config_dict(text, trust_remote_code=trust_remote_code, **_hub_kwargs())
     except Exception as exc:
@@ -173,7 +171,6 @@ def _text_part(config: Any) -> Any:
 
 
 def _known(model_type: str) -> bool:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return model_type in CONFIG_MAPPING
 

@@ -5,8 +5,8 @@ that could carry a LoRA adapter, labelled by decoder layer, family and kind.
 
 Adaptable call sites: every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 style; PEFT adapts it with
 ``fan_in_fan_out``), every 3-D expert parameter (PEFT ``target_parameters``) and the 2-D weight of router
-classes that are not ``nn.Linear``. Placement rules live in ``allocator.classify``; bypass and refusal tables in
-``allocator.architectures``; ``docs/architectures.md`` explains them per family.
+classes that are not ``nn.Linear``. Placement rules live in ``allocator.discovery.classify``; bypass and refusal tables in
+``allocator.discovery.architectures``; ``docs/architectures.md`` explains them per family.
 """
 
 from __future__ import annotations
@@ -14,55 +14,16 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
-if TYPE_CHECKING:
-    from torch import nn
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-FAMILIES = ("attention", "recurrent", "mlp", "moe", "other")
-
-
-@dataclass(frozen=True)
-class Component:
-    """One adaptable call site of a model.
-
-    ``lora_params(d_in, d_out, r) * n_experts`` is its LoRA cost at rank ``r`` (see ``allocator.budget``).
-    """
-
-    name: str  # full name as in model.named_modules() (or named_parameters() for 3-D expert weights)
-    layer: int | None  # decoder-layer index, None outside the stack
-    family: str  # one of FAMILIES
-    kind: str  # finer label: softmax, mla, gated_deltanet, kda, lightning, mamba, mamba2, rglru, short_conv, dense, expert, shared_expert, router, ...
-    d_in: int
-    d_out: int
-    module_class: str  # class name of the module (or of the owner of a 3-D parameter)
-    lora_effective: bool = True  # False: a LoRA here would never run (bypassed forward, dead entry, PEFT refusal)
-    note: str = ""  # why not effective, or what was guessed
-    tied_to: str | None = None  # name of the first call site sharing this weight (Zamba shared blocks)
-    is_parameter: bool = False  # a 3-D expert parameter: needs PEFT's target_parameters
-    n_experts: int = 1  # experts stored in one 3-D parameter (cost multiplies by this)
-    default_target: bool = True  # False for routers and other modules excluded unless asked for
-
-    @property
-    def n_params_per_rank(self) -> int:
-        """LoRA parameters one rank unit costs here: n_experts * (d_in + d_out)."""
-        return self.n_experts * (self.d_in + self.d_out)
-
-    @property
-    def eligible(self) -> bool:
-        """Offered to the solver by default."""
-        return self.lora_effective and self.default_target and self.tied_to is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Component:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown Component fields {sorted(unknown)}")
-        return cls(**data)
+from allocator.discovery import architectures as A
+from allocator.discovery.classify import Stack, place
+from allocator.discovery.component import Component
+from allocator.errors import AllocatorWarning
 
 
 @dataclass(frozen=True)
@@ -92,8 +53,6 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
     Warns:
         AllocatorWarning: once, naming every class whose modules were placed by the structural fallback.
     """
-    from allocator import architectures as A
-    from allocator.classify import Stack, place
 
     config = text_config(model)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -136,7 +95,6 @@ def text_config(model: nn.Module) -> Any:
 
 def find_stack(model: nn.Module, config: Any) -> str | None:
     """Name of the decoder ``ModuleList``: length ``num_hidden_layers``, not in a vision/audio tower, shallowest."""
-    from torch import nn
 
     n = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
               if isinstance(getattr(config, k, None), int)), None)
@@ -148,8 +106,6 @@ def find_stack(model: nn.Module, config: Any) -> str | None:
 
 
 def _layer_like(modules: nn.ModuleList) -> bool:
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
     first = modules[0]
     return not isinstance(first, (nn.Linear, nn.Embedding)) and any(
@@ -157,10 +113,7 @@ def _layer_like(modules: nn.ModuleList) -> bool:
 
 
 def _sites(modules: dict[str, nn.Module]):
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
-    from allocator.architectures import ROUTER_CLASS
 
     for name, module in modules.items():
         cls = type(module).__name__
@@ -172,7 +125,7 @@ def _sites(modules: dict[str, nn.Module]):
         elif isinstance(module, Conv1D):  # weight (d_in, d_out)
             d_in, d_out = module.weight.shape
             yield _Site(name, name, name.rsplit(".", 1)[-1], d_in, d_out, cls, id(module.weight))
-        elif "Experts" in cls or ROUTER_CLASS.search(cls):
+        elif "Experts" in cls or A.ROUTER_CLASS.search(cls):
             yield from _parameter_sites(name, module, cls)
 
 
@@ -194,7 +147,6 @@ def _peft_internal(name: str) -> bool:
 
 def _not_effective(arch, family, kind, site, config, layer, model_type, fused) -> str | None:
     """Why a LoRA on ``site`` would do nothing, or None: dead entry, bypassed forward, PEFT refusal."""
-    from allocator import architectures as A
 
     reasons = [A.dead_entry(config, layer, site.name)]
     if family == "recurrent":
@@ -229,11 +181,10 @@ def _output_name(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
 
 
 def _warn_guesses(guesses: dict) -> None:
-    from allocator.errors import AllocatorWarning
 
     lines = [f"{cls} -> {family}/{kind} ({len(names)} modules, e.g. {names[0]})"
              for (cls, family, kind), names in sorted(guesses.items())]
     warnings.warn(
         "find_components placed these modules by name only (no config layer type or known class matched): "
         + "; ".join(lines) + ". Check them with `allocate inspect`; to make this go away, add the class to "
-        "allocator.architectures.CLASS_RULES.", AllocatorWarning, stacklevel=2)
+        "allocator.discovery.architectures.CLASS_RULES.", AllocatorWarning, stacklevel=2)

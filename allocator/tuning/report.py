@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InputError, as_input_error
+from allocator.errors import as_input_error
 from probes.folders import FolderError, write_file, write_folder
 
 if TYPE_CHECKING:
-    from allocator.plan import Plan
+    from allocator.output.plan import Plan
 
-MIN_IMPORTANCE_TRIALS = 8  # fANOVA on fewer completed searched trials says more about noise than parameters
 
 
 @dataclass(frozen=True)
@@ -87,9 +84,13 @@ def _row(t: Any) -> TrialRow:
 
 
 def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, storage: str, mode: str,
-              probe_seconds: float = 0.0) -> TuneResult:
-    """Rows, winner, Pareto front, baselines and importances of ``study``; ``rebuild(params, number)`` remakes
-    a trial's plan (solving is deterministic, so plans are not stored in the database)."""
+              probe_seconds: float = 0.0,
+              importances: Callable[[list[TrialRow], list[str]], tuple[dict[str, float], str]] | None = None
+              ) -> TuneResult:
+    """Rows, winner, Pareto front, baselines and importances of ``study`` (anything with ``get_trials``,
+    ``best_trials`` and ``study_name``, such as an Optuna study); ``rebuild(params, number)`` remakes a trial's
+    plan (solving is deterministic, so plans are not stored in the database); ``importances(searched rows, shared
+    params)`` gives the parameter importances and a note on their method."""
     trials = study.get_trials(deepcopy=False)
     rows = tuple(_row(t) for t in trials)
     done = [r for r in rows if r.state == "complete" and r.value is not None and math.isfinite(r.value)]
@@ -103,7 +104,9 @@ def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, 
     for name, b in sorted(baselines.items()):
         within = [r for r in done if (r.cost or 0) <= (b.budget or 0)] if mode == "pareto" else done
         versus[name] = min(r.value for r in within) - b.value
-    importances, note = _importances(study, done, mode)
+    searched = [r for r in done if r.placement == "solver" and r.baseline is None]
+    shared = sorted(set.intersection(*(set(r.params) for r in searched))) if searched else []
+    importance, note = importances(searched, shared) if importances is not None else ({}, "not computed")
     by_number = {t.number: t for t in trials}
     wanted = {r.number: r for r in (*pareto, *([best] if best else []))}
     plans = {n: rebuild(by_number[n].params, n) for n in wanted}
@@ -111,30 +114,7 @@ def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, 
         study_name=study.study_name, storage=storage, mode=mode, trials=rows, best=best,
         best_plan=plans.get(best.number) if best else None, pareto=pareto,
         pareto_plans={r.number: plans[r.number] for r in pareto}, baselines=baselines, versus=versus,
-        importances=importances, importance_note=note, probe_seconds=probe_seconds)
-
-
-def _importances(study: Any, done: list[TrialRow], mode: str) -> tuple[dict[str, float], str]:
-    """Importances of the parameters the complete searched (solver) trials share, for the eval loss: fANOVA
-    (seeded; needs scikit-learn), else PED-ANOVA (numpy/scipy only). The note names the method, or why none."""
-    searched = [r for r in done if r.placement == "solver" and r.baseline is None]
-    if len(searched) < MIN_IMPORTANCE_TRIALS:
-        return {}, f"importances need {MIN_IMPORTANCE_TRIALS} complete searched trials; the study has {len(searched)}"
-    params = sorted(set.intersection(*(set(r.params) for r in searched)))
-    if not params:
-        return {}, "the searched trials share no parameter"
-    import optuna
-
-    note = ""
-    for method, make in (("fANOVA", lambda: optuna.importance.FanovaImportanceEvaluator(seed=0)),
-                         ("PED-ANOVA", optuna.importance.PedAnovaImportanceEvaluator)):
-        try:
-            values = optuna.importance.get_param_importances(study, evaluator=make(), params=params,
-                                                             target=lambda t: t.values[0])
-            return {k: float(v) for k, v in values.items()}, f"{method} over {len(searched)} searched trials"
-        except Exception as exc:  # no scikit-learn, too little variation, ...: report, never fail the study
-            note = f"importances unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return {}, note
+        importances=importance, importance_note=note, probe_seconds=probe_seconds)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -240,144 +220,3 @@ def write_outputs(result: TuneResult, out: Path) -> TuneResult:
     write_file(out / "study.md", render_markdown(result))
     write_file(out / "study.json", json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     return result
-
-
-# ---- the output folder: one study per folder, a lock file shared by the workers that use it ----------------------
-MARKER, LOCK_NAME = "tune.json", ".tune.lock"
-
-
-class FileLock:
-    """An exclusive lock on a file (``fcntl.flock``; a no-op where fcntl is missing, e.g. Windows).
-
-    ``release`` may be called when not held: a trial releases the claim its worker made before the trial began.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path, self._fd = path, None
-
-    def acquire(self) -> None:
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                import fcntl
-
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            except ImportError:
-                pass
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> FileLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def redact(url: str) -> str:
-    """A database URL with its password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: RDBStorage will say so
-        return url
-
-
-DEFAULT_STORAGE = "default"  # the record's name for sqlite:///OUT_DIR/study.db: a moved folder still resumes
-# what `allocate tune` writes in its folder; --overwrite removes these and nothing else
-TUNE_ENTRIES = frozenset({MARKER, LOCK_NAME, "study.db", "study.db-wal", "study.db-shm", "study.db-journal", "probes",
-                          "best", "pareto", "study.md", "study.png", "study.json"})
-_SETUP_ENTRIES = frozenset({LOCK_NAME, "study.db", "study.db-wal", "study.db-shm", "study.db-journal"})
-
-
-def default_storage(out: Path) -> str:
-    return f"sqlite:///{out / 'study.db'}"
-
-
-def read_record(out: Path) -> dict[str, str] | None:
-    """The folder's record (``tune.json``: study name and storage), or None when it has none (or an unreadable one)."""
-    try:
-        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("study"), str) or not isinstance(data.get("storage"), str):
-        return None
-    storage = data["storage"]
-    if storage.startswith("sqlite:///") and storage.endswith("/study.db"):  # an older record: its own folder's db
-        storage = DEFAULT_STORAGE
-    return {"study": data["study"], "storage": storage}
-
-
-def _record_of(out: Path, study_name: str, url: str) -> dict[str, str]:
-    return {"study": study_name, "storage": DEFAULT_STORAGE if url == default_storage(out) else redact(url)}
-
-
-def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
-    """Refuse, without side effects, a folder that holds anything but this study (``overwrite``: anything but a
-    study of this tool's), a file, or a link."""
-    if out.is_symlink():
-        raise InputError(f"-o {out} is a symbolic link (to {os.path.realpath(out)}); give the folder itself: a link "
-                         "is never followed to write or delete")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a folder; choose another -o")
-    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if entries <= _SETUP_ENTRIES:  # empty, or a first run that stopped before its record was written
-        return
-    record = read_record(out)
-    if record is None:
-        raise InputError(f"output folder {out} holds no tune study but files this tool did not write "
-                         f"({', '.join(sorted(entries)[:5])}{'...' if len(entries) > 5 else ''}); choose a new or "
-                         "empty -o")
-    if overwrite:
-        if out == Path(out.anchor) or out == Path.home().resolve():
-            raise InputError(f"refusing --overwrite on {out}; choose a dedicated -o folder")
-        return
-    mine = _record_of(out, study_name, url)
-    if record != mine:
-        where = "this folder's study.db" if record["storage"] == DEFAULT_STORAGE else record["storage"]
-        raise InputError(f"{out} holds study {record['study']!r} in {where}; pass that --study and --storage to "
-                         "resume it, --overwrite to start over, or choose another -o")
-
-
-def prepare_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> list[str]:
-    """Check again under the lock; ``overwrite`` removes what tune wrote in ``out`` (nothing else) and deletes the
-    study that the folder's own record names from the storage it names. Returns what was done, for the user."""
-    check_out_dir(out, study_name, url, overwrite)
-    record = read_record(out)
-    if not overwrite or record is None:
-        return []
-    done = []
-    if record["storage"] != DEFAULT_STORAGE:
-        if record["storage"] == redact(url):
-            import optuna
-
-            try:
-                optuna.delete_study(study_name=record["study"], storage=url)
-                done.append(f"deleted study {record['study']!r} from {record['storage']}")
-            except KeyError:  # no such study (a run that never started one)
-                pass
-        else:
-            done.append(f"study {record['study']!r} in {record['storage']} was NOT deleted (this run uses another "
-                        "storage); pass that --storage with --overwrite to delete it")
-    removed = []
-    for name in sorted(TUNE_ENTRIES - {LOCK_NAME}):
-        path = out / name
-        if path.is_symlink() or not path.exists():
-            continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        removed.append(name)
-    if removed:
-        db = " (with the study it held)" if "study.db" in removed else ""
-        done.append(f"removed {', '.join(removed)} from {out}{db}; other files there were kept")
-    return done
-
-
-def write_record(out: Path, study_name: str, url: str) -> None:
-    """Mark ``out`` as this study's folder; written once the storage has opened (a wrong --storage leaves none)."""
-    write_file(out / MARKER, json.dumps(_record_of(out, study_name, url), sort_keys=True) + "\n")

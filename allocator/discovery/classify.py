@@ -1,7 +1,7 @@
 """Stage 1, placement: decoder layer, family and kind of one adaptable call site, by ordered rules.
 
 Input: the model's module table, its decoder stack and the per-layer labels from its config. Output: a
-:class:`Placement`. Rules, first match wins (tables in ``allocator.architectures``):
+:class:`Placement`. Rules, first match wins (tables in ``allocator.discovery.architectures``):
 
 1. **config**: the layer's label (``layers_block_type``, ``layer_types``, ``hybrid_override_pattern``, ...) names
    the token mixer of that layer (for nemotron_h, the whole block). The architecture table gives its kind.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from allocator import architectures as A
+from allocator.discovery import architectures as A
 
 TOKEN_FAMILIES = ("attention", "recurrent")
 

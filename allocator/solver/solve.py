@@ -13,125 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from allocator.budget import describe_params, lora_params
-from allocator.components import FAMILIES, Component
+from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
-from allocator.program import Program, build_program
-from allocator.reduction import Reduction, reduce_program
-from allocator.utility import UtilityTable, check_ranks
-from probes.settings import Range, check_ranges, ranged
+from allocator.scoring.utility import UtilityTable
+from allocator.solver.budget import describe_params, lora_params
+from allocator.solver.program import Program, build_program, group_candidates
+from allocator.solver.reduction import Reduction, reduce_program
+from allocator.solver.settings import COARSE_RANKS, DEFAULT_RANKS, DENSE_RANKS, SolverSettings
 
 __all__ = ["COARSE_RANKS", "DEFAULT_RANKS", "DENSE_RANKS", "Allocation", "Program", "SolverSettings", "build_program",
            "decode", "solve"]
 
-GRANULARITIES = ("module", "layer-type", "type")
 _STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "error"}
-
-
-# Dense at the low end so that budget can move in small steps: on the placement benchmark (each cell at uniform's
-# best lr) the coarse grid's plan at a uniform-r1 budget (rank 4 on a quarter of the modules) was worse in mean than
-# uniform on Falcon-H1, while the dense grid was never worse in mean and beat uniform on the fact task
-# (docs/method.md). COARSE_RANKS is the earlier default, kept as a named alternative.
-DENSE_RANKS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-COARSE_RANKS = (0, 4, 8, 16, 32, 64)
-DEFAULT_RANKS = DENSE_RANKS
-
-
-@dataclass(frozen=True)
-class SolverSettings:
-    """What the integer program may choose and how long it may search. Validated at construction."""
-
-    granularity: str = field(
-        default="layer-type",
-        metadata={"help": "one rank per: module | layer-type (same kind in one layer) | type (same kind everywhere)"},
-    )
-    ranks: tuple[int, ...] = ranged(DEFAULT_RANKS, "rank grid, strictly increasing from 0", Range(0, integer=True))
-    align: int = ranged(1, "every non-zero grid rank must be a multiple of this", Range(1, integer=True))
-    share_bounds: dict[str, tuple[float, float]] = field(
-        default_factory=dict,
-        metadata={"help": "budget share per family as lo:hi fractions of the budget, e.g. attention=0.1:0.5"},
-    )
-    required: tuple[str, ...] = field(default=(), metadata={"help": "families that must get a non-zero rank somewhere"})
-    include: tuple[str, ...] = field(
-        default=(), metadata={"help": "regexes; if given, only matching module names may get budget"}
-    )
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "regexes; matching module names never get budget"})
-    time_limit: float = ranged(60.0, "seconds HiGHS may search", Range(0, lo_open=True))
-    mip_rel_gap: float = ranged(1e-6, "relative optimality gap at which HiGHS stops", Range(0, 1, hi_open=True))
-    presolve: bool = field(
-        default=False,
-        metadata={"help": "let HiGHS presolve (off: on these programs it costs more than it saves, see docs/solver.md)"},
-    )
-    reduce: bool = field(
-        default=True,
-        metadata={"help": "drop rank options a Lagrangian bound proves non-optimal before calling HiGHS (exact)"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise InputError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
-        if not isinstance(self.ranks, (tuple, list)):
-            raise InputError(f"SolverSettings.ranks must be a sequence of ranks, got {self.ranks!r}")
-        check_ranges(self, InputError)
-        ranks = check_ranks(self.ranks, "SolverSettings.ranks")
-        object.__setattr__(self, "ranks", ranks)
-        object.__setattr__(self, "align", int(self.align))
-        off = [r for r in ranks if r % self.align]
-        if off:
-            raise InputError(f"ranks {off} are not multiples of align={self.align}; drop them or lower align")
-        bounds = {}
-        for fam, pair in dict(self.share_bounds).items():
-            try:
-                lo, hi = (float(v) for v in pair)
-            except (TypeError, ValueError):
-                raise InputError(f"share_bounds[{fam!r}] must be a (lo, hi) pair, got {pair!r}") from None
-            if not 0 <= lo <= hi <= 1:
-                raise InputError(f"share_bounds[{fam!r}] = ({lo}, {hi}) needs 0 <= lo <= hi <= 1; fix the pair")
-            bounds[str(fam)] = (lo, hi)
-        if sum(lo for lo, _ in bounds.values()) > 1 + 1e-12:
-            named = ", ".join(f"{f}>={lo:g}" for f, (lo, _) in sorted(bounds.items()) if lo > 0)
-            raise InputError(f"share lower bounds sum to more than the whole budget ({named}); lower them")
-        object.__setattr__(self, "share_bounds", dict(sorted(bounds.items())))
-        required = tuple(sorted({str(f) for f in self.required}))
-        object.__setattr__(self, "required", required)
-        bad = sorted((set(bounds) | set(required)) - set(FAMILIES))
-        if bad:
-            raise InputError(f"unknown families {bad} in share_bounds/required; families are {list(FAMILIES)}")
-        capped = [f for f in required if bounds.get(f, (0, 1))[1] == 0]
-        if capped:
-            raise InputError(f"families {capped} are required but their share upper bound is 0; drop one of the two")
-        for name in ("include", "exclude"):
-            patterns = tuple(str(p) for p in getattr(self, name))
-            for p in patterns:
-                try:
-                    re.compile(p)
-                except re.error as exc:
-                    raise InputError(f"{name} pattern {p!r} is not a regex ({exc}); fix or escape it") from None
-            object.__setattr__(self, name, patterns)
-        for name in ("time_limit", "mip_rel_gap"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["share_bounds"] = {k: list(v) for k, v in self.share_bounds.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SolverSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown SolverSettings fields {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
@@ -179,7 +80,7 @@ def solve(
         raise InputError(f"budget must be a positive number of parameters, got {budget!r}; see Budget.resolve")
     budget = int(budget)
     program = build_program(components, table, budget, settings)
-    _check_feasible_range(program, settings, components)
+    _check_feasible_range(program.family_costs, budget, settings, components)
     reduction = reduce_program(program) if settings.reduce else None
     b_u = (program.b_u if reduction is None else reduction.b_u).copy()
     budget_row = program.row_labels.index("budget") - (program.A.shape[0] - len(b_u))  # one-hot rows come first
@@ -275,39 +176,26 @@ def decode(program: Program, x: np.ndarray, *, status: str = "optimal", mip_gap:
     )
 
 
-def _family_costs(program: Program) -> dict[str, tuple[int, int]]:
-    """{family: (cheapest non-zero option of any group, every group at its top option)}."""
-    out: dict[str, tuple[int, int]] = {}
-    fam = np.asarray(program.group_family, dtype=object)
-    last = np.r_[program.col_group[1:] != program.col_group[:-1], True]  # a group's last column is its top option
-    top = program.col_cost[last]
-    nonzero = program.col_option > 0
-    for f in sorted(set(program.group_family)):
-        sel = nonzero & (fam[program.col_group] == f)
-        out[f] = (int(program.col_cost[sel].min()), int(top[fam == f].sum()))
-    return out
-
-
 def check_budget(components: Sequence[Component], budget: int, settings: SolverSettings | None = None) -> None:
     """Raise :class:`InputError` now if no allocation of the eligible ``components`` can meet ``budget`` under
     ``settings`` (the range and share checks of :func:`solve`), so a bad budget fails before minutes of probing.
 
-    Probing may still leave modules out (no gradient), which can only narrow the range; :func:`solve` checks again.
+    Computed from costs alone (:func:`~allocator.solver.program.group_candidates`). Probing may still leave modules
+    out (no gradient), which can only narrow the range; :func:`solve` checks again.
     """
-    from allocator.signals import prior_curves
-
     settings = settings or SolverSettings()
-    rows = [c for c in components if c.eligible]
-    if not rows:
+    if not any(c.eligible for c in components):
         raise InputError("nothing can be adapted: no eligible module; see `allocate inspect`")
-    table = UtilityTable(tuple(c.name for c in rows), settings.ranks, prior_curves(rows, settings.ranks))
-    _check_feasible_range(build_program(components, table, int(budget), settings), settings, components)
+    fams = group_candidates(components, None, settings).family_costs()
+    _check_feasible_range(fams, int(budget), settings, components)
 
 
-def _check_feasible_range(program: Program, settings: SolverSettings, components: Sequence[Component]) -> None:
-    """Errors for budgets no allocation can meet, stated in parameters and uniform ranks, naming the fix."""
-    B = program.budget
-    fams = _family_costs(program)
+def _check_feasible_range(fams: dict[str, tuple[int, int]], B: int, settings: SolverSettings,
+                          components: Sequence[Component]) -> None:
+    """Errors for budgets no allocation can meet, stated in parameters and uniform ranks, naming the fix.
+
+    ``fams``: {family: (cheapest non-zero option, every group at its top option)} (``Groups.family_costs``).
+    """
     top = sum(hi for _, hi in fams.values())
     low = {f: max(fams[f][0] if f in settings.required else 0,
                   math.ceil(settings.share_bounds.get(f, (0.0, 1.0))[0] * B - 1e-9)) for f in fams}

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.errors import InputError
 
 if TYPE_CHECKING:
-    from allocator.components import Component
+    from allocator.discovery.component import Component
 
 KINDS = ("params", "fraction", "uniform_rank")
 ACCEPTED_FORMS = (

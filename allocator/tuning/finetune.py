@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from allocator.errors import InputError
+from allocator.output.export import get_peft_model_quietly
+from probes.settings import Range, check_ranges, ranged
 
 Batch = Mapping[str, torch.Tensor]
 SCHEDULES = ("cosine", "linear", "constant")
@@ -136,11 +138,71 @@ def _trainable(model: torch.nn.Module, lora_config: Any, seed: int) -> tuple[tor
         for p in model.parameters():
             p.requires_grad_(True)
         return model, sum(p.numel() for p in model.parameters())
-    from allocator.export import get_peft_model_quietly
-
     torch.manual_seed(seed)  # LoRA A matrices are drawn here
     model = get_peft_model_quietly(model, lora_config)  # not a FutureWarning per tuning trial
     return model, int(model.get_nb_trainable_parameters()[0])
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """One short fine-tune run: the optimiser (AdamW, betas (0.9, 0.999)), its schedule and the eval cadence."""
+
+    steps: int = ranged(60, "optimizer steps", Range(1, integer=True))
+    lr: float = ranged(3e-3, "peak learning rate", Range(0, lo_open=True))
+    seed: int = ranged(0, "seed of the LoRA init (torch.manual_seed before get_peft_model), data order and dropout",
+                       Range(0, integer=True))
+    batch_size: int = ranged(8, "rows per step, drawn from a permutation of the pooled rows, a new one per pass",
+                             Range(1, integer=True))
+    eval_every: int | None = ranged(None, "steps between intermediate evals (None: at the start and the end only)",
+                                    Range(1, integer=True))
+    weight_decay: float = ranged(0.0, "AdamW weight decay", Range(0))
+    warmup: float = ranged(0.1, "fraction of steps spent in linear warmup", Range(0, 1, hi_open=True))
+    schedule: str = field(default="cosine", metadata={"help": f"after warmup, one of {SCHEDULES} (to 0 at steps)"})
+    max_grad_norm: float | None = ranged(1.0, "clip the global gradient norm (None: no clipping)",
+                                         Range(0, lo_open=True))
+
+    def __post_init__(self) -> None:
+        check_ranges(self, InputError)
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def _train(trained: torch.nn.Module, pool: dict[str, torch.Tensor], eval_batches: Sequence[Batch],
+           s: FinetuneSettings, callback: Callable[[int, float], bool | None] | None
+           ) -> tuple[list[tuple[int, float]], list[float], bool]:
+    """The AdamW loop: (eval curve, per-step train losses, stopped by the callback)."""
+    n_rows = pool["input_ids"].shape[0]
+    warmup_steps = int(s.warmup * s.steps)
+    order = torch.Generator().manual_seed(s.seed)  # data order, independent of model code's draws
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    curve = [(0, evaluate_loss(trained, eval_batches))]
+    train_losses: list[float] = []
+    perm, cursor = torch.randperm(n_rows, generator=order), 0
+    trained.train()
+    for step in range(s.steps):
+        if cursor + s.batch_size > n_rows:  # a new pass; rows of the short tail wait for it
+            perm, cursor = torch.randperm(n_rows, generator=order), 0
+        rows = perm[cursor : cursor + s.batch_size]
+        cursor += s.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps=s.steps, lr=s.lr, warmup_steps=warmup_steps, schedule=s.schedule)
+        loss_sum, n_tokens = token_loss_sum(trained, {k: v[rows] for k, v in pool.items()})
+        loss = loss_sum / max(1, n_tokens)
+        loss.backward()
+        if s.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_losses.append(loss.item())
+        done = step + 1
+        if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            curve.append((done, evaluate_loss(trained, eval_batches)))
+            if callback is not None and callback(done, curve[-1][1]):
+                return curve, train_losses, True
+    if curve[-1][0] != len(train_losses):
+        curve.append((len(train_losses), evaluate_loss(trained, eval_batches)))
+    return curve, train_losses, False
 
 
 def finetune(
@@ -148,94 +210,42 @@ def finetune(
     lora_config: Any,
     train_batches: Sequence[Batch],
     eval_batches: Sequence[Batch],
+    settings: FinetuneSettings | None = None,
     *,
-    steps: int,
-    lr: float,
-    seed: int,
-    batch_size: int,
-    eval_every: int | None = None,
     callback: Callable[[int, float], bool | None] | None = None,
-    weight_decay: float = 0.0,
-    warmup: float = 0.1,
-    schedule: str = "cosine",
-    max_grad_norm: float | None = 1.0,
     metrics_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
     return_model: bool = False,
     init: Callable[[torch.nn.Module], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune a copy of ``model`` for ``steps`` AdamW steps and report eval losses.
+    """Fine-tune a copy of ``model`` for ``settings.steps`` AdamW steps and report eval losses.
 
     Args:
         model: a causal LM; left untouched (a deep copy is trained).
         lora_config: a ``peft.LoraConfig`` (``rank_pattern`` / ``alpha_pattern`` honoured), or ``None`` to train
             every parameter.
-        train_batches: rows are pooled and re-batched: each step draws ``batch_size`` rows from a permutation
-            seeded by ``seed``, a new permutation per pass.
+        train_batches: rows are pooled and re-batched (see :class:`FinetuneSettings`).
         eval_batches: scored by :func:`evaluate_loss` at step 0, every ``eval_every`` steps, and at the end.
-        steps, lr, batch_size, weight_decay: the optimiser run (AdamW, betas (0.9, 0.999)).
-        seed: LoRA initialisation (``torch.manual_seed`` before ``get_peft_model``), data order and dropout.
+        settings: the run (:class:`FinetuneSettings`; its defaults when None).
         callback: ``callback(step, eval_loss)`` after each intermediate eval; returning True stops the run
-            (an exception such as ``optuna.TrialPruned`` propagates).
-        warmup: fraction of ``steps`` spent in linear warmup, in [0, 1).
-        schedule: ``"cosine"``, ``"linear"`` (both to 0 at ``steps``) or ``"constant"`` after warmup.
-        max_grad_norm: clip the global gradient norm; ``None`` disables clipping.
+            (an exception, such as a pruned trial's, propagates).
         metrics_fn: called on the trained model; its mapping is stored in ``FinetuneResult.metrics``.
         return_model: keep the trained model in ``FinetuneResult.model``.
         init: ``init(peft_model)`` right after the adapters are built, before the first eval and step: sets
-            their initial weights, e.g. EVA's lora_A at the plan's ranks (``allocator.lora_init.init_lora_a``).
+            their initial weights, e.g. EVA's lora_A at the plan's ranks (``allocator.output.lora_init.init_lora_a``).
 
     Raises:
-        InputError: on a non-positive ``steps``/``lr``/``batch_size``, an unknown ``schedule``, a ``warmup``
-            outside [0, 1), or batches without label tokens.
+        InputError: batches without label tokens (the settings check themselves when built).
     """
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise InputError(f"steps, batch_size and lr must be positive; got {steps}, {batch_size}, {lr}")
-    if schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0.0 <= warmup < 1.0:
-        raise InputError(f"warmup is a fraction of steps in [0, 1); got {warmup}")
-    if eval_every is not None and eval_every < 1:
-        raise InputError(f"eval_every must be a positive step count or None; got {eval_every}")
+    s = settings or FinetuneSettings()
     start = time.perf_counter()
     pool = pool_rows(train_batches)
-    n_rows = pool["input_ids"].shape[0]
-    warmup_steps = int(warmup * steps)
     device = _device(model)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        trained, n_trainable = _trainable(model, lora_config, seed)
+        trained, n_trainable = _trainable(model, lora_config, s.seed)
         if init is not None:
             init(trained)
-        torch.manual_seed(seed)  # dropout
-        order = torch.Generator().manual_seed(seed)  # data order, independent of model code's draws
-        params = [p for p in trained.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        curve = [(0, evaluate_loss(trained, eval_batches))]
-        train_losses: list[float] = []
-        perm, cursor, stopped = torch.randperm(n_rows, generator=order), 0, False
-        trained.train()
-        for step in range(steps):
-            if cursor + batch_size > n_rows:  # a new pass; rows of the short tail wait for it
-                perm, cursor = torch.randperm(n_rows, generator=order), 0
-            rows = perm[cursor : cursor + batch_size]
-            cursor += batch_size
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps=steps, lr=lr, warmup_steps=warmup_steps, schedule=schedule)
-            loss_sum, n_tokens = token_loss_sum(trained, {k: v[rows] for k, v in pool.items()})
-            loss = loss_sum / max(1, n_tokens)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_losses.append(loss.item())
-            done = step + 1
-            if eval_every and done % eval_every == 0 and done < steps:
-                curve.append((done, evaluate_loss(trained, eval_batches)))
-                if callback is not None and callback(done, curve[-1][1]):
-                    stopped = True
-                    break
-        if curve[-1][0] != len(train_losses):
-            curve.append((len(train_losses), evaluate_loss(trained, eval_batches)))
+        torch.manual_seed(s.seed)  # dropout
+        curve, train_losses, stopped = _train(trained, pool, eval_batches, s, callback)
         trained.eval()
         metrics = dict(metrics_fn(trained)) if metrics_fn is not None else {}
     return FinetuneResult(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from allocator.commands import allocate, inspect, tune
+
 SUBCOMMANDS = ("inspect", "tune")
 
 
@@ -20,12 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, rest = argv[0], argv[1:]
     else:
         name, rest = "allocate", argv
-    if name == "inspect":
-        from allocator.commands import inspect as command
-    elif name == "tune":
-        from allocator.commands import tune as command
-    else:
-        from allocator.commands import allocate as command
+    command = {"inspect": inspect, "tune": tune}.get(name, allocate)
     return command.main(rest)
 
 

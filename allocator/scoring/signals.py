@@ -1,8 +1,8 @@
 """Utility signals: probe statistics of one module -> a normalised per-parameter curve phi_m(r) over a rank grid.
 
 Stage 3a. Input: per-module probe stats (see ``docs/design.md``: ``grad_singular_values``, ``act_eigenvalues``,
-``heldout_capture``, ``fisher_trace``, ...) and :class:`~allocator.components.Component` shapes. Output: an
-``(n_modules, n_ranks)`` array ``phi``; :func:`allocator.utility.compute_utilities` turns it into utilities
+``heldout_capture``, ``fisher_trace``, ...) and :class:`~allocator.discovery.components.Component` shapes. Output: an
+``(n_modules, n_ranks)`` array ``phi``; :func:`allocator.scoring.utility.compute_utilities` turns it into utilities
 ``u_m(r) = p_m * prior_family * phi_m(r)`` with ``p_m`` the LoRA parameters per rank (``docs/utility.md``).
 
 Every signal is built from two primitives (both optional):
@@ -27,8 +27,8 @@ import numpy as np
 from allocator.errors import AllocatorError
 
 if TYPE_CHECKING:
-    from allocator.components import Component
-    from allocator.utility import UtilitySettings
+    from allocator.discovery.component import Component
+    from allocator.scoring.utility import UtilitySettings
 
 _CAPTURE_TOL = 1e-3  # held-out capture may dip by float noise; a larger dip is a probe bug
 

@@ -6,13 +6,18 @@ equal cost beside it.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
 if TYPE_CHECKING:
-    from allocator.plan import Plan
+    from allocator.output.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,6 @@ def render_markdown(plan: Plan) -> str:
             lines.append(f"- `{c.name}`: {c.note or 'not effective'}")
     if plan.provenance:
         lines += ["", "## Provenance", "", "```json"]
-        import json
 
         lines.append(json.dumps(dict(plan.provenance), indent=2, sort_keys=True, default=str))
         lines.append("```")
@@ -130,11 +134,8 @@ def render_markdown(plan: Plan) -> str:
 
 def write_heatmap(plan: Plan, path: Path) -> None:
     """Layer × kind grid, colour = rank."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     layers, kinds, cells = layer_kind_ranks(plan)
     grid = np.full((len(kinds), len(layers)), np.nan)

@@ -16,14 +16,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from allocator.budget import lora_params
-from allocator.components import Component
+from peft import EvaConfig, LoraConfig, PeftModel
+from transformers import PreTrainedModel
+
+from allocator.discovery.architectures import peft_target_remap
+from allocator.discovery.component import Component
+from allocator.discovery.components import architecture_of
 from allocator.errors import AllocatorError, InputError, as_input_error
+from allocator.output.export import (
+    adapted_shape,
+    check_alpha_ratio,
+    get_peft_model_quietly,
+    restore_base_model,
+    snapshot_base_model,
+    to_lora_config,
+)
+from allocator.output.lora_init import check_init, eva_components, eva_targets, init_lora_a
+from allocator.output.report import write_report
+from allocator.solver.budget import lora_params
 from probes.folders import FolderError, check_target, write_folder
 
 ALLOCATION_FILE = "allocation.json"
@@ -65,7 +80,6 @@ class Plan:
     )
 
     def __post_init__(self) -> None:
-        from allocator.lora_init import check_init
 
         check_init(self.init)
         names = {c.name for c in self.components}
@@ -77,7 +91,6 @@ class Plan:
             raise InputError(f"plan ranks must be integers >= 0; {bad[0]!r} has {self.ranks[bad[0]]!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise InputError(f"plan budget must be a whole number of parameters >= 1, got {self.budget!r}")
-        from allocator.export import check_alpha_ratio
 
         object.__setattr__(self, "alpha_ratio", check_alpha_ratio(self.alpha_ratio))
         if self.cost > self.budget:
@@ -110,21 +123,20 @@ class Plan:
         return float(sum(self.utility.values()))
 
     # ---- export -----------------------------------------------------------------------------------------------
-    def to_lora_config(self, **lora_kwargs: Any):
+    def to_lora_config(self, **lora_kwargs: Any) -> LoraConfig:
         """A ``peft.LoraConfig`` with exactly this plan's targets and ranks; extra LoraConfig fields pass through."""
-        from allocator.export import to_lora_config
 
         lora_kwargs.setdefault("alpha_ratio", self.alpha_ratio)
         lora_kwargs.setdefault("use_rslora", self.use_rslora)
         lora_kwargs.setdefault("base_model_name_or_path", self.model_id)
         if self.init == "eva":  # recorded for the reader; rho = 1: PEFT's own EVA then keeps these ranks
-            from peft import EvaConfig
 
             lora_kwargs.setdefault("init_lora_weights", "eva")
             lora_kwargs.setdefault("eva_config", EvaConfig(rho=1.0, adjust_scaling_factors=False))
         return to_lora_config(self.targets, self.components, **lora_kwargs)
 
-    def apply(self, model: Any, *, init_data: Any = None, **lora_kwargs: Any):
+    def apply(self, model: PreTrainedModel, *, init_data: Sequence[Mapping[str, Any]] | None = None,
+              **lora_kwargs: Any) -> PeftModel:
         """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``.
 
         The model is checked first against what the plan was made for (:meth:`check_model`); on any failure the
@@ -132,10 +144,9 @@ class Plan:
 
         With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
         ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the top
-        principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``; MoE
+        principal directions of each module's input at exactly the plan's ranks (``allocator.output.lora_init``; MoE
         expert weights adapted as parameters keep PEFT's init).
         """
-        from allocator.export import get_peft_model_quietly, restore_base_model, snapshot_base_model
 
         self.check_model(model)
         components, eva = None, {}
@@ -143,7 +154,6 @@ class Plan:
             if init_data is None:
                 raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
                                  "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
-            from allocator.lora_init import eva_components, eva_targets, init_lora_a
 
             eva = eva_targets(self.components, self.targets)
             if eva:
@@ -166,12 +176,10 @@ class Plan:
             raise
         return peft_model
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: PreTrainedModel) -> None:
         """Raise :class:`InputError` unless ``model`` is the architecture this plan was made for: the same
         model_type and decoder layer count (when recorded) and every planned module present with its d_in/d_out.
         """
-        from allocator.components import architecture_of
-        from allocator.export import adapted_shape
 
         if hasattr(model, "peft_config") or not hasattr(model, "named_modules"):
             what = "already holds PEFT adapters" if hasattr(model, "peft_config") else f"is a {type(model).__name__}"
@@ -288,7 +296,6 @@ class Plan:
             (tmp / ALLOCATION_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True,
                                                           allow_nan=False) + "\n")
             if report:
-                from allocator.report import write_report
 
                 write_report(self, tmp)
 
@@ -308,7 +315,6 @@ def _without_peft_moe_remap(model: Any, targets: Mapping[str, int]):
     for some MoE model types (qwen3_next, qwen3_moe, minimax, ...), even full names of dense or shared-expert
     linears (``peft.utils.transformers_weight_conversion._convert_peft_config_moe``). The plan names exactly the
     modules it means, so the rewrite is sidestepped by hiding ``model_type`` while PEFT injects."""
-    from allocator.architectures import peft_target_remap
 
     config = getattr(model, "config", None)
     remap = peft_target_remap(getattr(config, "model_type", None))

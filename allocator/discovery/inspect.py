@@ -1,6 +1,6 @@
 """`allocate inspect`, the gathering half: model -> :class:`InspectReport` (rows of numbers, no formatting).
 
-Builds the model on the meta device (``allocator.modelio.load_skeleton``) unless a model object is given, runs
+Builds the model on the meta device (``allocator.discovery.modelio.load_skeleton``) unless a model object is given, runs
 ``find_components`` and groups the result: per decoder layer x (family, kind), per (family, kind), what is not
 effective and why, which call sites are tied. ``allocator.commands.inspect`` only prints it.
 Cost of one rank unit of a group: Σ n_params_per_rank = Σ n_experts·(d_in + d_out) over its eligible modules.
@@ -14,7 +14,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from allocator.components import FAMILIES, Component
+from allocator.discovery import architectures as A
+from allocator.discovery.component import FAMILIES, Component
+from allocator.discovery.components import find_components, find_stack, text_config
+from allocator.discovery.modelio import count_base_params, load_skeleton
+from allocator.errors import AllocatorWarning
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,6 @@ class InspectReport:
 def inspect_model(model: Any, *, fused_kernels: bool = True, trust_remote_code: bool = False,
                   name: str | None = None) -> InspectReport:
     """Gather the report for ``model``: a hub id, folder, config.json path, or an already built model."""
-    from allocator import architectures as A
-    from allocator.components import find_components, find_stack, text_config
-    from allocator.errors import AllocatorWarning
-    from allocator.modelio import count_base_params, load_skeleton
 
     is_ref = isinstance(model, str) or hasattr(model, "__fspath__")
     built = load_skeleton(model, trust_remote_code) if is_ref else model

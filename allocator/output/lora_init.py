@@ -16,6 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
+from peft import EvaConfig, LoraConfig
+from peft.tuners.lora.eva import get_eva_state_dict
+
 from allocator.errors import AllocatorError, InputError
 
 INITS = ("default", "eva")
@@ -36,8 +40,6 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     ``use_label_mask``, ``labels``: only tokens that carry a loss count, as in PEFT's EVA). A module whose input
     has fewer than ``k`` usable directions raises :class:`InputError` (more calibration tokens are needed).
     """
-    from peft import EvaConfig, LoraConfig
-    from peft.tuners.lora.eva import get_eva_state_dict
 
     if k < 1 or not names:
         raise InputError("EVA init needs at least one target with rank >= 1")
@@ -71,7 +73,6 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
 def _token_mask(batch: Mapping[str, Any], use_label_mask: bool) -> Any:
     """``(batch, seq)`` bool: the tokens EVA's PCA sees, attended ones and with ``use_label_mask`` only labelled
     ones (as PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled token)."""
-    import torch
 
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     if use_label_mask and "labels" in batch:
@@ -101,7 +102,6 @@ def eva_targets(components: Sequence[Any], ranks: Mapping[str, int]) -> dict[str
 def init_lora_a(peft_model: Any, components: Mapping[str, Any], ranks: Mapping[str, int],
                 adapter_name: str = "default") -> None:
     """Copy the first ``ranks[name]`` rows of ``components[name]`` into lora_A of every planned module."""
-    import torch
 
     done = set()
     with torch.no_grad():

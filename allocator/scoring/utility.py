@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from allocator.components import FAMILIES, Component
+from allocator.discovery.component import FAMILIES, Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
-from allocator.signals import SIGNALS, check_curves, n_entries, prior_curves, scale_weights
+from allocator.scoring.signals import SIGNALS, check_curves, n_entries, prior_curves, scale_weights
 from probes.settings import Range, check_ranges, ranged
 
 __all__ = ["SIGNALS", "UtilitySettings", "UtilityTable", "compute_utilities", "risk_curves", "with_risk"]

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from allocator.components import Component
+from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils.other import get_pattern_key
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, InputError
 
 
@@ -85,7 +92,6 @@ def lora_config_kwargs(
 def to_lora_config(ranks: Mapping[str, int], components: Sequence[Component], **options: Any):
     """Build the ``peft.LoraConfig``; ``options`` are those of :func:`lora_config_kwargs` plus any LoraConfig field
     (``lora_dropout``, ``init_lora_weights``, ...) passed through unchanged."""
-    from peft import LoraConfig
 
     own = {k: options.pop(k) for k in list(options) if k in _OWN_OPTIONS}
     kwargs = lora_config_kwargs(ranks, components, **own)
@@ -109,8 +115,6 @@ def check_matching(config: Any, ranks: Mapping[str, int], all_module_names: Sequ
 
     Raises ``AllocatorError`` naming the first mismatch; used by tests and by ``Plan.to_lora_config``.
     """
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.other import get_pattern_key
 
     chosen = {n: r for n, r in ranks.items() if r > 0}
     targets = set(config.target_modules or ())
@@ -127,10 +131,8 @@ def check_matching(config: Any, ranks: Mapping[str, int], all_module_names: Sequ
 def get_peft_model_quietly(model: Any, config: Any) -> Any:
     """``peft.get_peft_model`` without two warnings that say nothing about the user's run: transformers' rename of
     ``is_gradient_checkpointing`` (PEFT reads the old name), and PEFT's memory advice for its own EVA pass (a plan
-    with ``init="eva"`` records EVA in the config, but its directions come from ``allocator.lora_init``)."""
-    import warnings
+    with ``init="eva"`` records EVA in the config, but its directions come from ``allocator.output.lora_init``)."""
 
-    from peft import get_peft_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -140,8 +142,6 @@ def get_peft_model_quietly(model: Any, config: Any) -> Any:
 
 def adapted_shape(model: Any, name: str, is_parameter: bool) -> tuple[int, int, int] | None:
     """(n_experts, d_in, d_out) of the module or 3-D parameter ``name`` as a LoRA there sees it; None if absent."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
     if is_parameter:
         owner_name, _, leaf = name.rpartition(".")
@@ -170,7 +170,6 @@ def snapshot_base_model(model: Any) -> dict[str, Any]:
 def restore_base_model(model: Any, snapshot: dict[str, Any]) -> None:
     """Undo a (possibly half-done) ``get_peft_model`` on ``model``: every LoRA layer PEFT swapped in is replaced by
     the module it wrapped, attributes PEFT added are removed and ``requires_grad`` flags restored."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     for name, layer in sorted(swapped, key=lambda item: -item[0].count(".")):  # innermost first (nested wrappers)
