@@ -3,14 +3,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch; plain `torch` would pull a multi-GB CUDA build on machines with none installed.
+# torch, installed first when .venv has none: pip picks the build for the platform (on Linux x86-64 that is
+# the CUDA build, several GB). On a machine without a GPU the CPU build is much smaller:
+#   make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# TORCH is pip arguments, split into words by the shell: quote a version range inside it ("'torch>=2.4'").
 TORCH ?= torch==2.13.0
 
 .PHONY: install demo test lint bench-solver bench-probes bench-placement zoo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 

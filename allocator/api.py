@@ -28,7 +28,7 @@ import probes
 from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
 from allocator.discovery.modelio import count_base_params, load_model
-from allocator.errors import AllocatorError, InputError, as_input_error
+from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
 from allocator.output.export import check_alpha_ratio
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
@@ -37,7 +37,7 @@ from allocator.scoring.utility import UtilitySettings, compute_utilities
 from allocator.solver.budget import Budget
 from allocator.solver.settings import SolverSettings
 from allocator.solver.solve import check_budget, solve
-from probes.errors import ProbeError
+from probes.errors import ProbeError, ProbeRunError
 from probes.report import ProbeReport
 from probes.settings import DataSettings, ProbeSettings
 
@@ -288,7 +288,7 @@ def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
 
 def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir):
 
-    with as_input_error(ProbeError):
+    with as_input_error(ProbeError), as_failure(ProbeRunError):
         batches = probes.load_batches(
             data,
             tokenizer,

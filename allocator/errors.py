@@ -33,3 +33,13 @@ def as_input_error(*types: type[BaseException]) -> Iterator[None]:
         yield
     except types as exc:
         raise InputError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def as_failure(*types: type[BaseException]) -> Iterator[None]:
+    """Re-raise ``types`` (e.g. ``probes.errors.ProbeRunError``) as :class:`AllocatorError`: a run that failed for
+    a stated reason (CLI exit 1), not bad input."""
+    try:
+        yield
+    except types as exc:
+        raise AllocatorError(str(exc)) from None

@@ -1,11 +1,11 @@
 """Choose the placement benchmark's learning rate on uniform LoRA alone: ``python -m benchmarks.lr_sweep``.
 
-Fine-tunes uniform LoRA (every eligible target at rank ``r``) of each reference model at several learning rates
-with the placement grid's other settings (steps, batch, alpha, data), and scores the target task on a
+Fine-tunes uniform LoRA (every eligible target at rank ``r``) of each reference model at several learning
+rates with the placement grid's other settings (steps, batch, alpha, data), and scores the target task on a
 **validation** split: the windows halfway between the eval windows of the held-out files
 (``placement_run._spread(..., between=True)``), so the lr is never chosen on the rows the benchmark reports.
-Writes ``docs/results/lr_sweep.md`` and ``lr_sweep_runs.csv``. Only uniform is swept: every LoRA condition of the
-benchmark then shares the chosen lr, which if anything favours the baseline the allocator must beat.
+Writes ``docs/results/lr_sweep.md`` and ``lr_sweep_runs.csv``. Only uniform is swept: every LoRA condition of
+the benchmark then shares the chosen lr, which if anything favours the baseline the allocator must beat.
 """
 
 from __future__ import annotations
@@ -17,26 +17,33 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from benchmarks import stats
-from benchmarks.placement import GRIDS, RESULTS, Grid, _log, append_row, read_rows
+from benchmarks.grid import GRIDS, RESULTS, Grid, append_row, read_rows
+from benchmarks.log import log
+from benchmarks.placement_report import header, write_markdown
 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 FACT_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep": (4,)}
-# The fact task runs at r4 on the tiny models, and at r1 (the tight budget) on qwen3_5_tiny, the model that learns
-# the facts (benchmarks.placement.FACT_PART)
+# The fact task runs at r4 on the tiny models, and at r1 (the tight budget) on qwen3_5_tiny, the model that
+# learns the facts (benchmarks.grid.FACT_PART)
 FACT_PLAN = {"qwen3_5_tiny": (1, 4), "falcon_h1_tiny": (4,)}
 FULL_LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)  # full fine-tuning: the tiny models only
 FULL_MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
-COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss", "wall_s",
-           "accuracy")
+COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss",
+           "wall_s", "accuracy")
 
 
 def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple[int, ...], task: str,
-          cache_dir: Path, csv_path: Path, condition: str = "uniform", grid: Grid | None = None) -> list[dict]:
+          cache_dir: Path, csv_path: Path, condition: str = "uniform",
+          grid: Grid | None = None) -> list[dict]:
     """Every (model, budget, lr, seed) of ``condition`` (uniform LoRA, or ``full`` fine-tuning) scored on the
     validation split; rows appended to ``csv_path`` as they finish (runs already there are skipped). ``grid``:
     the settings (default: the core grid's)."""
+    # imported here, not at the top: it loads transformers and peft, which main() loads only after setting
+    # HF_HUB_OFFLINE
     from benchmarks.placement_run import ModelSetup, run_one
 
     grid = replace(grid or GRIDS["core"][0], tasks=(task,))
@@ -53,42 +60,43 @@ def sweep(plan: dict[str, tuple[int, ...]], lrs: tuple[float, ...], seeds: tuple
                     if setup is None:  # scored on the validation split, never on the benchmark's eval rows
                         setup = ModelSetup(model, grid, cache_dir)
                         setup.tasks[task] = setup.validation_task(task)
-                    row = run_one(setup, task, rank, condition, seed, lr_factor=lr / grid.lr_for(model, rank, condition))
+                    row = run_one(setup, task, rank, condition, seed,
+                                  lr_factor=lr / grid.lr_for(model, rank, condition))
                     out = {"model": model, "task": task, "condition": condition,
                            "budget": _budget(condition, rank), "lr": f"{lr:g}", "seed": seed,
                            "validation_loss": row["target_loss"], "retention_loss": row["retention_loss"],
                            "wall_s": row["wall_s"], "accuracy": row["target_accuracy"]}
                     append_row(csv_path, out, COLUMNS)
-                    _log(f"{model} {condition} {out['budget']} lr {lr:g} seed {seed}: validation {row['target_loss']} retention "
-                         f"{row['retention_loss']}")
+                    log(f"{model} {condition} {out['budget']} lr {lr:g} seed {seed}: validation "
+                        f"{row['target_loss']} retention {row['retention_loss']}")
     return read_rows(csv_path)
 
 
 def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_domain") -> list[str]:
     """Markdown: per model and budget, mean validation and retention loss per lr, the best lr marked."""
-    from benchmarks.placement_report import header
-
     total = sum(float(r["wall_s"]) for r in rows) / 60
     md = [*header("Learning rate for the placement benchmark, chosen on uniform LoRA", command, wall_s),
-          f"- Runs in the CSV: {len(rows)}, {total:.1f} min of fine-tuning in all (`--resume` keeps finished runs, "
-          "so a rerun of the command completes or rewrites the report)",
-          "- Uniform LoRA on every eligible target at rank r (alpha 2r), and full fine-tuning (the benchmark's "
-          "ceiling), with the placement grid's steps, batch and data; "
-          + ("validation = the text-domain windows halfway between the benchmark's eval windows (never reported). "
+          f"- Runs in the CSV: {len(rows)}, {total:.1f} min of fine-tuning in all (`--resume` keeps finished "
+          "runs, so a rerun of the command completes or rewrites the report)",
+          "- Uniform LoRA on every eligible target at rank r (alpha 2r), and full fine-tuning (the "
+          "benchmark's ceiling), with the placement grid's steps, batch and data; "
+          + ("validation = the text-domain windows halfway between the benchmark's eval windows (never "
+             "reported). "
              if task == "text_domain" else
-             "validation = the same facts in a third order and grouping (neither the train rows' nor the eval "
-             "rows'; `fact_recall_task(split=\"validation\")`), so a fact is scored outside its training context "
-             "and the eval rows are never used. ") +
-          "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean validation "
-          "loss of the row.", "",
-          "The chosen lrs (`benchmarks.placement.LRS`, `FACT_LRS` for the fact task) and the rule behind them: "
+             "validation = the same facts in a third order and grouping (neither the train rows' nor the "
+             "eval rows'; `fact_recall_task(split=\"validation\")`), so a fact is scored outside its "
+             "training context and the eval rows are never used. ") +
+          "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean "
+          "validation loss of the row.", "",
+          "The chosen lrs (`benchmarks.grid.LRS`, `FACT_LRS` for the fact task) and the rule behind them: "
           "`docs/method.md`.", ""]
     best: dict[tuple, str] = {}
     for condition in sorted({r["condition"] for r in rows}, key=lambda c: c != "uniform"):
         sub = [r for r in rows if r["condition"] == condition]
         cells = sorted({(r["model"], r["budget"]) for r in sub}, key=lambda c: (c[0], _rank(c[1])))
         lrs = sorted({r["lr"] for r in sub}, key=float)
-        head = ["| model | budget | " + " | ".join(f"lr {x}" for x in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
+        head = ["| model | budget | " + " | ".join(f"lr {x}" for x in lrs) + " |",
+                "|---|---|" + "---|" * len(lrs)]
         tables = {"validation_loss": [], "retention_loss": [], "accuracy": []}
         for cell in cells:
             for metric, lines in tables.items():
@@ -104,12 +112,12 @@ def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_d
                         if lr in ivs else "" for lr in lrs]
                 lines.append(f"| {cell[0]} | {cell[1]} | " + " | ".join(cols) + " |")
         md += [f"## {condition}: validation loss (target task)", "", *head, *tables["validation_loss"], "",
-               f"## {condition}: retention loss (held-out pretraining text; what the model forgets)", "", *head,
-               *tables["retention_loss"], ""]
+               f"## {condition}: retention loss (held-out pretraining text; what the model forgets)", "",
+               *head, *tables["retention_loss"], ""]
         if any(r.get("accuracy") for r in sub):  # tasks scored by accuracy
             md += [f"## {condition}: answer accuracy (target task)", "", *head, *tables["accuracy"], ""]
-    md += ["Lowest validation loss per cell: " + ", ".join(f"{c} {m} {b}: {lr}" for (c, m, b), lr in best.items())
-           + "."]
+    md += ["Lowest validation loss per cell: "
+           + ", ".join(f"{c} {m} {b}: {lr}" for (c, m, b), lr in best.items()) + "."]
     return md
 
 
@@ -122,29 +130,29 @@ def _budget(condition: str, rank: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.lr_sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lr_sweep",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default "
                         f"{','.join(f'{x:g}' for x in LRS)})")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per (model, budget, lr)")
-    parser.add_argument("--models", default=None, help="comma-separated reference models (default: all of the task's)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated reference models (default: all of the task's)")
     parser.add_argument("--task", default="text_domain", choices=["text_domain", "fact_recall"],
-                        help="text_domain: scored on the validation windows; fact_recall (r4 on the tiny models, r1 "
-                        "on qwen3_5_tiny; uniform only; writes lr_sweep_fact_recall.md): scored on the facts in a "
-                        "third order and grouping")
+                        help="text_domain: scored on the validation windows; fact_recall (r4 on the tiny "
+                        "models, r1 on qwen3_5_tiny; uniform only; writes lr_sweep_fact_recall.md): scored "
+                        "on the facts in a third order and grouping")
     parser.add_argument("--condition", default="all", choices=["all", "uniform", "full"],
-                        help="uniform LoRA (per model and budget), full fine-tuning (the tiny models; default lrs "
-                        f"{','.join(f'{x:g}' for x in FULL_LRS)}) or both (default)")
+                        help="uniform LoRA (per model and budget), full fine-tuning (the tiny models; "
+                        f"default lrs {','.join(f'{x:g}' for x in FULL_LRS)}) or both (default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="keep the CSV and skip runs already in it")
     parser.add_argument("--smoke", action="store_true",
                         help="the placement smoke grid's settings (a few steps), for the tests; needs --out")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
+    parser.add_argument("--cache-dir", type=Path, default=Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     torch.set_num_threads(args.threads)
     if args.smoke and args.out == RESULTS:
         parser.error("--smoke writes throwaway numbers: give another --out")
@@ -171,11 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.condition in ("all", "full") and args.task == "text_domain":
         full_plan = {m: b for m, b in plan.items() if m in FULL_MODELS}
         rows = sweep(full_plan, given or FULL_LRS, seeds, args.task, args.cache_dir, csv_path, "full", grid)
-    from benchmarks.placement_report import write_markdown
-
     command = "python -m benchmarks.lr_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     md = report(rows, command=command.strip(), wall_s=time.time() - start, task=args.task)
-    _log(f"wrote {write_markdown(args.out / f'{stem}.md', md)}")
+    log(f"wrote {write_markdown(args.out / f'{stem}.md', md)}")
     return 0
 
 

@@ -1,14 +1,15 @@
 """Placements compared by ``benchmarks.placement``, each at the same trainable-parameter budget ``B``.
 
 Every function returns ``{module name: rank}`` over the eligible components (0 = no adapter). ``B`` is what
-uniform rank ``r`` on every eligible target costs (``Budget("rN").resolve``). Integer ranks rarely cost exactly
-``B``, so every placement except uniform is closed with :func:`fill` (rank + 1 on modules in the placement's own
-priority order while the cost stays <= ``B``); what ``fill`` added is recorded per run (``fill_params``).
+uniform rank ``r`` on every eligible target costs (``Budget("rN").resolve``). Integer ranks rarely cost
+exactly ``B``, so every placement except uniform is closed with :func:`fill` (rank + 1 on modules in the
+placement's own priority order while the cost stays <= ``B``); what ``fill`` added is recorded per run
+(``fill_params``).
 
-EVA and AdaLoRA count their budget in rank units, not parameters: :func:`eva_ranks` keeps PEFT's EVA components
-and its global explained-variance ranking but stops at ``B`` parameters; :func:`adalora_config` sets AdaLoRA's final
-rank budget to ``B`` over the mean module width (the actual final count depends on where AdaLoRA puts the ranks and
-is recorded, not asserted).
+EVA and AdaLoRA count their budget in rank units, not parameters: :func:`eva_ranks` keeps PEFT's EVA
+components and its global explained-variance ranking but stops at ``B`` parameters; :func:`adalora_config`
+sets AdaLoRA's final rank budget to ``B`` over the mean module width (the actual final count depends on where
+AdaLoRA puts the ranks and is recorded, not asserted).
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from peft import AdaLoraConfig
 
 from allocator.discovery.component import Component
+from allocator.output import lora_init
+from allocator.scoring.utility import compute_utilities
 from allocator.solver.budget import lora_params
 from allocator.solver.settings import COARSE_RANKS
+from allocator.solver.solve import solve
+from allocator.tuning import TuneSettings, tune
+from probes.settings import DataSettings
 
 Ranks = dict[str, int]
-# The null draws each module's rank from the solver's coarse grid (its default until the benchmark chose the dense
-# one; kept so the null stays the one measured)
+# The null draws each module's rank from the solver's coarse grid (its default until the benchmark chose the
+# dense one; kept so the null stays the one measured)
 GRID = COARSE_RANKS
 
 
@@ -35,8 +42,8 @@ def cost(ranks: Mapping[str, int], comps: Mapping[str, Component]) -> int:
 
 def fill(ranks: Ranks, comps: Mapping[str, Component], budget: int, order: Sequence[str],
          cap: Callable[[Component], int] | None = None) -> tuple[Ranks, int]:
-    """Rank + 1 on ``order``'s modules, pass after pass, while the total stays <= ``budget``; returns the ranks
-    and the parameters added. ``cap(c)`` bounds a module's rank (default: none)."""
+    """Rank + 1 on ``order``'s modules, pass after pass, while the total stays <= ``budget``; returns the
+    ranks and the parameters added. ``cap(c)`` bounds a module's rank (default: none)."""
     out, before = dict(ranks), cost(ranks, comps)
     total, grew = before, True
     while grew:
@@ -55,7 +62,8 @@ def uniform(eligible: Sequence[Component], rank: int) -> Ranks:
 
 
 def single_family(eligible: Sequence[Component], family: str, budget: int) -> tuple[Ranks, int]:
-    """Uniform rank on ``family`` as close to ``budget`` as integers allow, then rank + 1 on modules by name."""
+    """Uniform rank on ``family`` as close to ``budget`` as integers allow, then rank + 1 on modules by
+    name."""
     members = [c for c in eligible if c.family == family]
     per_rank = sum(c.n_params_per_rank for c in members)
     r = budget // per_rank
@@ -64,8 +72,8 @@ def single_family(eligible: Sequence[Component], family: str, budget: int) -> tu
 
 
 def random_placement(eligible: Sequence[Component], budget: int, seed: int) -> tuple[Ranks, int]:
-    """The null: each module's rank drawn from :data:`GRID`, scaled to ``budget``, closed by rank + 1 in random
-    order. A different draw per seed."""
+    """The null: each module's rank drawn from :data:`GRID`, scaled to ``budget``, closed by rank + 1 in
+    random order. A different draw per seed."""
     rng = random.Random(f"random-placement-{seed}")
     comps = {c.name: c for c in eligible}
     draw = {c.name: rng.choice(GRID) for c in eligible}
@@ -79,14 +87,13 @@ def random_placement(eligible: Sequence[Component], budget: int, seed: int) -> t
 
 
 def allocator_ranks(report: Any, eligible: Sequence[Component], components: Sequence[Component], budget: int,
-                    utility_settings: Any, solver_settings: Any, risk_report: Any = None) -> tuple[Ranks, int, dict]:
-    """The allocator's plan (``compute_utilities`` + ``solve``, exactly as ``allocate`` chains them), closed by
-    rank + 1 on the modules it gave budget, highest marginal objective (utility minus weighted risk) per
+                    utility_settings: Any, solver_settings: Any,
+                    risk_report: Any = None) -> tuple[Ranks, int, dict]:
+    """The allocator's plan (``compute_utilities`` + ``solve``, exactly as ``allocate`` chains them), closed
+    by rank + 1 on the modules it gave budget, highest marginal objective (utility minus weighted risk) per
     parameter first (capped at ``min(d_in, d_out)``), then on the others."""
-    from allocator.scoring.utility import compute_utilities
-    from allocator.solver.solve import solve
-
-    table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
+    table = compute_utilities(report, components, solver_settings.ranks, utility_settings,
+                              risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
     ranks = {c.name: int(allocation.ranks.get(c.name, 0)) for c in eligible}
     row, grid = table.index(), list(table.ranks)
@@ -116,7 +123,8 @@ def allocator_ranks(report: Any, eligible: Sequence[Component], components: Sequ
 
 @torch.no_grad()
 def _input_covariances(model: torch.nn.Module, names: Sequence[str], batches: Sequence[Mapping]) -> dict:
-    """Centered covariance of each module's input over the label tokens of ``batches`` (as EVA's PCA sees them)."""
+    """Centered covariance of each module's input over the label tokens of ``batches`` (as EVA's PCA sees
+    them)."""
     acc: dict[str, list] = {n: [0, None, None] for n in names}
     handles = []
 
@@ -149,21 +157,20 @@ def _input_covariances(model: torch.nn.Module, names: Sequence[str], batches: Se
 
 def eva_components(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping],
                    k: int) -> dict[str, torch.Tensor]:
-    """PEFT EVA's top ``k`` input principal directions of every target (``allocator.output.lora_init``), every token
-    counted (recall rows label only the answers, too few tokens for EVA's PCA)."""
-    from allocator.output.lora_init import eva_components as components
-
-    return components(model, [c.name for c in eligible], batches, k, use_label_mask=False)
+    """PEFT EVA's top ``k`` input principal directions of every target (``allocator.output.lora_init``), every
+    token counted (recall rows label only the answers, too few tokens for EVA's PCA)."""
+    return lora_init.eva_components(model, [c.name for c in eligible], batches, k, use_label_mask=False)
 
 
 def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping], budget: int,
               rank: int, rho: float = 2.0) -> tuple[Ranks, dict[str, torch.Tensor], dict]:
     """PEFT EVA (``get_eva_state_dict``) with its rank budget counted in parameters.
 
-    PEFT computes up to ``rho * rank`` principal components of every target's input; EVA then keeps the globally
-    largest explained-variance ratios until ``rank * n_modules`` components are taken. Here the same ranking stops
-    at ``budget`` parameters (a component of module m costs d_in + d_out), so EVA is compared at the budget of
-    every other condition. Returns ranks, the lora_A initialisations (rank x d_in) and counts for the record.
+    PEFT computes up to ``rho * rank`` principal components of every target's input; EVA then keeps the
+    globally largest explained-variance ratios until ``rank * n_modules`` components are taken. Here the same
+    ranking stops at ``budget`` parameters (a component of module m costs d_in + d_out), so EVA is compared at
+    the budget of every other condition. Returns ranks, the lora_A initialisations (rank x d_in) and counts
+    for the record.
     """
     cap = max(1, round(rho * rank))
     names = [c.name for c in eligible]
@@ -184,16 +191,16 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
             ranks[n] += 1
             total += p
     init = {n: state[n][:r].float().clone() for n, r in ranks.items() if r > 0}
-    info = {"eva_components": cap, "eva_rank_units": sum(ranks.values()), "eva_rank_units_peft": rank * len(names)}
+    info = {"eva_components": cap, "eva_rank_units": sum(ranks.values()),
+            "eva_rank_units_peft": rank * len(names)}
     return ranks, init, info
 
 
 def eva_init(init: Mapping[str, torch.Tensor]) -> Callable[[torch.nn.Module], None]:
     """Copy EVA's components into lora_A of a PeftModel built from the same ranks (lora_B stays zero)."""
-    from allocator.output.lora_init import init_lora_a
 
     def apply(peft_model: torch.nn.Module) -> None:
-        init_lora_a(peft_model, init, {n: a.shape[0] for n, a in init.items()})
+        lora_init.init_lora_a(peft_model, init, {n: a.shape[0] for n, a in init.items()})
 
     return apply
 
@@ -202,11 +209,9 @@ def eva_init(init: Mapping[str, torch.Tensor]) -> Callable[[torch.nn.Module], No
 
 
 def adalora_config(eligible: Sequence[Component], budget: int, rank: int, steps: int) -> tuple[Any, int]:
-    """AdaLoRA over every eligible target: init_r = 2 x the uniform-equivalent rank, pruned to a final rank budget
-    of ``budget / mean(d_in + d_out + 1)`` rank units (PEFT's ``target_r * n`` made parameter-aware); schedule:
-    10% warm, budget falls until 80%, then frozen. Returns the config and that final rank budget."""
-    from peft import AdaLoraConfig
-
+    """AdaLoRA over every eligible target: init_r = 2 x the uniform-equivalent rank, pruned to a final rank
+    budget of ``budget / mean(d_in + d_out + 1)`` rank units (PEFT's ``target_r * n`` made parameter-aware);
+    schedule: 10% warm, budget falls until 80%, then frozen. Returns the config and that final rank budget."""
     init_r = max(2, 2 * rank)
     per_rank = [c.d_in + c.d_out + 1 for c in eligible]  # lora_A row + lora_B column + lora_E entry
     target_bgt = max(1, round(budget / (sum(per_rank) / len(per_rank))))
@@ -230,20 +235,18 @@ def adalora_effective_params(peft_model: torch.nn.Module) -> int:
     return total
 
 
-def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Component], train: Sequence[Mapping],
-                validation: Sequence[Mapping], budget: int, *, lr: float, steps: int, batch_size: int, seed: int,
-                trials: int, n_calib: int, probe_settings: Any, out_dir: Any,
+def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Component],
+                train: Sequence[Mapping], validation: Sequence[Mapping], budget: int, *, lr: float,
+                steps: int, batch_size: int, seed: int, trials: int, n_calib: int, probe_settings: Any,
+                out_dir: Any,
                 init: str = "default") -> tuple[Ranks, int, dict]:
     """``allocate tune`` (:func:`allocator.tuning.tune`) at the fixed budget, lr and alpha: Optuna chooses the
-    placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver utility's
-    family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored on
-    ``validation`` (never the eval rows). The best trial's ranks: a family baseline as the benchmark's own
-    ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first. ``init="eva"``:
-    every pilot starts from EVA's lora_A (``allocate tune --init eva``), every token of the calibration rows
-    counted as in :func:`eva_components` (``init_data`` without labels)."""
-    from allocator.tuning import TuneSettings, tune
-    from probes.settings import DataSettings
-
+    placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver
+    utility's family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored
+    on ``validation`` (never the eval rows). The best trial's ranks: a family baseline as the benchmark's own
+    ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first.
+    ``init="eva"``: every pilot starts from EVA's lora_A (``allocate tune --init eva``), every token of the
+    calibration rows counted as in :func:`eva_components` (``init_data`` without labels)."""
     rows = sum(int(b["input_ids"].shape[0]) for b in train)
     seq_len = max(int(b["input_ids"].shape[1]) for b in (*train, *validation))
     settings = TuneSettings(
@@ -251,12 +254,13 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
         eval_samples=sum(int(b["input_ids"].shape[0]) for b in validation), seed=seed, budget=str(budget),
         lr=f"{lr:g}", alpha_ratio="2", weights="", uniform_prior="0..1", family_priors="0.25..4",
         retention_weight="", granularity="", max_rank="")
+    init_data = [{k: v for k, v in b.items() if k != "labels"} for b in train] if init == "eva" else None
     result = tune(model, data=list(train), eval_data=list(validation), tokenizer=tokenizer, settings=settings,
-                  out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings, init=init,
-                  init_data=[{k: v for k, v in b.items() if k != "labels"} for b in train] if init == "eva" else None,
+                  out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings,
+                  init=init, init_data=init_data,
                   data_settings=DataSettings(seq_len=seq_len, samples=n_calib, batch_size=4))
     best, comps = result.best, {c.name: c for c in eligible}
-    if best.placement in ("attention", "recurrent", "mlp"):  # a family baseline won: the benchmark's own placement
+    if best.placement in ("attention", "recurrent", "mlp"):  # a family baseline won: single_family's
         out, added = single_family(eligible, best.placement, budget)
     else:  # the solver's plan (or uniform, which fill leaves as is), closed like the allocator's
         ranks = {n: int(result.best_plan.ranks.get(n, 0)) for n in comps}

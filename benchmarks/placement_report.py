@@ -1,8 +1,8 @@
 """``docs/results/placement.md`` and ``placement.png`` from the rows of ``placement_runs.csv``.
 
 Per cell (model, task, budget): every condition's mean and 95% t-interval of the target and retention losses,
-the paired difference against uniform with a verdict, the allocator's paired verdicts against every baseline, and
-the gap of each condition to uniform's target-vs-retention frontier. Never imports torch.
+the paired difference against uniform with a verdict, the allocator's paired verdicts against every baseline,
+and the gap of each condition to uniform's target-vs-retention frontier. Never imports torch.
 """
 
 from __future__ import annotations
@@ -12,18 +12,22 @@ import os
 import platform
 import subprocess
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import stats
+import numpy as np
 
-MD_NAME, PNG_NAME = "placement.md", "placement.png"
+from benchmarks import stats
+from benchmarks.grid import CONDITIONS, MD_NAME, PNG_NAME
+
 BASELINES = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora")
 OURS = ("allocator", "alloc_retention", "alloc_tuned")
 # Under EVA's lora_A init, does a placement beat uniform's? (ours, baselines)
 INIT_PAIRS = (("allocator_eva_init", ("uniform_eva_init", "uniform", "eva")),
               ("alloc_ev_eva_init", ("uniform_eva_init", "allocator_eva_init", "eva")),
-              ("alloc_tuned_eva_init", ("uniform_eva_init", "allocator_eva_init", "eva", "alloc_tuned", "uniform")),
+              ("alloc_tuned_eva_init",
+               ("uniform_eva_init", "allocator_eva_init", "eva", "alloc_tuned", "uniform")),
               ("eva", ("uniform_eva_init",)), ("eva_ranks_eva_init", ("uniform_eva_init",)))
 
 
@@ -44,8 +48,6 @@ def machine() -> str:
 
 
 def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = [f"python {platform.python_version()}"]
     for pkg in ("torch", "transformers", "peft", "scipy"):
         try:
@@ -63,7 +65,8 @@ def header(title: str, command: str, wall_s: float) -> list[str]:
 
 
 def write_markdown(path: Path, lines: Sequence[str]) -> Path:
-    """Write a report atomically (a temporary sibling, then a rename): a stopped run never leaves half a file."""
+    """Write a report atomically (a temporary sibling, then a rename): a stopped run never leaves half a
+    file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
@@ -78,7 +81,8 @@ def _f(row: dict, key: str) -> float:
 
 
 def _cells(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
-    return sorted({(r["model"], r["task"], r["budget"]) for r in rows}, key=lambda c: (c[0], c[1], int(c[2][1:])))
+    return sorted({(r["model"], r["task"], r["budget"]) for r in rows},
+                  key=lambda c: (c[0], c[1], int(c[2][1:])))
 
 
 def _in(rows: Sequence[dict], cell: tuple) -> list[dict]:
@@ -86,8 +90,6 @@ def _in(rows: Sequence[dict], cell: tuple) -> list[dict]:
 
 
 def _order(conds: set[str]) -> list[str]:
-    from benchmarks.placement import CONDITIONS
-
     main = [c for c in CONDITIONS if c in conds]
     return main + sorted(c for c in conds if c not in main)
 
@@ -97,7 +99,8 @@ def cell_table(rows: Sequence[dict]) -> list[str]:
     summary = {s["condition"]: s for s in stats.summarize(rows, ["target_loss", "retention_loss"])}
     tgt, ret = stats.by_seed(rows, "target_loss"), stats.by_seed(rows, "retention_loss")
     key = next(iter(tgt))[:3] if tgt else None
-    uni_t, uni_r = tgt.get((*key, "uniform"), {}) if key else {}, ret.get((*key, "uniform"), {}) if key else {}
+    uni_t = tgt.get((*key, "uniform"), {}) if key else {}
+    uni_r = ret.get((*key, "uniform"), {}) if key else {}
     params: dict[str, list[int]] = {}
     plans: dict[str, set[str]] = {}
     for r in rows:
@@ -131,7 +134,8 @@ def overview(rows: Sequence[dict], baseline: str = "uniform", metric: str = "tar
     table = stats.by_seed(rows, metric)
     conds = _order({r["condition"] for r in rows if not r["frontier"]})
     many = len({t for _, t, _ in cells}) > 1
-    lines = ["| condition | " + " | ".join(f"{m} {t} {b}" if many else f"{m} {b}" for m, t, b in cells) + " |",
+    lines = ["| condition | " + " | ".join(f"{m} {t} {b}" if many else f"{m} {b}" for m, t, b in cells)
+             + " |",
              "|---|" + "---|" * len(cells)]
     for cond in conds:
         out = []
@@ -183,7 +187,8 @@ def frontier_lines(rows: Sequence[dict]) -> list[str]:
     pts = frontier_points(rows)
     xy = [(x, y) for _, x, y in pts]
     lines = ["Uniform's frontier: " + ", ".join(f"{lab} ({x:.4f}, {y:.4f})" for lab, x, y in pts), "",
-             "Gaps are between means; compare them with the paired Δ retention intervals in the table above.", "",
+             "Gaps are between means; compare them with the paired Δ retention intervals in the table above.",
+             "",
              "| condition | target | retention | retention minus uniform's frontier at equal target |",
              "|---|---|---|---|"]
     for s in stats.summarize(rows, ["target_loss", "retention_loss"]):
@@ -191,7 +196,7 @@ def frontier_lines(rows: Sequence[dict]) -> list[str]:
             continue
         x, y = s["target_loss"].mean, s["retention_loss"].mean
         gap = stats.frontier_gap(xy, x, y)
-        if gap is None and pts and x < pts[0][1]:  # better target than every frontier point: compare with the best
+        if gap is None and pts and x < pts[0][1]:  # better target than the whole frontier: against its best
             label, _, retention = pts[0]
             where = ("lower target loss than the whole frontier, "
                      + (f"and less forgetting than {label} (dominates it in mean)" if y < retention else
@@ -207,6 +212,8 @@ def frontier_lines(rows: Sequence[dict]) -> list[str]:
 
 
 def plot(rows: Sequence[dict], path: Path) -> None:
+    # matplotlib loads when a plot is drawn: the Agg backend is chosen before pyplot loads, and a process that
+    # only imports this module (lr_sweep, pretrain_seeds: headers and markdown) keeps its own backend
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,7 +232,8 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         pts = frontier_points(sub)
         ax.plot([p[1] for p in pts], [p[2] for p in pts], "k--", lw=1, label="uniform frontier")
         for lab, x, y in pts:
-            ax.annotate(lab.removeprefix("uniform"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(lab.removeprefix("uniform"), (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
         colors = plt.get_cmap("tab20").colors
         markers = "osD^v<>ph"
         for k, s in enumerate(stats.summarize(sub, ["target_loss", "retention_loss"])):
@@ -234,9 +242,9 @@ def plot(rows: Sequence[dict], path: Path) -> None:
                 continue
             t, r = s["target_loss"], s["retention_loss"]
             se = [_se(sub, c, "target_loss"), _se(sub, c, "retention_loss")]
-            fmt, ms, color = {"uniform": ("s", 9, "k"), "allocator": ("*", 14, "r"), "alloc_retention": ("*", 12, "m"),
-                              "alloc_tuned": ("P", 11, "b"), "alloc_tuned_eva_init": ("P", 11, "c"),
-                              "full": ("x", 9, "k")}.get(
+            fmt, ms, color = {"uniform": ("s", 9, "k"), "allocator": ("*", 14, "r"),
+                              "alloc_retention": ("*", 12, "m"), "alloc_tuned": ("P", 11, "b"),
+                              "alloc_tuned_eva_init": ("P", 11, "c"), "full": ("x", 9, "k")}.get(
                 c, (markers[k % len(markers)], 6, colors[k % len(colors)]))
             ax.errorbar([t.mean], [r.mean], xerr=[se[0]], yerr=[se[1]], fmt=fmt, ms=ms, color=color, lw=0.8,
                         capsize=2, label=c)
@@ -251,8 +259,6 @@ def plot(rows: Sequence[dict], path: Path) -> None:
 
 
 def _se(rows: Sequence[dict], condition: str, metric: str) -> float:
-    import numpy as np
-
     x = np.array([_f(r, metric) for r in rows if r["condition"] == condition])
     x = x[np.isfinite(x)]
     return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
@@ -271,34 +277,36 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
     total = sum(_f(r, "wall_s") for r in rows)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     span = ""
-    stamps = [(datetime.datetime.fromisoformat(r["finished"]), _f(r, "wall_s")) for r in rows if r.get("finished")]
+    stamps = [(datetime.datetime.fromisoformat(r["finished"]), _f(r, "wall_s")) for r in rows
+              if r.get("finished")]
     if stamps:
         first = min(t - datetime.timedelta(seconds=w) for t, w in stamps)
         last = max(t for t, _ in stamps)
-        span = (f"; wall clock from the first run's start to the last run's end: {(last - first).seconds / 60:.1f} "
-                f"min ({first:%H:%M}–{last:%H:%M} UTC)")
+        span = (f"; wall clock from the first run's start to the last run's end: "
+                f"{(last - first).seconds / 60:.1f} min ({first:%H:%M}–{last:%H:%M} UTC)")
     md = ["# Placement benchmark: budget-matched LoRA placements on hybrid reference models", "",
           f"- Date: {now}", f"- Command: `{command}`", f"- Machine: {machine()}; torch threads {threads}",
           f"- Versions: {_versions()}",
-          f"- Wall time of this invocation: {wall_s / 60:.1f} min; fine-tune time of all {len(rows)} runs in the "
-          f"CSV: {total / 60:.1f} min{span}",
+          f"- Wall time of this invocation: {wall_s / 60:.1f} min; fine-tune time of all {len(rows)} runs in "
+          f"the CSV: {total / 60:.1f} min{span}",
           f"- Runs in the CSV: models {', '.join(sorted({r['model'] for r in rows}))}; tasks "
           f"{', '.join(sorted({r['task'] for r in rows}))}; budgets "
           f"{', '.join(sorted({r['budget'] for r in rows}, key=lambda b: int(b[1:])))}; seeds "
           f"{sorted({int(r['seed']) for r in rows})}; grid `{grid_name}` settings: {grid.steps} steps × "
-          f"{grid.batch_size} rows × 128 tokens, AdamW lr {_lrs(grid)} (full fine-tune {grid.full_lr:g}), cosine, "
-          f"10% warmup, LoRA alpha = 2r (constant scale); train {grid.n_train} rows, eval {grid.n_eval} rows, "
-          f"calibration {grid.n_calib} train rows × 128 tokens",
-          "- Budget: `rN` = the parameters of uniform rank N on every eligible target; every LoRA condition's PEFT "
-          "count is asserted within 1% of it (AdaLoRA: `params` is its final unmasked count, not asserted; full "
-          "fine-tuning has no budget).",
-          "- Δ columns: paired (same seed) mean difference ± 95% t half-width; negative Δ target = better than "
-          "uniform. Verdicts: the paired interval excludes 0, or indistinguishable.", "",
+          f"{grid.batch_size} rows × 128 tokens, AdamW lr {_lrs(grid)} (full fine-tune {grid.full_lr:g}), "
+          f"cosine, 10% warmup, LoRA alpha = 2r (constant scale); train {grid.n_train} rows, eval "
+          f"{grid.n_eval} rows, calibration {grid.n_calib} train rows × 128 tokens",
+          "- Budget: `rN` = the parameters of uniform rank N on every eligible target; every LoRA "
+          "condition's PEFT count is asserted within 1% of it (AdaLoRA: `params` is its final unmasked "
+          "count, not asserted; full fine-tuning has no budget).",
+          "- Δ columns: paired (same seed) mean difference ± 95% t half-width; negative Δ target = better "
+          "than uniform. Verdicts: the paired interval excludes 0, or indistinguishable.", "",
           "Raw runs: `placement_runs.csv`; plot: `placement.png`. Method and caveats: `docs/method.md`.", "",
           "## Overview: Δ target loss against uniform (paired, 95% t; bold = the interval excludes 0)", "",
           "The uniform row gives its mean target loss; negative = lower loss than uniform.", "",
           *overview(rows), "",
-          "## Overview: Δ retention loss against uniform (what the model forgets; negative = forgets less)", "",
+          "## Overview: Δ retention loss against uniform (what the model forgets; negative = forgets less)",
+          "",
           *overview(rows, metric="retention_loss"), ""]
     for cell in _cells(rows):
         sub = _in(rows, cell)
@@ -317,13 +325,14 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
         init_lines = [f"- {c['verdict']}: Δ {c['diff'].fmt(4)} (n={c['diff'].n})"
                       for ours, bases in INIT_PAIRS for c in stats.compare(sub, "target_loss", ours, bases)]
         if init_lines:
-            md += ["", "With EVA's lora_A init (placement effects at equal init; target loss):", "", *init_lines]
+            md += ["", "With EVA's lora_A init (placement effects at equal init; target loss):", "",
+                   *init_lines]
         md += accuracy_lines(sub)
         md += ["", *frontier_lines(sub), ""]
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / PNG_NAME)
     md += [f"![target vs retention]({PNG_NAME})", "",
-           "Plot: target loss (x) against retention loss (y), means over seeds with ±1 standard error; the dashed "
-           "line joins uniform's runs at lower lr, fewer steps and a quarter of the budget (its frontier). A point "
-           "below the line forgets less at equal target loss.", ""]
+           "Plot: target loss (x) against retention loss (y), means over seeds with ±1 standard error; the "
+           "dashed line joins uniform's runs at lower lr, fewer steps and a quarter of the budget (its "
+           "frontier). A point below the line forgets less at equal target loss.", ""]
     return write_markdown(out / MD_NAME, md)

@@ -2,11 +2,14 @@
 
 ``ModelSetup`` loads a reference model once with its task batches, calibration rows and cached probe reports;
 ``run_one`` builds a condition's adapter (``placement_conditions``), fine-tunes it with
-:func:`allocator.tuning.finetune.finetune`, checks the budget and returns the CSV row. Used by ``benchmarks.placement``.
+:func:`allocator.tuning.finetune.finetune`, checks the budget and returns the CSV row. Used by
+``benchmarks.placement`` and ``benchmarks.lr_sweep``; the grid and its conditions come from
+``benchmarks.grid``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -16,8 +19,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers import AutoTokenizer
+
+import allocator.tuning.finetune as ft
+import probes
+from allocator.discovery.components import find_components
+from allocator.discovery.modelio import load_model
+from allocator.output.export import to_lora_config
+from allocator.reference import reference_model_path
+from allocator.scoring.utility import UtilitySettings
+from allocator.solver.budget import params_per_uniform_rank
+from allocator.solver.settings import SolverSettings
+from allocator.tuning.finetune import FinetuneSettings, evaluate_loss, finetune, pool_rows
 from benchmarks import placement_conditions as pc
-from benchmarks.placement import FAMILIES, RETENTION_WEIGHT, SIGNALS, VARIANTS, Grid, _log, run_key
+from benchmarks import tasks
+from benchmarks.grid import FAMILIES, RETENTION_WEIGHT, SIGNALS, VARIANTS, Grid, run_key
+from benchmarks.log import log
 
 
 class ModelSetup:
@@ -25,17 +44,8 @@ class ModelSetup:
 
     def __init__(self, name: str, grid: Grid, cache_dir: Path, model: Any = None, tokenizer: Any = None, *,
                  zoo_dir: Path | None = None):
-        import probes
-        from allocator.discovery.components import find_components
-        from benchmarks import tasks
-
         self.name, self.grid, self.cache_dir = name, grid, cache_dir
         if model is None:
-            from transformers import AutoTokenizer
-
-            from allocator.discovery.modelio import load_model
-            from allocator.reference import reference_model_path
-
             path = reference_model_path(name) if zoo_dir is None else zoo_dir / name
             model, tokenizer = load_model(str(path)), AutoTokenizer.from_pretrained(path)
             self.weights_id = _file_id(path / "model.safetensors")
@@ -49,8 +59,8 @@ class ModelSetup:
         self.tasks = {t: tasks.TASKS[t](tokenizer, seed=0, **sizes.get(t, {"n_train": grid.n_train,
                                                                          "n_eval": grid.n_eval}))
                       for t in grid.tasks}
-        # The tasks' eval rows are the first windows of the sorted eval files (one or two files at 64 rows); spread
-        # them over every eval file instead, so the score is the domain's and not one file's.
+        # The tasks' eval rows are the first windows of the sorted eval files (one or two files at 64 rows);
+        # spread them over every eval file instead, so the score is the domain's and not one file's.
         _, domain_eval = tasks.domain_files()
         _, general_eval = tasks.pretraining_files()
         if "text_domain" in self.tasks:
@@ -58,49 +68,44 @@ class ModelSetup:
                                                 eval_batches=_spread(tokenizer, domain_eval, grid.n_eval))
         self.retention = replace(tasks.retention_task(tokenizer, n_eval=1),
                                  eval_batches=_spread(tokenizer, general_eval, grid.n_eval))
-        from allocator.tuning.finetune import evaluate_loss
-
         self.base_retention = evaluate_loss(model, self.retention.eval_batches)
         self.settings = probes.ProbeSettings(max_rank=64, progress=False)
         train_files, _ = tasks.pretraining_files()
         general = tasks.token_windows(tokenizer, train_files[:: max(1, len(train_files) // 64)],
                                       max_windows=grid.n_calib)
-        self.general_calib = tasks.lm_batches(general, 4)  # pretraining-like text, disjoint from the eval files
-        self.setup_ids = {t: _setup_id(self.weights_id, grid, {t: self.tasks[t]}, self.retention) for t in self.tasks}
+        self.general_calib = tasks.lm_batches(general, 4)  # pretraining-like text, disjoint from eval files
+        self.setup_ids = {t: _setup_id(self.weights_id, grid, {t: self.tasks[t]}, self.retention)
+                          for t in self.tasks}
         self._reports: dict[str, Any] = {}
-        self.adalora_pilot: dict[tuple, tuple[int, int]] = {}  # (task, rank, steps) -> (rank units, final params)
+        # (task, rank, steps) -> (rank units, final params)
+        self.adalora_pilot: dict[tuple, tuple[int, int]] = {}
         self._eva: dict[tuple, Any] = {}
         self._validation: dict[str, Any] = {}
 
     def validation_task(self, task: str) -> Any:
         """The task scored on rows to choose settings on, disjoint from its eval rows: the text-domain windows
         halfway between the eval windows, or the facts in a third order and grouping."""
-        from benchmarks import tasks
-
         if task not in self._validation:
             if task == "text_domain":
                 _, domain_eval = tasks.domain_files()
                 self._validation[task] = replace(self.tasks[task], eval_batches=_spread(
                     self.tokenizer, domain_eval, self.grid.n_eval, between=True))
             elif task == "fact_recall":
-                self._validation[task] = tasks.fact_recall_task(self.tokenizer, seed=0, n_train=self.grid.n_facts,
-                                                                split="validation")
+                self._validation[task] = tasks.fact_recall_task(self.tokenizer, seed=0,
+                                                                n_train=self.grid.n_facts, split="validation")
             else:
                 raise ValueError(f"no validation split for task {task!r}")
         return self._validation[task]
 
     def calib(self, task: str) -> list[dict]:
         """The first ``n_calib`` rows of the task's TRAIN split, in micro-batches of 4 (never eval rows)."""
-        from allocator.tuning.finetune import pool_rows
-
         pool = pool_rows(self.tasks[task].train_batches)
         n = min(self.grid.n_calib, pool["input_ids"].shape[0])
         return [{k: v[i:min(i + 4, n)] for k, v in pool.items()} for i in range(0, n, 4)]
 
     def report(self, kind: str) -> Any:
-        """Probe report on the task's train split (``kind`` = task name) or on general text (``"general"``)."""
-        import probes
-
+        """Probe report on the task's train split (``kind`` = task name) or on general text
+        (``"general"``)."""
         if kind not in self._reports:
             batches = self.general_calib if kind == "general" else self.calib(kind)
             names = [c.name for c in self.eligible]
@@ -110,7 +115,7 @@ class ModelSetup:
                 warnings.simplefilter("ignore")
                 self._reports[kind] = probes.run_cached(self.model, batches, names, self.settings,
                                                         cache_dir=self.cache_dir, key_meta=meta)
-            _log(f"{self.name}: probes on {kind} ready ({time.perf_counter() - t0:.1f} s)")
+            log(f"{self.name}: probes on {kind} ready ({time.perf_counter() - t0:.1f} s)")
         return self._reports[kind]
 
     def eva_components(self, task: str, k: int) -> Any:
@@ -130,12 +135,9 @@ class ModelSetup:
 
 
 def _spread(tokenizer: Any, files: Any, n: int, *, between: bool = False) -> tuple:
-    """``n`` windows of 128 tokens evenly spaced over all of ``files``, in batches of 16; ``between`` takes the
-    n - 1 windows halfway between those (a validation split disjoint from the eval windows, to choose the lr on)."""
-    import torch
-
-    from benchmarks import tasks
-
+    """``n`` windows of 128 tokens evenly spaced over all of ``files``, in batches of 16; ``between`` takes
+    the n - 1 windows halfway between those (a validation split disjoint from the eval windows, to choose the
+    lr on)."""
     windows = tasks.token_windows(tokenizer, files)
     pos = torch.linspace(0, windows.shape[0] - 1, min(n, windows.shape[0]))
     if between:  # the n - 1 midpoints
@@ -143,16 +145,17 @@ def _spread(tokenizer: Any, files: Any, n: int, *, between: bool = False) -> tup
     return tuple(tasks.lm_batches(windows[pos.round().long()], 16))
 
 
-def _setup_id(weights_id: str, grid: Grid, tasks: dict, retention: Any) -> str:
-    """Fingerprint of everything a run's numbers depend on besides its condition: weights, the task's train and
-    eval rows, the retention rows and the fine-tune settings. Rows of one model and task in a CSV must share it
-    (``--resume``)."""
+def _setup_id(weights_id: str, grid: Grid, by_name: dict, retention: Any) -> str:
+    """Fingerprint of everything a run's numbers depend on besides its condition: weights, the task's train
+    and eval rows, the retention rows and the fine-tune settings. Rows of one model and task in a CSV must
+    share it (``--resume``)."""
     h = hashlib.sha256(weights_id.encode())
-    h.update(json.dumps([grid.lr, grid.full_lr, grid.batch_size, grid.n_train, grid.n_eval, grid.n_calib]).encode())
+    h.update(json.dumps([grid.lr, grid.full_lr, grid.batch_size, grid.n_train, grid.n_eval,
+                         grid.n_calib]).encode())
     if grid.lrs:  # per (model, budget) lrs (left out when empty, so older setups keep their fingerprint)
         h.update(json.dumps(sorted(grid.lrs)).encode())
-    for name in sorted(tasks):
-        for batch in (*tasks[name].train_batches, *tasks[name].eval_batches):
+    for name in sorted(by_name):
+        for batch in (*by_name[name].train_batches, *by_name[name].eval_batches):
             for key in sorted(batch):
                 h.update(key.encode() + batch[key].numpy().tobytes())
     for batch in retention.eval_batches:
@@ -167,12 +170,9 @@ def _file_id(path: Path) -> str:
     return f"{st.st_size}:{int(st.st_mtime)}:{head}"
 
 
-def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budget: int, seed: int, steps: int):
+def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budget: int, seed: int,
+                   steps: int):
     """``(lora_config or None, init_fn, adalora_target_bgt, ranks, fill_params, note)`` for one run."""
-    from allocator.output.export import to_lora_config
-    from allocator.scoring.utility import UtilitySettings
-    from allocator.solver.settings import SolverSettings
-
     eligible, note, init, target_bgt = setup.eligible, "", None, None
     if condition == "full":
         return None, None, None, {}, 0, "every weight trained (lr = full_lr)"
@@ -180,9 +180,10 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         config, target_bgt = pc.adalora_config(eligible, budget, rank, steps)
         pilot = setup.adalora_pilot.get((task, rank, steps))
         note = f"init_r {config.init_r}, final rank budget {target_bgt}"
-        if pilot is not None:  # rescaled by the pilot's final count so the final parameters land near the budget
+        if pilot is not None:  # rescaled by the pilot's final count so the final parameters land near budget
             target_bgt = max(1, round(pilot[0] * budget / pilot[1]))
-            note = f"init_r {config.init_r}, final rank budget {target_bgt} (pilot: {pilot[0]} units -> {pilot[1]})"
+            note = (f"init_r {config.init_r}, final rank budget {target_bgt} (pilot: {pilot[0]} units -> "
+                    f"{pilot[1]})")
         return config, None, target_bgt, {}, 0, note
     added = 0
     if condition == "uniform":
@@ -239,10 +240,11 @@ def _tuned(setup: ModelSetup, task: str, rank: int, budget: int, seed: int, step
             setup.validation_task(task).eval_batches, budget, lr=g.lr_for(setup.name, rank),
             steps=pilot_steps, batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
             n_calib=g.n_calib, probe_settings=setup.settings, init=init,
-            out_dir=setup.cache_dir / "tune" / f"{setup.name}-{task}-r{rank}-seed{seed}{'-eva' * (init == 'eva')}")
+            out_dir=setup.cache_dir / "tune"
+            / f"{setup.name}-{task}-r{rank}-seed{seed}{'-eva' * (init == 'eva')}")
     chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
-    return ranks, added, (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} pilots "
-                          f"of {pilot_steps} steps, {info['pilot_s']:.0f} s")
+    return ranks, added, (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} "
+                          f"pilots of {pilot_steps} steps, {info['pilot_s']:.0f} s")
 
 
 def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, *, frontier: str = "",
@@ -250,14 +252,9 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
             reuse: dict | None = None, _pilot: bool = False) -> dict:
     """Fine-tune one condition and return its CSV row (asserting the budget for exactly-matched conditions).
 
-    ``reuse`` maps a plan key to a finished row: a plain-LoRA condition whose ranks equal an already trained plan
-    (same model, task, seed, steps, lr) would train bit-identically (``finetune`` is deterministic), so that row's
-    results are copied and the note says so."""
-    import contextlib
-
-    from allocator.solver.budget import params_per_uniform_rank
-    from allocator.tuning.finetune import FinetuneSettings, evaluate_loss, finetune
-
+    ``reuse`` maps a plan key to a finished row: a plain-LoRA condition whose ranks equal an already trained
+    plan (same model, task, seed, steps, lr) would train bit-identically (``finetune`` is deterministic), so
+    that row's results are copied and the note says so."""
     g = setup.grid
     if condition == "adalora" and not _pilot:
         _adalora_pilot(setup, task, rank, seed, steps_factor)
@@ -265,23 +262,62 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     run_budget = run_rank * params_per_uniform_rank(setup.components)
     steps = max(2, round(g.steps * steps_factor))
     lr = g.lr_for(setup.name, rank, condition) * lr_factor
-    config, init, target_bgt, ranks, added, note = plan_condition(setup, task, condition, run_rank, run_budget,
-                                                                  seed, steps)
-    plan_hash = ""
-    if ranks:  # an init is deterministic given the ranks: EVA's own (rho 2) or EVA components at the plan's ranks
-        tag = [] if init is None else ["eva-rho2" if condition == "eva" else "eva-init"]
-        plan_hash = hashlib.sha256(json.dumps(sorted(ranks.items()) + tag).encode()).hexdigest()[:12]
+    config, init, target_bgt, ranks, added, note = plan_condition(setup, task, condition, run_rank,
+                                                                  run_budget, seed, steps)
+    plan_hash = _plan_hash(condition, ranks, init)
     cond = condition if not frontier else f"{condition}[{frontier}]"
     key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size, setup.setup_ids[task])
     if plan_hash and reuse is not None and key in reuse:
         row = dict(reuse[key])
+        reused = f"{note}; same plan as {row['condition']}: its deterministic result reused"
         row.update(condition=cond, frontier=frontier, budget=f"r{rank}", fill_params=added, wall_s="0.0",
-                   note=f"{note}; same plan as {row['condition']}: its deterministic result reused".lstrip("; "))
+                   note=reused.lstrip("; "))
         row["run_id"] = run_key(row)
         return row
+    res, state = _finetune(setup, task, condition, config, init, target_bgt, steps=steps, lr=lr, seed=seed)
+    extra = dict(res.metrics)
+    trainable = res.trainable_params
+    effective = int(extra.get("effective_params", trainable))
+    if condition not in ("full", "adalora"):
+        note = _check_budget(setup, condition, ranks, trainable, run_budget, note)
+    shares = _shares(setup, ranks, state)
+    row = {
+        "model": setup.name, "task": task, "budget": f"r{rank}", "condition": cond, "frontier": frontier,
+        "seed": seed, "steps": steps, "lr": f"{lr:g}", "batch_size": g.batch_size,
+        "budget_params": run_budget, "trainable_params": trainable, "effective_params": effective,
+        "budget_ratio": f"{effective / run_budget:.4f}" if condition != "full" else "",
+        "fill_params": added, "target_loss": f"{res.eval_loss:.5f}",
+        "initial_target_loss": f"{res.initial_eval_loss:.5f}",
+        "retention_loss": f"{extra['retention_loss']:.5f}",
+        "base_retention_loss": f"{setup.base_retention:.5f}",
+        "target_accuracy": extra.get("target_accuracy", ""), "target_chance": extra.get("target_chance", ""),
+        **shares, "plan_hash": plan_hash, "setup_id": setup.setup_ids[task],
+        "wall_s": f"{res.wall_time_s:.1f}", "note": note,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    row["run_id"] = run_key(row)
+    if plan_hash and reuse is not None:
+        reuse[key] = row
+    return row
+
+
+def _plan_hash(condition: str, ranks: dict, init: Any) -> str:
+    """The plan's identity for ``reuse``: its ranks and whether EVA's lora_A starts it ("" for full and
+    AdaLoRA). An init is deterministic given the ranks: EVA's own (rho 2) or EVA components at the plan's
+    ranks."""
+    if not ranks:
+        return ""
+    tag = [] if init is None else ["eva-rho2" if condition == "eva" else "eva-init"]
+    return hashlib.sha256(json.dumps(sorted(ranks.items()) + tag).encode()).hexdigest()[:12]
+
+
+def _finetune(setup: ModelSetup, task: str, condition: str, config: Any, init: Any, target_bgt: int | None, *,
+              steps: int, lr: float, seed: int) -> tuple[Any, dict]:
+    """:func:`allocator.tuning.finetune.finetune` of one planned run, scored on the task's eval rows and on
+    retention (accuracy tasks: their scorer's accuracy and chance; AdaLoRA: its final unmasked parameters).
+    Returns the result and the state :func:`_prepared` kept (the PEFT model)."""
     t = setup.tasks[task]
     ret = setup.retention.eval_batches
-    extra: dict[str, float] = {}
 
     def metrics(model):
         out = {"retention_loss": evaluate_loss(model, ret)}
@@ -297,53 +333,44 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         warnings.simplefilter("ignore")
         state = stack.enter_context(_prepared(init, target_bgt))
         res = finetune(setup.model, config, t.train_batches, t.eval_batches,
-                       FinetuneSettings(steps=steps, lr=lr, seed=seed, batch_size=g.batch_size), metrics_fn=metrics)
-    extra.update(res.metrics)
-    trainable = res.trainable_params
-    effective = int(extra.get("effective_params", trainable))
-    if condition not in ("full", "adalora"):
-        expected = pc.cost(ranks, setup.comps)
-        assert trainable == expected, f"PEFT counts {trainable} but the placement costs {expected}"
-        adapted = {setup.comps[n].family for n, r in ranks.items() if r > 0}
-        if len(adapted) == 1 and condition != "uniform":  # one family's integer ranks may not reach within 1% of
-            (family,) = adapted                            # a tight budget (`*_only`, or alloc_tuned choosing one)
-            step = min(c.n_params_per_rank for c in setup.comps.values() if c.family == family and c.eligible)
-            assert 0 <= run_budget - trainable < step, f"{condition}: {trainable} trainable vs budget {run_budget}"
-            if run_budget - trainable > 0.01 * run_budget:
-                note = (f"{note}; {trainable / run_budget:.1%} of the budget: the closest integer ranks on "
-                        f"{family} alone come").lstrip("; ")
-        else:
-            assert abs(trainable - run_budget) <= 0.01 * run_budget, \
-                f"{condition}: {trainable} trainable vs budget {run_budget} (more than 1% apart)"
-    shares = _shares(setup, ranks, state)
-    row = {
-        "model": setup.name, "task": task, "budget": f"r{rank}", "condition": cond, "frontier": frontier,
-        "seed": seed, "steps": steps, "lr": f"{lr:g}", "batch_size": g.batch_size, "budget_params": run_budget,
-        "trainable_params": trainable, "effective_params": effective,
-        "budget_ratio": f"{effective / run_budget:.4f}" if condition != "full" else "",
-        "fill_params": added, "target_loss": f"{res.eval_loss:.5f}",
-        "initial_target_loss": f"{res.initial_eval_loss:.5f}",
-        "retention_loss": f"{extra['retention_loss']:.5f}", "base_retention_loss": f"{setup.base_retention:.5f}",
-        "target_accuracy": extra.get("target_accuracy", ""), "target_chance": extra.get("target_chance", ""),
-        **shares, "plan_hash": plan_hash, "setup_id": setup.setup_ids[task], "wall_s": f"{res.wall_time_s:.1f}", "note": note,
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    row["run_id"] = run_key(row)
-    if plan_hash and reuse is not None:
-        reuse[key] = row
-    return row
+                       FinetuneSettings(steps=steps, lr=lr, seed=seed, batch_size=setup.grid.batch_size),
+                       metrics_fn=metrics)
+    return res, state
+
+
+def _check_budget(setup: ModelSetup, condition: str, ranks: dict, trainable: int, run_budget: int,
+                  note: str) -> str:
+    """Assert PEFT's trainable count equals the placement's cost and lies within 1% of ``run_budget`` (one
+    family alone: within one rank step below it, the note saying so when over 1% short); returns the note."""
+    expected = pc.cost(ranks, setup.comps)
+    assert trainable == expected, f"PEFT counts {trainable} but the placement costs {expected}"
+    adapted = {setup.comps[n].family for n, r in ranks.items() if r > 0}
+    # one family's integer ranks may not reach within 1% of a tight budget (`*_only`, or alloc_tuned choosing
+    # one family)
+    if len(adapted) == 1 and condition != "uniform":
+        (family,) = adapted
+        step = min(c.n_params_per_rank for c in setup.comps.values() if c.family == family and c.eligible)
+        assert 0 <= run_budget - trainable < step, \
+            f"{condition}: {trainable} trainable vs budget {run_budget}"
+        if run_budget - trainable > 0.01 * run_budget:
+            note = (f"{note}; {trainable / run_budget:.1%} of the budget: the closest integer ranks on "
+                    f"{family} alone come").lstrip("; ")
+    else:
+        assert abs(trainable - run_budget) <= 0.01 * run_budget, \
+            f"{condition}: {trainable} trainable vs budget {run_budget} (more than 1% apart)"
+    return note
 
 
 def _adalora_pilot(setup: ModelSetup, task: str, rank: int, seed: int, steps_factor: float) -> None:
-    """AdaLoRA's budget is in rank units, and where it keeps ranks sets its final parameter count. One pilot run
-    (seed 0, discarded) measures the count its naive rank budget ends at; the runs then rescale it."""
+    """AdaLoRA's budget is in rank units, and where it keeps ranks sets its final parameter count. One pilot
+    run (seed 0, discarded) measures the count its naive rank budget ends at; the runs then rescale it."""
     steps = max(2, round(setup.grid.steps * steps_factor))
     if (task, rank, steps) in setup.adalora_pilot:
         return
     row = run_one(setup, task, rank, "adalora", 0, steps_factor=steps_factor, _pilot=True)
     units = int(row["note"].split("final rank budget ")[1].split()[0])
     setup.adalora_pilot[(task, rank, steps)] = (units, int(row["effective_params"]))
-    _log(f"{setup.name}: AdaLoRA pilot: {units} rank units end at {row['effective_params']} parameters "
+    log(f"{setup.name}: AdaLoRA pilot: {units} rank units end at {row['effective_params']} parameters "
          f"(budget {row['budget_params']})")
 
 
@@ -367,14 +394,9 @@ def _shares(setup: ModelSetup, ranks: dict, state: dict) -> dict:
 
 
 def _prepared(init, target_bgt):
-    """Within the block, ``finetune`` builds its model as usual, then: ``init(peft_model)`` (EVA), or AdaLoRA's
-    final budget is set and ``update_and_allocate(step)`` runs after every optimizer step (before zero_grad).
-    The training loop itself is untouched."""
-    import contextlib
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    import allocator.tuning.finetune as ft
+    """Within the block, ``finetune`` builds its model as usual, then: ``init(peft_model)`` (EVA), or
+    AdaLoRA's final budget is set and ``update_and_allocate(step)`` runs after every optimizer step (before
+    zero_grad). The training loop itself is untouched."""
 
     @contextlib.contextmanager
     def ctx():

@@ -12,15 +12,15 @@ Each phase runs in a fresh Python process (so peak memory is the phase's own), a
   all statistics on, spectra computed at the end), modules = every ``nn.Linear`` except the LM head.
 - probes-ckpt (full size only): the same with ``gradient_checkpointing=True``, the setting for tight memory.
 
-Wall time: ``time.perf_counter`` around the phase, after one untimed forward + backward on a slice of the first
-batch (lazy kernel and autograd set-up; its gradients are dropped). CPU time (``time.process_time``, all threads)
-is reported too: it is less disturbed by other jobs on a shared machine. Memory: the process's resident set size (RSS), sampled every 5 ms by a thread with ``psutil`` during the
-timed section (tracemalloc does not see torch's allocations); the kernel's lifetime peak ``ru_maxrss`` is recorded
-as a cross-check. Both totals include the interpreter, torch and the model; ``delta`` is peak minus the RSS just
-before the phase.
+Wall time: ``time.perf_counter`` around the phase, after one untimed forward + backward on a slice of the
+first batch (lazy kernel and autograd set-up; its gradients are dropped). CPU time (``time.process_time``, all
+threads) is reported too: it is less disturbed by other jobs on a shared machine. Memory: the process's
+resident set size (RSS), sampled every 5 ms by a thread with ``psutil`` during the timed section (tracemalloc
+does not see torch's allocations); the kernel's lifetime peak ``ru_maxrss`` is recorded as a cross-check. Both
+totals include the interpreter, torch and the model; ``delta`` is peak minus the RSS just before the phase.
 
-Writes ``docs/results/probes.md`` (``--out``) with the command, the machine and the date of each section; sections
-of an existing file that are not re-run now (e.g. the small models under ``--only-full``) are kept.
+Writes ``docs/results/probes.md`` (``--out``) with the command, the machine and the date of each section;
+sections of an existing file that are not re-run now (e.g. the small models under ``--only-full``) are kept.
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ import threading
 import time
 from pathlib import Path
 
+# psutil, torch, transformers and probes are imported inside the functions that use them: run as a script
+# (`python benchmarks/probe_overhead.py`, as every measured phase's child process is), the checkout joins
+# sys.path only in the __main__ block at the end.
 ROOT = Path(__file__).resolve().parents[1]
-FULL_CONFIG = Path("/work/shared/reference-configs/qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json")
+# The real Qwen3.5-0.8B config, shipped with the package (the `allocate inspect` default; byte for byte the
+# tests' fixture tests/fixtures/configs/qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json)
+FULL_CONFIG = ROOT / "allocator" / "data" / "qwen3_5-0.8b.config.json"
 
 # name -> (family, config overrides, data: seq_len, samples, batch_size)
 SMALL = {
@@ -95,7 +100,8 @@ def build(name: str, specs: dict):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         model = tiny_model(family, **overrides)
-    batches = load_batches("builtin", byte_tokenizer(), seq_len=seq_len, samples=samples, batch_size=batch_size)
+    batches = load_batches("builtin", byte_tokenizer(), seq_len=seq_len, samples=samples,
+                           batch_size=batch_size)
     return model, batches, linear_names(model)
 
 
@@ -106,7 +112,7 @@ def measure(phase: str, name: str, specs: dict) -> dict:
     model, batches, modules = build(name, specs)
     model.eval()
     warm = {k: v[:1, : min(64, v.shape[1])] for k, v in batches[0].items()}
-    model(**warm, use_cache=False).loss.backward()  # untimed warm-up (forward and backward), same for both phases
+    model(**warm, use_cache=False).loss.backward()  # untimed warm-up (forward and backward), in every phase
     for p in model.parameters():
         p.grad = None
         p.requires_grad_(phase == "plain")
@@ -120,14 +126,15 @@ def measure(phase: str, name: str, specs: dict) -> dict:
             probes.run(model, batches, modules, settings)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"phase": phase, "model": name, "wall_s": wall, "cpu_s": cpu, "rss_before": rss.start, "rss_peak": rss.peak,
-            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "tokens": tokens,
-            "n_batches": len(batches), "n_modules": len(modules),
+    return {"phase": phase, "model": name, "wall_s": wall, "cpu_s": cpu, "rss_before": rss.start,
+            "rss_peak": rss.peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "tokens": tokens, "n_batches": len(batches), "n_modules": len(modules),
             "n_params": sum(p.numel() for p in model.parameters())}
 
 
 def _phase_in_subprocess(phase: str, name: str, spec_set: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--model", name, "--spec-set", spec_set]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--model", name,
+           "--spec-set", spec_set]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{phase} on {name} failed:\n{done.stderr[-3000:]}")
@@ -136,18 +143,20 @@ def _phase_in_subprocess(phase: str, name: str, spec_set: str) -> dict:
 
 def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = False,
             extra: tuple[str, ...] = ()) -> list[dict]:
-    """Alternate plain / probes (/ ``extra`` phases) ``repeats`` times per model; one summary row per model."""
+    """Alternate plain / probes (/ ``extra`` phases) ``repeats`` times per model; one summary row per
+    model."""
     specs = _spec_sets()[spec_set]
     rows = []
     for name in names:
         runs = {phase: [] for phase in ("plain", "probes", *extra)}
         for _ in range(repeats):
             for phase in runs:
-                result = measure(phase, name, specs) if in_process else _phase_in_subprocess(phase, name, spec_set)
+                result = (measure(phase, name, specs) if in_process
+                          else _phase_in_subprocess(phase, name, spec_set))
                 runs[phase].append(result)
                 print("raw " + json.dumps(result), file=sys.stderr, flush=True)
-                print(f"{name:18s} {phase:6s} {result['wall_s']:8.2f} s  cpu {result['cpu_s']:8.2f} s  peak {result['rss_peak'] / 2**20:8.0f} MiB",
-                      file=sys.stderr, flush=True)
+                print(f"{name:18s} {phase:6s} {result['wall_s']:8.2f} s  cpu {result['cpu_s']:8.2f} s  "
+                      f"peak {result['rss_peak'] / 2**20:8.0f} MiB", file=sys.stderr, flush=True)
         # per phase: medians; ratios: the median over repeats of (probes / plain) within one repeat, whose two
         # phases ran back to back under similar load (robust to one lucky or unlucky run on a shared machine)
         med = {ph: {k: statistics.median(r[k] for r in rs)
@@ -160,15 +169,17 @@ def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = Fa
             return statistics.median(b[key] / a[key] for a, b in pairs)
 
         def paired_delta(pairs=pairs):
-            return statistics.median((b["rss_peak"] - b["rss_before"]) / max(a["rss_peak"] - a["rss_before"], 1)
-                                     for a, b in pairs)
+            return statistics.median((b["rss_peak"] - b["rss_before"])
+                                     / max(a["rss_peak"] - a["rss_before"], 1) for a, b in pairs)
         rows.append({
-            "model": name, "n_params": runs["plain"][0]["n_params"], "n_modules": runs["plain"][0]["n_modules"],
-            "tokens": runs["plain"][0]["tokens"], "n_batches": runs["plain"][0]["n_batches"], "repeats": repeats,
+            "model": name, "n_params": runs["plain"][0]["n_params"],
+            "n_modules": runs["plain"][0]["n_modules"], "tokens": runs["plain"][0]["tokens"],
+            "n_batches": runs["plain"][0]["n_batches"], "repeats": repeats,
             "extra": {ph: med[ph] for ph in extra},
             "plain": p, "probes": q, "wall_ratio": paired("wall_s"), "cpu_ratio": paired("cpu_s"),
             "peak_ratio": paired("rss_peak"), "delta_ratio": paired_delta(),
-            "min_wall_ratio": min(r["wall_s"] for r in runs["probes"]) / min(r["wall_s"] for r in runs["plain"]),
+            "min_wall_ratio": (min(r["wall_s"] for r in runs["probes"])
+                               / min(r["wall_s"] for r in runs["plain"])),
             "walls": {ph: [r["wall_s"] for r in rs] for ph, rs in runs.items()},
             "cpus": {ph: [r["cpu_s"] for r in rs] for ph, rs in runs.items()},
         })
@@ -200,13 +211,14 @@ def machine() -> dict:
 
 HEADER = (
     "# Probe overhead\n\n"
-    "Method (see `benchmarks/probe_overhead.py`): each phase in a fresh process, after an untimed warm-up forward + "
-    "backward; *plain* = all weights require grad, `loss.backward()` per micro-batch; *probes* = `probes.run` with "
-    "default settings on every `nn.Linear` but the LM head (spectra included). Memory = process RSS sampled every "
-    "5 ms (psutil) during the phase; *delta* = peak minus RSS before the phase; CPU time = `time.process_time` (all "
-    "threads). Phase columns are medians over the repeats; each ratio is the median over repeats of probes / plain "
-    "within a repeat (the two phases ran back to back under similar load), which a single lucky or unlucky run on "
-    "the shared CPU does not move. Every repeat is listed under its table.\n"
+    "Method (see `benchmarks/probe_overhead.py`): each phase in a fresh process, after an untimed warm-up "
+    "forward + backward; *plain* = all weights require grad, `loss.backward()` per micro-batch; *probes* = "
+    "`probes.run` with default settings on every `nn.Linear` but the LM head (spectra included). Memory = "
+    "process RSS sampled every 5 ms (psutil) during the phase; *delta* = peak minus RSS before the phase; "
+    "CPU time = `time.process_time` (all threads). Phase columns are medians over the repeats; each ratio is "
+    "the median over repeats of probes / plain within a repeat (the two phases ran back to back under "
+    "similar load), which a single lucky or unlucky run on the shared CPU does not move. Every repeat is "
+    "listed under its table.\n"
 )
 
 
@@ -215,9 +227,9 @@ def render_section(title: str, rows: list[dict], command: str, info: dict) -> st
     lines = [
         f"## {title}", "",
         f"Command: `{command}`  ", f"Date: {info['date']}  ",
-        f"Machine: {info['nproc']} CPUs (`nproc`), {info['cpu']}, {info['ram_gib']} GiB RAM; torch {info['torch']} "
-        f"({info['torch_threads']} threads), Python {info['python']}. Load average at start {info['load_avg']}: the CPU "
-        "is shared with other jobs, so wall times are noisy.", "",
+        f"Machine: {info['nproc']} CPUs (`nproc`), {info['cpu']}, {info['ram_gib']} GiB RAM; torch "
+        f"{info['torch']} ({info['torch_threads']} threads), Python {info['python']}. Load average at start "
+        f"{info['load_avg']}: the CPU is shared with other jobs, so wall times are noisy.", "",
         "| model | params | probed modules | batches x tokens | plain wall s | probes wall s | wall ratio "
         "| CPU-time ratio | plain peak MiB | probes peak MiB | peak ratio | delta ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -226,20 +238,22 @@ def render_section(title: str, rows: list[dict], command: str, info: dict) -> st
         p, q = r["plain"], r["probes"]
         lines.append(
             f"| {r['model']} | {r['n_params'] / 1e6:.1f}M | {r['n_modules']} | {r['n_batches']} x "
-            f"{r['tokens'] // r['n_batches']} | {p['wall_s']:.2f} | {q['wall_s']:.2f} | **{r['wall_ratio']:.2f}** | "
-            f"{r['cpu_ratio']:.2f} | {p['rss_peak'] / mib:.0f} | {q['rss_peak'] / mib:.0f} | **{r['peak_ratio']:.2f}** | "
-            f"{r['delta_ratio']:.2f} |")
+            f"{r['tokens'] // r['n_batches']} | {p['wall_s']:.2f} | {q['wall_s']:.2f} | "
+            f"**{r['wall_ratio']:.2f}** | {r['cpu_ratio']:.2f} | {p['rss_peak'] / mib:.0f} | "
+            f"{q['rss_peak'] / mib:.0f} | **{r['peak_ratio']:.2f}** | {r['delta_ratio']:.2f} |")
     lines.append("")
     for r in rows:
         for phase, m in r.get("extra", {}).items():
-            lines.append(f"- {r['model']}, {phase} (probes with `gradient_checkpointing=True`): wall {m['wall_s']:.1f} s, "
-                         f"CPU {m['cpu_s']:.1f} s, peak RSS {m['rss_peak'] / mib:.0f} MiB "
+            lines.append(f"- {r['model']}, {phase} (probes with `gradient_checkpointing=True`): wall "
+                         f"{m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s, peak RSS "
+                         f"{m['rss_peak'] / mib:.0f} MiB "
                          f"({m['rss_peak'] / r['plain']['rss_peak']:.2f}x plain).")
         lines.append(f"- {r['model']}: wall s per repeat plain {[round(w, 2) for w in r['walls']['plain']]}, "
                      f"probes {[round(w, 2) for w in r['walls']['probes']]} (ratio of the fastest runs "
                      f"{r['min_wall_ratio']:.2f}); CPU s plain {[round(w, 2) for w in r['cpus']['plain']]}, "
                      f"probes {[round(w, 2) for w in r['cpus']['probes']]}; ru_maxrss plain "
-                     f"{r['plain']['ru_maxrss'] / mib:.0f} MiB, probes {r['probes']['ru_maxrss'] / mib:.0f} MiB.")
+                     f"{r['plain']['ru_maxrss'] / mib:.0f} MiB, probes {r['probes']['ru_maxrss'] / mib:.0f} "
+                     "MiB.")
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +269,8 @@ def merge(existing: str, sections: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="also run the full-size Qwen3.5-0.8B architecture")
+    parser.add_argument("--full", action="store_true",
+                        help="also run the full-size Qwen3.5-0.8B architecture")
     parser.add_argument("--only-full", action="store_true", help="run only the full-size model")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long in-process run (tests)")
     parser.add_argument("--repeats", type=int, default=3, help="alternations per small model (full: 1)")
@@ -268,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(measure(args.phase, args.model, _spec_sets()[args.spec_set])))
         return {}
     info = machine()
-    command = ("python benchmarks/probe_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    given = argv if argv is not None else sys.argv[1:]
+    command = ("python benchmarks/probe_overhead.py " + " ".join(given)).strip()
     runs = []
     if args.smoke:
         runs.append(("Smoke", compare(list(SMOKE), "smoke", 1, in_process=True)))

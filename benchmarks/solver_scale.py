@@ -1,16 +1,17 @@
-"""Solver scale: how long ``allocator.solver.solve`` takes from 100 to 100,000 groups x 8 ranks, and what a greedy loses.
+"""Solver scale: ``allocator.solver.solve``'s time from 100 to 100,000 groups x 8 ranks; what a greedy loses.
 
-    python -m benchmarks.solver_scale                      # writes docs/results/solver.md and solver_scale.png
-    python -m benchmarks.solver_scale --max-groups 10000   # quicker
+    python -m benchmarks.solver_scale                     # writes docs/results/solver.md, solver_scale.png
+    python -m benchmarks.solver_scale --max-groups 10000  # quicker
 
-Instances are synthetic but shaped like the allocator's own tables: one group per module (``granularity=module``),
-module shapes drawn from {256..4096}^2, utilities ``p_m / P * w_m * sqrt(E_m(r))`` with ``E_m`` the captured
-energy of an exponentially decaying spectrum (random decay) and ``w_m`` a log-normal sensitivity, rank grid
-(0, 2, 4, ..., 128), budget = uniform r16. Target: 10,000 groups solved to a proven gap <= 1e-6 in under 1 s.
+Instances are synthetic but shaped like the allocator's own tables: one group per module
+(``granularity=module``), module shapes drawn from {256..4096}^2, utilities ``p_m / P * w_m * sqrt(E_m(r))``
+with ``E_m`` the captured energy of an exponentially decaying spectrum (random decay) and ``w_m`` a log-normal
+sensitivity, rank grid (0, 2, 4, ..., 128), budget = uniform r16. Target: 10,000 groups solved to a proven gap
+<= 1e-6 in under 1 s.
 
-The greedy baseline is the classical convex-hull marginal rule for the multiple-choice knapsack (the Lagrangian
-relaxation's integral part): walk every group's upper concave hull, take increments by utility per parameter while
-they fit. It exists only here, to show what the MIP buys; the allocator never uses it.
+The greedy baseline is the classical convex-hull marginal rule for the multiple-choice knapsack (the
+Lagrangian relaxation's integral part): walk every group's upper concave hull, take increments by utility per
+parameter while they fit. It exists only here, to show what the MIP buys; the allocator never uses it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from allocator.discovery.component import Component
 from allocator.scoring.utility import UtilityTable
 from allocator.solver.program import build_program
 from allocator.solver.reduction import reduce_program
 from allocator.solver.settings import SolverSettings
-from allocator.solver.solve import solve
+from allocator.solver.solve import _check_feasible_range, decode, solve
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (0, 2, 4, 8, 16, 32, 64, 128)
@@ -44,7 +46,8 @@ def instance(n: int, seed: int = 0) -> tuple[list[Component], UtilityTable, int]
     """``n`` modules with concave per-parameter utilities and a uniform-r16 budget."""
     rng = np.random.default_rng(seed)
     dims = rng.choice([256, 512, 1024, 2048, 4096], size=(n, 2))
-    comps = [Component(f"m{i:06d}", i // 8, "mlp", "dense", int(a), int(b), "Linear") for i, (a, b) in enumerate(dims)]
+    comps = [Component(f"m{i:06d}", i // 8, "mlp", "dense", int(a), int(b), "Linear")
+             for i, (a, b) in enumerate(dims)]
     p = dims.sum(axis=1).astype(float)  # (n,) LoRA parameters per rank
     r = np.asarray(GRID, dtype=float)
     tau = rng.uniform(2.0, 60.0, size=n)  # spectral decay length, in ranks
@@ -55,14 +58,16 @@ def instance(n: int, seed: int = 0) -> tuple[list[Component], UtilityTable, int]
 
 
 def greedy(cost: np.ndarray, util: np.ndarray, budget: int) -> float:
-    """Convex-hull marginal greedy for max sum util s.t. sum cost <= budget, one option per row; (G, J) arrays."""
+    """Convex-hull marginal greedy for max sum util s.t. sum cost <= budget, one option per row; (G, J)
+    arrays."""
     steps = []  # (slope, group, hull position, d_cost, d_util)
     for g in range(cost.shape[0]):
         hull = [0]
         for j in range(1, cost.shape[1]):
             while len(hull) >= 2:
                 a, b = hull[-2], hull[-1]
-                if (util[g, b] - util[g, a]) * (cost[g, j] - cost[g, a]) <= (util[g, j] - util[g, a]) * (cost[g, b] - cost[g, a]):
+                if ((util[g, b] - util[g, a]) * (cost[g, j] - cost[g, a])
+                        <= (util[g, j] - util[g, a]) * (cost[g, b] - cost[g, a])):
                     hull.pop()
                 else:
                     break
@@ -114,10 +119,6 @@ def measure(n: int, settings: SolverSettings, repeats: int) -> dict:
 
 def breakdown(n: int, settings: SolverSettings) -> dict:
     """Seconds per stage of one solve: construction vs the Lagrangian reduction vs HiGHS vs decoding."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    from allocator.solver.solve import _check_feasible_range, decode
-
     comps, table, budget = instance(n)
     t = [time.perf_counter()]
     program = build_program(comps, table, budget, settings)
@@ -129,7 +130,8 @@ def breakdown(n: int, settings: SolverSettings) -> dict:
     gap = min(0.5, settings.mip_rel_gap * abs(red.incumbent) / sub)
     x = red.incumbent_x
     if red.c.size:
-        res = milp(red.c, integrality=1, bounds=Bounds(0, 1), constraints=LinearConstraint(red.A, red.b_l, red.b_u),
+        res = milp(red.c, integrality=1, bounds=Bounds(0, 1),
+                   constraints=LinearConstraint(red.A, red.b_l, red.b_u),
                    options={"mip_rel_gap": gap, "presolve": False})
         x = red.expand(res.x)
     t.append(time.perf_counter())
@@ -142,10 +144,12 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     n = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"{cpu}, nproc={n}, Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start"
+    return (f"{cpu}, nproc={n}, Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} "
+            "at start")
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    # matplotlib loads when a plot is drawn: the Agg backend is chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,45 +166,55 @@ def plot(rows: list[dict], path: Path) -> None:
     bx.semilogx(x, [r["greedy_gap"] for r in rows], "o-")
     bx.set_yscale("symlog", linthresh=1e-7)
     bx.axhspan(-1e-6, 1e-6, color="grey", alpha=0.2, label="within the MIP gap tolerance")
-    bx.set(xlabel="groups (x 8 ranks)", ylabel="relative utility below the MIP solution", title="convex-hull greedy")
+    bx.set(xlabel="groups (x 8 ranks)", ylabel="relative utility below the MIP solution",
+           title="convex-hull greedy")
     bx.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def write_report(rows: list[dict], variants: list[dict], stages: list[dict], path: Path, command: str) -> None:
+def write_report(rows: list[dict], variants: list[dict], stages: list[dict], path: Path,
+                 command: str) -> None:
     target = next((r for r in rows if r["groups"] == TARGET_GROUPS), None)
     verdict = "not run" if target is None else (
-        f"**{target['wall_s']:.2f} s** wall ({'meets' if target['wall_s'] < TARGET_S else 'misses'} the 1 s target)")
+        f"**{target['wall_s']:.2f} s** wall ({'meets' if target['wall_s'] < TARGET_S else 'misses'} the 1 s "
+        "target)")
     lines = [
         "# Solver scale", "",
         f"- command: `{command}`",
         f"- machine: {machine()}",
         f"- date: {dt.datetime.now().isoformat(timespec='minutes')}",
-        f"- instance: one group per module, 8 ranks {GRID}, budget = uniform r16, `mip_rel_gap=1e-6`, default "
-        "`SolverSettings` otherwise (Lagrangian reduction on, HiGHS presolve off); best of 3 runs up to 10,000 groups",
+        f"- instance: one group per module, 8 ranks {GRID}, budget = uniform r16, `mip_rel_gap=1e-6`, "
+        "default `SolverSettings` otherwise (Lagrangian reduction on, HiGHS presolve off); best of 3 runs up "
+        "to 10,000 groups",
         f"- 10,000 groups x 8 ranks: {verdict}",
-        "- wall times are on a machine shared with other jobs (see the load average); the process CPU time is the "
-        "closer measure of the uncontended cost (HiGHS runs single-threaded here)",
+        "- wall times are on a machine shared with other jobs (see the load average); the process CPU time "
+        "is the closer measure of the uncontended cost (HiGHS runs single-threaded here)",
         "",
-        "| groups | columns | to HiGHS | build s | solve s (wall) | solve s (CPU) | status | MIP gap | greedy below MIP |",
+        "| groups | columns | to HiGHS | build s | solve s (wall) | solve s (CPU) | status | MIP gap "
+        "| greedy below MIP |",
         "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['groups']:,} | {r['columns']:,} | {r['columns_to_highs']:,} | {r['build_s']:.3f} | "
-            f"{r['wall_s']:.3f} | {r['cpu_s']:.3f} | {r['status']} | {r['mip_gap']:.1e} | {r['greedy_gap']:+.1e} |"
+            f"{r['wall_s']:.3f} | {r['cpu_s']:.3f} | {r['status']} | {r['mip_gap']:.1e} | "
+            f"{r['greedy_gap']:+.1e} |"
         )
     if variants:
         lines += ["", f"Settings at {TARGET_GROUPS:,} groups (one run each, 60 s limit):", "",
-                  "| reduce | presolve | solve s (wall) | columns to HiGHS | utility |", "|---|---|---:|---:|---:|"]
+                  "| reduce | presolve | solve s (wall) | columns to HiGHS | utility |",
+                  "|---|---|---:|---:|---:|"]
         for v in variants:
-            lines.append(f"| {v['reduce']} | {v['presolve']} | {v['wall_s']} | {v['cols']} | {v['utility']} |")
+            lines.append(f"| {v['reduce']} | {v['presolve']} | {v['wall_s']} | {v['cols']} | "
+                         f"{v['utility']} |")
     if stages:
         lines += ["", "Where the time goes inside one `solve` (one run each):", "",
-                  "| groups | build + range check s | reduction s | HiGHS s | decode s |", "|---:|---:|---:|---:|---:|"]
+                  "| groups | build + range check s | reduction s | HiGHS s | decode s |",
+                  "|---:|---:|---:|---:|---:|"]
         for b in stages:
-            lines.append(f"| {b['groups']:,} | {b['build']:.3f} | {b['reduce']:.3f} | {b['highs']:.3f} | {b['decode']:.3f} |")
+            lines.append(f"| {b['groups']:,} | {b['build']:.3f} | {b['reduce']:.3f} | {b['highs']:.3f} | "
+                         f"{b['decode']:.3f} |")
     lines += ["", "![solver scale](solver_scale.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -216,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in (s for s in SIZES if s <= args.max_groups):
         rows.append(measure(n, settings, repeats=3 if n <= TARGET_GROUPS else 1))
         r = rows[-1]
-        print(f"{n:>7,} groups: solve {r['wall_s']:.3f}s wall ({r['cpu_s']:.3f}s CPU), {r['columns_to_highs']:,} of "
-              f"{r['columns']:,} columns to HiGHS, gap {r['mip_gap']:.1e}, greedy {r['greedy_gap']:+.1e} below",
-              flush=True)
+        print(f"{n:>7,} groups: solve {r['wall_s']:.3f}s wall ({r['cpu_s']:.3f}s CPU), "
+              f"{r['columns_to_highs']:,} of {r['columns']:,} columns to HiGHS, gap {r['mip_gap']:.1e}, "
+              f"greedy {r['greedy_gap']:+.1e} below", flush=True)
     variants = []
     if not args.no_variants and args.max_groups >= TARGET_GROUPS:
         comps, table, budget = instance(TARGET_GROUPS)
@@ -231,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t0
             prog = build_program(comps, table, budget, s)
             left = reduce_program(prog) if red else None
-            variants.append({"reduce": red, "presolve": pre, "wall_s": f"{wall:.2f}" + (" (time limit)" if a.status != "optimal" else ""),
-                             "cols": f"{prog.c.size if left is None else left.c.size:,}", "utility": f"{a.utility:.9f}"})
+            limit = " (time limit)" if a.status != "optimal" else ""
+            variants.append({"reduce": red, "presolve": pre, "wall_s": f"{wall:.2f}" + limit,
+                             "cols": f"{prog.c.size if left is None else left.c.size:,}",
+                             "utility": f"{a.utility:.9f}"})
             print(variants[-1], flush=True)
     stages = [breakdown(n, settings) for n in (TARGET_GROUPS, SIZES[-1]) if n <= args.max_groups]
     for b in stages:

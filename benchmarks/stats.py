@@ -1,8 +1,8 @@
 """Small-sample statistics for the placement benchmark: t-intervals, paired differences and verdicts.
 
 Pure (numpy + scipy). Rows are plain dicts as read from ``docs/results/placement_runs.csv``; a *cell* is one
-(model, task, budget) combination, a *condition* one way of placing the adapters, and runs of different conditions
-with the same seed are paired (same LoRA init draw and data order where the condition allows it).
+(model, task, budget) combination, a *condition* one way of placing the adapters, and runs of different
+conditions with the same seed are paired (same LoRA init draw and data order where the condition allows it).
 
 - :func:`t_interval`: mean and a two-sided Student-t interval (``n - 1`` degrees of freedom).
 - :func:`paired`: the same on the per-seed differences ``a - b`` over the seeds both have.
@@ -66,7 +66,8 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) 
 
 
 def verdict(diff: Interval, ours: str, theirs: str, *, lower_is_better: bool = True) -> str:
-    """One line: who wins (the interval of ``ours - theirs`` excludes 0) or that they are indistinguishable."""
+    """One line: who wins (the interval of ``ours - theirs`` excludes 0) or that they are
+    indistinguishable."""
     if diff.n < 2:
         return f"{ours} vs {theirs}: too few paired seeds (n={diff.n})"
     if not diff.excludes_zero():
@@ -96,7 +97,8 @@ def by_seed(rows: Iterable[Mapping[str, object]], metric: str) -> dict[tuple, di
     return out
 
 
-def summarize(rows: Iterable[Mapping[str, object]], metrics: Sequence[str], level: float = 0.95) -> list[dict]:
+def summarize(rows: Iterable[Mapping[str, object]], metrics: Sequence[str],
+              level: float = 0.95) -> list[dict]:
     """One dict per (cell, condition): ``{model, task, budget, condition, n, <metric>: Interval}``."""
     rows = list(rows)
     out: dict[tuple, dict] = {}

@@ -3,8 +3,8 @@
 Every text source is present on every machine: the Python standard library of the running interpreter.
 
 - Pretraining (``benchmarks.zoo``): stdlib ``.py`` sources outside any test directory, ``idlelib`` and
-  ``site-packages``; a file is held out when ``sha256(relative path) % 20 == 0`` (about 5%), so the split does not
-  move when a Python release adds files. 10% of pretraining rows (7.5% of tokens) are associative recall
+  ``site-packages``; a file is held out when ``sha256(relative path) % 20 == 0`` (about 5%), so the split does
+  not move when a Python release adds files. 10% of pretraining rows (7.5% of tokens) are associative recall
   (``PRETRAIN_RECALL``).
 - Tasks, shifted from pretraining: ``text_domain`` (the stdlib's own ``test/`` package, never pretrained on),
   ``recall`` (``SHIFTED_RECALL``: keys over new letters, longer, more pairs; scored by answer accuracy against
@@ -12,7 +12,8 @@ Every text source is present on every machine: the Python standard library of th
   pretraining text; eval only).
 
 Batches are dicts of ``input_ids`` / ``attention_mask`` / ``labels`` (``-100`` where no loss is taken), the
-format :func:`allocator.tuning.finetune.finetune` takes. Everything is deterministic under the ``seed`` argument.
+format :func:`allocator.tuning.finetune.finetune` takes. Everything is deterministic under the ``seed``
+argument.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from allocator.errors import AllocatorError
+from allocator.tuning.finetune import evaluate_loss
 
 SEQ_LEN = 128
 RECALL_SEQ_LEN = 192
@@ -52,7 +54,7 @@ def _held_out(rel: str, modulus: int) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def pretraining_files(root: Path | None = None) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
-    """(train, held-out) stdlib sources, sorted by relative path, excluding tests, idlelib and site-packages."""
+    """(train, held-out) stdlib sources by relative path, excluding tests, idlelib and site-packages."""
     root = stdlib_root() if root is None else root
     files = sorted(
         p for p in root.rglob("*.py") if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
@@ -70,8 +72,9 @@ def domain_files(root: Path | None = None) -> tuple[tuple[Path, ...], tuple[Path
     files = sorted(test_dir.rglob("*.py")) if test_dir.is_dir() else []
     if not files:
         raise AllocatorError(
-            f"the text-domain task needs the standard library's test package, but {test_dir} has no .py files; "
-            "install your distribution's python test package (e.g. `python3-test` / `libpython3-testsuite`)"
+            f"the text-domain task needs the standard library's test package, but {test_dir} has no .py "
+            "files; install your distribution's python test package (e.g. `python3-test` / "
+            "`libpython3-testsuite`)"
         )
     train = tuple(p for p in files if not _held_out(p.relative_to(root).as_posix(), 10))
     held = tuple(p for p in files if _held_out(p.relative_to(root).as_posix(), 10))
@@ -167,7 +170,7 @@ def recall_episode(rng: random.Random, spec: RecallSpec) -> RecallEpisode:
 
 
 def _encode_episode(tokenizer: Any, ep: RecallEpisode) -> tuple[list[int], list[int]]:
-    """Token ids (EOS appended) and, per token, the index of the query whose answer it is part of (-1: none)."""
+    """Token ids (EOS appended) and, per token, the index of the query whose answer holds it (-1: none)."""
     enc = tokenizer(ep.text, add_special_tokens=False, return_offsets_mapping=True)
     group = [-1] * len(enc["input_ids"])
     for q, (a, b) in enumerate(ep.answer_spans):
@@ -270,7 +273,8 @@ def recall_accuracy(model: torch.nn.Module, batches: Sequence[Batch]) -> tuple[f
 
 @dataclass(frozen=True)
 class Task:
-    """A fine-tune task: batches for :func:`allocator.tuning.finetune.finetune` and a scorer for the trained model."""
+    """A fine-tune task: batches for :func:`allocator.tuning.finetune.finetune` and a scorer for the trained
+    model."""
 
     name: str
     description: str
@@ -281,8 +285,6 @@ class Task:
 
 def _loss_metrics(prefix: str, batches: Sequence[Batch]) -> Callable[[torch.nn.Module], dict[str, float]]:
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from allocator.tuning.finetune import evaluate_loss
-
         return {f"{prefix}_loss": evaluate_loss(model, batches)}
 
     return evaluate
@@ -298,7 +300,8 @@ def text_domain_task(
     per_file: int = 4,
 ) -> Task:
     """Language modelling on the stdlib ``test/`` package: up to ``per_file`` windows from the start of each
-    file, train files in a ``seed``-shuffled order (about 130 files), eval files in sorted order (about 16)."""
+    file, train files in a ``seed``-shuffled order (about 130 files), eval files (about 16) in sorted
+    order."""
     train_files, eval_files = domain_files()
     order = list(train_files)
     random.Random(seed).shuffle(order)
@@ -325,8 +328,6 @@ def recall_task(
     )
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from allocator.tuning.finetune import evaluate_loss
-
         acc, chance = recall_accuracy(model, evals)
         return {"recall_accuracy": acc, "recall_chance": chance, "recall_loss": evaluate_loss(model, evals)}
 
@@ -343,8 +344,8 @@ def recall_task(
 def _fact_rows(
     tokenizer: Any, facts: Sequence[tuple[str, int]], per_row: int, batch_size: int
 ) -> list[Batch]:
-    """Rows of ``? key: value`` lines (``per_row`` facts each, in the given order); loss and ``answer_group`` on
-    the values only."""
+    """Rows of ``? key: value`` lines (``per_row`` facts each, in the given order); loss and ``answer_group``
+    on the values only."""
     episodes = []
     for start in range(0, len(facts), per_row):
         text, spans = "", []
@@ -385,14 +386,15 @@ def fact_recall_task(
     shuffle_values: bool = False,
     split: str = "eval",
 ) -> Task:
-    """Store ``n_train`` new ``key -> value`` facts (5-letter keys over n..z) in the weights: parametric recall.
+    """Parametric recall: ``n_train`` new ``key -> value`` facts (5-letter keys over n..z) in the weights.
 
-    Train rows list the facts in a ``seed``-shuffled order; eval rows list the first ``n_eval`` of them (default
-    all) in a fixed other order, ``per_row`` to a row, so a fact is never visible in its own context. The facts
-    do not depend on ``seed``. Chance is 1/90 (values 10..99). ``shuffle_values`` is the control: train on the
-    same keys and values with the values permuted among the keys (eval keeps the true facts), so the row format is
-    learnt but no fact is; its accuracy must stay at chance. ``split="validation"`` scores the facts in a third
-    order and grouping (neither the train rows' nor the eval rows'), to choose settings on without the eval rows."""
+    Train rows list the facts in a ``seed``-shuffled order; eval rows list the first ``n_eval`` of them
+    (default all) in a fixed other order, ``per_row`` to a row, so a fact is never visible in its own context.
+    The facts do not depend on ``seed``. Chance is 1/90 (values 10..99). ``shuffle_values`` is the control:
+    train on the same keys and values with the values permuted among the keys (eval keeps the true facts), so
+    the row format is learnt but no fact is; its accuracy must stay at chance. ``split="validation"`` scores
+    the facts in a third order and grouping (neither the train rows' nor the eval rows'), to choose settings
+    on without the eval rows."""
     if split not in ("eval", "validation"):
         raise ValueError(f"split must be 'eval' or 'validation', got {split!r}")
     rng = random.Random("fact-recall")
@@ -411,8 +413,6 @@ def fact_recall_task(
     evals = _fact_rows(tokenizer, eval_order[:n_eval], per_row, batch_size)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from allocator.tuning.finetune import evaluate_loss
-
         acc, chance = recall_accuracy(model, evals)
         return {"fact_accuracy": acc, "fact_chance": chance, "fact_loss": evaluate_loss(model, evals)}
 

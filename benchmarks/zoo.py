@@ -1,11 +1,12 @@
 """Build the reference models: ``python -m benchmarks.zoo [--only NAME] [--check]``.
 
-Each model is the exact transformers architecture (``Qwen3_5ForCausalLM`` / ``FalconH1ForCausalLM``) with the
-structure of the released config (layer-type pattern, head ratios, gates, multipliers) and small sizes. It is
-pretrained from a fixed seed for a fixed token budget on the Python standard library (``benchmarks.tasks``) with
-10% associative-recall rows, then saved with its byte-level BPE tokenizer and a ``training.json`` (recipe,
-loss curve, held-out loss of the stored weights) in ``allocator/zoo/<name>/``. ``--check`` reloads what is there
-through ``from_pretrained`` and recomputes the held-out loss. Reproducible on the same Python stdlib and torch.
+Each model is the exact transformers architecture (``Qwen3_5ForCausalLM`` / ``FalconH1ForCausalLM``) with
+the structure of the released config (layer-type pattern, head ratios, gates, multipliers) and small sizes. It
+is pretrained from a fixed seed for a fixed token budget on the Python standard library (``benchmarks.tasks``)
+with 10% associative-recall rows, then saved with its byte-level BPE tokenizer and a ``training.json``
+(recipe, loss curve, held-out loss of the stored weights) in ``allocator/zoo/<name>/``. ``--check`` reloads
+what is there through ``from_pretrained`` and recomputes the held-out loss. Reproducible on the same Python
+stdlib and torch. The zoo is built from local text alone and never reaches the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -23,8 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
 from allocator.reference import REFERENCE_MODELS, ZOO_DIR
+from allocator.tuning.finetune import evaluate_loss, lr_at, token_loss_sum
 from benchmarks import tasks
+from benchmarks.log import log
 
 VOCAB_SIZE = 2048
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"  # ids 0, 1, 2
@@ -102,9 +110,9 @@ def _falcon_h1() -> dict[str, Any]:
         "mamba_rms_norm": False,
         "mamba_use_mlp": True,
         "attn_layer_indices": None,
-        # The released muP multipliers (embedding 5.66, lm_head 0.039, ssm_out 0.236, ...) were tuned for width
-        # 1024; at width 128 they stalled pretraining (held-out 7.04 vs 5.67 nats after 100 steps), so the tiny
-        # model keeps FalconH1Config's neutral defaults. The multiplier code paths still run.
+        # The released muP multipliers (embedding 5.66, lm_head 0.039, ssm_out 0.236, ...) were tuned for
+        # width 1024; at width 128 they stalled pretraining (held-out 7.04 vs 5.67 nats after 100 steps), so
+        # the tiny model keeps FalconH1Config's neutral defaults. The multiplier code paths still run.
         "attention_in_multiplier": 1.0,
         "attention_out_multiplier": 1.0,
         "embedding_multiplier": 1.0,
@@ -157,15 +165,8 @@ RECIPES: dict[str, Recipe] = {
 assert set(RECIPES) == set(REFERENCE_MODELS)
 
 
-def _log(msg: str) -> None:
-    print(f"[zoo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def build_tokenizer(train_files: tuple[Path, ...]) -> Any:
     """Byte-level BPE (vocab 2048) trained on the pretraining text plus recall episodes; deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = random.Random("tokenizer")
     texts = [tasks.read_source(p) for p in train_files]
     texts += [tasks.recall_episode(rng, tasks.PRETRAIN_RECALL).text for _ in range(2000)]
@@ -186,9 +187,8 @@ def build_tokenizer(train_files: tuple[Path, ...]) -> Any:
 
 
 def _batches(recipe: Recipe, tokenizer: Any, windows: Any, seed: int):
-    """Yield (input_ids, attention_mask, labels) per step: shuffled stdlib windows, ~10% packed recall rows."""
-    import torch
-
+    """Yield (input_ids, attention_mask, labels) per step: shuffled stdlib windows, ~10% packed recall
+    rows."""
     rng = random.Random(seed)
     recall_rng = random.Random(f"recall-{seed}")
     order: list[int] = []
@@ -218,12 +218,7 @@ def pretrain(
     steps: int | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """Pretrain reference model ``name`` and save it with its tokenizer and ``training.json`` in ``out_dir``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from allocator.tuning.finetune import evaluate_loss, lr_at, token_loss_sum
-
+    """Pretrain reference model ``name``; save it with its tokenizer and ``training.json`` in ``out_dir``."""
     recipe = RECIPES[name]
     if steps is not None:
         recipe = Recipe(**{**asdict(recipe), "steps": steps})
@@ -234,9 +229,42 @@ def pretrain(
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     n_params = model.num_parameters()
-    _log(
-        f"{name}: {type(model).__name__} ({config.model_type}), {n_params:,} parameters, {recipe.steps} steps"
-    )
+    log(f"{name}: {type(model).__name__} ({config.model_type}), {n_params:,} parameters, "
+        f"{recipe.steps} steps", "zoo")
+    curve, tokens, wall = _train(name, model, recipe, tokenizer, train_windows, held_windows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(getattr(torch, recipe.store_dtype)).save_pretrained(out_dir)
+    # Stored compactly, computed in fp32: from_pretrained loads in config.dtype.
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    record = {
+        "name": name,
+        "description": REFERENCE_MODELS[name],
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "n_params": n_params,
+        "recipe": {k: v for k, v in asdict(recipe).items() if k != "config"},
+        "train_tokens": tokens,
+        "wall_time_s": round(wall, 1),
+        "tokens_per_s": round(tokens / wall, 1),
+        "torch_threads": torch.get_num_threads(),
+        "loss_curve": curve,
+        "data": _data_record(tokenizer),
+        "versions": _versions(),
+        "date": datetime.date.today().isoformat(),
+    }
+    record.update(measure(out_dir))  # held-out loss etc. of the stored weights, loaded as users load them
+    (out_dir / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    log(f"{name}: held-out {record['heldout_loss']:.4f} nats/token, recall acc "
+        f"{record['recall_accuracy']:.3f} (chance {record['recall_chance']:.3f}), {wall:.0f} s", "zoo")
+    return record
+
+
+def _train(name: str, model: Any, recipe: Recipe, tokenizer: Any, train_windows: Any,
+           held_windows: Any) -> tuple[list[dict[str, float]], int, float]:
+    """The pretraining loop of :func:`pretrain` (AdamW, warmup then cosine, clipped gradients), a held-out
+    eval every ``recipe.eval_every`` steps. Returns the loss curve, the train tokens and the wall seconds."""
     curve_eval = tasks.lm_batches(held_windows[:N_CURVE_EVAL], recipe.batch_size)
     opt = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
@@ -268,48 +296,23 @@ def pretrain(
                     "elapsed_s": round(elapsed, 1),
                 }
             )
-            _log(
-                f"{name} step {step + 1}/{recipe.steps} train {window_loss / window_n:.3f} held-out {held:.3f} "
-                f"({tokens / elapsed:,.0f} tok/s)"
-            )
+            log(f"{name} step {step + 1}/{recipe.steps} train {window_loss / window_n:.3f} held-out "
+                f"{held:.3f} ({tokens / elapsed:,.0f} tok/s)", "zoo")
             window_loss, window_n = 0.0, 0
-    wall = time.perf_counter() - start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(getattr(torch, recipe.store_dtype)).save_pretrained(out_dir)
-    # Stored compactly, computed in fp32: from_pretrained loads in config.dtype.
-    model.config.dtype = torch.float32
-    model.config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    record = {
-        "name": name,
-        "description": REFERENCE_MODELS[name],
-        "model_type": config.model_type,
-        "architecture": type(model).__name__,
-        "n_params": n_params,
-        "recipe": {k: v for k, v in asdict(recipe).items() if k != "config"},
-        "train_tokens": tokens,
-        "wall_time_s": round(wall, 1),
-        "tokens_per_s": round(tokens / wall, 1),
-        "torch_threads": torch.get_num_threads(),
-        "loss_curve": curve,
-        "data": _data_record(tokenizer),
-        "versions": _versions(),
-        "date": datetime.date.today().isoformat(),
-    }
-    record.update(measure(out_dir))  # held-out loss etc. of the stored weights, loaded as users load them
-    (out_dir / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    _log(
-        f"{name}: held-out {record['heldout_loss']:.4f} nats/token, recall acc "
-        f"{record['recall_accuracy']:.3f} (chance {record['recall_chance']:.3f}), {wall:.0f} s"
-    )
-    return record
+    return curve, tokens, time.perf_counter() - start
+
+
+def stdlib_description() -> str:
+    """The pretraining text's source as ``training.json`` records it: the interpreter's version, never its
+    folder (a path names one machine; the version and the corpus digest beside it fix the text)."""
+    return f"Python {platform.python_version()} standard library (sysconfig stdlib)"
 
 
 def _data_record(tokenizer: Any) -> dict[str, Any]:
     train, held = tasks.pretraining_files()
     return {
         "source": "Python standard library .py files (benchmarks.tasks.pretraining_files)",
-        "stdlib": str(tasks.stdlib_root()),
+        "stdlib": stdlib_description(),
         "python": platform.python_version(),
         "n_train_files": len(train),
         "n_heldout_files": len(held),
@@ -321,10 +324,6 @@ def _data_record(tokenizer: Any) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import tokenizers
-    import torch
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -336,11 +335,6 @@ def _versions() -> dict[str, str]:
 def measure(folder: Path) -> dict[str, float]:
     """Load ``folder`` through ``from_pretrained`` and score it: held-out loss over the first ``N_FINAL_EVAL``
     held-out windows, and answer accuracy on pretraining-style and shifted recall episodes."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from allocator.tuning.finetune import evaluate_loss
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     _, held = tasks.pretraining_files()
@@ -363,10 +357,11 @@ def check(names: list[str], zoo_dir: Path) -> int:
         now = measure(folder)
         ok = abs(now["heldout_loss"] - record["heldout_loss"]) < 1e-3
         failed += not ok
-        _log(
+        log(
             f"{name}: held-out {now['heldout_loss']:.4f} (recorded {record['heldout_loss']:.4f}) "
             f"recall {now['recall_accuracy']:.3f} shifted {now['shifted_recall_accuracy']:.3f} "
-            f"{'ok' if ok else 'MISMATCH'}"
+            f"{'ok' if ok else 'MISMATCH'}",
+            "zoo",
         )
     return 1 if failed else 0
 
@@ -382,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="zoo folder (default: allocator/zoo)")
     parser.add_argument("--steps", type=int, default=None, help="override the step budget (trials only)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="override the recipe's seed (init, data order, recall episodes; the tokenizer does not "
-                        "change): a second pretraining seed, e.g. --seed 1 --out build/zoo-seed1")
+                        help="override the recipe's seed (init, data order, recall episodes; the tokenizer "
+                        "does not change): a second pretraining seed, e.g. --seed 1 --out build/zoo-seed1")
     parser.add_argument(
         "--threads",
         type=int,
@@ -391,9 +386,6 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads (default 1: on a shared CPU, 2+ threads spin and stall)",
     )
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     torch.set_num_threads(args.threads)
     names = args.only or list(RECIPES)
     if args.check:
@@ -403,12 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer(train_files)
     train_windows = tasks.token_windows(tokenizer, train_files)
     held_windows = tasks.token_windows(tokenizer, held_files)
-    _log(
+    log(
         f"tokenizer + corpus: {time.perf_counter() - t0:.0f} s; {train_windows.numel():,} train tokens in "
-        f"{len(train_files)} files, {held_windows.numel():,} held-out tokens in {len(held_files)} files"
+        f"{len(train_files)} files, {held_windows.numel():,} held-out tokens in {len(held_files)} files",
+        "zoo",
     )
     for name in names:
-        pretrain(name, tokenizer, train_windows, held_windows, args.out / name, steps=args.steps, seed=args.seed)
+        pretrain(name, tokenizer, train_windows, held_windows, args.out / name, steps=args.steps,
+                 seed=args.seed)
     return 0
 
 

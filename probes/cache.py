@@ -69,6 +69,8 @@ def run_cached(
 
 def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
     """``cache_dir`` as a Path, or a ProbeError now (before any probing) if it cannot hold a cache."""
+    if not isinstance(cache_dir, (str, os.PathLike)):
+        raise ProbeError(f"the probe cache folder must be a path, got {type(cache_dir).__name__}")
     path = Path(cache_dir).expanduser()
     if not str(cache_dir).strip():
         raise ProbeError("the probe cache folder is empty; give a folder name, e.g. --cache-dir probe-cache")

@@ -115,7 +115,11 @@ def describe_source(source: Any) -> str:
     if not is_token_source(source):
         return str(source)
     rows = sum(_batch_ids(b, i).shape[0] for i, b in enumerate(source))
-    tensors = [{k: torch.as_tensor(v) for k, v in b.items()} for b in source]
+    try:
+        tensors = [{k: torch.as_tensor(v) for k, v in b.items()} for b in source]
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ProbeError(f"token batches: every value must be a tensor or a list of ids ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return f"<{rows} tokenised sequences in {len(source)} batches, sha256 {data_fingerprint(tensors)[:16]}>"
 
 
@@ -218,7 +222,11 @@ def _batch_ids(batch: Any, index: int) -> torch.Tensor:
 
 
 def _shaped_like(batch: Mapping, key: str, ids: torch.Tensor, index: int) -> torch.Tensor:
-    tensor = torch.as_tensor(batch[key])
+    try:
+        tensor = torch.as_tensor(batch[key])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ProbeError(f"token batch {index}: {key} must be integers shaped like input_ids ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if tensor.numel() != ids.numel():
         raise ProbeError(f"token batch {index}: {key} has shape {tuple(tensor.shape)}, input_ids "
                          f"{tuple(ids.shape)}; give one value per token")
@@ -229,7 +237,11 @@ def _as_rows(value: Any, index: int) -> torch.Tensor:
     if value is None:
         raise ProbeError(f"token batch {index} has no 'input_ids'; give mappings with input_ids (and optionally "
                          "labels, attention_mask)")
-    tensor = torch.as_tensor(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # strings, ragged rows, ids past int64
+        raise ProbeError(f"token batch {index}: input_ids must be integer ids of shape (seq,) or (batch, seq) "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if tensor.dim() == 1:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 2 or tensor.is_floating_point() or tensor.is_complex():

@@ -7,3 +7,7 @@ class ProbeError(ValueError):
 
 class ProbeWarning(UserWarning):
     """Warned when the probes had to fall back or drop data; the message says how to make it go away."""
+
+
+class ProbeRunError(ProbeError):
+    """A probe run that failed on well-formed input (every loss non-finite, say): a failure, not bad input."""

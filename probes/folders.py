@@ -228,10 +228,11 @@ def write_folder(target: str | os.PathLike[str], fill: Callable[[Path], object],
         (tmp / _TMP_MARK).unlink()
         files = _files_under(tmp)
         _write_json(tmp / MANIFEST, {"tool": TOOL, "files": files})
-        old = owned_files(out, legacy) if out.is_dir() else None
-        if old is None or set(_entries_under(out)) <= set(old):
+        if not out.exists():
+            os.replace(tmp, out)  # one rename: the folder appears whole
+        elif set(_entries_under(out)) <= set(old := owned_files(out, legacy) or []) and out != Path.cwd().resolve():
             _swap(tmp, out)
-        else:
+        else:  # files of the user's stay, and so does the folder itself (the current folder keeps its inode)
             _merge(tmp, out, files, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,14 +244,7 @@ def write_folder(target: str | os.PathLike[str], fill: Callable[[Path], object],
 
 
 def _swap(new: Path, out: Path) -> None:
-    """``out`` holds nothing but our files (or does not exist): replace it whole; the old one goes afterwards."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.replace(new, out)
-        return
+    """``out`` holds nothing but our files: replace it whole (two renames); the old one goes afterwards."""
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     old.rmdir()
     os.replace(out, old)
@@ -260,7 +254,7 @@ def _swap(new: Path, out: Path) -> None:
 
 
 def _merge(new: Path, out: Path, files: list[str], old: list[str]) -> None:
-    """``out`` holds files of the user's beside ours: move ours in one by one, remove our stale ones, keep theirs."""
+    """Move our files into ``out`` one by one (each rename atomic), remove our stale ones, keep everything else."""
     ours = set(old)
     for rel in files:
         dest = out / rel

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from probes.data import IGNORE_INDEX, data_fingerprint
-from probes.errors import ProbeError
+from probes.errors import ProbeError, ProbeRunError
 from probes.finalize import finalize_all, reduce_counts
 from probes.hooks import ModuleProbe, Prober
 from probes.report import ProbeReport
@@ -80,7 +80,7 @@ def run(
                     del loss
                     prober.discard_batch()
                     if not settings.skip_nonfinite:
-                        raise ProbeError(
+                        raise ProbeRunError(
                             f"loss is {value} on batch {i}; check that batch and the model dtype, or set "
                             "ProbeSettings(skip_nonfinite=True) to skip such batches"
                         )
@@ -102,7 +102,7 @@ def run(
             prober.detach()
         counts = reduce_counts(probes, [n_skipped, n_tokens], world)
         if counts["run"][0] == len(batches):
-            raise ProbeError(f"every calibration batch ({len(batches)}) had a non-finite loss and was skipped; check "
+            raise ProbeRunError(f"every calibration batch ({len(batches)}) had a non-finite loss and was skipped; check "
                              "the model's dtype and weights (a float16 model may overflow: load it in bfloat16 or "
                              "float32)")
         per_probe = finalize_all(probes, prober, settings, world, counts["probes"])

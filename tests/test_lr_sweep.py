@@ -1,31 +1,30 @@
-"""The lr sweep (``benchmarks.lr_sweep``) on the smoke grid's settings: real fine-tunes of the tiny reference model,
-scored on a validation split that never overlaps the placement benchmark's eval windows."""
+"""The lr sweep (``benchmarks.lr_sweep``) on the smoke grid's settings: real fine-tunes of the tiny reference
+model, scored on a validation split that never overlaps the placement benchmark's eval windows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoTokenizer
+
+from allocator.errors import AllocatorError
+from allocator.reference import reference_model_path
+from benchmarks import lr_sweep, tasks
+from benchmarks.grid import read_rows
+from benchmarks.placement_run import _spread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokenizer():
-    from allocator.errors import AllocatorError
-    from allocator.reference import reference_model_path
-
     try:
         path = reference_model_path("qwen3_5_tiny")
     except AllocatorError:
         pytest.skip("reference model qwen3_5_tiny not built (python -m benchmarks.zoo --only qwen3_5_tiny)")
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(path)
 
 
 def test_validation_windows_are_disjoint_from_eval_windows():
-    from benchmarks import tasks
-    from benchmarks.placement_run import _spread
-
     tokenizer = _tokenizer()
     _, files = tasks.domain_files()
     evals = torch.cat([b["input_ids"] for b in _spread(tokenizer, files, 64)])
@@ -36,14 +35,12 @@ def test_validation_windows_are_disjoint_from_eval_windows():
 
 
 def test_sweep_runs_each_lr_and_marks_the_best(tmp_path):
-    from benchmarks import lr_sweep, placement
-
     _tokenizer()
     out = tmp_path / "out"
-    assert lr_sweep.main(["--smoke", "--models", "qwen3_5_tiny", "--condition", "uniform", "--lrs", "0.001,0.01",
-                          "--seeds", "1",
-                          "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]) == 0
-    rows = placement.read_rows(out / "lr_sweep_runs.csv")
+    assert lr_sweep.main(["--smoke", "--models", "qwen3_5_tiny", "--condition", "uniform", "--lrs",
+                          "0.001,0.01", "--seeds", "1", "--out", str(out),
+                          "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]) == 0
+    rows = read_rows(out / "lr_sweep_runs.csv")
     assert sorted((r["budget"], r["lr"]) for r in rows) == [(b, lr) for b in ("r1", "r16", "r4")
                                                            for lr in ("0.001", "0.01")]
     losses = {(r["budget"], r["lr"]): float(r["validation_loss"]) for r in rows}

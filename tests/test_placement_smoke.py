@@ -1,4 +1,5 @@
-"""The placement benchmark end to end on its smoke grid (one seed, a few steps, r4, qwen3_5_tiny), and its stats."""
+"""The placement benchmark end to end on its smoke grid (one seed, a few steps, r4, qwen3_5_tiny), its grid
+filters and its stats."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import math
 
 import pytest
 
-from benchmarks import stats
+from allocator.errors import AllocatorError
+from allocator.reference import reference_model_path
+from benchmarks import placement, stats
+from benchmarks.grid import CONDITIONS, CSV_NAME, GRIDS, LRS, check_setup, planned_runs, subset
+from benchmarks.placement_report import write_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,18 +31,14 @@ def test_t_interval_and_paired_verdicts():
 
 
 def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
-    from allocator.errors import AllocatorError
-    from allocator.reference import reference_model_path
-    from benchmarks import placement
-
     try:
         reference_model_path("qwen3_5_tiny")
     except AllocatorError:
         pytest.skip("reference model qwen3_5_tiny not built (python -m benchmarks.zoo --only qwen3_5_tiny)")
-    (grid,) = placement.GRIDS["smoke"]
+    (grid,) = GRIDS["smoke"]
     rows = placement.run_grid(grid, tmp_path, resume=False, cache_dir=tmp_path / "cache")
-    assert len(rows) == len(placement.planned_runs(grid))
-    assert (tmp_path / placement.CSV_NAME).is_file()
+    assert len(rows) == len(planned_runs(grid))
+    assert (tmp_path / CSV_NAME).is_file()
     budget = {int(r["budget_params"]) for r in rows if not r["frontier"]}
     assert len(budget) == 1
     (b,) = budget
@@ -45,49 +46,47 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
         assert math.isfinite(float(r["target_loss"])) and math.isfinite(float(r["retention_loss"]))
         if r["condition"] not in ("full", "adalora") and not r["frontier"]:
             assert abs(int(r["trainable_params"]) - b) <= 0.01 * b, r["condition"]
-    assert {r["condition"] for r in rows} >= set(placement.CONDITIONS)
+    assert {r["condition"] for r in rows} >= set(CONDITIONS)
     assert {r["task"] for r in rows} == {"text_domain", "fact_recall"}
     for r in rows:  # the fact task is scored by accuracy against chance (1 of 90 values); text by loss alone
         if r["task"] == "fact_recall":
-            assert 0.0 <= float(r["target_accuracy"]) <= 1.0 and float(r["target_chance"]) == pytest.approx(1 / 90)
+            assert 0.0 <= float(r["target_accuracy"]) <= 1.0
+            assert float(r["target_chance"]) == pytest.approx(1 / 90)
         else:
             assert r["target_accuracy"] == "" and r["target_chance"] == ""
     tuned = [r for r in rows if r["condition"] == "alloc_tuned"]  # `allocate tune`'s pilots chose these plans
     assert len(tuned) == 2 and all(f"; {grid.tune_trials} pilots of " in r["note"] for r in tuned)
     tuned_eva = [r for r in rows if r["condition"] == "alloc_tuned_eva_init"]  # `allocate tune --init eva`
-    assert len(tuned_eva) == 2 and all("pilots of" in r["note"] and "EVA init" in r["note"] for r in tuned_eva)
+    assert len(tuned_eva) == 2
+    assert all("pilots of" in r["note"] and "EVA init" in r["note"] for r in tuned_eva)
     summary = stats.summarize(rows, ["target_loss", "retention_loss"])
-    assert {s["condition"] for s in summary} >= set(placement.CONDITIONS)
+    assert {s["condition"] for s in summary} >= set(CONDITIONS)
     assert stats.compare(rows, "target_loss", "allocator", ["uniform", "random"])
-
-    from benchmarks.placement_report import write_report
 
     md = write_report(rows, tmp_path, grid=grid, grid_name="smoke", command="test", wall_s=1.0, threads=1)
     text = md.read_text()
     assert "| uniform |" in text and "nproc" in text
     assert "Answer accuracy" in text and "## qwen3_5_tiny / fact_recall / r4" in text
     assert (tmp_path / "placement.png").stat().st_size > 0
-    again = placement.run_grid(grid, tmp_path, resume=True, cache_dir=tmp_path / "cache")  # nothing left to run
+    again = placement.run_grid(grid, tmp_path, resume=True, cache_dir=tmp_path / "cache")  # nothing to run
     assert len(again) == len(rows)
     # another setup (other weights, data or fine-tune settings) must not be mixed into this CSV
-    from benchmarks.placement import check_setup
-
     ids = {(r["model"], r["task"]): r["setup_id"] for r in rows}
     assert len(ids) == 2 and len(set(ids.values())) == 2  # one fingerprint per task, shared by its rows
     assert all(r["setup_id"] == ids[(r["model"], r["task"])] for r in rows)
     for (model, task), setup_id in ids.items():
-        check_setup(tmp_path / placement.CSV_NAME, model, task, setup_id)
+        check_setup(tmp_path / CSV_NAME, model, task, setup_id)
     with pytest.raises(SystemExit, match="other weights, data or fine-tune settings"):
-        check_setup(tmp_path / placement.CSV_NAME, "qwen3_5_tiny", "text_domain", "0" * 12)
+        check_setup(tmp_path / CSV_NAME, "qwen3_5_tiny", "text_domain", "0" * 12)
 
 
 def test_grid_filters_keep_each_part_and_name_unknown_values():
-    from benchmarks.placement import GRIDS, subset
-
     parts = subset(GRIDS["full"], models="qwen3_5_deep")
-    assert {p.models for p in parts} == {("qwen3_5_deep",)} and len(parts) < len(GRIDS["full"])  # others dropped
+    assert {p.models for p in parts} == {("qwen3_5_deep",)}
+    assert len(parts) < len(GRIDS["full"])  # the parts without that model are dropped
     parts = subset(GRIDS["full"], budgets="2", conditions="uniform,eva", frontier=False)
-    assert all(p.budgets == (2,) and set(p.conditions) <= {"uniform", "eva"} and not p.frontier for p in parts)
+    assert all(p.budgets == (2,) and set(p.conditions) <= {"uniform", "eva"} and not p.frontier
+               for p in parts)
     for kwargs, message in (({"models": "llama"}, "--models: llama"), ({"budgets": "0"}, "--budgets"),
                             ({"conditions": "uniform,best"}, "--conditions: best")):
         with pytest.raises(ValueError, match=message):
@@ -95,8 +94,6 @@ def test_grid_filters_keep_each_part_and_name_unknown_values():
 
 
 def test_each_budget_runs_at_its_own_lr():
-    from benchmarks.placement import GRIDS, LRS
-
     core = GRIDS["core"][0]
     assert [core.lr_for(m, b) for m, b, _ in LRS] == [lr for _, _, lr in LRS]
     assert core.lr_for("qwen3_5_tiny", 4, "full") == core.full_lr != core.lr_for("qwen3_5_tiny", 4)

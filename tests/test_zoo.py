@@ -17,7 +17,8 @@ from allocator import reference
 from allocator.errors import AllocatorError, InputError
 from benchmarks import tasks, zoo
 
-RELEASED = Path("/work/shared/reference-configs")
+# the released configs, as shipped with the tests (tests/fixtures/configs/SOURCES.md)
+RELEASED = Path(__file__).resolve().parent / "fixtures" / "configs"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,7 +93,6 @@ def test_layer_patterns_match_the_released_architectures():
     assert zoo.RECIPES["falcon_h1_tiny"].config["model_type"] == "falcon_h1"
 
 
-@pytest.mark.skipif(not RELEASED.is_dir(), reason="released configs not on this machine")
 @pytest.mark.parametrize(
     ("name", "file"),
     [
@@ -170,7 +170,8 @@ def test_tasks_are_deterministic_under_a_seed(tokenizer):
 
     assert answer_tokens(facts) == answer_tokens(again)  # the same facts in another order
     # the validation split: the same facts (answer tokens) grouped in rows that neither train nor eval has
-    validation = tasks.fact_recall_task(tokenizer, seed=3, n_train=32, per_row=4, batch_size=4, split="validation")
+    validation = tasks.fact_recall_task(tokenizer, seed=3, n_train=32, per_row=4, batch_size=4,
+                                        split="validation")
     assert torch.equal(validation.train_batches[0]["input_ids"], facts.train_batches[0]["input_ids"])
     rows = {name: {tuple(r.tolist()) for b in batches for r in b["input_ids"]}
             for name, batches in (("train", facts.train_batches), ("eval", facts.eval_batches),
@@ -189,9 +190,9 @@ def test_recall_task_scores_against_chance(tokenizer, default_model):
 
 
 def test_fact_accuracy_measures_facts_stored_in_the_weights(tokenizer, default_model):
-    """Above-chance fact accuracy needs the key -> value mapping in the weights: the untrained model and a model
-    trained on the same rows with the values permuted among the keys (same format, same value distribution) stay
-    near chance (1/90); training on the true facts lifts it far above."""
+    """Above-chance fact accuracy needs the key -> value mapping in the weights: the untrained model and a
+    model trained on the same rows with the values permuted among the keys (same format, same value
+    distribution) stay near chance (1/90); training on the true facts lifts it far above."""
     from peft import LoraConfig
 
     from allocator.tuning.finetune import FinetuneSettings, finetune

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from allocator.commands import _options
 from allocator.errors import AllocatorError
-from probes.errors import ProbeError
+from probes.errors import ProbeError, ProbeRunError
 from probes.folders import FolderError
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -33,9 +33,9 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except AllocatorError as exc:
         print(f"error: {_options.cli_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except (ProbeError, FolderError) as exc:  # the lower layer's own bad-input errors, should one slip through
+    except (ProbeError, FolderError) as exc:  # the lower layer's own errors, should one slip through
         print(f"error: {_options.cli_message(str(exc))}", file=sys.stderr)
-        return EXIT_INPUT
+        return EXIT_FAILURE if isinstance(exc, ProbeRunError) else EXIT_INPUT
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED

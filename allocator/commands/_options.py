@@ -18,6 +18,8 @@ from allocator.errors import InputError
 # (settings class name, field name) -> the option string of the parser built last; lets error messages that name
 # a settings field (``SolverSettings.ranks``, ``ProbeSettings(skip_nonfinite=True)``) name the flag instead
 FLAGS: dict[tuple[str, str], str] = {}
+# argument names with an underscore (``alpha_ratio``, ``retention_data``) -> their flag, from the parser built last
+ARGUMENTS: dict[str, str] = {}
 _FIELD = re.compile(r"\b([A-Z]\w*Settings)\.(\w+)\b")
 _CALL = re.compile(r"\b([A-Z]\w*Settings)\((\w+)=([^)]*)\)")
 
@@ -34,7 +36,29 @@ def cli_message(text: str) -> str:
     def field(m: re.Match) -> str:
         return FLAGS.get((m[1], m[2]), m[0])
 
-    return _FIELD.sub(field, _CALL.sub(call, text))
+    text = _FIELD.sub(field, _CALL.sub(call, text))
+    if ARGUMENTS:
+        names = "|".join(sorted(map(re.escape, ARGUMENTS), key=len, reverse=True))
+        text = re.sub(rf"(?<![\w.-])({names})(?![\w-])", lambda m: ARGUMENTS[m[1]], text)
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one ``error:`` line (naming ``--help``) for a usage error, like every other failure; exit 2.
+
+    Building one also registers its underscored argument names for :func:`cli_message`.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ARGUMENTS.clear()
+        for action in self._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs and "_" in action.dest:
+                ARGUMENTS[action.dest] = longs[0]
+        return super().parse_args(args, namespace)
 
 
 def _option(prefix: str, name: str) -> str:

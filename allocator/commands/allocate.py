@@ -9,7 +9,7 @@ from pathlib import Path
 
 import allocator
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
-from allocator.commands._options import add_settings_options, settings_from_args
+from allocator.commands._options import Parser, add_settings_options, settings_from_args
 from allocator.errors import InputError
 from allocator.scoring.utility import UtilitySettings
 from allocator.solver.settings import SolverSettings
@@ -38,7 +38,7 @@ equivalent (r16 = what rank 16 on every eligible target costs).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="allocate",
         description="Measure where LoRA parameters pay off in a (hybrid) causal LM and choose per-layer, "
         "per-component ranks under an exact trainable-parameter budget. Writes a PEFT adapter_config.json, "

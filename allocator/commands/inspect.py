@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from importlib import resources
 
 from allocator.commands import EXIT_CODES, run_guarded
+from allocator.commands._options import Parser
 from allocator.errors import InputError
 
 DEFAULT_CONFIG = "qwen3_5-0.8b.config.json"  # allocator/data: the Qwen3.5-0.8B architecture, config only
@@ -33,7 +34,7 @@ refuses them (out_proj on falcon_h1 / mamba / nemotron_h).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="allocate inspect",
         description="List every module a LoRA could adapt, labelled by decoder layer, family (attention, "
         "recurrent, mlp, moe, other) and kind (softmax, gated_deltanet, mamba2, expert, ...), with the "

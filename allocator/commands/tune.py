@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
-from allocator.commands._options import add_settings_options, settings_from_args
+from allocator.commands._options import Parser, add_settings_options, settings_from_args
 from allocator.scoring.utility import UtilitySettings
 from allocator.solver.settings import SolverSettings
 from allocator.tuning.settings import TuneSettings
@@ -38,7 +38,7 @@ storage that OUT_DIR's own record (tune.json) names, nowhere else.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="allocate tune",
         description="Run (or join, or resume) an Optuna study over the budget, the allocation settings, LoRA alpha "
         "and the learning rate; each trial solves from probes run once per study and scores a short LoRA fine-tune. "

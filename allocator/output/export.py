@@ -163,8 +163,9 @@ def adapted_shape(model: Any, name: str, is_parameter: bool) -> tuple[int, int, 
 
 
 def snapshot_base_model(model: Any) -> dict[str, Any]:
-    """What ``get_peft_model`` changes on the model it wraps: its attributes and every ``requires_grad`` flag."""
-    return {"attrs": set(vars(model)), "flags": [(p, p.requires_grad) for p in model.parameters()]}
+    """What ``get_peft_model`` (and EVA's pass) change on the model: attributes, ``requires_grad`` flags, modes."""
+    return {"attrs": set(vars(model)), "flags": [(p, p.requires_grad) for p in model.parameters()],
+            "modes": [(m, m.training) for m in model.modules()]}
 
 
 def restore_base_model(model: Any, snapshot: dict[str, Any]) -> None:
@@ -181,3 +182,5 @@ def restore_base_model(model: Any, snapshot: dict[str, Any]) -> None:
         delattr(model, key)
     for param, flag in snapshot["flags"]:
         param.requires_grad_(flag)
+    for module, training in snapshot["modes"]:
+        module.training = training

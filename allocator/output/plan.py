@@ -39,7 +39,9 @@ from allocator.output.export import (
 from allocator.output.lora_init import check_init, eva_components, eva_targets, init_lora_a
 from allocator.output.report import write_report
 from allocator.solver.budget import lora_params
+from probes.errors import ProbeError
 from probes.folders import FolderError, check_target, write_folder
+from probes.runner import check_token_ids
 
 ALLOCATION_FILE = "allocation.json"
 PLAN_FILES = ("adapter_config.json", ALLOCATION_FILE, "report.md", "heatmap.png")
@@ -147,20 +149,18 @@ class Plan:
         principal directions of each module's input at exactly the plan's ranks (``allocator.output.lora_init``; MoE
         expert weights adapted as parameters keep PEFT's init).
         """
-
         self.check_model(model)
-        components, eva = None, {}
-        if self.init == "eva":
-            if init_data is None:
-                raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
-                                 "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
-
-            eva = eva_targets(self.components, self.targets)
-            if eva:
-                components = eva_components(model, list(eva), init_data, max(eva.values()))
-        config = self.to_lora_config(**lora_kwargs)
+        if self.init == "eva" and init_data is None:
+            raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
+                             "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
         snapshot = snapshot_base_model(model)
         try:
+            components, eva = None, {}
+            if self.init == "eva" and (eva := eva_targets(self.components, self.targets)):
+                with as_input_error(ProbeError):
+                    check_token_ids(model, init_data)
+                components = eva_components(model, list(eva), init_data, max(eva.values()))
+            config = self.to_lora_config(**lora_kwargs)
             with _without_peft_moe_remap(model, self.targets):
                 peft_model = get_peft_model_quietly(model, config)
             trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -244,6 +244,11 @@ class Plan:
         if missing or not isinstance(data["modules"], list):
             raise InputError(f"not a plan: {', '.join(missing) or 'modules'} missing or malformed; pass an "
                              f"{ALLOCATION_FILE} written by `allocate -o`")
+        names = [e.get("name") if isinstance(e, Mapping) else None for e in data["modules"]]
+        twice = sorted({n for n in names if names.count(n) > 1}, key=str)
+        if twice:
+            raise InputError(f"malformed plan: module {twice[0]!r} is listed more than once; pass an "
+                             f"{ALLOCATION_FILE} written by `allocate -o`")
         keys = set(Component.__dataclass_fields__)
         components, ranks, utility, risk = [], {}, {}, {}
         try:
@@ -269,13 +274,15 @@ class Plan:
             )
         except InputError:
             raise
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AllocatorError, AttributeError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed plan ({type(exc).__name__}: {exc}); pass an {ALLOCATION_FILE} written by "
                              "`allocate -o`") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan saved by :meth:`save` (the folder or its ``allocation.json``)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"Plan.load takes a folder or an {ALLOCATION_FILE} path, got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             path = path / ALLOCATION_FILE

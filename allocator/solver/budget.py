@@ -38,6 +38,7 @@ _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 _COUNT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?([kmbg]?)$")
 _PERCENT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)%$")
 _RANK = re.compile(r"^r(\d+)$")
+_MAX_EXPONENT = 18  # 1e18 parameters: past any model, and short of Decimal's slow huge powers
 
 
 def lora_params(d_in: int, d_out: int, r: int, n_experts: int = 1) -> int:
@@ -120,11 +121,15 @@ class Budget:
         raw = text.strip()
         key = raw.lower().replace("_", "").replace(",", "").replace(" ", "")
         if m := _RANK.match(key):
+            if len(m.group(1)) > _MAX_EXPONENT:
+                raise InputError(f"budget {raw!r} is far beyond any model; use {ACCEPTED_FORMS}")
             return cls("uniform_rank", int(m.group(1)), raw)
         if m := _PERCENT.match(key):
             return cls("fraction", float(Decimal(m.group(1)) / 100), raw)
         if m := _COUNT.match(key):
             number, exponent, suffix = m.groups()
+            if int(exponent or 0) > _MAX_EXPONENT or len(number.split(".")[0]) > _MAX_EXPONENT:
+                raise InputError(f"budget {raw!r} is far beyond any model; use {ACCEPTED_FORMS}")
             count = Decimal(number) * 10 ** int(exponent or 0) * _SUFFIX[suffix]  # exact: 2.3k is 2300
             if count != count.to_integral_value():
                 hint = f"did you mean {raw}M or {raw}%?" if not suffix else "give a whole number of parameters"

@@ -60,7 +60,7 @@ class SolverSettings:
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
-            raise InputError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
+            raise InputError(f"SolverSettings.granularity {self.granularity!r} is not one of {GRANULARITIES}")
         if not isinstance(self.ranks, (tuple, list)):
             raise InputError(f"SolverSettings.ranks must be a sequence of ranks, got {self.ranks!r}")
         check_ranges(self, InputError)
@@ -75,13 +75,15 @@ class SolverSettings:
             try:
                 lo, hi = (float(v) for v in pair)
             except (TypeError, ValueError):
-                raise InputError(f"share_bounds[{fam!r}] must be a (lo, hi) pair, got {pair!r}") from None
+                raise InputError(f"SolverSettings.share_bounds: {fam} must be a (lo, hi) pair, got {pair!r}") from None
             if not 0 <= lo <= hi <= 1:
-                raise InputError(f"share_bounds[{fam!r}] = ({lo}, {hi}) needs 0 <= lo <= hi <= 1; fix the pair")
+                raise InputError(f"SolverSettings.share_bounds: {fam}={lo:g}:{hi:g} needs 0 <= lo <= hi <= 1; fix the "
+                                 "pair")
             bounds[str(fam)] = (lo, hi)
         if sum(lo for lo, _ in bounds.values()) > 1 + 1e-12:
             named = ", ".join(f"{f}>={lo:g}" for f, (lo, _) in sorted(bounds.items()) if lo > 0)
-            raise InputError(f"share lower bounds sum to more than the whole budget ({named}); lower them")
+            raise InputError(f"SolverSettings.share_bounds: lower bounds sum to more than the whole budget ({named}); "
+                             "lower them")
         object.__setattr__(self, "share_bounds", dict(sorted(bounds.items())))
         required = tuple(sorted({str(f) for f in self.required}))
         object.__setattr__(self, "required", required)
@@ -97,7 +99,8 @@ class SolverSettings:
                 try:
                     re.compile(p)
                 except re.error as exc:
-                    raise InputError(f"{name} pattern {p!r} is not a regex ({exc}); fix or escape it") from None
+                    raise InputError(f"SolverSettings.{name} pattern {p!r} is not a regex ({exc}); fix or escape it"
+                                     ) from None
             object.__setattr__(self, name, patterns)
         for name in ("time_limit", "mip_rel_gap"):
             object.__setattr__(self, name, float(getattr(self, name)))

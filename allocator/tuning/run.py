@@ -37,7 +37,7 @@ from allocator.api import (
     unprobed_experts_off,
 )
 from allocator.discovery.components import architecture_of, find_components
-from allocator.errors import AllocatorError, InputError, as_input_error
+from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
 from allocator.scoring.utility import UtilitySettings
@@ -56,7 +56,7 @@ from allocator.tuning.objective import Objective, Pruned
 from allocator.tuning.report import TuneResult, summarize, write_outputs
 from allocator.tuning.search import Search
 from allocator.tuning.settings import TuneSettings
-from probes.errors import ProbeError
+from probes.errors import ProbeError, ProbeRunError
 from probes.folders import FolderError, resolve_target
 from probes.settings import DataSettings, ProbeSettings
 
@@ -125,6 +125,8 @@ def tune(
         AllocatorError: a trial failed (the study stays resumable), or too many trials failed.
     """
     settings = settings_or_default(settings, TuneSettings, "settings")
+    if not isinstance(study_name, str) or not study_name.strip():
+        raise InputError(f"the study name {study_name!r} is empty; give one (--study NAME, study_name=...)")
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an objective")
     init = check_init(init)
@@ -145,9 +147,10 @@ def tune(
         out = resolve_target(out_dir)
     url = storage or default_storage(out)
     worker = Worker(settings, out, url, study_name, use_rslora, init)
-    worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)
+    check_out_dir(out, study_name, url, overwrite)  # before any work
     worker.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
                 (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective)
+    worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)  # once every input has been read
     try:
         with worker.lock:
             worker.probe(data, retention_data, init_data)
@@ -174,9 +177,8 @@ class Worker:
         self.storage: store.Storage | None = None
 
     def open_folder(self, *, explicit_storage: bool, overwrite: bool) -> None:
-        """Check (before any work), prepare and mark the study folder; a given --storage is opened first, so a
+        """Prepare (re-checked under the lock) and mark the study folder; a given --storage is opened first, so a
         wrong one leaves no record. A folder this call created is removed again if that fails."""
-        check_out_dir(self.out, self.study_name, self.url, overwrite)
         created = not self.out.exists()
         try:
             with self.lock:
@@ -249,7 +251,7 @@ class Worker:
         meta = {"model_id": self.model_id, "model_revision": self.provenance["model_revision"]}
 
         def report(batches: list) -> Any:
-            with as_input_error(ProbeError):
+            with as_input_error(ProbeError), as_failure(ProbeRunError):
                 return probes.run_cached(self.model, batches, names, self.probe_settings,
                                          cache_dir=self.out / "probes", key_meta=meta)
 

@@ -88,35 +88,35 @@ def parse_space(part: str, text: str) -> Space:
         try:
             out = Budget.parse(item) if cast is Budget else cast(item)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{part}={text!r}: {item!r} is not a {cast.__name__} ({exc}); see docs/tuning.md") from None
+            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not a {cast.__name__} ({exc}); see docs/tuning.md") from None
         if cast is str and out not in GRANULARITIES:
-            raise InputError(f"{part}={text!r}: {item!r} is not one of {GRANULARITIES}")
+            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not one of {GRANULARITIES}")
         if cast in (int, float) and not math.isfinite(out):
-            raise InputError(f"{part}={text!r}: {item!r} is not a finite number")
+            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not a finite number")
         if cast in (int, float) and not (lo_ok < out <= hi_ok if strict else lo_ok <= out <= hi_ok):
-            raise InputError(f"{part}={text!r}: {item!r} lies outside {'(' if strict else '['}{lo_ok}, {hi_ok}]")
+            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} lies outside {'(' if strict else '['}{lo_ok}, {hi_ok}]")
         return out
 
     base = value(base_text) if base_text else None
     if not body:
         if base is not None:
-            raise InputError(f"{part}={text!r}: a base (@v) needs a space before it, e.g. 1..4@2")
+            raise InputError(f"TuneSettings.{part} {text!r}: a base (@v) needs a space before it, e.g. 1..4@2")
         return Space("inherit", log=log)
     if ".." in body:
         if cast is str:
-            raise InputError(f"{part}={text!r}: {part} takes a list (a,b) or one value, not a range")
+            raise InputError(f"TuneSettings.{part} {text!r}: {part} takes a list (a,b) or one value, not a range")
         lo, hi = (value(v) for v in body.split("..", 1))
         if cast is not Budget and not lo < hi:
-            raise InputError(f"{part}={text!r}: the range needs lo < hi")
+            raise InputError(f"TuneSettings.{part} {text!r}: the range needs lo < hi")
         if base is not None and cast is not Budget and not lo <= base <= hi:
-            raise InputError(f"{part}={text!r}: the base {base} lies outside the range")
+            raise InputError(f"TuneSettings.{part} {text!r}: the base {base} lies outside the range")
         return Space("range", (lo, hi), base, log)
     items = tuple(value(v) for v in body.split(",") if v)
     if len(items) > 1:
         if len(set(map(str, items))) != len(items):
-            raise InputError(f"{part}={text!r}: the list repeats a value")
+            raise InputError(f"TuneSettings.{part} {text!r}: the list repeats a value")
         if base is not None and str(base) not in map(str, items):
-            raise InputError(f"{part}={text!r}: the base {base} is not in the list")
+            raise InputError(f"TuneSettings.{part} {text!r}: the base {base} is not in the list")
         return Space("choices", items, base, log)
     return Space("fixed", items, None, log)
 

@@ -161,20 +161,34 @@ def importances(study: optuna.Study, searched: Sequence[Any], params: Sequence[s
 
 def check_sqlite_writable(url: str) -> None:
     """A sqlite study file (or its folder) that cannot be written fails later inside Optuna with a misleading
-    message ("invalid data in the commit"); say what it is now."""
+    message ("invalid data in the commit"); say what it is now. An in-memory database is refused: its study would
+    vanish with this process, so no other worker could join it and no run could resume it."""
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
-    if path is None or str(path) in ("", ":memory:"):
-        return
+    if path is None or str(path) in ("", ":memory:", "%3Amemory%3A") or url.rstrip("/") == "sqlite:":
+        raise InputError(f"--storage {url} is an in-memory database: the study would vanish with this run; give a "
+                         "file (sqlite:///study.db), or leave --storage out for OUT_DIR/study.db")
+    parent = next((p for p in path.parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise InputError(f"--storage {url}: {parent} is a file, so the study database cannot be created there; "
+                         "choose another path")
     if path.exists() and not os.access(path, os.W_OK):
         raise AllocatorError(f"the study database {path} is read-only; make it writable (chmod u+w) or choose "
                              "another -o / --storage")
-    if not path.exists() and path.parent.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
-        raise AllocatorError(f"cannot create the study database in {path.parent} (read-only folder); choose "
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise AllocatorError(f"cannot create the study database in {parent} (read-only folder); choose "
                              "another -o / --storage")
 
 
 _DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pymysql": "pymysql",
                     "MySQLdb": "mysqlclient"}
+# SQLAlchemy's default driver of each dialect, for a URL that names none (postgresql://, mysql://)
+_DIALECT_DRIVERS = {"postgresql": "psycopg2", "postgres": "psycopg2", "mysql": "MySQLdb", "mariadb": "MySQLdb"}
+
+
+def _default_driver(url: str) -> str:
+    scheme = url.split("://", 1)[0]
+    dialect, _, driver = scheme.partition("+")
+    return driver or _DIALECT_DRIVERS.get(dialect, dialect)
 
 
 def storage_error(url: str, exc: BaseException) -> AllocatorError:
@@ -189,8 +203,8 @@ def storage_error(url: str, exc: BaseException) -> AllocatorError:
         return AllocatorError(f"the study database {redact(url)} is read-only; make it writable or choose another "
                               "-o / --storage")
     driver = re.search(r"No module named '([\w.]+)'", str(cause))
-    if driver or isinstance(cause, ModuleNotFoundError):
-        module = (driver[1] if driver else str(cause)).split(".")[0]
+    if driver or isinstance(cause, ImportError):  # Optuna re-raises a missing driver as a plain ImportError
+        module = (driver[1] if driver else _default_driver(url)).split(".")[0]
         package = _DRIVER_PACKAGES.get(module, module)
         return InputError(f"the --storage URL {redact(url)} needs the Python package {package!r}: pip install "
                           f"'{package}'")
