@@ -43,6 +43,12 @@ class Component:
     is_parameter: bool = False  # a 3-D expert parameter: needs PEFT's target_parameters
     n_experts: int = 1  # experts stored in one 3-D parameter (cost multiplies by this)
     default_target: bool = True  # False for routers and other modules excluded unless asked for
+    export_as_parameter: bool = False  # an nn.Linear PEFT gets as target_parameters "<name>.weight" (peft_rewrites)
+
+    @property
+    def peft_name(self) -> str:
+        """The name the exported LoraConfig uses: ``name``, or ``name + ".weight"`` when ``export_as_parameter``."""
+        return f"{self.name}.weight" if self.export_as_parameter else self.name
 
     @property
     def n_params_per_rank(self) -> int:
@@ -116,7 +122,20 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
     components = _mark_ties(components, [s.weight_id for s in sites])
     if guesses:
         _warn_guesses(guesses)
-    return sorted(components, key=lambda c: c.name)
+    return sorted(peft_exports(components, top_type), key=lambda c: c.name)
+
+
+def peft_exports(components: list[Component] | tuple[Component, ...], model_type: str | None) -> list[Component]:
+    """``export_as_parameter`` on every ``nn.Linear`` whose ``target_modules`` entry PEFT would rewrite on this
+    model type (``architectures.peft_rewrites``: shared-expert and dense-MLP ``gate_proj``/``up_proj``/``down_proj``
+    of qwen3_next, qwen3_moe, ...). PEFT adapts ``<name>.weight`` in ``target_parameters`` with a ``ParamWrapper``:
+    the same ``lora_A``/``lora_B`` shapes and count, and a saved adapter reloads onto the same module."""
+    from allocator.architectures import peft_rewrites
+
+    return [replace(c, export_as_parameter=True)
+            if not (c.is_parameter or c.export_as_parameter or c.module_class == "Conv1D")
+            and peft_rewrites(model_type, c.name.rsplit(".", 1)[-1]) else c
+            for c in components]
 
 
 def text_config(model: nn.Module) -> Any:

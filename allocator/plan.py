@@ -12,13 +12,12 @@ Writes are atomic: everything is written to a temporary sibling folder and renam
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +115,12 @@ class Plan:
         principal directions of each module's input at exactly the plan's ranks (``allocator.lora_init``; MoE
         expert weights adapted as parameters keep PEFT's init).
         """
+        from allocator.components import peft_exports
         from allocator.export import get_peft_model_quietly
 
+        # a plan saved before export_as_parameter existed names rewritten linears in target_modules: mark them here
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        plan = replace(self, components=tuple(peft_exports(self.components, model_type)))
         components, eva = None, {}
         if self.init == "eva":
             if init_data is None:
@@ -128,9 +131,7 @@ class Plan:
             eva = eva_targets(self.components, self.targets)
             if eva:
                 components = eva_components(model, list(eva), init_data, max(eva.values()))
-        config = self.to_lora_config(**lora_kwargs)
-        with _without_peft_moe_remap(model, self.targets):
-            peft_model = get_peft_model_quietly(model, config)
+        peft_model = get_peft_model_quietly(model, plan.to_lora_config(**lora_kwargs))
         trainable, _ = peft_model.get_nb_trainable_parameters()
         if trainable != self.cost:
             raise AllocatorError(
@@ -222,28 +223,6 @@ class Plan:
                 shutil.rmtree(out.parent, ignore_errors=True)
             raise
         return out
-
-
-@contextlib.contextmanager
-def _without_peft_moe_remap(model: Any, targets: Mapping[str, int]):
-    """PEFT >= 0.18 rewrites list targets ending in ``.gate_proj``/``.up_proj``/... into fused expert parameters
-    for some MoE model types (qwen3_next, qwen3_moe, minimax, ...), even full names of dense or shared-expert
-    linears (``peft.utils.transformers_weight_conversion._convert_peft_config_moe``). The plan names exactly the
-    modules it means, so the rewrite is sidestepped by hiding ``model_type`` while PEFT injects."""
-    from allocator.architectures import peft_target_remap
-
-    config = getattr(model, "config", None)
-    remap = peft_target_remap(getattr(config, "model_type", None))
-    hit = any(name == old or name.endswith("." + old) for name in targets for old in remap)
-    if not hit:
-        yield
-        return
-    model_type = config.model_type
-    config.model_type = f"{model_type}-allocator-exact-targets"
-    try:
-        yield
-    finally:
-        config.model_type = model_type
 
 
 def check_output_dir(out: Path, *, overwrite: bool) -> None:

@@ -173,7 +173,7 @@ def peft_trainable(model: torch.nn.Module, components: list[Component], rank: in
     """Trainable parameters PEFT creates when every eligible component gets ``rank``.
 
     ``model_type`` is hidden while injecting: for qwen2_moe/mixtral-pattern model types PEFT rewrites targets
-    ending in gate_proj/up_proj/down_proj into expert parameters (see architectures.peft_target_remap).
+    ending in gate_proj/up_proj/down_proj into expert parameters (see architectures.peft_rewrites).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -206,11 +206,18 @@ def test_peft_refusal_is_never_offered_even_without_fused_kernels():
         get_peft_model(model, LoraConfig(target_modules=[out_proj[0].name]))
 
 
-def test_peft_moe_remap_reported_for_qwen2_moe_pattern_types():
-    from allocator.architectures import peft_target_remap
+def test_linears_peft_would_rewrite_are_exported_as_parameters(tiny_models):
+    """qwen3_next's shared-expert and dense-MLP gate/up/down linears go to target_parameters as '<name>.weight'."""
+    from allocator.architectures import peft_rewrites
 
-    assert peft_target_remap("qwen3_next")["gate_proj"] == "gate_up_proj"
-    assert peft_target_remap("qwen3_5_text") == {} and peft_target_remap("llama") == {}
+    assert peft_rewrites("qwen3_next", "gate_proj") and peft_rewrites("minimax", "w1")
+    assert not peft_rewrites("qwen3_next", "q_proj") and not peft_rewrites("llama", "gate_proj")
+    comps = {c.name: c for c in find_components(tiny_models("qwen3_next"))}
+    for name in ("model.layers.0.mlp.shared_expert.gate_proj", "model.layers.2.mlp.down_proj"):
+        assert comps[name].export_as_parameter and comps[name].peft_name == name + ".weight"
+        assert comps[name].eligible and not comps[name].is_parameter  # probed and priced as the linear it is
+    assert not comps["model.layers.1.self_attn.q_proj"].export_as_parameter
+    assert not any(c.export_as_parameter for c in find_components(tiny_models("qwen3_5_moe")))
 
 
 @pytest.mark.parametrize("model_type,kinds", [
