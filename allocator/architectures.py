@@ -207,8 +207,8 @@ def label_families(label: str | None) -> tuple[str, ...] | None:
 def dead_entry(config: Any, layer: int | None, name: str) -> str | None:
     """Zamba2 per-layer adapter lists: only entry ``hybrid_layer_ids.index(layer)`` runs in ``layer``.
 
-    ``Zamba2Attention.forward`` / ``Zamba2MLP.forward`` call ``*_adapter_list[layer_dic[layer_idx]]`` only; the
-    other non-Identity entries of that block's list are parameters that never execute in this layer.
+    ``Zamba2Attention.forward`` / ``Zamba2MLP.forward`` call ``*_adapter_list[layer_dic[layer_idx]]`` only;
+    the other non-Identity entries of that block's list are parameters that never execute in this layer.
     """
     match = re.search(r"_adapter_list\.(\d+)(\.|$)", name)
     ids = getattr(config, "hybrid_layer_ids", None)
@@ -220,10 +220,10 @@ def dead_entry(config: Any, layer: int | None, name: str) -> str | None:
     return f"dead adapter entry: layer {layer} runs only entry {live} of this list (Zamba2 layer_dic)"
 
 
-# ---- PEFT's own behaviour ---------------------------------------------------------------------------------------
-# Every use of PEFT internals in this package is in this section, written against PEFT 0.21.2 (transformers 5.24).
-# Each function asks PEFT's own code on a stand-in model (only ``config.model_type`` is read), so a newer PEFT's
-# lists are honoured; an ImportError (another PEFT) means "PEFT does not do this".
+# ---- PEFT's own behaviour ---------------------------------------------------------------------------------
+# Every use of PEFT internals in this package is in this section, written against PEFT 0.21.2 and
+# transformers 5.24. Each function asks PEFT's own code on a stand-in model (only ``config.model_type`` is
+# read), so a newer PEFT's lists are honoured; an ImportError (another PEFT) means "PEFT does not do this".
 
 
 def peft_refuses(model_type: str | None, leaf: str) -> str | None:
@@ -246,19 +246,18 @@ def peft_refuses(model_type: str | None, leaf: str) -> str | None:
 
 @functools.cache
 def peft_rewrites(model_type: str | None, leaf: str) -> str | None:
-    """PEFT's rewrite of a ``target_modules`` entry ending in ``.leaf`` on this model type, as a reason; None if
-    PEFT keeps the entry as written.
+    """PEFT's rewrite of a ``target_modules`` entry ending in ``.leaf`` on this model type, as a reason; None
+    if PEFT keeps the entry as written.
 
     With transformers v5, ``BaseTuner.inject_adapter`` passes every LoRA config, including one read by
     ``LoraConfig.from_pretrained``, through ``peft.utils.transformers_weight_conversion.
-    convert_peft_config_for_transformers``. For model types on the ``qwen2_moe``/``mixtral`` conversion pattern
-    (qwen3_next, qwen3_moe, deepseek_v3, glm4_moe, minimax, ...) ``_convert_peft_config_moe`` turns every list
-    target ending in ``.gate_proj``/``.up_proj``/``.down_proj``/``.gate`` (``.w1``/``.w2``/``.w3``) into the bare
-    expert parameter name (``gate_up_proj``, ``down_proj``, ``gate.weight``) in ``target_parameters``, even the full
-    name of a shared-expert or dense-MLP linear, doubles the rank of fused pairs and raises when only one of a
-    pair is named. Such a linear is exported as the parameter ``<name>.weight`` instead (``Component.peft_name``),
-    which PEFT leaves alone.
-    """
+    convert_peft_config_for_transformers``. For model types on the ``qwen2_moe``/``mixtral`` conversion
+    pattern (qwen3_next, qwen3_moe, deepseek_v3, glm4_moe, minimax, ...) ``_convert_peft_config_moe`` turns
+    every list target ending in ``.gate_proj``/``.up_proj``/``.down_proj``/``.gate`` (``.w1``/``.w2``/``.w3``)
+    into the bare expert parameter name (``gate_up_proj``, ``down_proj``, ``gate.weight``) in
+    ``target_parameters``, even the full name of a shared-expert or dense-MLP linear, doubles the rank of
+    fused pairs and raises when only one of a pair is named. Such a linear is exported as the parameter
+    ``<name>.weight`` instead (``Component.peft_name``), which PEFT leaves alone."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers as convert

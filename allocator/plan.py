@@ -118,7 +118,7 @@ class Plan:
         from allocator.components import peft_exports
         from allocator.export import get_peft_model_quietly
 
-        # a plan saved before export_as_parameter existed names rewritten linears in target_modules: mark them here
+        # a plan saved before export_as_parameter existed lists such linears in target_modules: mark them here
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         plan = replace(self, components=tuple(peft_exports(self.components, model_type)))
         components, eva = None, {}

@@ -161,8 +161,8 @@ def test_plan_written_before_export_as_parameter_still_applies_exactly():
     model = build("qwen3_next")
     components = [replace(c, export_as_parameter=False) for c in find_components(model)]
     shared = "model.layers.0.mlp.shared_expert.up_proj"
-    plan = Plan(model_id="tiny", components=tuple(components), ranks={shared: 2, "model.layers.2.mlp.gate_proj": 1},
-                budget=10**9)
+    ranks = {shared: 2, "model.layers.2.mlp.gate_proj": 1}
+    plan = Plan(model_id="tiny", components=tuple(components), ranks=ranks, budget=10**9)
     peft_model = plan.apply(model)  # raises unless trainable params == plan.cost
     assert type(peft_model.base_model.model.get_submodule(shared)).__name__ == "ParamWrapper"
 
