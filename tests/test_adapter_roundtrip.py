@@ -17,6 +17,7 @@ asserts bit-identical logits; otherwise they agree to 1e-5 of the largest logit.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -62,6 +63,18 @@ def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
 
 
+def _ranks_and_alphas(peft_model: torch.nn.Module) -> dict[str, tuple[int, float]]:
+    """(r, lora_alpha) of every adapted module or parameter, by the name the plan exports it under."""
+    found = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if "default" in (getattr(module, "r", None) or {}):
+            name = re.sub(r"(\.base_layer)+$", "", name)  # ParamWrappers nest on a module with two parameters
+            if hasattr(module, "parameter_name"):  # lora.ParamWrapper
+                name = f"{name}.{module.parameter_name}"
+            found[name] = (module.r["default"], module.lora_alpha["default"])
+    return found
+
+
 def _train_one_step(peft_model: torch.nn.Module) -> None:
     """lora_B gets random non-zero values (so every adapter matters to the logits), then one AdamW step."""
     gen = torch.Generator().manual_seed(1)
@@ -88,7 +101,7 @@ def test_saved_adapter_reloads_and_merges_exactly(model_type, start, tmp_path):
     plan = _plan(base)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     base_logits = _logits(base, ids)
-    plan_dir = plan.save(tmp_path / "plan", report=False)
+    plan_dir = plan.save(tmp_path / "plan")
 
     if start == "peft":  # plain PEFT, this package not involved
         peft_model = get_peft_model(_build(model_type), LoraConfig.from_pretrained(str(plan_dir)))
@@ -102,6 +115,9 @@ def test_saved_adapter_reloads_and_merges_exactly(model_type, start, tmp_path):
 
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(_build(model_type), str(tmp_path / "adapter"))
+    by_name = plan.by_name
+    planned = {by_name[n].peft_name: (r, plan.alpha_ratio * r) for n, r in plan.targets.items()}
+    assert _ranks_and_alphas(reloaded) == planned, "the reloaded adapter has other modules, ranks or alphas"
     trained, loaded = _lora_tensors(peft_model), _lora_tensors(reloaded)
     assert sorted(loaded) == sorted(trained), "the reloaded adapter wraps other modules"
     assert all(torch.equal(loaded[n], t) for n, t in trained.items()), "the reloaded LoRA tensors differ"
