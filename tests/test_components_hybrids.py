@@ -8,6 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 from tiny_models import EXPECTED, TINY, build, called_linears
+from transformers import PretrainedConfig
 
 from allocator.discovery.component import Component
 from allocator.discovery.components import find_components
@@ -58,7 +59,8 @@ def test_every_linear_is_listed_once_with_its_shape(tiny_models, model_type):
 
 @pytest.mark.parametrize("model_type", HYBRIDS)
 def test_effective_linears_are_exactly_those_the_cpu_forward_calls(tiny_models, model_type):
-    """Without fused kernels, a module runs iff it is effective (PEFT refusals aside: they run but cannot be adapted)."""
+    """Without fused kernels, a module runs iff it is effective (PEFT refusals and weights shared by distinct
+    modules aside: they run, but PEFT cannot adapt them, or not exactly)."""
     model = tiny_models(model_type)
     ran = called_linears(model)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -66,7 +68,8 @@ def test_effective_linears_are_exactly_those_the_cpu_forward_calls(tiny_models, 
         module = modules.get(c.name)
         if c.is_parameter or not isinstance(module, torch.nn.Linear):
             continue
-        peft_only = "PEFT refuses" in c.note and "bypassed" not in c.note and "dead" not in c.note
+        peft_only = ("PEFT refuses" in c.note or "merge_and_unload()" in c.note) and not (
+            "bypassed" in c.note or "dead" in c.note)
         assert (id(module) in ran) == (c.lora_effective or peft_only), (c.name, c.note)
 
 
@@ -141,14 +144,17 @@ def test_granite_shared_mlp_is_a_shared_expert_beside_the_moe_block(tiny_models)
     assert comps["model.layers.0.block_sparse_moe.experts.gate_up_proj"].kind == "expert"
 
 
-def test_zamba2_shared_block_later_call_sites_are_tied_to_the_first(tiny_models):
-    """Layers 1 and 3 run shared block 0 (num_mem_blocks=2): one weight, so layer 3 points at layer 1."""
+def test_zamba2_shared_block_with_several_call_sites_is_not_offered(tiny_models):
+    """Layers 1 and 3 run shared block 0 (num_mem_blocks=2): distinct modules, one weight. A LoRA on one would
+    run in that layer only, but merge_and_unload() would write it into the weight both read: neither is
+    offered."""
     comps = {c.name: c for c in find_components(tiny_models("zamba2"))}
     q1, q3 = (comps[f"model.layers.{i}.shared_transformer.self_attn.q_proj"] for i in (1, 3))
-    assert q1.tied_to is None and q1.eligible
-    assert q3.tied_to == q1.name and not q3.eligible and q3.lora_effective
-    assert comps["model.layers.2.shared_transformer.self_attn.q_proj"].tied_to is None  # block 1
-    assert comps["model.layers.1.linear"].tied_to is None  # the per-layer projection is not shared
+    for q in (q1, q3):
+        assert not q.lora_effective and q.tied_to is None and "merge_and_unload()" in q.note
+    assert comps["model.layers.2.shared_transformer.self_attn.q_proj"].eligible  # block 1: layer 2 only
+    assert comps["model.layers.1.linear"].eligible  # the per-layer projection is not shared
+    assert comps["model.layers.3.shared_transformer.self_attn.linear_q_adapter_list.2.0"].eligible
 
 
 def test_zamba2_adapter_entries_of_other_layers_never_run(tiny_models):
@@ -164,17 +170,19 @@ def test_zamba2_adapter_entries_of_other_layers_never_run(tiny_models):
     assert id(modules[live]) in ran and id(modules[dead]) not in ran
 
 
-def test_zamba_shared_transformer_tied_and_per_layer_linear_attention(tiny_models):
+def test_zamba_shared_transformer_not_offered_and_per_layer_linear_attention(tiny_models):
     comps = {c.name: c for c in find_components(tiny_models("zamba"))}
-    assert comps["model.layers.3.shared_transf.self_attn.q_proj"].tied_to == "model.layers.1.shared_transf.self_attn.q_proj"
-    assert (comps["model.layers.3.linear"].family, comps["model.layers.3.linear"].tied_to) == ("attention", None)
+    shared = [c for c in comps.values() if ".shared_transf." in c.name]
+    assert shared and not any(c.lora_effective or c.tied_to for c in shared)
+    linear = comps["model.layers.3.linear"]
+    assert (linear.family, linear.eligible) == ("attention", True)
 
 
 def peft_trainable(model: torch.nn.Module, components: list[Component], rank: int) -> int:
     """Trainable parameters PEFT creates when every eligible component gets ``rank``.
 
     ``model_type`` is hidden while injecting: for qwen2_moe/mixtral-pattern model types PEFT rewrites targets
-    ending in gate_proj/up_proj/down_proj into expert parameters (see architectures.peft_target_remap).
+    ending in gate_proj/up_proj/down_proj into expert parameters (see architectures.peft_rewrites).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -207,11 +215,18 @@ def test_peft_refusal_is_never_offered_even_without_fused_kernels():
         get_peft_model(model, LoraConfig(target_modules=[out_proj[0].name]))
 
 
-def test_peft_moe_remap_reported_for_qwen2_moe_pattern_types():
-    from allocator.discovery.architectures import peft_target_remap
+def test_linears_peft_would_rewrite_are_exported_as_parameters(tiny_models):
+    """qwen3_next's shared-expert and dense-MLP gate/up/down linears are exported as '<name>.weight'."""
+    from allocator.discovery.architectures import peft_rewrites
 
-    assert peft_target_remap("qwen3_next")["gate_proj"] == "gate_up_proj"
-    assert peft_target_remap("qwen3_5_text") == {} and peft_target_remap("llama") == {}
+    assert peft_rewrites("qwen3_next", "gate_proj") and peft_rewrites("minimax", "w1")
+    assert not peft_rewrites("qwen3_next", "q_proj") and not peft_rewrites("llama", "gate_proj")
+    comps = {c.name: c for c in find_components(tiny_models("qwen3_next"))}
+    for name in ("model.layers.0.mlp.shared_expert.gate_proj", "model.layers.2.mlp.down_proj"):
+        assert comps[name].export_as_parameter and comps[name].peft_name == name + ".weight"
+        assert comps[name].eligible and not comps[name].is_parameter  # probed and priced as the linear it is
+    assert not comps["model.layers.1.self_attn.q_proj"].export_as_parameter
+    assert not any(c.export_as_parameter for c in find_components(tiny_models("qwen3_5_moe")))
 
 
 @pytest.mark.parametrize("model_type,kinds", [
@@ -278,3 +293,52 @@ def test_unknown_modules_fall_back_with_a_warning_naming_each_guess_and_never_cr
 def test_component_round_trips_through_dict(tiny_models):
     for c in find_components(tiny_models("zamba2"))[:20]:
         assert Component.from_dict(c.to_dict()) == c
+
+
+class SharedBlocksLM(torch.nn.Module):
+    """Layers 0 and 2 run one block object; layers 1 and 3 run distinct blocks whose q_proj share a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = PretrainedConfig(num_hidden_layers=4)
+        same, first, second = Oddball(), Oddball(), Oddball()
+        second.attn.q_proj.weight = first.attn.q_proj.weight  # as transformers 5 ties Zamba's shared blocks
+        self.blocks = torch.nn.ModuleList([same, first, same, second])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block.attn.q_proj(x)
+        return x
+
+
+def _merge_error(model: torch.nn.Module, target: str) -> tuple[float, float]:
+    """(max |merged - adapted|, max |adapted - base|) with a random LoRA on ``target``."""
+    from peft import LoraConfig, get_peft_model
+
+    x = torch.randn(4, 8)
+    base = model(x).detach()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[target]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    adapted = peft_model(x).detach()
+    merged = peft_model.merge_and_unload()(x).detach()
+    return (merged - adapted).abs().max().item(), (adapted - base).abs().max().item()
+
+
+def test_shared_weight_in_distinct_modules_is_refused_and_a_shared_module_is_tied():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AllocatorWarning)
+        comps = {c.name: c for c in find_components(SharedBlocksLM())}
+    assert comps["blocks.0.attn.q_proj"].eligible
+    assert comps["blocks.2.attn.q_proj"].tied_to == "blocks.0.attn.q_proj"  # one module: PEFT's wrapper runs
+    for name in ("blocks.1.attn.q_proj", "blocks.3.attn.q_proj"):
+        assert not comps[name].lora_effective and comps[name].tied_to is None
+        assert "merge_and_unload()" in comps[name].note and "layers 1, 3" in comps[name].note
+    # what the marks rest on: merging the shared module is exact, merging one of two distinct modules is not
+    error, effect = _merge_error(SharedBlocksLM(), "blocks.0.attn.q_proj")
+    assert error < 1e-5 * effect
+    error, effect = _merge_error(SharedBlocksLM(), "blocks.1.attn.q_proj")
+    assert error > 0.1 * effect

@@ -167,3 +167,28 @@ def _random_plan_all(model, seed: int) -> Plan:
     ranks = {c.name: rng.choice([0, 2, 4]) for c in eligible}
     ranks[eligible[0].name] = 1
     return Plan(model_id="tiny", components=tuple(components), ranks=ranks, budget=10**9)
+
+
+def test_plan_written_before_export_as_parameter_still_applies_exactly():
+    """An allocation.json without ``export_as_parameter`` names qwen3_next's shared-expert linears in
+    target_modules; ``apply`` marks them again for the model's type, so PEFT does not rewrite them."""
+    from dataclasses import replace
+
+    from tiny_models import build
+
+    model = build("qwen3_next")
+    components = [replace(c, export_as_parameter=False) for c in find_components(model)]
+    shared = "model.layers.0.mlp.shared_expert.up_proj"
+    ranks = {shared: 2, "model.layers.2.mlp.gate_proj": 1}
+    plan = Plan(model_id="tiny", components=tuple(components), ranks=ranks, budget=10**9)
+    peft_model = plan.apply(model)  # raises unless trainable params == plan.cost
+    assert type(peft_model.base_model.model.get_submodule(shared)).__name__ == "ParamWrapper"
+
+
+def test_dropout_with_parameter_targets_is_refused_with_the_reason():
+    from tiny_models import build
+
+    model = build("qwen3_next", meta=True)
+    plan = _random_plan_all(model, seed=0)
+    with pytest.raises(InputError, match="target_parameters.*lora_dropout"):
+        plan.to_lora_config(lora_dropout=0.1)

@@ -40,7 +40,7 @@ def _inputs(model, name, batches):
     return torch.cat(rows).double()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "falcon_h1"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "falcon_h1", "qwen3_next"])  # qwen3_next: ParamWrappers
 def test_eva_init_keeps_ranks_and_count_and_starts_at_the_base_model(model_type, saved_tiny_model, corpus_file):
     model, batches, plan = _setup(saved_tiny_model, corpus_file, model_type)
     ids = batches[0]["input_ids"]

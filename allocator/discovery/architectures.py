@@ -8,6 +8,7 @@ each family. Reference: transformers ``models/<family>/modeling_<family>.py``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -203,6 +204,28 @@ def label_families(label: str | None) -> tuple[str, ...] | None:
     return None
 
 
+def dead_entry(config: Any, layer: int | None, name: str) -> str | None:
+    """Zamba2 per-layer adapter lists: only entry ``hybrid_layer_ids.index(layer)`` runs in ``layer``.
+
+    ``Zamba2Attention.forward`` / ``Zamba2MLP.forward`` call ``*_adapter_list[layer_dic[layer_idx]]`` only;
+    the other non-Identity entries of that block's list are parameters that never execute in this layer.
+    """
+    match = re.search(r"_adapter_list\.(\d+)(\.|$)", name)
+    ids = getattr(config, "hybrid_layer_ids", None)
+    if match is None or layer is None or not ids or layer not in ids:
+        return None
+    live = list(ids).index(layer)
+    if int(match.group(1)) == live:
+        return None
+    return f"dead adapter entry: layer {layer} runs only entry {live} of this list (Zamba2 layer_dic)"
+
+
+# ---- PEFT's own behaviour ---------------------------------------------------------------------------------
+# Every use of PEFT internals in this package is in this section, written against PEFT 0.21.2 and
+# transformers 5.24. Each function asks PEFT's own code on a stand-in model (only ``config.model_type`` is
+# read), so a newer PEFT's lists are honoured; an ImportError (another PEFT) means "PEFT does not do this".
+
+
 def peft_refuses(model_type: str | None, leaf: str) -> str | None:
     """PEFT's own refusal of this target for this model type, as a reason; None if PEFT accepts it.
 
@@ -221,35 +244,31 @@ def peft_refuses(model_type: str | None, leaf: str) -> str | None:
     return None
 
 
-def dead_entry(config: Any, layer: int | None, name: str) -> str | None:
-    """Zamba2 per-layer adapter lists: only entry ``hybrid_layer_ids.index(layer)`` runs in ``layer``.
+@functools.cache
+def peft_rewrites(model_type: str | None, leaf: str) -> str | None:
+    """PEFT's rewrite of a ``target_modules`` entry ending in ``.leaf`` on this model type, as a reason; None
+    if PEFT keeps the entry as written.
 
-    ``Zamba2Attention.forward`` / ``Zamba2MLP.forward`` call ``*_adapter_list[layer_dic[layer_idx]]`` only; the
-    other non-Identity entries of that block's list are parameters that never execute in this layer.
-    """
-    match = re.search(r"_adapter_list\.(\d+)(\.|$)", name)
-    ids = getattr(config, "hybrid_layer_ids", None)
-    if match is None or layer is None or not ids or layer not in ids:
-        return None
-    live = list(ids).index(layer)
-    if int(match.group(1)) == live:
-        return None
-    return f"dead adapter entry: layer {layer} runs only entry {live} of this list (Zamba2 layer_dic)"
-
-
-def peft_target_remap(model_type: str | None) -> dict[str, str]:
-    """Target leaf names that PEFT silently rewrites to 3-D expert parameters for this model type.
-
-    With transformers v5, ``BaseTuner.inject_adapter`` calls ``convert_peft_config_for_transformers``: for model
-    types mapped to the ``qwen2_moe`` or ``mixtral`` conversion pattern (qwen3_next, qwen3_moe, deepseek_v3,
-    minimax, ...) every ``target_modules`` entry ending in ``.gate_proj``/``.up_proj``/``.down_proj``/``.gate``
-    (``.w1``/``.w2``/``.w3``/``.gate`` for mixtral) becomes an expert ``target_parameters`` entry, even a full
-    name of a shared-expert or dense-MLP linear, and fused targets get their rank doubled. Whoever hands names to
-    PEFT must sidestep this (the adapters land elsewhere otherwise). Empty when PEFT has no such table.
-    """
+    With transformers v5, ``BaseTuner.inject_adapter`` passes every LoRA config, including one read by
+    ``LoraConfig.from_pretrained``, through ``peft.utils.transformers_weight_conversion.
+    convert_peft_config_for_transformers``. For model types on the ``qwen2_moe``/``mixtral`` conversion
+    pattern (qwen3_next, qwen3_moe, deepseek_v3, glm4_moe, minimax, ...) ``_convert_peft_config_moe`` turns
+    every list target ending in ``.gate_proj``/``.up_proj``/``.down_proj``/``.gate`` (``.w1``/``.w2``/``.w3``)
+    into the bare expert parameter name (``gate_up_proj``, ``down_proj``, ``gate.weight``) in
+    ``target_parameters``, even the full name of a shared-expert or dense-MLP linear, doubles the rank of
+    fused pairs and raises when only one of a pair is named. Such a linear is exported as the parameter
+    ``<name>.weight`` instead (``Component.peft_name``), which PEFT leaves alone."""
     try:
-        from peft.utils import transformers_weight_conversion as conv
-    except ImportError:
-        return {}
-    pattern = conv._MODEL_TO_CONVERSION_PATTERN.get(model_type or "")
-    return dict(conv._MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if pattern else {}
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers as convert
+    except ImportError:  # transformers < 5, or a PEFT without the conversion
+        return None
+    target = f"model.layers.0.mlp.{leaf}"
+    config = LoraConfig(target_modules=[target])
+    reason = (f"PEFT rewrites a target ending in '.{leaf}' on model_type '{model_type}' into expert "
+              "target_parameters (convert_peft_config_for_transformers)")
+    try:
+        convert(config, SimpleNamespace(config=SimpleNamespace(model_type=model_type)), None)
+    except ValueError:  # "Cannot convert PEFT target(s) gate_proj without also targeting up_proj"
+        return reason
+    return None if set(config.target_modules or ()) == {target} and not config.target_parameters else reason

@@ -27,12 +27,20 @@ class Component:
     d_in: int
     d_out: int
     module_class: str  # class name of the module (or of the owner of a 3-D parameter)
-    lora_effective: bool = True  # False: a LoRA here would never run (bypassed forward, dead entry, PEFT refusal)
+    # lora_effective False: a LoRA here would never run (bypassed forward, dead entry), PEFT refuses it, or a
+    # merge would not reproduce it (a weight shared by distinct modules); the reason is in ``note``
+    lora_effective: bool = True
     note: str = ""  # why not effective, or what was guessed
-    tied_to: str | None = None  # name of the first call site sharing this weight (Zamba shared blocks)
+    tied_to: str | None = None  # first call site of the same module object, listed under several names
     is_parameter: bool = False  # a 3-D expert parameter: needs PEFT's target_parameters
     n_experts: int = 1  # experts stored in one 3-D parameter (cost multiplies by this)
     default_target: bool = True  # False for routers and other modules excluded unless asked for
+    export_as_parameter: bool = False  # an nn.Linear exported as target_parameters "<name>.weight"
+
+    @property
+    def peft_name(self) -> str:
+        """The name in the exported LoraConfig: ``name``, or ``name.weight`` if ``export_as_parameter``."""
+        return f"{self.name}.weight" if self.export_as_parameter else self.name
 
     @property
     def n_params_per_rank(self) -> int:

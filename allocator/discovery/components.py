@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,10 +73,22 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
             name=site.name, layer=p.layer, family=p.family, kind=p.kind, d_in=site.d_in, d_out=site.d_out,
             module_class=site.module_class, lora_effective=note is None, note=note or p.note,
             is_parameter=site.is_parameter, n_experts=site.n_experts, default_target=p.default_target))
-    components = _mark_ties(components, [s.weight_id for s in sites])
+    components = _mark_ties(components, [s.weight_id for s in sites], [_slot(modules, s) for s in sites])
     if guesses:
         _warn_guesses(guesses)
-    return sorted(components, key=lambda c: c.name)
+    return sorted(peft_exports(components, top_type), key=lambda c: c.name)
+
+
+def peft_exports(components: Sequence[Component], model_type: str | None) -> list[Component]:
+    """``export_as_parameter`` on every ``nn.Linear`` whose ``target_modules`` entry PEFT would rewrite on
+    this model type (``architectures.peft_rewrites``: shared-expert and dense-MLP ``gate_proj``/``up_proj``/
+    ``down_proj`` of qwen3_next, qwen3_moe, ...). PEFT adapts ``<name>.weight`` in ``target_parameters`` with
+    a ``ParamWrapper``: the same ``lora_A``/``lora_B`` shapes and count, and a saved adapter reloads onto the
+    same module."""
+    return [replace(c, export_as_parameter=True)
+            if not (c.is_parameter or c.export_as_parameter or c.module_class == "Conv1D")
+            and A.peft_rewrites(model_type, c.name.rsplit(".", 1)[-1]) else c
+            for c in components]
 
 
 def architecture_of(model: nn.Module) -> dict[str, Any]:
@@ -160,19 +173,45 @@ def _not_effective(arch, family, kind, site, config, layer, model_type, fused) -
     return "; ".join(reasons) if reasons else None
 
 
-def _mark_ties(components: list[Component], weight_ids: list[int]) -> list[Component]:
-    """Later call sites of a shared weight get ``tied_to`` = the first effective site (Zamba shared blocks)."""
+def _mark_ties(components: list[Component], weight_ids: list[int],
+               slots: list[tuple[int, str]]) -> list[Component]:
+    """Call sites of one weight tensor (Zamba shared blocks). PEFT wraps the module at the first name it
+    meets, and ``merge_and_unload()`` adds the update to the weight tensor itself. Where every effective site
+    is in one slot (one module object reached through a shared parent), the wrapper runs at all of them: the
+    later ones get ``tied_to`` = the first. Where distinct modules share the tensor (transformers 5's
+    Zamba/Zamba2 blocks), a LoRA would run at one call site but a merge would change all of them: none is
+    offered."""
     by_name = {c.name: c for c in components}
     order = [c.name for c in components]
     groups: dict[int, list[str]] = defaultdict(list)
+    slot_of = dict(zip(order, slots, strict=True))
     for name, wid in zip(order, weight_ids, strict=True):
         groups[wid].append(name)
     for names in groups.values():
         live = [n for n in names if by_name[n].lora_effective]
+        if len({slot_of[n] for n in live}) > 1:
+            note = _shared_weight_note([by_name[n] for n in live])
+            for name in live:
+                by_name[name] = replace(by_name[name], lora_effective=False, note=note)
+            continue
         for name in live[1:]:
             by_name[name] = replace(by_name[name], tied_to=live[0],
-                                    note=f"shares its weight with {live[0]}; adapt it there")
+                                    note=f"shares its module with {live[0]}; adapt it there")
     return [by_name[n] for n in order]
+
+
+def _shared_weight_note(sites: list[Component]) -> str:
+    where = ", ".join(str(c.layer) if c.layer is not None else c.name for c in sites)
+    return (f"one weight read by distinct modules at layers {where}: PEFT's LoRA would run at one call site, "
+            "but merge_and_unload() adds it to the shared weight and so changes every call site; not offered "
+            "(adapt an unshared module beside it: Zamba's per-layer `linear`, Zamba2's adapter lists)")
+
+
+def _slot(modules: dict[str, nn.Module], site: _Site) -> tuple[int, str]:
+    """Where PEFT puts its wrapper for ``site``: the object holding the module, and the attribute path below
+    it. Call sites in one slot run one wrapper."""
+    holder = site.module_path.rpartition(".")[0]
+    return id(modules[holder]), site.name[len(holder) + 1 if holder else 0:]
 
 
 def _output_name(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:

@@ -61,17 +61,18 @@ def lora_config_kwargs(
     chosen = {name: int(r) for name, r in sorted(ranks.items()) if int(r) > 0}
     if not chosen:
         raise AllocatorError("the allocation gives every module rank 0; raise the budget")
-    modules = [n for n in chosen if not by_name[n].is_parameter]
-    parameters = [n for n in chosen if by_name[n].is_parameter]
+    as_parameter = {n for n in chosen if by_name[n].is_parameter or by_name[n].export_as_parameter}
+    modules = [n for n in chosen if n not in as_parameter]
+    parameters = [by_name[n].peft_name for n in chosen if n in as_parameter]
     common_rank = Counter(chosen.values()).most_common(1)[0][0]
-    rank_pattern = {_pattern_key(n): r for n, r in chosen.items()}
+    rank_pattern = {_pattern_key(by_name[n].peft_name): r for n, r in chosen.items()}
     if use_rslora:
         ranks_sorted = sorted(chosen.values())
         alpha = float(rslora_alpha if rslora_alpha is not None else alpha_ratio * ranks_sorted[len(ranks_sorted) // 2])
         alpha_pattern: dict[str, float] = {}
     else:
         alpha = alpha_ratio * common_rank
-        alpha_pattern = {_pattern_key(n): alpha_ratio * r for n, r in chosen.items()}
+        alpha_pattern = {_pattern_key(by_name[n].peft_name): alpha_ratio * r for n, r in chosen.items()}
     kwargs: dict[str, Any] = {
         "r": common_rank,
         "lora_alpha": alpha,
@@ -99,6 +100,12 @@ def to_lora_config(ranks: Mapping[str, int], components: Sequence[Component], **
     if overlap:
         raise InputError(f"{overlap} are set by the plan; pass only other LoraConfig fields")
     kwargs.update(options)
+    refused = [k for k in ("lora_dropout", "use_dora", "lora_bias") if options.get(k)]
+    if refused and kwargs.get("target_parameters"):
+        params = kwargs["target_parameters"]
+        raise InputError(f"PEFT adapts {params[0]} and {len(params) - 1} more as parameters "
+                         f"(target_parameters, lora.ParamWrapper), which refuses "
+                         f"{refused[0]}={options[refused[0]]!r}; leave it unset")
     base = kwargs.pop("base_model_name_or_path", None)
     if not kwargs["target_modules"]:
         kwargs["target_modules"] = None  # PEFT needs None, not [], when only parameters are targeted

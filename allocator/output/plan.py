@@ -13,20 +13,18 @@ overwrite replaces only the files a plan writes. ``allocation.json`` carries a s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from peft import EvaConfig, LoraConfig, PeftModel
 from transformers import PreTrainedModel
 
-from allocator.discovery.architectures import peft_target_remap
 from allocator.discovery.component import Component
-from allocator.discovery.components import architecture_of
+from allocator.discovery.components import architecture_of, peft_exports
 from allocator.errors import AllocatorError, InputError, as_input_error
 from allocator.output.export import (
     adapted_shape,
@@ -160,9 +158,10 @@ class Plan:
                 with as_input_error(ProbeError):
                     check_token_ids(model, init_data)
                 components = eva_components(model, list(eva), init_data, max(eva.values()))
-            config = self.to_lora_config(**lora_kwargs)
-            with _without_peft_moe_remap(model, self.targets):
-                peft_model = get_peft_model_quietly(model, config)
+            # a plan saved before export_as_parameter existed lists such linears in target_modules: mark them here
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            plan = replace(self, components=tuple(peft_exports(self.components, model_type)))
+            peft_model = get_peft_model_quietly(model, plan.to_lora_config(**lora_kwargs))
             trainable, _ = peft_model.get_nb_trainable_parameters()
             if trainable != self.cost:
                 raise AllocatorError(
@@ -314,27 +313,6 @@ def _whole(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         raise InputError(f"{what} must be a whole number, got {value!r}")
     return int(value)
-
-
-@contextlib.contextmanager
-def _without_peft_moe_remap(model: Any, targets: Mapping[str, int]):
-    """PEFT >= 0.18 rewrites list targets ending in ``.gate_proj``/``.up_proj``/... into fused expert parameters
-    for some MoE model types (qwen3_next, qwen3_moe, minimax, ...), even full names of dense or shared-expert
-    linears (``peft.utils.transformers_weight_conversion._convert_peft_config_moe``). The plan names exactly the
-    modules it means, so the rewrite is sidestepped by hiding ``model_type`` while PEFT injects."""
-
-    config = getattr(model, "config", None)
-    remap = peft_target_remap(getattr(config, "model_type", None))
-    hit = any(name == old or name.endswith("." + old) for name in targets for old in remap)
-    if not hit:
-        yield
-        return
-    model_type = config.model_type
-    config.model_type = f"{model_type}-allocator-exact-targets"
-    try:
-        yield
-    finally:
-        config.model_type = model_type
 
 
 def check_output_dir(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
