@@ -182,7 +182,7 @@ def peft_trainable(model: torch.nn.Module, components: list[Component], rank: in
     """Trainable parameters PEFT creates when every eligible component gets ``rank``.
 
     ``model_type`` is hidden while injecting: for qwen2_moe/mixtral-pattern model types PEFT rewrites targets
-    ending in gate_proj/up_proj/down_proj into expert parameters (see architectures.peft_rewrites).
+    ending in gate_proj/up_proj/down_proj into expert parameters (see allocator.compat.peft_rewrites).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -217,7 +217,7 @@ def test_peft_refusal_is_never_offered_even_without_fused_kernels():
 
 def test_linears_peft_would_rewrite_are_exported_as_parameters(tiny_models):
     """qwen3_next's shared-expert and dense-MLP gate/up/down linears are exported as '<name>.weight'."""
-    from allocator.discovery.architectures import peft_rewrites
+    from allocator.compat import peft_rewrites
 
     assert peft_rewrites("qwen3_next", "gate_proj") and peft_rewrites("minimax", "w1")
     assert not peft_rewrites("qwen3_next", "q_proj") and not peft_rewrites("llama", "gate_proj")

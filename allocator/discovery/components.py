@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from allocator import compat
 from allocator.discovery import architectures as A
 from allocator.discovery.classify import Stack, place
 from allocator.discovery.component import Component
@@ -81,13 +82,13 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
 
 def peft_exports(components: Sequence[Component], model_type: str | None) -> list[Component]:
     """``export_as_parameter`` on every ``nn.Linear`` whose ``target_modules`` entry PEFT would rewrite on
-    this model type (``architectures.peft_rewrites``: shared-expert and dense-MLP ``gate_proj``/``up_proj``/
+    this model type (``allocator.compat.peft_rewrites``: shared-expert and dense-MLP ``gate_proj``/``up_proj``/
     ``down_proj`` of qwen3_next, qwen3_moe, ...). PEFT adapts ``<name>.weight`` in ``target_parameters`` with
     a ``ParamWrapper``: the same ``lora_A``/``lora_B`` shapes and count, and a saved adapter reloads onto the
     same module."""
     return [replace(c, export_as_parameter=True)
             if not (c.is_parameter or c.export_as_parameter or c.module_class == "Conv1D")
-            and A.peft_rewrites(model_type, c.name.rsplit(".", 1)[-1]) else c
+            and compat.peft_rewrites(model_type, c.name.rsplit(".", 1)[-1]) else c
             for c in components]
 
 
@@ -168,7 +169,7 @@ def _not_effective(arch, family, kind, site, config, layer, model_type, fused) -
             if rule.kind == kind and rule.leaf == site.leaf and (rule.when == A.ALWAYS or fused):
                 when = "always" if rule.when == A.ALWAYS else "with fused kernels (--no-fused-kernels relaxes)"
                 reasons.append(f"bypassed {when}: {rule.reason}")
-    reasons.append(A.peft_refuses(model_type, site.module_path.rsplit(".", 1)[-1]))
+    reasons.append(compat.peft_refuses(model_type, site.module_path.rsplit(".", 1)[-1]))
     reasons = [r for r in reasons if r]
     return "; ".join(reasons) if reasons else None
 
