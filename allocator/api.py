@@ -66,20 +66,22 @@ def settings_or_default(value: Any, cls: type, name: str) -> Any:
 
 
 def check_source(source: Any, name: str) -> None:
-    """InputError now, before any model loads, unless ``source`` is a form data can take and (a path) exists."""
+    """InputError now, before any model loads, unless ``source`` is a form data can take and (a path)
+    exists."""
 
     if probes.is_token_source(source):
         return
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"{name} must be a file or folder path, 'builtin', or token batches (a list of dicts of "
-                         f"input_ids), got {type(source).__name__}")
+        raise InputError(f"{name} must be a file or folder path, 'builtin', or token batches (a list of "
+                         f"dicts of input_ids), got {type(source).__name__}")
     if str(source) != "builtin" and not Path(source).expanduser().exists():
-        raise InputError(f"{name} {str(source)!r} not found; pass an existing .txt/.jsonl file, a datasets folder "
-                         "or 'builtin'")
+        raise InputError(f"{name} {str(source)!r} not found; pass an existing .txt/.jsonl file, a datasets "
+                         "folder or 'builtin'")
 
 
 def load_or_check_model(model: Any, trust_remote_code: bool) -> tuple[Any, str]:
-    """(loaded model, id it is recorded under) from a hub id, a folder, None (the built-in model) or a model object;
+    """(loaded model, id it is recorded under) from a hub id, a folder, None (the built-in model) or a model
+    object;
     an object that is not a transformers causal LM is an InputError."""
 
     ref = resolve_model_ref(model)
@@ -87,8 +89,9 @@ def load_or_check_model(model: Any, trust_remote_code: bool) -> tuple[Any, str]:
         return load_model(ref, trust_remote_code=trust_remote_code), ref
 
     if not isinstance(ref, nn.Module) or getattr(ref, "config", None) is None:
-        raise InputError(f"model must be a hub id, a model folder, None (the built-in reference model) or a loaded "
-                         f"transformers model (AutoModelForCausalLM.from_pretrained), got {type(ref).__name__}")
+        raise InputError("model must be a hub id, a model folder, None (the built-in reference model) or a "
+                         "loaded transformers model (AutoModelForCausalLM.from_pretrained), got "
+                         f"{type(ref).__name__}")
     return ref, getattr(ref.config, "_name_or_path", "") or type(ref).__name__
 
 
@@ -127,10 +130,13 @@ def allocate(
     """Measure where LoRA parameters pay off on ``data`` and choose ranks under ``budget``.
 
     Args:
-        model: a hub id, a local folder, or a loaded ``PreTrainedModel``; ``None`` takes the built-in reference
+        model: a hub id, a local folder, or a loaded ``PreTrainedModel``; ``None`` takes the built-in
+        reference
             model (a small pretrained Qwen3.5-architecture model shipped with the package).
-        data: calibration data: a ``.txt``/``.jsonl`` file, a ``datasets`` folder, ``"builtin"``, or token batches
-            you have tokenised already (mappings of ``input_ids``, optionally ``labels`` and ``attention_mask``;
+        data: calibration data: a ``.txt``/``.jsonl`` file, a ``datasets`` folder, ``"builtin"``, or token
+        batches
+            you have tokenised already (mappings of ``input_ids``, optionally ``labels`` and
+            ``attention_mask``;
             taken in order, see :func:`probes.load_batches`).
         budget: trainable LoRA parameters: ``"2.5M"``, ``"0.5%"`` of the base model, or ``"r16"`` (what
             uniform rank 16 on every eligible target costs).
@@ -224,12 +230,14 @@ def solve_plan(
     init: str = "default",
     architecture: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Utilities from a probe report, the integer program, and the :class:`~allocator.output.plan.Plan` they make.
+    """Utilities from a probe report, the integer program, and the :class:`~allocator.output.plan.Plan` they
+    make.
 
     The part of :func:`allocate` after probing; ``allocator.tune`` calls it once per trial on a cached report.
     """
 
-    table = compute_utilities(report, components, solver_settings.ranks, utility_settings, risk_report=risk_report)
+    table = compute_utilities(report, components, solver_settings.ranks, utility_settings,
+                              risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
     row, col = table.index(), {r: j for j, r in enumerate(table.ranks)}
     ranks = allocation.ranks
@@ -238,7 +246,9 @@ def solve_plan(
     if table.risk is not None:
         risk = {n: float(table.risk[row[n], col[r]]) for n, r in ranks.items() if n in row}
     provenance = dict(provenance or {})
-    provenance.update(utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings))
+    provenance.update(
+        utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings)
+    )
     return Plan(
         model_id=model_id,
         components=tuple(components),
@@ -261,12 +271,15 @@ def solve_plan(
 
 
 def unprobed_experts_off(component: Any) -> Any:
-    """3-D expert parameters are not probed (the hooks see modules, not parameter slices), so they are left out
+    """3-D expert parameters are not probed (the hooks see modules, not parameter slices), so they are left
+    out
     of the budget and the program rather than counted in ``rN`` and never bought."""
     if not component.is_parameter or not component.default_target:
         return component
     note = "3-D expert weights are not probed yet; add them by hand with LoraConfig(target_parameters=...)"
-    return replace(component, default_target=False, note=(component.note + "; " if component.note else "") + note)
+    return replace(
+        component, default_target=False, note=(component.note + "; " if component.note else "") + note
+    )
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:
@@ -281,8 +294,8 @@ def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
         return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise InputError(
-            f"could not load a tokenizer for {model_id!r} ({type(exc).__name__}); pass tokenizer=... or a folder "
-            "that holds tokenizer files"
+            f"could not load a tokenizer for {model_id!r} ({type(exc).__name__}); pass tokenizer=... or a "
+            "folder that holds tokenizer files"
         ) from None
 
 
@@ -301,5 +314,7 @@ def _probe(model, model_id, data, tokenizer, names, data_settings, probe_setting
         )
         meta = {"model_id": model_id, "data": probes.describe_source(data), **asdict(data_settings)}
         if cache_dir is not None:
-            return probes.run_cached(model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta)
+            return probes.run_cached(
+                model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta
+            )
         return probes.run(model, batches, names, probe_settings, meta=meta)

@@ -27,7 +27,8 @@ class AllocatorWarning(UserWarning):
 
 @contextlib.contextmanager
 def as_input_error(*types: type[BaseException]) -> Iterator[None]:
-    """Re-raise ``types`` (e.g. ``probes.ProbeError``, ``probes.folders.FolderError``) as :class:`InputError` with
+    """Re-raise ``types`` (e.g. ``probes.ProbeError``, ``probes.folders.FolderError``) as :class:`InputError`
+    with
     the same one-line message: the layers below ``allocator`` have their own exceptions."""
     try:
         yield
@@ -37,7 +38,8 @@ def as_input_error(*types: type[BaseException]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def as_failure(*types: type[BaseException]) -> Iterator[None]:
-    """Re-raise ``types`` (e.g. ``probes.errors.ProbeRunError``) as :class:`AllocatorError`: a run that failed for
+    """Re-raise ``types`` (e.g. ``probes.errors.ProbeRunError``) as :class:`AllocatorError`: a run that
+    failed for
     a stated reason (CLI exit 1), not bad input."""
     try:
         yield

@@ -1,4 +1,5 @@
-"""Built-in reference models: small hybrids with the exact transformers architectures, pretrained on the Python
+"""Built-in reference models: small hybrids with the exact transformers architectures, pretrained on the
+Python
 standard library and shipped in ``allocator/zoo/<name>/`` (rebuilt by ``python -m benchmarks.zoo``).
 
 Torch-free at import. Each folder loads with ``AutoModelForCausalLM.from_pretrained(path)`` and
@@ -14,9 +15,11 @@ from allocator.errors import AllocatorError, InputError
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
 REFERENCE_MODELS: dict[str, str] = {
-    "qwen3_5_tiny": "Qwen3.5 text (qwen3_5_text): 3 Gated DeltaNet + 1 gated softmax-attention layers, hidden 128",
+    "qwen3_5_tiny": "Qwen3.5 text (qwen3_5_text): 3 Gated DeltaNet + 1 gated softmax-attention layers, "
+                    "hidden 128",
     "falcon_h1_tiny": "Falcon-H1 (falcon_h1): 4 layers, Mamba-2 beside attention in each, hidden 128",
-    "qwen3_5_deep": "Qwen3.5 text (qwen3_5_text): 9 Gated DeltaNet + 3 gated softmax-attention layers, hidden 128",
+    "qwen3_5_deep": "Qwen3.5 text (qwen3_5_text): 9 Gated DeltaNet + 3 gated softmax-attention layers, "
+                    "hidden 128",
 }
 DEFAULT_MODEL = "qwen3_5_tiny"
 

@@ -6,7 +6,8 @@ Typical use::
 
     import probes
     batches = probes.load_batches("builtin", tokenizer, seq_len=256, samples=32)
-    report = probes.run(model, batches, ["model.layers.0.mlp.up_proj", ...], probes.ProbeSettings(max_rank=64))
+    report = probes.run(model, batches, ["model.layers.0.mlp.up_proj", ...],
+    probes.ProbeSettings(max_rank=64))
     report.save("out/")            # probe_report.safetensors + probe_report.json
 
 Public names are imported lazily, so ``probes.report`` (numpy + safetensors only) loads without torch.

@@ -4,7 +4,8 @@
 sharded run splits the same way as one process) plus Σ‖G_b‖_F and Σ‖G_b‖_F². ``ActAccumulator`` sums the input
 second moment C = Σ XᵀX, or its Nystrom sketch C Ω when d_in is above ``sketch_threshold``.
 
-Both have ``update`` (one micro-batch), ``merge`` (another accumulator, same shapes) and ``all_reduce`` (sum over
+Both have ``update`` (one micro-batch), ``merge`` (another accumulator, same shapes) and ``all_reduce`` (sum
+over
 torch.distributed ranks); sums are associative, so merged shards equal one pass up to float rounding.
 """
 
@@ -75,7 +76,9 @@ class GradAccumulator:
         """
         even, odd = self.half(0), self.half(1)
         total = even + odd
-        if method == "exact" or (method == "auto" and min(self.shape) <= 2 * (k + options.get("oversample", 32))):
+        if method == "exact" or (
+            method == "auto" and min(self.shape) <= 2 * (k + options.get("oversample", 32))
+        ):
             sigma = spectra.top_singular_values(total, k)
         else:
             sigma = spectra.singular(total, k, method, **options)[1]
@@ -95,7 +98,9 @@ class ActAccumulator:
     Several modules that always read the same input tensor (q/k/v, gate/up) share one accumulator.
     """
 
-    def __init__(self, d_in: int, device: torch.device, dtype: torch.dtype, omega: torch.Tensor | None) -> None:
+    def __init__(
+        self, d_in: int, device: torch.device, dtype: torch.dtype, omega: torch.Tensor | None
+    ) -> None:
         self.d_in, self.device, self.dtype, self.omega = d_in, device, dtype, omega
         width = d_in if omega is None else omega.shape[1]
         self.moment = torch.zeros((d_in, width), dtype=dtype, device=device)
@@ -143,5 +148,8 @@ class ActAccumulator:
     def finalize(self, n_tokens: int, spectrum: tuple[torch.Tensor, float] | None = None) -> dict:
         """Eigenvalues of C / n_tokens and tr(C) / n_tokens (``spectrum`` reuses a shared accumulator's)."""
         eig, trace = spectrum if spectrum is not None else self.spectrum()
-        return {"act_eigenvalues": (eig / n_tokens).numpy(), "act_trace": trace / n_tokens,
-                "act_sketched": self.sketched}
+        return {
+            "act_eigenvalues": (eig / n_tokens).numpy(),
+            "act_trace": trace / n_tokens,
+            "act_sketched": self.sketched,
+        }

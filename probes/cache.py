@@ -1,9 +1,11 @@
 """Reuse a saved ``ProbeReport`` when nothing that shapes it has changed.
 
-The key is a sha256 over: model id and revision (``key_meta``), the data fingerprint of the batches, the sorted
+The key is a sha256 over: model id and revision (``key_meta``), the data fingerprint of the batches, the
+sorted
 module names, the result-relevant settings (all but ``progress``) and the report format. A hit loads
 ``<cache_dir>/probe-<key>/`` and runs nothing; a miss runs :func:`probes.run` and rank 0 writes the folder
-through the safe folder writer (:mod:`probes.folders`: atomic, marked as ours). A cached report that cannot be read
+through the safe folder writer (:mod:`probes.folders`: atomic, marked as ours). A cached report that cannot
+be read
 (truncated, edited) is probed again and replaced, with a warning.
 """
 
@@ -28,10 +30,17 @@ from probes.runner import run
 from probes.settings import ProbeSettings
 
 
-def cache_key(key_meta: Mapping[str, Any], fingerprint: str, modules: Sequence[str], settings: ProbeSettings) -> str:
+def cache_key(
+    key_meta: Mapping[str, Any], fingerprint: str, modules: Sequence[str], settings: ProbeSettings
+) -> str:
     """Hex sha256 of everything a probe report depends on (see the module docstring)."""
-    payload = {"format": FORMAT, "model": dict(key_meta), "data": fingerprint, "modules": sorted(set(modules)),
-               "settings": settings.result_key()}
+    payload = {
+        "format": FORMAT,
+        "model": dict(key_meta),
+        "data": fingerprint,
+        "modules": sorted(set(modules)),
+        "settings": settings.result_key(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -46,16 +55,20 @@ def run_cached(
 ) -> ProbeReport:
     """:func:`probes.run` with a disk cache in ``cache_dir``.
 
-    ``key_meta`` identifies the weights, e.g. ``{"model_id": "Qwen/Qwen3.5-0.8B", "model_revision": "<sha>"}``;
-    by default ``model.config.name_or_path`` and ``model.config._commit_hash``. Under torch.distributed every rank
+    ``key_meta`` identifies the weights, e.g. ``{"model_id": "Qwen/Qwen3.5-0.8B", "model_revision":
+    "<sha>"}``;
+    by default ``model.config.name_or_path`` and ``model.config._commit_hash``. Under torch.distributed every
+    rank
     reads its own cache and the run is reused only if all ranks hit, so the collectives stay in step.
     """
     settings = settings or ProbeSettings()
     check_cache_dir(cache_dir)
     if key_meta is None:
         config = getattr(model, "config", None)
-        key_meta = {"model_id": getattr(config, "name_or_path", None),
-                    "model_revision": getattr(config, "_commit_hash", None)}
+        key_meta = {
+            "model_id": getattr(config, "name_or_path", None),
+            "model_revision": getattr(config, "_commit_hash", None),
+        }
     key = cache_key(key_meta, data_fingerprint(batches), modules, settings)
     folder = Path(cache_dir) / f"probe-{key[:32]}"
     cached = _load(folder, key)
@@ -80,8 +93,9 @@ def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ProbeError(f"probe cache {path} cannot be created or written under {parent}; pass a writable "
-                         "--cache-dir")
+        raise ProbeError(
+            f"probe cache {path} cannot be created or written under {parent}; pass a writable --cache-dir"
+        )
     return path
 
 
@@ -93,17 +107,26 @@ def _load(folder: Path, key: str) -> ProbeReport | None:
         if report.meta.get("cache_key") != key:
             raise ValueError("its cache key differs")
     except Exception as exc:  # safetensors, json and field errors alike: the cache is only a shortcut
-        warnings.warn(f"cached probe report {folder} is unreadable ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); probing again and replacing it",
-                      ProbeWarning, stacklevel=3)
+        warnings.warn(
+            f"cached probe report {folder} is unreadable ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); probing again and replacing it",
+            ProbeWarning,
+            stacklevel=3,
+        )
         return None
     return report
 
 
 def _save_atomic(report: ProbeReport, folder: Path) -> None:
     try:
-        write_folder(folder, report.save, overwrite=True, legacy=[{JSON_NAME, ARRAYS_NAME}], flag="cache folder",
-                     overwrite_flag="replacing")
+        write_folder(
+            folder,
+            report.save,
+            overwrite=True,
+            legacy=[{JSON_NAME, ARRAYS_NAME}],
+            flag="cache folder",
+            overwrite_flag="replacing",
+        )
     except FolderError as exc:
         raise ProbeError(f"{exc} (probe cache)") from None
 

@@ -1,9 +1,13 @@
 """After the pass: sum the accumulators over ranks, then turn each module's into ``ModuleStats``.
 
-Collectives run on the calling thread in sorted-module order (every rank issues the same sequence). The spectra
-(Gram matrices, ``eigh``/``eigvalsh``) of CPU accumulators are computed by a pool of one-thread workers, one module
-each: LAPACK's tridiagonal reductions synchronise threads at every step, and with several OpenMP threads on a busy
-machine a single 1024 x 1024 ``eigh`` was measured 50x slower than on one thread, so modules are spread over cores
+Collectives run on the calling thread in sorted-module order (every rank issues the same sequence). The
+spectra
+(Gram matrices, ``eigh``/``eigvalsh``) of CPU accumulators are computed by a pool of one-thread workers, one
+module
+each: LAPACK's tridiagonal reductions synchronise threads at every step, and with several OpenMP threads on a
+busy
+machine a single 1024 x 1024 ``eigh`` was measured 50x slower than on one thread, so modules are spread over
+cores
 instead of threads over one matrix. CUDA accumulators are finalised in turn on the caller's thread.
 """
 
@@ -99,10 +103,21 @@ def _finalize(probe: ModuleProbe, act: ActAccumulator | None, shared: Future | N
               n_batches: int) -> ModuleStats:
     k = min(settings.max_rank, probe.d_in, probe.d_out)
     out: dict[str, Any] = {
-        "status": "ok", "n_tokens": probe.n_tokens, "n_batches": n_batches, "d_in": probe.d_in,
-        "d_out": probe.d_out, "n_calls": probe.n_calls, "grad_norm_sum": math.nan, "grad_sq_sum": math.nan,
-        "fisher_trace": math.nan, "grad_total_sq": math.nan, "grad_singular_values": [], "heldout_capture": [],
-        "act_eigenvalues": [], "act_trace": math.nan, "act_sketched": False,
+        "status": "ok",
+        "n_tokens": probe.n_tokens,
+        "n_batches": n_batches,
+        "d_in": probe.d_in,
+        "d_out": probe.d_out,
+        "n_calls": probe.n_calls,
+        "grad_norm_sum": math.nan,
+        "grad_sq_sum": math.nan,
+        "fisher_trace": math.nan,
+        "grad_total_sq": math.nan,
+        "grad_singular_values": [],
+        "heldout_capture": [],
+        "act_eigenvalues": [],
+        "act_trace": math.nan,
+        "act_sketched": False,
     }
     if probe.n_calls == 0:
         return ModuleStats(**{**out, "status": "no_input"})
@@ -112,6 +127,13 @@ def _finalize(probe: ModuleProbe, act: ActAccumulator | None, shared: Future | N
         out.update(act.finalize(probe.n_tokens, shared.result() if shared is not None else None))
     if n_batches == 0:
         return ModuleStats(**{**out, "status": "no_gradient"})
-    out.update(probe.grad.finalize(k, settings.svd, oversample=settings.svd_oversample,
-                                   power_iters=settings.svd_power_iters, seed=settings.seed))
+    out.update(
+        probe.grad.finalize(
+            k,
+            settings.svd,
+            oversample=settings.svd_oversample,
+            power_iters=settings.svd_power_iters,
+            seed=settings.seed,
+        )
+    )
     return ModuleStats(**out)

@@ -1,23 +1,33 @@
-"""The one safe writer of output folders: atomic, marked as ours, and never removing what the tool did not write.
+"""The one safe writer of output folders: atomic, marked as ours, and never removing what the tool did not
+write.
 
 Every folder the project writes (a plan, a tune study's ``best/`` and ``pareto/``, a cached probe report, a
 benchmark's results) goes through :func:`write_folder`; single files (reports beside other files) through
 :func:`write_file`. The rules, as ``git clean`` keeps them, the tool removes only what it wrote:
 
-- A folder the tool wrote holds a manifest, ``.allocator-files.json``, listing every file it wrote there. A folder
-  counts as *ours* when it holds that manifest, or (written before the manifest existed) when it holds exactly one
+- A folder the tool wrote holds a manifest, ``.allocator-files.json``, listing every file it wrote there. A
+folder
+  counts as *ours* when it holds that manifest, or (written before the manifest existed) when it holds
+  exactly one
   of the file sets the caller names as ``legacy`` and nothing else.
-- A new or empty folder is written. A non-empty one needs ``overwrite``, and then it must be ours: the files the
-  manifest lists are replaced or removed, anything else in it is kept. A folder that is not ours is refused, naming
-  what is in it. ``""``, ``/``, the home folder and symbolic links are refused as targets of an overwrite (a link
+- A new or empty folder is written. A non-empty one needs ``overwrite``, and then it must be ours: the files
+the
+  manifest lists are replaced or removed, anything else in it is kept. A folder that is not ours is refused,
+  naming
+  what is in it. ``""``, ``/``, the home folder and symbolic links are refused as targets of an overwrite (a
+  link
   is never followed to delete); the current folder only when it is ours.
-- Files are written to a temporary sibling ``.NAME.tmp-PID-XXXX`` first, then moved into place: a folder that held
-  only our files is swapped whole (one rename), otherwise file by file (each rename atomic). A temporary sibling
+- Files are written to a temporary sibling ``.NAME.tmp-PID-XXXX`` first, then moved into place: a folder that
+held
+  only our files is swapped whole (one rename), otherwise file by file (each rename atomic). A temporary
+  sibling
   left by a killed run (its process gone) is removed by the next write to the same folder.
 - New folders get the permissions the umask allows (``tempfile.mkdtemp`` alone would make them 0700).
 
-It lives in ``probes`` because ``probes`` is the lowest layer: ``allocator`` imports it from here, and ``probes``
-(the probe cache) may use it without importing ``allocator``. Errors are :class:`FolderError` (a ``ValueError``);
+It lives in ``probes`` because ``probes`` is the lowest layer: ``allocator`` imports it from here, and
+``probes``
+(the probe cache) may use it without importing ``allocator``. Errors are :class:`FolderError` (a
+``ValueError``);
 ``allocator`` turns them into its ``InputError``.
 """
 
@@ -101,19 +111,22 @@ def _inside(rel: str) -> bool:
 
 
 def owned_files(folder: Path, legacy: Iterable[Collection[str]] = ()) -> list[str] | None:
-    """What the tool wrote in ``folder`` (relative paths), or None when the folder is not ours (see module doc)."""
+    """What the tool wrote in ``folder`` (relative paths), or None when the folder is not ours (see module
+    doc)."""
     listed = read_manifest(folder)
     if listed is not None:
         return listed
     present = {p.name for p in folder.iterdir()}
     for files in legacy:
-        if present == set(files) and all((folder / f).is_file() and not (folder / f).is_symlink() for f in files):
+        plain = all((folder / f).is_file() and not (folder / f).is_symlink() for f in files)
+        if present == set(files) and plain:
             return sorted(files)
     return None
 
 
 def resolve_target(target: str | os.PathLike[str], *, flag: str = "-o") -> Path:
-    """The absolute folder path of ``target``, its last part not resolved (a link there is seen, not followed)."""
+    """The absolute folder path of ``target``, its last part not resolved (a link there is seen, not
+    followed)."""
     text = os.fspath(target)
     if not str(text).strip():
         raise FolderError(f"{flag} is empty; give a folder name such as {flag} plans/run1")
@@ -123,34 +136,54 @@ def resolve_target(target: str | os.PathLike[str], *, flag: str = "-o") -> Path:
     return path.parent.resolve() / path.name
 
 
-def check_target(target: str | os.PathLike[str], *, overwrite: bool, legacy: Iterable[Collection[str]] = (),
-                 flag: str = "-o", overwrite_flag: str = "--overwrite") -> Path:
+def check_target(
+    target: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    legacy: Iterable[Collection[str]] = (),
+    flag: str = "-o",
+    overwrite_flag: str = "--overwrite",
+) -> Path:
     """Fail now, before any work, if ``target`` cannot be written as asked; return its absolute path.
 
     Raises:
-        FolderError: the target is a file or a link, a non-empty folder without ``overwrite``, a folder the tool
-            did not write (with ``overwrite``), ``/``, the home folder, or the current folder without our mark.
+        FolderError: the target is a file or a link, a non-empty folder without ``overwrite``, a folder the
+        tool
+            did not write (with ``overwrite``), ``/``, the home folder, or the current folder without our
+            mark.
     """
     out = resolve_target(target, flag=flag)
     if out.is_symlink():
-        raise FolderError(f"{flag} {out} is a symbolic link (to {os.path.realpath(out)}); give the folder itself "
-                          f"or another {flag}: a link is never followed to write or delete")
+        raise FolderError(
+            f"{flag} {out} is a symbolic link (to {os.path.realpath(out)}); give the folder "
+            f"itself or another {flag}: a link is never followed to write or delete"
+        )
     if out.exists() and not out.is_dir():
         raise FolderError(f"{flag} {out} exists and is not a folder; choose another {flag}")
     if out.is_dir() and any(out.iterdir()):
         ours = owned_files(out, legacy) is not None
         if not overwrite:
-            hint = f"pass {overwrite_flag} to replace what this tool wrote there" if ours else \
-                "it holds files this tool did not write; choose a new or empty folder"
-            raise FolderError(f"output folder {out} already exists ({_listing(out)}); {hint}, or choose another "
-                              f"{flag}")
+            hint = (
+                f"pass {overwrite_flag} to replace what this tool wrote there"
+                if ours
+                else "it holds files this tool did not write; choose a new or empty folder"
+            )
+            raise FolderError(
+                f"output folder {out} already exists ({_listing(out)}); {hint}, or choose another {flag}"
+            )
         if out == Path(out.anchor) or out == Path.home().resolve():
-            raise FolderError(f"refusing {overwrite_flag} on {out} (the {'root' if out == Path(out.anchor) else 'home'}"
-                              f" folder); choose a dedicated {flag} folder")
+            raise FolderError(
+                f"refusing {overwrite_flag} on {out} (the "
+                f"{'root' if out == Path(out.anchor) else 'home'} folder); choose a dedicated "
+                f"{flag} folder"
+            )
         if not ours:
             where = " (the current folder)" if out == Path.cwd().resolve() else ""
-            raise FolderError(f"{overwrite_flag} refused: {out}{where} holds files this tool did not write "
-                              f"({_listing(out)}); it removes only what it wrote, so choose a new or empty {flag}")
+            raise FolderError(
+                f"{overwrite_flag} refused: {out}{where} holds files this tool did not write "
+                f"({_listing(out)}); it removes only what it wrote, so choose a new or empty "
+                f"{flag}"
+            )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -162,7 +195,8 @@ def check_target(target: str | os.PathLike[str], *, overwrite: bool, legacy: Ite
 
 
 def clean_stale_temporaries(parent: Path, name: str) -> list[Path]:
-    """Remove temporary siblings ``.NAME.tmp-PID-*`` of ours whose process is gone (a killed run); return them."""
+    """Remove temporary siblings ``.NAME.tmp-PID-*`` of ours whose process is gone (a killed run); return
+    them."""
     removed = []
     if not parent.is_dir():
         return removed
@@ -199,10 +233,17 @@ def _temporary(parent: Path, name: str, kind: str) -> Path:
     return tmp
 
 
-def write_folder(target: str | os.PathLike[str], fill: Callable[[Path], object], *, overwrite: bool = False,
-                 legacy: Iterable[Collection[str]] = (), flag: str = "-o", overwrite_flag: str = "--overwrite"
-                 ) -> Path:
-    """Write a folder: ``fill(tmp)`` writes the files into a fresh temporary folder, which then takes ``target``'s
+def write_folder(
+    target: str | os.PathLike[str],
+    fill: Callable[[Path], object],
+    *,
+    overwrite: bool = False,
+    legacy: Iterable[Collection[str]] = (),
+    flag: str = "-o",
+    overwrite_flag: str = "--overwrite",
+) -> Path:
+    """Write a folder: ``fill(tmp)`` writes the files into a fresh temporary folder, which then takes
+    ``target``'s
     place as the module docstring describes. Returns the absolute path written.
 
     Args:
@@ -230,7 +271,10 @@ def write_folder(target: str | os.PathLike[str], fill: Callable[[Path], object],
         _write_json(tmp / MANIFEST, {"tool": TOOL, "files": files})
         if not out.exists():
             os.replace(tmp, out)  # one rename: the folder appears whole
-        elif set(_entries_under(out)) <= set(old := owned_files(out, legacy) or []) and out != Path.cwd().resolve():
+        elif (
+            set(_entries_under(out)) <= set(old := owned_files(out, legacy) or [])
+            and out != Path.cwd().resolve()
+        ):
             _swap(tmp, out)
         else:  # files of the user's stay, and so does the folder itself (the current folder keeps its inode)
             _merge(tmp, out, files, old)
@@ -254,7 +298,8 @@ def _swap(new: Path, out: Path) -> None:
 
 
 def _merge(new: Path, out: Path, files: list[str], old: list[str]) -> None:
-    """Move our files into ``out`` one by one (each rename atomic), remove our stale ones, keep everything else."""
+    """Move our files into ``out`` one by one (each rename atomic), remove our stale ones, keep everything
+    else."""
     ours = set(old)
     for rel in files:
         dest = out / rel
@@ -286,7 +331,9 @@ def write_file(path: str | os.PathLike[str], data: str | bytes | Callable[[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path.parent, path.name)
     # the suffix stays last: writers such as matplotlib's savefig pick the format from it
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:

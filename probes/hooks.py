@@ -3,7 +3,8 @@
 A forward hook on every probed ``nn.Linear`` keeps a reference to the input X (no copy) and registers a tensor
 hook on the call's output Y. In backward that hook receives δ = ∂loss/∂Y for exactly this call, forms
 δᵀX (d_out, d_in) over the real tokens and adds it to the module's micro-batch gradient G_b; G_b goes to the
-accumulator once every call of the module has reported (or at the end of the batch). No ``.grad`` is ever read:
+accumulator once every call of the module has reported (or at the end of the batch). No ``.grad`` is ever
+read:
 all weights stay frozen.
 
 Input second moments are added once per distinct input tensor after the forward (q/k/v read one tensor, so
@@ -70,7 +71,9 @@ class Prober:
 
     def attach(self, model: nn.Module) -> None:
         for probe in self.probes:
-            self.handles.append(probe.module.register_forward_hook(partial(self._on_forward, probe), with_kwargs=True))
+            self.handles.append(
+                probe.module.register_forward_hook(partial(self._on_forward, probe), with_kwargs=True)
+            )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if isinstance(embeddings, nn.Module):  # makes every block's input require grad, as PEFT does
             self.handles.append(embeddings.register_forward_hook(self._on_embeddings))
@@ -95,7 +98,8 @@ class Prober:
         self._masks = {}
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """(…, d) -> (real tokens, d): flatten, and drop padding when the leading dims are the batch's (B, T)."""
+        """(…, d) -> (real tokens, d): flatten, and drop padding when the leading dims are the batch's (B,
+        T)."""
         flat = t.reshape(-1, t.shape[-1])
         if self.mask is None:
             return flat
@@ -177,7 +181,8 @@ class Prober:
         self._inputs = {}
 
     def end_batch(self) -> None:
-        """After backward: flush gradients of calls whose siblings never got a δ (their share is exactly 0)."""
+        """After backward: flush gradients of calls whose siblings never got a δ (their share is exactly
+        0)."""
         for probe in self.probes:
             self._flush(probe)
             probe.pending = 0
@@ -199,5 +204,7 @@ class Prober:
             return None
         key = (probe.d_in, str(probe.device))
         if key not in self._omegas:
-            self._omegas[key] = gaussian_test_matrix(probe.d_in, self.sketch_dim, self.seed, probe.device, self.dtype)
+            self._omegas[key] = gaussian_test_matrix(
+                probe.d_in, self.sketch_dim, self.seed, probe.device, self.dtype
+            )
         return self._omegas[key]

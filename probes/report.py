@@ -1,4 +1,5 @@
-"""The output of stage 2: ``ProbeReport`` and its per-module ``ModuleStats``. numpy, safetensors and json only.
+"""The output of stage 2: ``ProbeReport`` and its per-module ``ModuleStats``. numpy, safetensors and json
+only.
 
 A report is written as two files, never pickled: ``probe_report.safetensors`` holds every array under the key
 ``"<module name>/<field>"`` and ``probe_report.json`` holds the scalars, statuses and ``meta`` (sorted keys).
@@ -47,8 +48,10 @@ class ModuleStats:
     grad_sq_sum: float  # Σ_b ‖G_b‖_F²
     fisher_trace: float  # grad_sq_sum / n_batches: empirical Fisher trace per micro-batch
     grad_singular_values: np.ndarray  # (k,) top-k σ of Σ_b G_b, descending; k = min(max_rank, d_in, d_out)
-    act_eigenvalues: np.ndarray  # descending eigenvalues of C / n_tokens (all d_in, or sketch_dim if sketched)
-    heldout_capture: np.ndarray  # (k,) held-out gradient energy captured at rank r = 1..k; empty if < 2 batches
+    # descending eigenvalues of C / n_tokens (all d_in, or sketch_dim if sketched)
+    act_eigenvalues: np.ndarray
+    # (k,) held-out gradient energy captured at rank r = 1..k; empty if < 2 batches
+    heldout_capture: np.ndarray
     d_in: int = 0
     d_out: int = 0
     n_calls: int = 0  # forward calls seen (a module called twice per forward counts 2 per batch)
@@ -71,7 +74,9 @@ class ModuleStats:
             if f.name in ARRAY_FIELDS:
                 if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True):
                     return False
-            elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
+            elif a != b and not (
+                isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+            ):
                 return False
         return True
 
@@ -86,14 +91,16 @@ class ModuleStats:
         """(k,) Σ_{i<=r} σ_i² / ‖Σ_b G_b‖_F²: share of the total gradient a rank-r update can follow."""
         if self.grad_singular_values.size == 0 or not self.grad_total_sq > 0:
             return _frozen_array([])
-        return _frozen_array(np.minimum(np.cumsum(self.grad_singular_values ** 2) / self.grad_total_sq, 1.0))
+        return _frozen_array(np.minimum(np.cumsum(self.grad_singular_values**2) / self.grad_total_sq, 1.0))
 
     @property
     def act_explained_variance(self) -> np.ndarray:
         """Σ_{i<=r} λ_i / tr(C/n): share of the input second moment in the top-r eigen-directions."""
         if self.act_eigenvalues.size == 0 or not self.act_trace > 0:
             return _frozen_array([])
-        return _frozen_array(np.minimum(np.cumsum(np.clip(self.act_eigenvalues, 0, None)) / self.act_trace, 1.0))
+        return _frozen_array(
+            np.minimum(np.cumsum(np.clip(self.act_eigenvalues, 0, None)) / self.act_trace, 1.0)
+        )
 
     @property
     def act_effective_rank(self) -> float:
@@ -105,7 +112,8 @@ class ModuleStats:
         return effective_rank(self.act_eigenvalues, self.act_trace if self.act_sketched else None, self.d_in)
 
     def rank_for_variance(self, fraction: float) -> int:
-        """Smallest r whose top-r eigen-directions hold ``fraction`` of the input second moment (0 if unknown)."""
+        """Smallest r whose top-r eigen-directions hold ``fraction`` of the input second moment (0 if
+        unknown)."""
         curve = self.act_explained_variance
         if curve.size == 0:
             return 0
@@ -127,7 +135,8 @@ class ModuleStats:
 
 
 def effective_rank(eigenvalues: np.ndarray, trace: float | None = None, dim: int = 0) -> float:
-    """exp(H(p)) with p = λ / Σλ over the non-negative λ; with ``trace`` the missing mass fills dim − len(λ) slots."""
+    """exp(H(p)) with p = λ / Σλ over the non-negative λ; with ``trace`` the missing mass fills dim − len(λ)
+    slots."""
     lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None)
     if lam.size == 0:
         return math.nan
@@ -168,15 +177,20 @@ class ProbeReport:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "meta": _plain(self.meta),
-                "modules": {name: stats.to_dict() for name, stats in self.modules.items()}}
+        return {
+            "format": FORMAT,
+            "meta": _plain(self.meta),
+            "modules": {name: stats.to_dict() for name, stats in self.modules.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeReport:
         if data.get("format", FORMAT) != FORMAT:
             raise ValueError(f"unsupported probe report format {data.get('format')!r}; expected {FORMAT!r}")
-        return cls({name: ModuleStats.from_dict(stats) for name, stats in data["modules"].items()},
-                   dict(data.get("meta", {})))
+        return cls(
+            {name: ModuleStats.from_dict(stats) for name, stats in data["modules"].items()},
+            dict(data.get("meta", {})),
+        )
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``probe_report.json`` and ``probe_report.safetensors`` into ``directory`` (created)."""
@@ -190,8 +204,13 @@ class ProbeReport:
                 row.pop(key)
             scalars[name] = {k: _json_scalar(v) for k, v in row.items()}
         save_file(arrays, str(directory / ARRAYS_NAME))
-        text = json.dumps({"format": FORMAT, "meta": _plain(self.meta), "modules": scalars},
-                          sort_keys=True, indent=1, allow_nan=False, default=str)
+        text = json.dumps(
+            {"format": FORMAT, "meta": _plain(self.meta), "modules": scalars},
+            sort_keys=True,
+            indent=1,
+            allow_nan=False,
+            default=str,
+        )
         (directory / JSON_NAME).write_text(text + "\n", encoding="utf-8")
         return directory
 

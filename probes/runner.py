@@ -1,6 +1,7 @@
 """Stage 2b: ``run(model, batches, modules, settings) -> ProbeReport``.
 
-One forward + backward of the model's own causal-LM loss per micro-batch, weights frozen, statistics gathered by
+One forward + backward of the model's own causal-LM loss per micro-batch, weights frozen, statistics gathered
+by
 the hooks of :mod:`probes.hooks`; then (under torch.distributed) an all-reduce, then the spectra. The model is
 returned exactly as it came: same weights bit for bit, same ``requires_grad`` flags, mode and device.
 """
@@ -22,10 +23,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from probes.data import IGNORE_INDEX, data_fingerprint
+from probes.data import data_fingerprint
 from probes.errors import ProbeError, ProbeRunError
 from probes.finalize import finalize_all, reduce_counts
 from probes.hooks import ModuleProbe, Prober
+from probes.records import IGNORE_INDEX
 from probes.report import ProbeReport
 from probes.settings import ProbeSettings
 
@@ -42,7 +44,8 @@ def run(
 
     Args:
         model: a causal LM returning ``.loss`` when given ``labels`` (any transformers ``*ForCausalLM``).
-        batches: dicts with ``input_ids``, ``labels`` and optionally ``attention_mask`` (see ``load_batches``).
+        batches: dicts with ``input_ids``, ``labels`` and optionally ``attention_mask`` (see
+        ``load_batches``).
         modules: module names; aliases of one module object share its statistics.
         settings: ``ProbeSettings()`` when None.
         meta: extra provenance merged into ``report.meta`` (e.g. ``model_id``, ``model_revision``).
@@ -102,16 +105,17 @@ def run(
             prober.detach()
         counts = reduce_counts(probes, [n_skipped, n_tokens], world)
         if counts["run"][0] == len(batches):
-            raise ProbeRunError(f"every calibration batch ({len(batches)}) had a non-finite loss and was skipped; check "
-                             "the model's dtype and weights (a float16 model may overflow: load it in bfloat16 or "
-                             "float32)")
+            raise ProbeRunError(f"every calibration batch ({len(batches)}) had a non-finite loss and was "
+                                "skipped; check the model's dtype and weights (a float16 model may "
+                                "overflow: load it in bfloat16 or float32)")
         per_probe = finalize_all(probes, prober, settings, world, counts["probes"])
     info = _meta(model, batches, settings, world, counts["run"], device)
     info.update(meta or {})
     return ProbeReport({name: per_probe[id(probe)] for name, probe in by_name.items()}, info)
 
 
-# --- setup ---------------------------------------------------------------------------------------------------
+# --- setup
+# ---------------------------------------------------------------------------------------------------
 
 
 def _resolve(model: nn.Module, names: Sequence[str], dtype: torch.dtype):
@@ -133,8 +137,8 @@ def _resolve(model: nn.Module, names: Sequence[str], dtype: torch.dtype):
     offloaded = [n for n in names if table[n].weight.device.type == "meta"]
     if offloaded:
         raise ProbeError(
-            f"{offloaded[0]} has no weights in memory (meta device: offloaded or not loaded; {len(offloaded)} such "
-            "modules); load the model without disk/CPU offload"
+            f"{offloaded[0]} has no weights in memory (meta device: offloaded or not loaded; "
+            f"{len(offloaded)} such modules); load the model without disk/CPU offload"
         )
     by_id: dict[int, ModuleProbe] = {}
     by_name = {}
@@ -153,13 +157,15 @@ def _check_batches(batches) -> None:
     for i, batch in enumerate(batches):
         missing = {"input_ids", "labels"} - set(batch)
         if missing:
-            raise ProbeError(f"batch {i} lacks {sorted(missing)}; batches need input_ids and labels (load_batches)")
+            raise ProbeError(f"batch {i} lacks {sorted(missing)}; batches need input_ids and labels "
+                             "(load_batches)")
         if not bool((batch["labels"][..., 1:] != IGNORE_INDEX).any()):
             raise ProbeError(f"batch {i} has every label masked (-100), so its loss is undefined; drop it")
 
 
 def check_token_ids(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
-    """Raise ProbeError when a batch holds a token id outside the model's vocabulary (its input embedding rows):
+    """Raise ProbeError when a batch holds a token id outside the model's vocabulary (its input embedding
+    rows):
     the embedding lookup would fail with an IndexError deep in the forward."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     size = getattr(embeddings, "num_embeddings", None)
@@ -169,8 +175,8 @@ def check_token_ids(model: nn.Module, batches: Sequence[Mapping[str, torch.Tenso
         ids = torch.as_tensor(batch["input_ids"])
         if ids.numel() and (int(ids.max()) >= size or int(ids.min()) < 0):
             bad = int(ids.max()) if int(ids.max()) >= size else int(ids.min())
-            raise ProbeError(f"batch {i} holds token id {bad}, outside the model's vocabulary of {size:,}; tokenise "
-                             "the data with the model's own tokenizer")
+            raise ProbeError(f"batch {i} holds token id {bad}, outside the model's vocabulary of {size:,}; "
+                             "tokenise the data with the model's own tokenizer")
 
 
 def check_device(device: str) -> None:
@@ -180,7 +186,8 @@ def check_device(device: str) -> None:
     try:
         target = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ProbeError(f"ProbeSettings.device {device!r} is not a torch device; use auto, model, cpu or cuda[:N]") \
+        raise ProbeError(f"ProbeSettings.device {device!r} is not a torch device; use auto, model, cpu or "
+                         "cuda[:N]") \
             from None
     available = {"cpu": True, "meta": False, "cuda": torch.cuda.is_available(),
                  "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
@@ -245,13 +252,17 @@ def _enable_checkpointing(model: nn.Module):
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
     except ImportError:  # pragma: no cover - transformers too old
-        raise ProbeError("gradient_checkpointing needs transformers >= 4.52; set gradient_checkpointing=False") from None
+        raise ProbeError("gradient_checkpointing needs transformers >= 4.52; set "
+                         "gradient_checkpointing=False") from None
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
-        raise ProbeError(f"{type(model).__name__} has no checkpointable layers; set gradient_checkpointing=False")
+        raise ProbeError(f"{type(model).__name__} has no checkpointable layers; set "
+                         "gradient_checkpointing=False")
     missing = object()
-    saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", missing), m.training)
-             for m in layers]
+    saved = [
+        (m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", missing), m.training)
+        for m in layers
+    ]
     for m in layers:  # the layer itself in training mode (HF checks it), its children (dropout) stay in eval
         m.gradient_checkpointing, m.training = True, True
         m._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
@@ -279,7 +290,9 @@ def _loss(output) -> torch.Tensor:
     if loss is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         loss = output[0] if output[0].dim() == 0 else None
     if not isinstance(loss, torch.Tensor):
-        raise ProbeError("the model returned no loss; probe a *ForCausalLM model and pass labels in the batches")
+        raise ProbeError(
+            "the model returned no loss; probe a *ForCausalLM model and pass labels in the batches"
+        )
     return loss
 
 
@@ -294,7 +307,8 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="batch", desc="probing", dynamic_ncols=True)
 
 
-# --- finish --------------------------------------------------------------------------------------------------
+# --- finish
+# --------------------------------------------------------------------------------------------------
 
 
 def _meta(model, batches, settings, world, run_counts, device) -> dict[str, Any]:
@@ -312,9 +326,13 @@ def _meta(model, batches, settings, world, run_counts, device) -> dict[str, Any]
         "n_tokens": run_counts[1],
         "world_size": world,
         "settings": settings.to_dict(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": _version("transformers"), "numpy": np.__version__,
-                     "probes": _version("hybrid-lora-allocator")},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "numpy": np.__version__,
+            "probes": _version("hybrid-lora-allocator"),
+        },
     }
 
 

@@ -2,7 +2,8 @@
 
 Every field documents itself in ``metadata["help"]``.
 
-Numeric fields of every settings class of the project also declare the values they accept, ``metadata["range"]``
+Numeric fields of every settings class of the project also declare the values they accept,
+``metadata["range"]``
 (a :class:`Range`), and :func:`check_ranges` enforces them: finite, of the right type, inside the range. The
 allocator's settings reuse both (``probes`` is the lower layer).
 """
@@ -21,7 +22,8 @@ from probes.errors import ProbeError
 
 @dataclass(frozen=True)
 class Range:
-    """The values a numeric settings field accepts: finite numbers from ``lo`` to ``hi`` (ends open or closed),
+    """The values a numeric settings field accepts: finite numbers from ``lo`` to ``hi`` (ends open or
+    closed),
     whole numbers only when ``integer``. A mapping or tuple field's range applies to each of its values."""
 
     lo: float = -math.inf
@@ -34,7 +36,9 @@ class Range:
         kind = "an integer" if self.integer else "a finite number"
         if self.hi == math.inf:
             return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return (
+            f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        )
 
     def admits(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -46,8 +50,10 @@ class Range:
         return above and below
 
 
-def ranged(default: Any = None, help: str = "", range: Range | None = None, **kwargs: Any) -> Any:  # noqa: A002
-    """``dataclasses.field`` with ``metadata={"help": help, "range": range}`` (``default_factory`` via kwargs)."""
+# noqa: A002
+def ranged(default: Any = None, help: str = "", range: Range | None = None, **kwargs: Any) -> Any:
+    """``dataclasses.field`` with ``metadata={"help": help, "range": range}`` (``default_factory`` via
+    kwargs)."""
     if "default_factory" not in kwargs:
         kwargs["default"] = default
     return field(metadata={"help": help, "range": range}, **kwargs)
@@ -89,42 +95,67 @@ class ProbeSettings:
 
     max_rank: int = field(
         default=64,
-        metadata={"help": "k: how many gradient singular values and held-out capture points (r = 1..k) to keep "
-                  "per module; capped by min(d_in, d_out).", "range": Range(1, integer=True)},
+        metadata={
+            "help": "k: how many gradient singular values and "
+            "held-out capture points (r = 1..k) to keep per "
+            "module; capped by min(d_in, d_out).",
+            "range": Range(1, integer=True),
+        },
     )
     sketch_threshold: int = field(
         default=4096,
-        metadata={"help": "Modules whose input width d_in exceeds this keep a Nystrom sketch of the input second "
-                  "moment instead of the exact d_in x d_in matrix.", "range": Range(2, integer=True)},
+        metadata={
+            "help": "Modules whose input width d_in exceeds this "
+            "keep a Nystrom sketch of the input second "
+            "moment instead of the exact d_in x d_in matrix.",
+            "range": Range(2, integer=True),
+        },
     )
     sketch_dim: int = field(
         default=512,
-        metadata={"help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept.", "range": Range(2, integer=True)},
+        metadata={
+            "help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept.",
+            "range": Range(2, integer=True),
+        },
     )
     svd: str = field(
         default="auto",
-        metadata={"help": f"How the top-k SVDs of the gradient sums are taken, one of {SVD_METHODS}: 'exact' (Gram "
-                  "matrix + eigh in float64), 'randomized' (subspace iteration, see svd_power_iters), 'auto' (exact "
-                  "while min(d_in, d_out) <= 2 * (max_rank + svd_oversample), randomized above)."},
+        metadata={
+            "help": f"How the top-k SVDs of the gradient sums are taken, one of {SVD_METHODS}: "
+            "'exact' (Gram matrix + eigh in float64), 'randomized' (subspace iteration, see "
+            "svd_power_iters), 'auto' (exact while min(d_in, d_out) <= 2 * (max_rank + "
+            "svd_oversample), randomized above)."
+        },
     )
     svd_oversample: int = field(
         default=32,
-        metadata={"help": "Extra random directions of the randomized SVD beyond max_rank.", "range": Range(0, integer=True)},
+        metadata={
+            "help": "Extra random directions of the randomized SVD beyond max_rank.",
+            "range": Range(0, integer=True),
+        },
     )
     svd_power_iters: int = field(
         default=3,
-        metadata={"help": "Power iterations q of the randomized SVD; the error of sigma_j shrinks like "
-                  "(sigma_{k+p+1} / sigma_j)^(2q+1).", "range": Range(0, integer=True)},
+        metadata={
+            "help": "Power iterations q of the randomized SVD; the error of sigma_j shrinks like "
+            "(sigma_{k+p+1} / sigma_j)^(2q+1).",
+            "range": Range(0, integer=True),
+        },
     )
     skip_nonfinite: bool = field(
         default=False,
-        metadata={"help": "Skip a micro-batch whose loss is NaN/inf (counted in meta['n_skipped']) instead of "
-                  "raising ProbeError."},
+        metadata={
+            "help": "Skip a micro-batch whose loss is NaN/inf (counted in meta['n_skipped']) instead "
+            "of raising ProbeError."
+        },
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute decoder layers in backward (non-reentrant torch checkpoint) to save memory; "
-                  "the probed inputs are still kept, so the saving is smaller than in training."},
+        metadata={
+            "help": "Recompute decoder layers in backward (non-reentrant torch checkpoint) to save "
+            "memory; the probed inputs are still kept, so the saving is smaller than in "
+            "training."
+        },
     )
     progress: bool = field(
         default=True,
@@ -132,23 +163,32 @@ class ProbeSettings:
     )
     seed: int = field(
         default=0,
-        metadata={"help": "Seed of the Gaussian test matrix of the Nystrom sketch (same on every rank).", "range": Range(0, integer=True)},
+        metadata={
+            "help": "Seed of the Gaussian test matrix of the Nystrom sketch (same on every rank).",
+            "range": Range(0, integer=True),
+        },
     )
     dtype: str = field(
         default="float32",
-        metadata={"help": f"Accumulator dtype, one of {DTYPES}; inputs and output gradients are cast to it "
-                  "before every product, whatever the model dtype (bf16, fp16, fp32)."},
+        metadata={
+            "help": f"Accumulator dtype, one of {DTYPES}; inputs and output gradients are cast to it "
+            "before every product, whatever the model dtype (bf16, fp16, fp32)."
+        },
     )
     device: str = field(
         default="auto",
-        metadata={"help": "'auto': a model entirely on CPU runs on CUDA when available and is moved back "
-                  "afterwards; a model already on an accelerator or split by device_map stays where it is. "
-                  "'model': never move. Any torch device string ('cpu', 'cuda:1'): move there for the run."},
+        metadata={
+            "help": "'auto': a model entirely on CPU runs on CUDA when available and is moved back "
+            "afterwards; a model already on an accelerator or split by device_map stays where it is. "
+            "'model': never move. Any torch device string ('cpu', 'cuda:1'): move there for the run."
+        },
     )
     distributed: bool = field(
         default=True,
-        metadata={"help": "When torch.distributed is initialised, probe batch i on rank i % world_size and "
-                  "all-reduce the accumulators, so every rank returns the same report."},
+        metadata={
+            "help": "When torch.distributed is initialised, probe batch i on rank i % world_size and "
+            "all-reduce the accumulators, so every rank returns the same report."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -157,8 +197,8 @@ class ProbeSettings:
             raise ProbeError(f"ProbeSettings.svd must be one of {SVD_METHODS}, got {self.svd!r}")
         if self.sketch_threshold < self.sketch_dim:
             raise ProbeError(
-                f"ProbeSettings.sketch_threshold ({self.sketch_threshold}) must be >= sketch_dim ({self.sketch_dim}); "
-                "a sketch wider than the input is no sketch"
+                f"ProbeSettings.sketch_threshold ({self.sketch_threshold}) must be >= sketch_dim "
+                f"({self.sketch_dim}); a sketch wider than the input is no sketch"
             )
         for name in ("skip_nonfinite", "gradient_checkpointing", "progress", "distributed"):
             if not isinstance(getattr(self, name), bool):
@@ -166,7 +206,9 @@ class ProbeSettings:
         if self.dtype not in DTYPES:
             raise ProbeError(f"ProbeSettings.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
-            raise ProbeError(f"ProbeSettings.device must be 'auto', 'model' or a torch device string, got {self.device!r}")
+            raise ProbeError(
+                f"ProbeSettings.device must be 'auto', 'model' or a torch device string, got {self.device!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +217,9 @@ class ProbeSettings:
     def from_dict(cls, data: dict[str, Any]) -> ProbeSettings:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ProbeError(f"unknown ProbeSettings fields {unknown}; known: {sorted(f.name for f in fields(cls))}")
+            raise ProbeError(
+                f"unknown ProbeSettings fields {unknown}; known: {sorted(f.name for f in fields(cls))}"
+            )
         return cls(**data)
 
     def result_key(self) -> dict[str, Any]:
@@ -194,13 +238,20 @@ class DataSettings:
     batch_size: int = ranged(4, "Sequences per forward/backward micro-batch.", Range(1, integer=True))
     seed: int = ranged(0, "Seed for drawing and ordering calibration samples.", Range(0, integer=True))
     text_field: str = field(default="text", metadata={"help": "JSONL field holding plain text records."})
-    encoding: str = field(default="utf-8", metadata={
-        "help": "Text encoding of .txt/.jsonl data, decoded strictly (a bad byte is an error naming its offset)."})
+    encoding: str = field(
+        default="utf-8",
+        metadata={
+            "help": "Text encoding of .txt/.jsonl data, decoded strictly (a bad byte is an error naming its "
+            "offset)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self, ProbeError)
         try:
             codecs.lookup(self.encoding)
         except (LookupError, TypeError):
-            raise ProbeError(f"DataSettings.encoding {self.encoding!r} is not a text encoding Python knows; "
-                             "try utf-8, utf-16 or latin-1") from None
+            raise ProbeError(
+                f"DataSettings.encoding {self.encoding!r} is not a text encoding Python knows; "
+                "try utf-8, utf-16 or latin-1"
+            ) from None

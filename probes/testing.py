@@ -36,20 +36,47 @@ def tiny_config(family: str, *, hidden: int = 64, layers: int = 4, vocab: int = 
     heads = max(2, hidden // 16)
     if family == "qwen3_5":
         kinds = ["linear_attention", "full_attention"]
-        kw = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden, vocab_size=vocab,
-                  layer_types=[kinds[i % 2] for i in range(layers)], num_attention_heads=heads,
-                  num_key_value_heads=max(1, heads // 2), head_dim=16, linear_num_key_heads=max(1, heads // 2),
-                  linear_num_value_heads=heads, linear_key_head_dim=16, linear_value_head_dim=16)
+        kw = dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=2 * hidden,
+            vocab_size=vocab,
+            layer_types=[kinds[i % 2] for i in range(layers)],
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=16,
+            linear_num_key_heads=max(1, heads // 2),
+            linear_num_value_heads=heads,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        )
         return AutoConfig.for_model("qwen3_5_text", **(kw | overrides))
     if family == "falcon_h1":
-        kw = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden, vocab_size=vocab,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16,
-                  mamba_d_ssm=hidden, mamba_n_heads=hidden // 8, mamba_d_head=8, mamba_d_state=16,
-                  mamba_chunk_size=16, pad_token_id=0)
+        kw = dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=2 * hidden,
+            vocab_size=vocab,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=16,
+            mamba_d_ssm=hidden,
+            mamba_n_heads=hidden // 8,
+            mamba_d_head=8,
+            mamba_d_state=16,
+            mamba_chunk_size=16,
+            pad_token_id=0,
+        )
         return AutoConfig.for_model("falcon_h1", **(kw | overrides))
     if family == "llama":
-        kw = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden, vocab_size=vocab,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+        kw = dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=2 * hidden,
+            vocab_size=vocab,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+        )
         return AutoConfig.for_model("llama", **(kw | overrides))
     raise ValueError(f"unknown tiny family {family!r}; use qwen3_5, falcon_h1 or llama")
 
@@ -63,8 +90,11 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 
 def linear_names(model: nn.Module, *, include_head: bool = False) -> list[str]:
     """Every ``nn.Linear`` of the model (the LM head only when asked), sorted."""
-    return sorted(n for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and (include_head or not n.endswith("lm_head")))
+    return sorted(
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (include_head or not n.endswith("lm_head"))
+    )
 
 
 def random_batches(n: int, batch: int = 2, seq: int = 32, vocab: int = 258, seed: int = 0, pad_last: int = 0):
@@ -75,7 +105,7 @@ def random_batches(n: int, batch: int = 2, seq: int = 32, vocab: int = 258, seed
         ids = torch.randint(0, vocab, (batch, seq), generator=generator)
         mask = torch.ones_like(ids)
         if pad_last:
-            mask[0, seq - pad_last:] = 0
+            mask[0, seq - pad_last :] = 0
         labels = ids.masked_fill(mask == 0, -100)
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
@@ -87,7 +117,11 @@ class ToyBlock(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.mix = nn.Linear(dim, dim)
-        self.gate, self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.gate, self.up, self.down = (
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(2 * dim, dim),
+        )
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
@@ -99,7 +133,8 @@ class ToyBlock(nn.Module):
 class ToyCausalLM(nn.Module):
     """A pure-torch causal LM (no transformers import): fast to build in subprocesses.
 
-    ``shared`` is applied after every block (one weight, ``layers`` call sites), ``dead_end`` runs but its output
+    ``shared`` is applied after every block (one weight, ``layers`` call sites), ``dead_end`` runs but its
+    output
     is dropped (no gradient), ``unused`` never runs.
     """
 
@@ -107,7 +142,11 @@ class ToyCausalLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.layers = nn.ModuleList(ToyBlock(dim) for _ in range(layers))
-        self.shared, self.unused, self.dead_end = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.shared, self.unused, self.dead_end = (
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+        )
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def get_input_embeddings(self) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny word-piece tokenizer trained here, and tiny hybrid models saved as hub-like folders."""
+"""Shared fixtures: a tiny word-piece tokenizer trained here, and tiny hybrid models saved as hub-like
+folders."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def corpus_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A BPE tokenizer with VOCAB entries trained on stdlib text, so tiny models (vocab 128) can read real text."""
+    """A BPE tokenizer with VOCAB entries trained on stdlib text, so tiny models (vocab 128) can read real
+    text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +43,8 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def saved_tiny_model(tmp_path_factory, tiny_tokenizer):
-    """``saved_tiny_model(model_type) -> folder`` holding config, weights and tokenizer, like a hub snapshot."""
+    """``saved_tiny_model(model_type) -> folder`` holding config, weights and tokenizer, like a hub
+    snapshot."""
     from tiny_models import build
 
     cache: dict[str, Path] = {}
@@ -60,7 +63,8 @@ def saved_tiny_model(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a shared
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
+    shared
     CPU, two threads spin on every tiny op and run up to ~50x slower."""
     import torch
 

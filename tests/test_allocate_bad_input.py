@@ -28,7 +28,9 @@ def _assert_nothing_written(parent):
 
 def test_unknown_model_id_offline(tmp_path, capsys, monkeypatch, corpus_file):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, errors = _run(["no-such-org/no-such-model", "--data", corpus_file, "-o", tmp_path / "out", *FAST], capsys)
+    code, errors = _run(
+        ["no-such-org/no-such-model", "--data", corpus_file, "-o", tmp_path / "out", *FAST], capsys
+    )
     assert code == 2 and len(errors) == 1
     assert "no-such-org/no-such-model" in errors[0] and "local folder" in errors[0]
     assert not (tmp_path / "out").exists()
@@ -57,13 +59,19 @@ def test_missing_data_file(tmp_path, capsys, model_dir):
 
 @pytest.mark.parametrize(
     "budget, needle",
-    [("lots", "accepted|use an absolute count"), ("r0", "positive"), ("1", "below|feasible|at least"),
-     ("100B", "above|feasible|at most")],
+    [
+        ("lots", "accepted|use an absolute count"),
+        ("r0", "positive"),
+        ("1", "below|feasible|at least"),
+        ("100B", "above|feasible|at most"),
+    ],
 )
 def test_bad_budgets(tmp_path, capsys, model_dir, corpus_file, budget, needle):
     import re
 
-    code, errors = _run([model_dir, "--data", corpus_file, "--budget", budget, "-o", tmp_path / "out", *FAST], capsys)
+    code, errors = _run(
+        [model_dir, "--data", corpus_file, "--budget", budget, "-o", tmp_path / "out", *FAST], capsys
+    )
     assert code == 2 and len(errors) == 1, errors
     assert re.search(needle, errors[0]), errors[0]
     assert not (tmp_path / "out").exists()
@@ -73,15 +81,17 @@ def test_bad_budgets(tmp_path, capsys, model_dir, corpus_file, budget, needle):
 def test_infeasible_budget_fails_before_the_data_is_read(tmp_path, capsys, model_dir, budget):
     unreadable = tmp_path / "binary.txt"  # reading it would fail: the budget error must come first
     unreadable.write_bytes(b"\xff\xfe\x00binary")
-    code, errors = _run([model_dir, "--data", unreadable, "--budget", budget, "-o", tmp_path / "out",
-                         *FAST], capsys)
+    code, errors = _run(
+        [model_dir, "--data", unreadable, "--budget", budget, "-o", tmp_path / "out", *FAST], capsys
+    )
     assert code == 2 and len(errors) == 1 and "feasible range" in errors[0], errors
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_family_in_share(tmp_path, capsys, model_dir, corpus_file):
     code, errors = _run(
-        [model_dir, "--data", corpus_file, "--share", "atention=0.1:0.5", "-o", tmp_path / "out", *FAST], capsys
+        [model_dir, "--data", corpus_file, "--share", "atention=0.1:0.5", "-o", tmp_path / "out", *FAST],
+        capsys,
     )
     assert code == 2 and len(errors) == 1 and "atention" in errors[0] and "attention" in errors[0]
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""End to end: `allocate` arguments -> files -> a PeftModel whose trainable parameters equal the plan's cost."""
+"""End to end: `allocate` arguments -> files -> a PeftModel whose trainable parameters equal the plan's
+cost."""
 
 from __future__ import annotations
 
@@ -12,8 +13,23 @@ from transformers import AutoModelForCausalLM
 from allocator.commands.cli import main
 
 HYBRIDS = (
-    "qwen3_5", "qwen3_5_moe", "qwen3_next", "olmo_hybrid", "falcon_h1", "bamba", "granitemoehybrid", "nemotron_h",
-    "jamba", "zamba", "zamba2", "lfm2", "lfm2_moe", "kimi_linear", "bailing_hybrid", "minimax", "recurrent_gemma",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen3_next",
+    "olmo_hybrid",
+    "falcon_h1",
+    "bamba",
+    "granitemoehybrid",
+    "nemotron_h",
+    "jamba",
+    "zamba",
+    "zamba2",
+    "lfm2",
+    "lfm2_moe",
+    "kimi_linear",
+    "bailing_hybrid",
+    "minimax",
+    "recurrent_gemma",
 )
 FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
 
@@ -28,7 +44,9 @@ def _forward_backward(model) -> None:
 
 
 @pytest.mark.parametrize("model_type", HYBRIDS)
-def test_cli_plan_applies_with_exact_trainable_params(model_type, saved_tiny_model, corpus_file, tmp_path, capsys):
+def test_cli_plan_applies_with_exact_trainable_params(
+    model_type, saved_tiny_model, corpus_file, tmp_path, capsys
+):
     folder = saved_tiny_model(model_type)
     out = tmp_path / "plan"
     code = main([str(folder), "--data", str(corpus_file), "--budget", "r2", "-o", str(out), *FAST])
@@ -78,7 +96,9 @@ def test_help_teaches_by_example(argv, capsys):
     assert "example" in capsys.readouterr().out.lower()
 
 
-def test_token_batches_give_the_plan_of_the_file_they_came_from(saved_tiny_model, corpus_file, tiny_tokenizer):
+def test_token_batches_give_the_plan_of_the_file_they_came_from(
+    saved_tiny_model, corpus_file, tiny_tokenizer
+):
     """Data already tokenised by the caller (``allocate(data=batches)``) is probed as is: the batches that
     ``probes.load_batches`` draws from a file give that file's plan, rank for rank."""
     import allocator
@@ -88,15 +108,18 @@ def test_token_batches_give_the_plan_of_the_file_they_came_from(saved_tiny_model
     folder = saved_tiny_model("qwen3_5")
     settings = DataSettings(seq_len=32, samples=4, batch_size=2)
     quiet = probes.ProbeSettings(progress=False)
-    from_file = allocator.allocate(str(folder), data=str(corpus_file), budget="r4", data_settings=settings,
-                                   probe_settings=quiet)
+    from_file = allocator.allocate(
+        str(folder), data=str(corpus_file), budget="r4", data_settings=settings, probe_settings=quiet
+    )
     batches = probes.load_batches(str(corpus_file), tiny_tokenizer, seq_len=32, samples=4, batch_size=2)
-    from_batches = allocator.allocate(str(folder), data=batches, budget="r4", data_settings=settings,
-                                      probe_settings=quiet)
+    from_batches = allocator.allocate(
+        str(folder), data=batches, budget="r4", data_settings=settings, probe_settings=quiet
+    )
     assert from_batches.ranks == from_file.ranks and from_batches.cost == from_file.cost
     assert from_batches.provenance["data_hash"] == from_file.provenance["data_hash"]
     assert len(from_file.provenance["data_hash"]) == 64  # the batches' sha256 (probes.data_fingerprint)
     assert from_batches.provenance["data"].startswith("<4 tokenised sequences in 2 batches, sha256 ")
-    shuffled = allocator.allocate(str(folder), data=batches[::-1], budget="r4", data_settings=settings,
-                                  probe_settings=quiet)  # other data: another fingerprint
+    shuffled = allocator.allocate(
+        str(folder), data=batches[::-1], budget="r4", data_settings=settings, probe_settings=quiet
+    )  # other data: another fingerprint
     assert shuffled.provenance["data_hash"] != from_file.provenance["data_hash"]

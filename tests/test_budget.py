@@ -14,7 +14,8 @@ from allocator.solver.budget import Budget, lora_params, params_per_uniform_rank
 def _components() -> list[Component]:
     return [
         Component("a.q", 0, "attention", "softmax", 64, 64, "Linear"),
-        Component("a.k", 0, "attention", "softmax", 64, 4, "Linear"),  # narrow: r16 still counts 16*(64+4), as PEFT
+        # narrow: r16 still counts 16*(64+4), as PEFT
+        Component("a.k", 0, "attention", "softmax", 64, 4, "Linear"),
         Component("m.up", 0, "mlp", "dense", 64, 256, "Linear"),
         Component("e.w", 0, "moe", "expert", 64, 128, "Param", is_parameter=True, n_experts=4),
         Component("x.out", 0, "recurrent", "mamba2", 128, 64, "Linear", lora_effective=False, note="fused"),
@@ -63,7 +64,9 @@ def test_budget_parse_int_and_budget_pass_through():
     assert Budget.parse(b) is b
 
 
-@pytest.mark.parametrize("text", ["abc", "", "-5", "2.5X", "r", "r-4", "1e", "%", "M", "r4.5", None, 2.5, True])
+@pytest.mark.parametrize(
+    "text", ["abc", "", "-5", "2.5X", "r", "r-4", "1e", "%", "M", "r4.5", None, 2.5, True]
+)
 def test_budget_parse_rejects_with_accepted_forms(text):
     with pytest.raises(InputError, match=r"2\.5M.*0\.5%.*r16"):
         Budget.parse(text)
@@ -122,4 +125,8 @@ def test_budget_parse_plain_counts_round_trip(n):
 
 @given(st.integers(1, 4096), st.integers(1, 4096), st.integers(0, 512), st.integers(1, 64))
 def test_lora_params_is_linear_in_rank_and_experts(d_in, d_out, r, e):
-    assert lora_params(d_in, d_out, r, e) == r * lora_params(d_in, d_out, 1, e) == e * lora_params(d_in, d_out, r)
+    assert (
+        lora_params(d_in, d_out, r, e)
+        == r * lora_params(d_in, d_out, 1, e)
+        == e * lora_params(d_in, d_out, r)
+    )

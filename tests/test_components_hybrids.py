@@ -1,4 +1,5 @@
-"""find_components on tiny random-init models of every hybrid family, checked against the model's own forward."""
+"""find_components on tiny random-init models of every hybrid family, checked against the model's own
+forward."""
 
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def test_effective_linears_are_exactly_those_the_cpu_forward_calls(tiny_models, 
         assert (id(module) in ran) == (c.lora_effective or peft_only), (c.name, c.note)
 
 
-@pytest.mark.parametrize("model_type", ["mamba2", "falcon_h1", "bamba", "granitemoehybrid", "nemotron_h", "zamba2"])
+@pytest.mark.parametrize(
+    "model_type", ["mamba2", "falcon_h1", "bamba", "granitemoehybrid", "nemotron_h", "zamba2"]
+)
 def test_mamba2_out_proj_is_bypassed_under_fused_kernels_only(tiny_models, model_type):
     fused = {c.name: c for c in find_components(tiny_models(model_type))}
     plain = {c.name: c for c in find_components(tiny_models(model_type), fused_kernels=False)}
@@ -81,14 +84,17 @@ def test_mamba2_out_proj_is_bypassed_under_fused_kernels_only(tiny_models, model
     assert out_projs
     for name in out_projs:
         assert not fused[name].lora_effective and "mamba2_split_conv1d_scan_combined" in fused[name].note
-        refused = model_type in ("mamba2", "falcon_h1", "nemotron_h")  # PEFT's _check_lora_target_modules_mamba
+        # PEFT's _check_lora_target_modules_mamba
+        refused = model_type in ("mamba2", "falcon_h1", "nemotron_h")
         assert plain[name].lora_effective is not refused
         assert ("PEFT refuses" in plain[name].note) is refused
 
 
 @pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba"])
 def test_mamba1_dt_proj_always_bypassed_and_x_out_proj_under_fused_kernels(tiny_models, model_type):
-    plain = {c.name.rsplit(".", 1)[-1]: c for c in find_components(tiny_models(model_type), fused_kernels=False)}
+    plain = {
+        c.name.rsplit(".", 1)[-1]: c for c in find_components(tiny_models(model_type), fused_kernels=False)
+    }
     fused = {c.name.rsplit(".", 1)[-1]: c for c in find_components(tiny_models(model_type))}
     assert not plain["dt_proj"].lora_effective and "dt_proj.weight @" in plain["dt_proj"].note
     assert plain["x_proj"].lora_effective and plain["in_proj"].lora_effective
@@ -105,13 +111,24 @@ def test_jamba_dt_proj_bypassed_but_x_proj_and_out_proj_adaptable(tiny_models):
 def test_nemotron_h_mixers_classified_by_block_type(tiny_models):
     """Every nemotron_h block is called `mixer`; the hybrid_override_pattern M*-E decides each one."""
     comps = find_components(tiny_models("nemotron_h"))
-    kinds = {c.layer: (c.family, c.kind) for c in comps if c.layer is not None and c.kind not in ("router", "shared_expert")}
+    kinds = {
+        c.layer: (c.family, c.kind)
+        for c in comps
+        if c.layer is not None and c.kind not in ("router", "shared_expert")
+    }
     assert all(".mixer." in c.name for c in comps if c.layer is not None)
-    assert kinds == {0: ("recurrent", "mamba2"), 1: ("attention", "softmax"), 2: ("mlp", "dense"), 3: ("moe", "expert")}
+    assert kinds == {
+        0: ("recurrent", "mamba2"),
+        1: ("attention", "softmax"),
+        2: ("mlp", "dense"),
+        3: ("moe", "expert"),
+    }
 
 
-@pytest.mark.parametrize("model_type,linear_kind,full_kind", [
-    ("kimi_linear", "kda", "mla"), ("minimax", "lightning", "softmax"), ("bailing_hybrid", "kda", "mla")])
+@pytest.mark.parametrize(
+    "model_type,linear_kind,full_kind",
+    [("kimi_linear", "kda", "mla"), ("minimax", "lightning", "softmax"), ("bailing_hybrid", "kda", "mla")],
+)
 def test_self_attn_named_blocks_split_by_layer_type(tiny_models, model_type, linear_kind, full_kind):
     """kimi_linear, minimax and bailing_hybrid call both linear and softmax mixers `self_attn`."""
     comps = [c for c in find_components(tiny_models(model_type)) if ".self_attn." in c.name]
@@ -187,9 +204,13 @@ def peft_trainable(model: torch.nn.Module, components: list[Component], rank: in
     from peft import LoraConfig, get_peft_model
 
     eligible = [c for c in components if c.eligible]
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                        target_modules=[c.name for c in eligible if not c.is_parameter] or None,
-                        target_parameters=[c.name for c in eligible if c.is_parameter] or None)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=[c.name for c in eligible if not c.is_parameter] or None,
+        target_parameters=[c.name for c in eligible if c.is_parameter] or None,
+    )
     model_type, model.config.model_type = model.config.model_type, "allocator_test"
     try:
         peft_model = get_peft_model(model, config)
@@ -202,7 +223,9 @@ def peft_trainable(model: torch.nn.Module, components: list[Component], rank: in
 def test_peft_trainable_params_equal_the_component_costs(model_type):
     model = build(model_type, meta=True)
     components = find_components(model)
-    assert peft_trainable(model, components, 4) == 4 * sum(c.n_params_per_rank for c in components if c.eligible)
+    assert peft_trainable(model, components, 4) == 4 * sum(
+        c.n_params_per_rank for c in components if c.eligible
+    )
 
 
 def test_peft_refusal_is_never_offered_even_without_fused_kernels():
@@ -229,18 +252,24 @@ def test_linears_peft_would_rewrite_are_exported_as_parameters(tiny_models):
     assert not any(c.export_as_parameter for c in find_components(tiny_models("qwen3_5_moe")))
 
 
-@pytest.mark.parametrize("model_type,kinds", [
-    ("llama", {("attention", "softmax"), ("mlp", "dense")}),
-    ("qwen3", {("attention", "softmax"), ("mlp", "dense")}),
-    ("mistral", {("attention", "softmax"), ("mlp", "dense")}),
-    ("gpt2", {("attention", "softmax"), ("mlp", "dense")}),
-    ("mamba", {("recurrent", "mamba")}),
-    ("mamba2", {("recurrent", "mamba2")}),
-    ("falcon_mamba", {("recurrent", "mamba")}),
-])
+@pytest.mark.parametrize(
+    "model_type,kinds",
+    [
+        ("llama", {("attention", "softmax"), ("mlp", "dense")}),
+        ("qwen3", {("attention", "softmax"), ("mlp", "dense")}),
+        ("mistral", {("attention", "softmax"), ("mlp", "dense")}),
+        ("gpt2", {("attention", "softmax"), ("mlp", "dense")}),
+        ("mamba", {("recurrent", "mamba")}),
+        ("mamba2", {("recurrent", "mamba2")}),
+        ("falcon_mamba", {("recurrent", "mamba")}),
+    ],
+)
 def test_pure_transformers_and_pure_ssms_have_one_token_mixer_type(model_type, kinds):
-    model = build(model_type, meta=True, num_hidden_layers=2, n_layer=2) if model_type == "gpt2" else build(
-        model_type, meta=True, num_hidden_layers=2)
+    model = (
+        build(model_type, meta=True, num_hidden_layers=2, n_layer=2)
+        if model_type == "gpt2"
+        else build(model_type, meta=True, num_hidden_layers=2)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", AllocatorWarning)
         comps = find_components(model)

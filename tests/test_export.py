@@ -1,4 +1,5 @@
-"""Export: the LoraConfig a plan writes is matched by PEFT exactly as planned, and counts exactly ``plan.cost``."""
+"""Export: the LoraConfig a plan writes is matched by PEFT exactly as planned, and counts exactly
+``plan.cost``."""
 
 from __future__ import annotations
 
@@ -17,15 +18,36 @@ from allocator.output.plan import Plan
 
 TINY = {
     "qwen3_5_text": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=16, vocab_size=128,
-        layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 7 + ["full_attention"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        vocab_size=128,
+        layer_types=["linear_attention"] * 3
+        + ["full_attention"]
+        + ["linear_attention"] * 7
+        + ["full_attention"],
     ),
     "falcon_h1": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
-        mamba_chunk_size=16, vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_chunk_size=16,
+        vocab_size=128,
     ),
 }
 
@@ -78,7 +100,12 @@ def test_saved_config_loads_through_peft_and_trains(tmp_path):
     model = _model("falcon_h1")
     plan = _random_plan(model, seed=3)
     folder = plan.save(tmp_path / "plan")
-    assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "allocation.json", "report.md", "heatmap.png"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "adapter_config.json",
+        "allocation.json",
+        "report.md",
+        "heatmap.png",
+    }
     loaded = LoraConfig.from_pretrained(str(folder))
     peft_model = get_peft_model(model, loaded)
     assert isinstance(peft_model, PeftModel)
@@ -130,8 +157,12 @@ def test_overwrite_replaces_the_plan_files_and_keeps_the_users(tmp_path):
     second.save(out, overwrite=True, report=False)
     assert (out / "notes.md").read_text() == "my notes"
     assert Plan.load(out).model_id == "other"
-    assert sorted(p.name for p in out.iterdir()) == [".allocator-files.json", "adapter_config.json",
-                                                      "allocation.json", "notes.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".allocator-files.json",
+        "adapter_config.json",
+        "allocation.json",
+        "notes.md",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["plan"]
 
 

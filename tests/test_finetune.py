@@ -1,4 +1,5 @@
-"""allocator.tuning.finetune on a tiny random-init Qwen3.5 (GatedDeltaNet + gated attention) built from a config."""
+"""allocator.tuning.finetune on a tiny random-init Qwen3.5 (GatedDeltaNet + gated attention) built from a
+config."""
 
 from __future__ import annotations
 
@@ -100,15 +101,18 @@ def test_finetune_is_deterministic_under_a_seed_and_leaves_global_rng(model, bas
 
 def test_finetune_does_not_mutate_the_base_model(model, base):
     _, state, base_loss = base
-    finetune(model, None, _batches(1, 16), _batches(2, 8), FinetuneSettings(steps=2, lr=1e-1, seed=0, batch_size=4))
+    finetune(
+        model, None, _batches(1, 16), _batches(2, 8), FinetuneSettings(steps=2, lr=1e-1, seed=0, batch_size=4)
+    )
     assert not hasattr(model, "peft_config")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert evaluate_loss(model, _batches(2, 8)) == base_loss
 
 
 def test_full_finetune_trains_every_parameter(model):
-    result = finetune(model, None, _batches(1, 16), _batches(2, 8), FinetuneSettings(steps=4, lr=1e-2, seed=0,
-                                                                                      batch_size=4))
+    result = finetune(
+        model, None, _batches(1, 16), _batches(2, 8), FinetuneSettings(steps=4, lr=1e-2, seed=0, batch_size=4)
+    )
     assert result.trainable_params == sum(p.numel() for p in model.parameters())
     assert result.eval_loss < result.initial_eval_loss
 

@@ -1,8 +1,11 @@
-"""Hostile input, table-driven (issue 12): every row asserts the exit code (or the exact exception type), the one
+"""Hostile input, table-driven (issue 12): every row asserts the exit code (or the exact exception type), the
+one
 line's key words, and that nothing but what the row expects the tool to write changed on disk.
 
-Four tables: the ``allocate`` command, ``allocate inspect``, ``allocate tune`` and the Python API. CLI rows run
-``main(argv)`` in-process; the disk check hashes (sha256 of path + bytes, links recorded, never followed) the test's
+Four tables: the ``allocate`` command, ``allocate inspect``, ``allocate tune`` and the Python API. CLI rows
+run
+``main(argv)`` in-process; the disk check hashes (sha256 of path + bytes, links recorded, never followed) the
+test's
 tmp folder, the tiny model folder, the calibration file and any folder the row names, before and after.
 
 A row the product fails is kept, marked ``xfail(strict=True)`` with what the product does wrong.
@@ -39,15 +42,47 @@ from probes.settings import DataSettings, ProbeSettings
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
-TUNE_FAST = ["--trials", "2", "--steps", "1", "--eval-every", "0", "--batch-size", "2", "--train-samples", "4",
-             "--eval-samples", "2", "--budget", "r4", "--max-rank", "8,16", "--baselines", "uniform",
-             "--data-seq-len", "32", "--data-samples", "4", "--data-batch-size", "2", "--probe-max-rank", "8",
-             "--quiet"]
+TUNE_FAST = [
+    "--trials",
+    "2",
+    "--steps",
+    "1",
+    "--eval-every",
+    "0",
+    "--batch-size",
+    "2",
+    "--train-samples",
+    "4",
+    "--eval-samples",
+    "2",
+    "--budget",
+    "r4",
+    "--max-rank",
+    "8,16",
+    "--baselines",
+    "uniform",
+    "--data-seq-len",
+    "32",
+    "--data-samples",
+    "4",
+    "--data-batch-size",
+    "2",
+    "--probe-max-rank",
+    "8",
+    "--quiet",
+]
 PLAN_WRITES = ("out", "out/*")  # what a plan written to tmp/out may change
-EXIT_CODE_LINES = (r"0 success", r"1 a run that failed", r"2 bad input", r"3 an unexpected error", r"130 interrupted")
+EXIT_CODE_LINES = (
+    r"0 success",
+    r"1 a run that failed",
+    r"2 bad input",
+    r"3 an unexpected error",
+    r"130 interrupted",
+)
 
 
-# What the product does wrong, found by the rows below. Each: (the stages of the row that fail, what is observed).
+# What the product does wrong, found by the rows below. Each: (the stages of the row that fail, what is
+# observed).
 # A row with ``bug=KEY`` is xfail(strict): it must fail in exactly those stages and pass every other one.
 BUGS: dict[str, tuple[str, str]] = {}  # name -> (stages it fails, what the product does wrong); none open
 
@@ -56,7 +91,8 @@ BUGS: dict[str, tuple[str, str]] = {}  # name -> (stages it fails, what the prod
 
 
 def tree_digest(*roots: Path) -> dict[str, str]:
-    """path -> sha256 of (path, bytes) for files, 'link -> target' for links, 'dir' for folders; no link followed."""
+    """path -> sha256 of (path, bytes) for files, 'link -> target' for links, 'dir' for folders; no link
+    followed."""
     out: dict[str, str] = {}
     for root in roots:
         root = Path(root)
@@ -90,7 +126,8 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 @dataclass
 class Ctx:
-    """What a row's setup and check see: the test's tmp folder, the shared inputs, and the folders to watch."""
+    """What a row's setup and check see: the test's tmp folder, the shared inputs, and the folders to
+    watch."""
 
     tmp: Path
     model: Path
@@ -109,13 +146,35 @@ class Ctx:
 
     def alloc(self, *extra: Any, out: Any = None, data: Any = None, model: Any = None) -> list[str]:
         """argv of a fast `allocate` run on the tiny model into tmp/out (or ``out``)."""
-        return [str(a) for a in (model or self.model, "--data", data or self.corpus,
-                                 "-o", self.out if out is None else out, *FAST, *extra)]
+        return [
+            str(a)
+            for a in (
+                model or self.model,
+                "--data",
+                data or self.corpus,
+                "-o",
+                self.out if out is None else out,
+                *FAST,
+                *extra,
+            )
+        ]
 
     def tune(self, *extra: Any, out: Any = None, data: Any = None, eval_data: Any = None) -> list[str]:
-        return [str(a) for a in ("tune", self.model, "--data", data or self.corpus, "--eval-data",
-                                 eval_data or self.corpus, "-o", self.tmp / "study" if out is None else out,
-                                 *TUNE_FAST, *extra)]
+        return [
+            str(a)
+            for a in (
+                "tune",
+                self.model,
+                "--data",
+                data or self.corpus,
+                "--eval-data",
+                eval_data or self.corpus,
+                "-o",
+                self.tmp / "study" if out is None else out,
+                *TUNE_FAST,
+                *extra,
+            )
+        ]
 
     def run(self, argv: list[str], expect: int = 0) -> None:
         """Run the CLI during a setup (its output discarded); it must exit ``expect``."""
@@ -139,9 +198,12 @@ class Ctx:
 @dataclass
 class Row:
     """One hostile input. ``setup(ctx)`` prepares the disk and returns the argv (CLI) or a thunk (API);
-    ``code`` the exit code (CLI) or ``exc`` the exact exception type (API); ``needle`` a case-insensitive regex the
-    one ``error:`` line (or, for a success, stdout + stderr + warnings) must hold; ``writes`` fnmatch patterns, relative
-    to the tmp folder, of what the tool may change; ``check(ctx)`` anything more (``ctx.data["error"]`` holds the
+    ``code`` the exit code (CLI) or ``exc`` the exact exception type (API); ``needle`` a case-insensitive
+    regex the
+    one ``error:`` line (or, for a success, stdout + stderr + warnings) must hold; ``writes`` fnmatch
+    patterns, relative
+    to the tmp folder, of what the tool may change; ``check(ctx)`` anything more (``ctx.data["error"]`` holds
+    the
     error line or the exception's message)."""
 
     setup: Callable[[Ctx], Any]
@@ -150,13 +212,15 @@ class Row:
     writes: tuple[str, ...] = ()
     check: Callable[[Ctx], None] | None = None
     exc: type[BaseException] | None = InputError
-    model: Callable[[], torch.nn.Module] | None = None  # API rows: a model the call must leave exactly as it was
+    # API rows: a model the call must leave exactly as it was
+    model: Callable[[], torch.nn.Module] | None = None
     skip_if: Callable[[], str] | None = None  # returns the reason to skip, or ""
     fails: tuple[str, ...] = ()  # xfail rows: the stages the product fails (see Verdict)
 
 
 def row(id: str, setup, code=None, needle=None, *, bug: str | None = None, **kw) -> Any:  # noqa: A002
-    """A table row; ``bug`` names an entry of BUGS: the row is then xfail(strict) on exactly the stages it names
+    """A table row; ``bug`` names an entry of BUGS: the row is then xfail(strict) on exactly the stages it
+    names
     (CLI: traceback code lines message disk check; API: type lines message model disk check)."""
     fails, reason = BUGS[bug] if bug else ("", "")
     marks = [pytest.mark.xfail(strict=True, raises=ExpectedFailure, reason=f"{bug}: {reason}")] if bug else []
@@ -164,7 +228,8 @@ def row(id: str, setup, code=None, needle=None, *, bug: str | None = None, **kw)
 
 
 def _cli(argv_or_call: Any) -> tuple[int, list[str]]:
-    """(exit code, warnings) of one in-process CLI run: an argv for ``main``, or a thunk returning the code."""
+    """(exit code, warnings) of one in-process CLI run: an argv for ``main``, or a thunk returning the
+    code."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -179,7 +244,8 @@ class ExpectedFailure(AssertionError):
 
 
 class Verdict:
-    """Every stage of a row is checked, and all failures reported together. A row marked xfail names the stages
+    """Every stage of a row is checked, and all failures reported together. A row marked xfail names the
+    stages
     the product fails (``fails``); its xfail accepts only :class:`ExpectedFailure`, raised when exactly those
     stages fail. Any other stage failing is a plain AssertionError, a real failure even on an xfail row."""
 
@@ -204,8 +270,10 @@ class Verdict:
         if self.failed or self.r.fails:
             unexpected = sorted(set(self.failed) - set(self.r.fails))
             fixed = sorted(set(self.r.fails) - set(self.failed))
-            raise AssertionError(f"stages failing unexpectedly: {unexpected}; named by the xfail but passing now "
-                                 f"(update the row): {fixed}\n{report}")
+            raise AssertionError(
+                f"stages failing unexpectedly: {unexpected}; named by the xfail but "
+                f"passing now (update the row): {fixed}\n{report}"
+            )
 
 
 def _check_cli(r: Row, ctx: Ctx, capsys, monkeypatch) -> None:
@@ -232,8 +300,11 @@ def _check_cli(r: Row, ctx: Ctx, capsys, monkeypatch) -> None:
     if r.code in (0, EXIT_INTERRUPTED):
         v.expect("lines", errors == [], errors)
         if r.needle:
-            v.expect("message", re.search(r.needle, "\n".join([out, err, *caught]), re.I),
-                     (r.needle, out[-2000:], err[-2000:], caught))
+            v.expect(
+                "message",
+                re.search(r.needle, "\n".join([out, err, *caught]), re.I),
+                (r.needle, out[-2000:], err[-2000:], caught),
+            )
     elif v.expect("lines", len(errors) == 1, f"{len(errors)} error lines: {err[-3000:]}"):
         ctx.data["error"] = errors[0]
         v.expect("message", r.needle and re.search(r.needle, errors[0], re.I), (r.needle, errors[0]))
@@ -273,9 +344,13 @@ def nan_model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_plan(saved_tiny_model, corpus_file):
-    return allocator.allocate(str(saved_tiny_model("qwen3_5")), data=str(corpus_file), budget="r8",
-                              data_settings=DataSettings(seq_len=32, samples=4, batch_size=2),
-                              probe_settings=ProbeSettings(progress=False))
+    return allocator.allocate(
+        str(saved_tiny_model("qwen3_5")),
+        data=str(corpus_file),
+        budget="r8",
+        data_settings=DataSettings(seq_len=32, samples=4, batch_size=2),
+        probe_settings=ProbeSettings(progress=False),
+    )
 
 
 @pytest.fixture()
@@ -283,9 +358,15 @@ def ctx(tmp_path, saved_tiny_model, corpus_file, request, capsys, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # anything written relative to the current folder lands in the hashed tmp folder
-    return Ctx(tmp=tmp_path, model=saved_tiny_model("qwen3_5"), corpus=corpus_file,
-               nan_model=lambda: request.getfixturevalue("nan_model_dir"),
-               plan=lambda: request.getfixturevalue("tiny_plan"), capsys=capsys, monkeypatch=monkeypatch)
+    return Ctx(
+        tmp=tmp_path,
+        model=saved_tiny_model("qwen3_5"),
+        corpus=corpus_file,
+        nan_model=lambda: request.getfixturevalue("nan_model_dir"),
+        plan=lambda: request.getfixturevalue("tiny_plan"),
+        capsys=capsys,
+        monkeypatch=monkeypatch,
+    )
 
 
 # --- setups and checks shared by rows -----------------------------------------------------------------------
@@ -321,7 +402,8 @@ def _plan_then_user_file(c: Ctx) -> list[str]:
 def _check_replaced_and_kept(c: Ctx) -> None:
     new = json.loads((c.out / ALLOCATION_FILE).read_text())
     assert new["budget"] < c.data["old"]["budget"]  # the plan was replaced (r4 < r8)...
-    assert (c.out / "mine.txt").read_text() == "keep me\n"  # ...the user's files kept (the hash check says so too)
+    # ...the user's files kept (the hash check says so too)
+    assert (c.out / "mine.txt").read_text() == "keep me\n"
     assert (c.out / "sub" / "also-mine.txt").read_text() == "keep me too\n"
     assert sorted(json.loads((c.out / MANIFEST).read_text())["files"]) == sorted(PLAN_FILES)
 
@@ -371,7 +453,9 @@ def _text_with_bad_byte(c: Ctx, name: str = "bad.txt") -> Path:
 
 
 def _bad_jsonl(c: Ctx) -> list[str]:
-    path = c.write("bad.jsonl", b'{"text": "def f(x): return x"}\n{"text": "ok"}\n{"text": "caf\xe9 au lait"}\n')
+    path = c.write(
+        "bad.jsonl", b'{"text": "def f(x): return x"}\n{"text": "ok"}\n{"text": "caf\xe9 au lait"}\n'
+    )
     c.data["offset"], c.data["line"] = path.read_bytes().index(b"\xe9"), 3
     return c.alloc(data=path)
 
@@ -458,7 +542,8 @@ def _check_plan_visible_in_cwd(c: Ctx) -> None:
 def _cwd_carries_the_mark(c: Ctx) -> list[str]:
     """The current folder is a plan folder (with a file of the user's beside the plan): ours, so accepted."""
     c.run(c.alloc(out=c.tmp / "cwd"))
-    c.monkeypatch.chdir(c.tmp / "cwd")  # the write above may have replaced the folder (see BUGS["cwd-swapped"])
+    # the write above may have replaced the folder (see BUGS["cwd-swapped"])
+    c.monkeypatch.chdir(c.tmp / "cwd")
     c.write("cwd/mine.txt", "keep me\n")
     return c.alloc("--overwrite", "--budget", "r4", out=".")
 
@@ -525,123 +610,346 @@ NONFINITE_EXIT = 1  # `allocate --help`: "1 a run that failed for a stated reaso
 
 ALLOCATE = [
     # 1. --overwrite and data loss
-    row("overwrite-foreign-folder", lambda c: c.foreign("out") and c.alloc("--overwrite"), 2,
-        r"--overwrite refused.*did not write.*notes\.txt"),
-    row("foreign-folder-no-overwrite", lambda c: c.foreign("out") and c.alloc(), 2,
-        r"already exists.*did not write"),
-    row("overwrite-current-folder-with-foreign-files",
-        lambda c: c.write("cwd/keep.txt", "mine\n") and c.alloc("--overwrite", out="."), 2,
-        r"refused.*\(the current folder\).*did not write"),
-    row("plan-into-empty-current-folder", _cwd_plan_folder, 0, r"wrote .*allocation\.json", writes=("cwd", "cwd/*"),
-        check=_check_plan_visible_in_cwd),
-    row("overwrite-current-folder-that-carries-the-mark", _cwd_carries_the_mark, 0, r"wrote",
-        writes=tuple(f"cwd/{n}" for n in (*PLAN_FILES, MANIFEST)), check=_check_cwd_overwritten),
+    row(
+        "overwrite-foreign-folder",
+        lambda c: c.foreign("out") and c.alloc("--overwrite"),
+        2,
+        r"--overwrite refused.*did not write.*notes\.txt",
+    ),
+    row(
+        "foreign-folder-no-overwrite",
+        lambda c: c.foreign("out") and c.alloc(),
+        2,
+        r"already exists.*did not write",
+    ),
+    row(
+        "overwrite-current-folder-with-foreign-files",
+        lambda c: c.write("cwd/keep.txt", "mine\n") and c.alloc("--overwrite", out="."),
+        2,
+        r"refused.*\(the current folder\).*did not write",
+    ),
+    row(
+        "plan-into-empty-current-folder",
+        _cwd_plan_folder,
+        0,
+        r"wrote .*allocation\.json",
+        writes=("cwd", "cwd/*"),
+        check=_check_plan_visible_in_cwd,
+    ),
+    row(
+        "overwrite-current-folder-that-carries-the-mark",
+        _cwd_carries_the_mark,
+        0,
+        r"wrote",
+        writes=tuple(f"cwd/{n}" for n in (*PLAN_FILES, MANIFEST)),
+        check=_check_cwd_overwritten,
+    ),
     row("empty-output-name", lambda c: c.alloc(out=""), 2, r"-o is empty"),
     row("empty-output-name-overwrite", lambda c: c.alloc("--overwrite", out=""), 2, r"-o is empty"),
-    row("overwrite-symlink-to-foreign-folder", lambda c: _symlink_to_foreign(c, "--overwrite"), 2,
-        r"symbolic link.*never followed"),
+    row(
+        "overwrite-symlink-to-foreign-folder",
+        lambda c: _symlink_to_foreign(c, "--overwrite"),
+        2,
+        r"symbolic link.*never followed",
+    ),
     row("symlink-output-no-overwrite", lambda c: _symlink_to_foreign(c), 2, r"symbolic link"),
-    row("output-is-a-file", lambda c: c.write("out", "a file\n") and c.alloc("--overwrite"), 2,
-        r"exists and is not a folder"),
+    row(
+        "output-is-a-file",
+        lambda c: c.write("out", "a file\n") and c.alloc("--overwrite"),
+        2,
+        r"exists and is not a folder",
+    ),
     row("overwrite-home-folder", _home_is_a_plan_folder, 2, r"refusing --overwrite on .*\(the home folder\)"),
     row("overwrite-plan-with-corrupt-manifest", _corrupt_manifest, 2, r"refused.*did not write"),
-    row("manifest-naming-paths-outside-the-folder", _manifest_naming_outside, 0, r"wrote", writes=PLAN_WRITES,
-        check=lambda c: _check_real_plan(c) or None),
-    row("plan-file-is-a-link-out", lambda c: _plan_file_is_a_link(c, user_file=False), 0, r"wrote",
-        writes=PLAN_WRITES),  # the link goes, never what it points to (watched)
-    row("plan-file-is-a-link-out-beside-user-file", lambda c: _plan_file_is_a_link(c, user_file=True), 2,
-        r"report\.md exists and was not written by this tool"),
-    row("plan-file-replaced-by-user-folder", _plan_file_is_a_user_folder, 2,
-        r"report\.md exists and was not written by this tool"),
-    row("overwrite-plan-keeps-user-files", _plan_then_user_file, 0, r"wrote .*out", writes=(
-        *(f"out/{n}" for n in (*PLAN_FILES, MANIFEST)),), check=_check_replaced_and_kept),
-    row("overwrite-legacy-plan-folder", lambda c: _legacy(c) and c.alloc("--overwrite"), 0, r"wrote",
-        writes=PLAN_WRITES, check=_check_real_plan),
+    row(
+        "manifest-naming-paths-outside-the-folder",
+        _manifest_naming_outside,
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+        check=lambda c: _check_real_plan(c) or None,
+    ),
+    row(
+        "plan-file-is-a-link-out",
+        lambda c: _plan_file_is_a_link(c, user_file=False),
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+    ),  # the link goes, never what it points to (watched)
+    row(
+        "plan-file-is-a-link-out-beside-user-file",
+        lambda c: _plan_file_is_a_link(c, user_file=True),
+        2,
+        r"report\.md exists and was not written by this tool",
+    ),
+    row(
+        "plan-file-replaced-by-user-folder",
+        _plan_file_is_a_user_folder,
+        2,
+        r"report\.md exists and was not written by this tool",
+    ),
+    row(
+        "overwrite-plan-keeps-user-files",
+        _plan_then_user_file,
+        0,
+        r"wrote .*out",
+        writes=(*(f"out/{n}" for n in (*PLAN_FILES, MANIFEST)),),
+        check=_check_replaced_and_kept,
+    ),
+    row(
+        "overwrite-legacy-plan-folder",
+        lambda c: _legacy(c) and c.alloc("--overwrite"),
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+        check=_check_real_plan,
+    ),
     row("legacy-plan-folder-no-overwrite", lambda c: _legacy(c) and c.alloc(), 2, r"pass --overwrite"),
-    row("legacy-plan-folder-plus-user-file", lambda c: _legacy(c, "notes.txt") and c.alloc("--overwrite"), 2,
-        r"refused.*did not write"),
+    row(
+        "legacy-plan-folder-plus-user-file",
+        lambda c: _legacy(c, "notes.txt") and c.alloc("--overwrite"),
+        2,
+        r"refused.*did not write",
+    ),
     # 2. NaN / inf / out of range: exit 2 naming the flag, nothing written
-    row("alpha-ratio-nan", lambda c: c.alloc("--alpha-ratio", "nan"), 2, r"--alpha-ratio.*finite",
-        check=_check_no_nan_written),
-    row("alpha-ratio-inf", lambda c: c.alloc("--alpha-ratio", "inf"), 2, r"--alpha-ratio.*finite",
-        check=_check_no_nan_written),
+    row(
+        "alpha-ratio-nan",
+        lambda c: c.alloc("--alpha-ratio", "nan"),
+        2,
+        r"--alpha-ratio.*finite",
+        check=_check_no_nan_written,
+    ),
+    row(
+        "alpha-ratio-inf",
+        lambda c: c.alloc("--alpha-ratio", "inf"),
+        2,
+        r"--alpha-ratio.*finite",
+        check=_check_no_nan_written,
+    ),
     row("alpha-ratio-zero", lambda c: c.alloc("--alpha-ratio", "0"), 2, r"--alpha-ratio.*> 0"),
-    row("utility-uniform-prior-nan", lambda c: c.alloc("--utility-uniform-prior", "nan"), 2,
-        r"--utility-uniform-prior must be .*got nan"),
-    row("time-limit-inf", lambda c: c.alloc("--time-limit", "inf"), 2, r"--time-limit must be a finite number"),
+    row(
+        "utility-uniform-prior-nan",
+        lambda c: c.alloc("--utility-uniform-prior", "nan"),
+        2,
+        r"--utility-uniform-prior must be .*got nan",
+    ),
+    row(
+        "time-limit-inf", lambda c: c.alloc("--time-limit", "inf"), 2, r"--time-limit must be a finite number"
+    ),
     row("mip-rel-gap-nan", lambda c: c.alloc("--mip-rel-gap", "nan"), 2, r"--mip-rel-gap must be"),
     row("share-nan", lambda c: c.alloc("--share", "attention=nan:0.5"), 2, r"--share\b.*nan"),
-    row("utility-family-priors-nan", lambda c: c.alloc("--utility-family-priors", "attention=nan"), 2,
-        r"--utility-family-priors must be a finite number"),
-    row("utility-weights-inf", lambda c: c.alloc("--utility-weights", "fisher=inf"), 2,
-        r"--utility-weights must be a finite number"),
+    row(
+        "utility-family-priors-nan",
+        lambda c: c.alloc("--utility-family-priors", "attention=nan"),
+        2,
+        r"--utility-family-priors must be a finite number",
+    ),
+    row(
+        "utility-weights-inf",
+        lambda c: c.alloc("--utility-weights", "fisher=inf"),
+        2,
+        r"--utility-weights must be a finite number",
+    ),
     row("budget-1e400", lambda c: c.alloc("--budget", "1e400"), 2, r"budget '1e400'"),
     row("samples-zero", lambda c: c.alloc("--samples", "0"), 2, r"--samples must be an integer >= 1"),
     row("seq-len-one", lambda c: c.alloc("--seq-len", "1"), 2, r"--seq-len must be an integer >= 2"),
     row("probe-max-rank-zero", lambda c: c.alloc("--probe-max-rank", "0"), 2, r"--probe-max-rank must be"),
     row("ranks-not-integers", lambda c: c.alloc("--ranks", "0,a"), 2, r"--ranks: invalid literal"),
-    row("skip-nonfinite-not-a-bool", lambda c: c.alloc("--probe-skip-nonfinite", "maybe"), 2,
-        r"--probe-skip-nonfinite: expected true/false"),
+    row(
+        "skip-nonfinite-not-a-bool",
+        lambda c: c.alloc("--probe-skip-nonfinite", "maybe"),
+        2,
+        r"--probe-skip-nonfinite: expected true/false",
+    ),
     row("probe-svd-unknown", lambda c: c.alloc("--probe-svd", "bogus"), 2, r"--probe-svd must be one of"),
-    row("probe-sketch-dim-above-threshold", lambda c: c.alloc("--probe-sketch-dim", "8192"), 2,
-        r"--probe-sketch-threshold \(4096\) must be >= sketch_dim \(8192\)"),
-    row("ranks-not-from-zero", lambda c: c.alloc("--ranks", "4,8"), 2, r"--ranks must be strictly increasing"),
+    row(
+        "probe-sketch-dim-above-threshold",
+        lambda c: c.alloc("--probe-sketch-dim", "8192"),
+        2,
+        r"--probe-sketch-threshold \(4096\) must be >= sketch_dim \(8192\)",
+    ),
+    row(
+        "ranks-not-from-zero", lambda c: c.alloc("--ranks", "4,8"), 2, r"--ranks must be strictly increasing"
+    ),
     # 4. no tracebacks
-    row("probe-device-foo", lambda c: c.alloc("--probe-device", "foo"), 2, r"--probe-device 'foo' is not a torch"),
-    row("probe-device-cuda-without-cuda", lambda c: c.alloc("--probe-device", "cuda"), 2,
-        r"--probe-device 'cuda'.*no usable cuda", skip_if=lambda: "CUDA is available" if torch.cuda.is_available()
-        else ""),
-    row("cache-dir-is-a-file", lambda c: c.write("cache", "x") and c.alloc("--cache-dir", c.tmp / "cache"), 2,
-        r"is a file, not a folder.*--cache-dir"),
+    row(
+        "probe-device-foo",
+        lambda c: c.alloc("--probe-device", "foo"),
+        2,
+        r"--probe-device 'foo' is not a torch",
+    ),
+    row(
+        "probe-device-cuda-without-cuda",
+        lambda c: c.alloc("--probe-device", "cuda"),
+        2,
+        r"--probe-device 'cuda'.*no usable cuda",
+        skip_if=lambda: "CUDA is available" if torch.cuda.is_available() else "",
+    ),
+    row(
+        "cache-dir-is-a-file",
+        lambda c: c.write("cache", "x") and c.alloc("--cache-dir", c.tmp / "cache"),
+        2,
+        r"is a file, not a folder.*--cache-dir",
+    ),
     row("cache-dir-empty-name", lambda c: c.alloc("--cache-dir", ""), 2, r"probe cache folder is empty"),
-    row("cache-dir-equals-output", lambda c: c.alloc("--cache-dir", c.out), 2, r"--cache-dir and -o are the same"),
-    row("corrupt-cached-probe-report", _corrupt_cache, 0, r"ProbeWarning: cached probe report .* unreadable.*"
-        r"probing again", writes=(*PLAN_WRITES, "cache/*"), check=_check_reprobed),
-    row("data-folder-without-datasets", lambda c: c.write("ds/data.arrow", b"x") and c.alloc(data=c.tmp / "ds"), 2,
-        r"datasets", skip_if=lambda: "datasets is installed" if _has_module("datasets") else ""),
+    row(
+        "cache-dir-equals-output",
+        lambda c: c.alloc("--cache-dir", c.out),
+        2,
+        r"--cache-dir and -o are the same",
+    ),
+    row(
+        "corrupt-cached-probe-report",
+        _corrupt_cache,
+        0,
+        r"ProbeWarning: cached probe report .* unreadable.*"
+        r"probing again",
+        writes=(*PLAN_WRITES, "cache/*"),
+        check=_check_reprobed,
+    ),
+    row(
+        "data-folder-without-datasets",
+        lambda c: c.write("ds/data.arrow", b"x") and c.alloc(data=c.tmp / "ds"),
+        2,
+        r"datasets",
+        skip_if=lambda: "datasets is installed" if _has_module("datasets") else "",
+    ),
     row("data-dev-null", lambda c: c.alloc(data="/dev/null"), 2, r"/dev/null is empty"),
-    row("retention-data-missing", lambda c: c.alloc("--retention-data", c.tmp / "gone.txt"), 2,
-        r"retention.data '.*gone\.txt' not found"),
+    row(
+        "retention-data-missing",
+        lambda c: c.alloc("--retention-data", c.tmp / "gone.txt"),
+        2,
+        r"retention.data '.*gone\.txt' not found",
+    ),
     row("missing-data-file", lambda c: c.alloc(data=c.tmp / "nope.txt"), 2, r"nope\.txt.*not found"),
     # 5. text data
-    row("txt-invalid-utf8", lambda c: c.alloc(data=_text_with_bad_byte(c)), 2,
-        r"not valid utf-8 \(byte 0xe9 at offset \d+, line \d+\).*--encoding", check=_check_offset_and_line),
-    row("jsonl-invalid-utf8", _bad_jsonl, 2, r"not valid utf-8 \(byte 0xe9 at offset \d+, line 3\)",
-        check=_check_offset_and_line),
-    row("txt-binary", lambda c: c.alloc(data=c.write("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")), 2,
-        r"looks binary \(a NUL byte at offset 8, line 3\)"),
-    row("txt-with-nul-byte", lambda c: c.alloc(data=c.write("nul.txt", c.corpus.read_bytes()[:300] + b"\x00x")), 2,
-        r"looks binary \(a NUL byte at offset 300, line \d+\)"),
-    row("txt-latin-1-encoding", lambda c: c.alloc("--encoding", "latin-1", data=_text_with_bad_byte(c)), 0,
-        r"wrote", writes=PLAN_WRITES),
-    row("jsonl-latin-1-encoding", lambda c: _bad_jsonl(c) + ["--encoding", "latin-1"], 0, r"wrote",
-        writes=PLAN_WRITES),
-    row("unknown-encoding", lambda c: c.alloc("--encoding", "klingon"), 2, r"--encoding 'klingon' is not a text "
-        r"encoding"),
-    row("jsonl-line-not-json", lambda c: c.alloc(data=c.write("r.jsonl", '{"text": "a"}\n{"text": oops}\n')), 2,
-        r"r\.jsonl:2 is not valid JSON"),
+    row(
+        "txt-invalid-utf8",
+        lambda c: c.alloc(data=_text_with_bad_byte(c)),
+        2,
+        r"not valid utf-8 \(byte 0xe9 at offset \d+, line \d+\).*--encoding",
+        check=_check_offset_and_line,
+    ),
+    row(
+        "jsonl-invalid-utf8",
+        _bad_jsonl,
+        2,
+        r"not valid utf-8 \(byte 0xe9 at offset \d+, line 3\)",
+        check=_check_offset_and_line,
+    ),
+    row(
+        "txt-binary",
+        lambda c: c.alloc(data=c.write("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")),
+        2,
+        r"looks binary \(a NUL byte at offset 8, line 3\)",
+    ),
+    row(
+        "txt-with-nul-byte",
+        lambda c: c.alloc(data=c.write("nul.txt", c.corpus.read_bytes()[:300] + b"\x00x")),
+        2,
+        r"looks binary \(a NUL byte at offset 300, line \d+\)",
+    ),
+    row(
+        "txt-latin-1-encoding",
+        lambda c: c.alloc("--encoding", "latin-1", data=_text_with_bad_byte(c)),
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+    ),
+    row(
+        "jsonl-latin-1-encoding",
+        lambda c: _bad_jsonl(c) + ["--encoding", "latin-1"],
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+    ),
+    row(
+        "unknown-encoding",
+        lambda c: c.alloc("--encoding", "klingon"),
+        2,
+        r"--encoding 'klingon' is not a text "
+        r"encoding",
+    ),
+    row(
+        "jsonl-line-not-json",
+        lambda c: c.alloc(data=c.write("r.jsonl", '{"text": "a"}\n{"text": oops}\n')),
+        2,
+        r"r\.jsonl:2 is not valid JSON",
+    ),
     # 8. misleading messages
-    row("jsonl-text-null", lambda c: c.alloc(data=_records(c, {"text": "def f(): pass"}, {"text": None})), 2,
-        r"'text': null, not a string"),
-    row("all-batches-nonfinite-skipped", lambda c: c.alloc("--probe-skip-nonfinite", "true", model=c.nan_model()),
-        NONFINITE_EXIT, r"every calibration batch \(2\) had a non-finite loss"),
-    row("nonfinite-loss-names-the-flag", lambda c: c.alloc(model=c.nan_model()), NONFINITE_EXIT,
-        r"loss is nan on batch 0.*--probe-skip-nonfinite true"),
+    row(
+        "jsonl-text-null",
+        lambda c: c.alloc(data=_records(c, {"text": "def f(): pass"}, {"text": None})),
+        2,
+        r"'text': null, not a string",
+    ),
+    row(
+        "all-batches-nonfinite-skipped",
+        lambda c: c.alloc("--probe-skip-nonfinite", "true", model=c.nan_model()),
+        NONFINITE_EXIT,
+        r"every calibration batch \(2\) had a non-finite loss",
+    ),
+    row(
+        "nonfinite-loss-names-the-flag",
+        lambda c: c.alloc(model=c.nan_model()),
+        NONFINITE_EXIT,
+        r"loss is nan on batch 0.*--probe-skip-nonfinite true",
+    ),
     # 9. exit codes
     row("help-lists-exit-codes", lambda c: ["--help"], 0, ".*".join(EXIT_CODE_LINES)),
-    row("unexpected-error-is-exit-3", _guarded(lambda a: setattr(a, "output", 5)), EXIT_BUG,
-        r"unexpected TypeError.*This is a bug.*ALLOCATE_DEBUG=1"),
-    row("interrupted-is-exit-130", _guarded(lambda a: setattr(a, "data", _InterruptingPath())), EXIT_INTERRUPTED,
-        r"(?m)^interrupted; nothing was written$"),
+    row(
+        "unexpected-error-is-exit-3",
+        _guarded(lambda a: setattr(a, "output", 5)),
+        EXIT_BUG,
+        r"unexpected TypeError.*This is a bug.*ALLOCATE_DEBUG=1",
+    ),
+    row(
+        "interrupted-is-exit-130",
+        _guarded(lambda a: setattr(a, "data", _InterruptingPath())),
+        EXIT_INTERRUPTED,
+        r"(?m)^interrupted; nothing was written$",
+    ),
     # 7. leftovers and modes
-    row("stale-temporary-of-dead-run-removed", lambda c: _stale_sibling(c, marker=True, pid=_dead_pid()), 0, r"wrote",
-        writes=(*PLAN_WRITES, ".out.tmp-*"), check=_check_gone),
-    row("stale-temporary-without-marker-kept", lambda c: _stale_sibling(c, marker=False, pid=_dead_pid()), 0,
-        r"wrote", writes=PLAN_WRITES, check=_check_kept),
-    row("temporary-of-live-process-kept", lambda c: _stale_sibling(c, marker=True, pid=os.getppid()), 0, r"wrote",
-        writes=PLAN_WRITES, check=_check_kept),
-    row("umask-022", _with_umask(0o022), 0, r"wrote", writes=("new", "new/*"), check=_check_modes(0o755, 0o644)),
-    row("umask-077", _with_umask(0o077), 0, r"wrote", writes=("new", "new/*"), check=_check_modes(0o700, 0o600)),
+    row(
+        "stale-temporary-of-dead-run-removed",
+        lambda c: _stale_sibling(c, marker=True, pid=_dead_pid()),
+        0,
+        r"wrote",
+        writes=(*PLAN_WRITES, ".out.tmp-*"),
+        check=_check_gone,
+    ),
+    row(
+        "stale-temporary-without-marker-kept",
+        lambda c: _stale_sibling(c, marker=False, pid=_dead_pid()),
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+        check=_check_kept,
+    ),
+    row(
+        "temporary-of-live-process-kept",
+        lambda c: _stale_sibling(c, marker=True, pid=os.getppid()),
+        0,
+        r"wrote",
+        writes=PLAN_WRITES,
+        check=_check_kept,
+    ),
+    row(
+        "umask-022",
+        _with_umask(0o022),
+        0,
+        r"wrote",
+        writes=("new", "new/*"),
+        check=_check_modes(0o755, 0o644),
+    ),
+    row(
+        "umask-077",
+        _with_umask(0o077),
+        0,
+        r"wrote",
+        writes=("new", "new/*"),
+        check=_check_modes(0o700, 0o600),
+    ),
 ]
 
 
@@ -659,20 +967,48 @@ def test_allocate(r: Row, ctx: Ctx, capsys, monkeypatch):
 # --- the `allocate inspect` table ---------------------------------------------------------------------------
 
 INSPECT = [
-    row("config-json-is-a-list", lambda c: ["inspect", c.write("cfg/config.json", "[1, 2, 3]")], 2,
-        r"config\.json.*(list|object)"),
-    row("folder-config-json-is-a-list", lambda c: c.write("cfg/config.json", "[]") and ["inspect", c.tmp / "cfg"], 2,
-        r"config\.json.*(list|object)"),
-    row("config-json-not-json", lambda c: ["inspect", c.write("cfg/config.json", "{model_type: qwen3_5")], 2,
-        r"config\.json.*JSON"),
-    row("config-json-invalid-utf8", lambda c: ["inspect", c.write("cfg/config.json", b'{"model_type": "qw\xe9n"}')], 2,
-        r"config\.json"),
-    row("config-json-unknown-model-type", lambda c: ["inspect", c.write("cfg/config.json", '{"model_type": "nope"}')],
-        2, r"nope"),
-    row("config-json-without-model-type", lambda c: ["inspect", c.write("cfg/config.json", "{}")], 2,
-        r"model_type"),
-    row("folder-without-config", lambda c: (c.tmp / "empty").mkdir() or ["inspect", c.tmp / "empty"], 2,
-        r"no config\.json"),
+    row(
+        "config-json-is-a-list",
+        lambda c: ["inspect", c.write("cfg/config.json", "[1, 2, 3]")],
+        2,
+        r"config\.json.*(list|object)",
+    ),
+    row(
+        "folder-config-json-is-a-list",
+        lambda c: c.write("cfg/config.json", "[]") and ["inspect", c.tmp / "cfg"],
+        2,
+        r"config\.json.*(list|object)",
+    ),
+    row(
+        "config-json-not-json",
+        lambda c: ["inspect", c.write("cfg/config.json", "{model_type: qwen3_5")],
+        2,
+        r"config\.json.*JSON",
+    ),
+    row(
+        "config-json-invalid-utf8",
+        lambda c: ["inspect", c.write("cfg/config.json", b'{"model_type": "qw\xe9n"}')],
+        2,
+        r"config\.json",
+    ),
+    row(
+        "config-json-unknown-model-type",
+        lambda c: ["inspect", c.write("cfg/config.json", '{"model_type": "nope"}')],
+        2,
+        r"nope",
+    ),
+    row(
+        "config-json-without-model-type",
+        lambda c: ["inspect", c.write("cfg/config.json", "{}")],
+        2,
+        r"model_type",
+    ),
+    row(
+        "folder-without-config",
+        lambda c: (c.tmp / "empty").mkdir() or ["inspect", c.tmp / "empty"],
+        2,
+        r"no config\.json",
+    ),
     row("missing-path", lambda c: ["inspect", c.tmp / "nope" / "config.json"], 2, r"nope"),
     row("rank-zero", lambda c: ["inspect", c.model, "--rank", "0"], 2, r"--rank must be >= 1"),
     row("good-folder", lambda c: ["inspect", c.model], 0, r"decoder layers"),
@@ -745,8 +1081,20 @@ def _check_study_restarted(c: Ctx) -> None:
 
 
 # what tune may write in its folder (allocator.tuning.folder.TUNE_ENTRIES), and nothing else there
-TUNE_OWN = tuple(f"study/{name}" for name in ("tune.json", ".tune.lock", "study.db*", "probes*", "best*", "pareto*",
-                                               "study.md", "study.png", "study.json"))
+TUNE_OWN = tuple(
+    f"study/{name}"
+    for name in (
+        "tune.json",
+        ".tune.lock",
+        "study.db*",
+        "probes*",
+        "best*",
+        "pareto*",
+        "study.md",
+        "study.png",
+        "study.json",
+    )
+)
 
 
 def _storage_under_a_file(c: Ctx) -> list[str]:
@@ -764,41 +1112,122 @@ def _no_study_folder(c: Ctx) -> None:
 
 
 TUNE = [
-    row("overwrite-foreign-folder", lambda c: c.foreign("study") and c.tune("--overwrite"), 2,
-        r"holds no tune study but files this tool did not write"),
+    row(
+        "overwrite-foreign-folder",
+        lambda c: c.foreign("study") and c.tune("--overwrite"),
+        2,
+        r"holds no tune study but files this tool did not write",
+    ),
     row("foreign-folder-no-overwrite", lambda c: c.foreign("study") and c.tune(), 2, r"did not write"),
-    row("overwrite-symlink-to-foreign-folder", lambda c: _symlink_to_foreign(c, "--overwrite", tune=True), 2,
-        r"symbolic link"),
+    row(
+        "overwrite-symlink-to-foreign-folder",
+        lambda c: _symlink_to_foreign(c, "--overwrite", tune=True),
+        2,
+        r"symbolic link",
+    ),
     row("empty-output-name", lambda c: c.tune(out=""), 2, r"-o is empty"),
     row("lr-nan", lambda c: [*c.tune(), "--lr", "nan"], 2, r"--lr\b.*not a finite number"),
-    row("alpha-ratio-inf", lambda c: [*c.tune(), "--alpha-ratio", "inf"], 2, r"--alpha-ratio.*not a finite number"),
+    row(
+        "alpha-ratio-inf",
+        lambda c: [*c.tune(), "--alpha-ratio", "inf"],
+        2,
+        r"--alpha-ratio.*not a finite number",
+    ),
     row("steps-zero", lambda c: [*c.tune(), "--steps", "0"], 2, r"--steps must be an integer >= 1"),
-    row("solver-ranks-not-from-zero", lambda c: [*c.tune(), "--solver-ranks", "4,8"], 2, r"--solver-ranks must be"),
+    row(
+        "solver-ranks-not-from-zero",
+        lambda c: [*c.tune(), "--solver-ranks", "4,8"],
+        2,
+        r"--solver-ranks must be",
+    ),
     row("probe-device-foo", lambda c: [*c.tune(), "--probe-device", "foo"], 2, r"--probe-device 'foo'"),
-    row("invalid-utf8-eval-data", _tune_bad_eval, 2, r"not valid utf-8 \(byte 0xe9 at offset \d+, line \d+\)",
-        check=_check_offset_and_line),
-    row("storage-in-missing-folder", lambda c: c.tune("--storage", "sqlite:////nonexistent-dir/x.db"), 1,
-        r"could not open or use storage sqlite:////nonexistent-dir/x\.db", check=_check_no_record_then_rerun),
-    row("storage-unknown-dialect", lambda c: c.tune("--storage", "foo://x"), 2,
-        r"could not open storage foo://x.*pass a database URL", check=_no_study_folder),
-    row("moved-study-folder-resumes", _moved_study, 0, r"study\s+tune in .*\ntrials\s+3 complete", writes=STUDY_WRITES,
-        check=_check_resumed),
-    row("read-only-study-db", _read_only_db, 1, r"study\.db is read-only", skip_if=_root_writes_anyway,
-        writes=STUDY_WRITES),
-    row("resume-with-other-settings", _other_settings, 2,
-        r"started with other settings.*settings\.steps: 1 \(now 2\)", writes=("study/study.db*",)),
-    row("overwrite-study-keeps-user-files", _study_plus_user_file, 0, r"trials\s+2 complete", writes=TUNE_OWN,
-        check=_check_study_restarted),
+    row(
+        "invalid-utf8-eval-data",
+        _tune_bad_eval,
+        2,
+        r"not valid utf-8 \(byte 0xe9 at offset \d+, line \d+\)",
+        check=_check_offset_and_line,
+    ),
+    row(
+        "storage-in-missing-folder",
+        lambda c: c.tune("--storage", "sqlite:////nonexistent-dir/x.db"),
+        1,
+        r"could not open or use storage sqlite:////nonexistent-dir/x\.db",
+        check=_check_no_record_then_rerun,
+    ),
+    row(
+        "storage-unknown-dialect",
+        lambda c: c.tune("--storage", "foo://x"),
+        2,
+        r"could not open storage foo://x.*pass a database URL",
+        check=_no_study_folder,
+    ),
+    row(
+        "moved-study-folder-resumes",
+        _moved_study,
+        0,
+        r"study\s+tune in .*\ntrials\s+3 complete",
+        writes=STUDY_WRITES,
+        check=_check_resumed,
+    ),
+    row(
+        "read-only-study-db",
+        _read_only_db,
+        1,
+        r"study\.db is read-only",
+        skip_if=_root_writes_anyway,
+        writes=STUDY_WRITES,
+    ),
+    row(
+        "resume-with-other-settings",
+        _other_settings,
+        2,
+        r"started with other settings.*settings\.steps: 1 \(now 2\)",
+        writes=("study/study.db*",),
+    ),
+    row(
+        "overwrite-study-keeps-user-files",
+        _study_plus_user_file,
+        0,
+        r"trials\s+2 complete",
+        writes=TUNE_OWN,
+        check=_check_study_restarted,
+    ),
     row("other-study-name-in-a-study-folder", _other_study_name, 2, r"holds study 'tune'.*pass that --study"),
-    row("storage-path-under-a-file", _storage_under_a_file, 2, r"file\.txt.*(is a file|not a folder)",
-        check=_no_study_folder),
-    row("storage-missing-driver", lambda c: c.tune("--storage", "postgresql://user@127.0.0.1:1/db"), 2,
-        r"needs the Python package 'psycopg2-binary'", check=_no_study_folder,
-        skip_if=lambda: "psycopg2 is installed" if _has_module("psycopg2") else ""),
-    row("storage-sqlite-in-memory", lambda c: c.tune("--storage", "sqlite:///:memory:"), 2, r"in.memory",
-        check=_no_study_folder),
-    row("trials-below-baselines", lambda c: [*c.tune(), "--trials", "1"], 2, r"trials=1 leaves no searched trial"),
-    row("eval-data-missing", lambda c: c.tune(eval_data=c.tmp / "gone.txt"), 2, r"eval.data '.*gone\.txt' not found"),
+    row(
+        "storage-path-under-a-file",
+        _storage_under_a_file,
+        2,
+        r"file\.txt.*(is a file|not a folder)",
+        check=_no_study_folder,
+    ),
+    row(
+        "storage-missing-driver",
+        lambda c: c.tune("--storage", "postgresql://user@127.0.0.1:1/db"),
+        2,
+        r"needs the Python package 'psycopg2-binary'",
+        check=_no_study_folder,
+        skip_if=lambda: "psycopg2 is installed" if _has_module("psycopg2") else "",
+    ),
+    row(
+        "storage-sqlite-in-memory",
+        lambda c: c.tune("--storage", "sqlite:///:memory:"),
+        2,
+        r"in.memory",
+        check=_no_study_folder,
+    ),
+    row(
+        "trials-below-baselines",
+        lambda c: [*c.tune(), "--trials", "1"],
+        2,
+        r"trials=1 leaves no searched trial",
+    ),
+    row(
+        "eval-data-missing",
+        lambda c: c.tune(eval_data=c.tmp / "gone.txt"),
+        2,
+        r"eval.data '.*gone\.txt' not found",
+    ),
     row("help-lists-exit-codes", lambda c: ["tune", "--help"], 0, ".*".join(EXIT_CODE_LINES)),
 ]
 
@@ -871,16 +1300,18 @@ def _eva_without_data(c: Ctx) -> Callable[[], Any]:
 def _tampered_settings(c: Ctx) -> Callable[[], Any]:
     settings = DataSettings(seq_len=32, samples=4, batch_size=2)
     object.__setattr__(settings, "samples", float("nan"))
-    return lambda: allocator.allocate(str(c.model), data=str(c.corpus), data_settings=settings,
-                                      probe_settings=ProbeSettings(progress=False))
+    return lambda: allocator.allocate(
+        str(c.model), data=str(c.corpus), data_settings=settings, probe_settings=ProbeSettings(progress=False)
+    )
 
 
 def _eva_bad_ids(c: Ctx) -> Callable[[], Any]:
     import dataclasses
 
     plan, model = dataclasses.replace(c.plan(), init="eva"), c.data["model"]
-    return lambda: plan.apply(model, init_data=[{"input_ids": torch.full((2, 32), 500),
-                                                 "labels": torch.full((2, 32), 5)}])
+    return lambda: plan.apply(
+        model, init_data=[{"input_ids": torch.full((2, 32), 500), "labels": torch.full((2, 32), 5)}]
+    )
 
 
 def _apply_twice(c: Ctx) -> Callable[[], Any]:
@@ -889,7 +1320,8 @@ def _apply_twice(c: Ctx) -> Callable[[], Any]:
 
 
 def _apply_bad_dropout(c: Ctx) -> Callable[[], Any]:
-    """A LoraConfig field PEFT rejects only while injecting: the adapters half made must be taken out again."""
+    """A LoraConfig field PEFT rejects only while injecting: the adapters half made must be taken out
+    again."""
     model = c.data["model"]
     return lambda: c.plan().apply(model, lora_dropout=5.0)
 
@@ -899,106 +1331,229 @@ def _save_tampered_nan(c: Ctx) -> Callable[[], Any]:
 
     plan = dataclasses.replace(c.plan())
     object.__setattr__(plan, "alpha_ratio", float("nan"))  # past the constructor's check
-    return lambda: plan.save(c.tmp / "nan-plan")  # the disk check: nothing written, so no NaN in adapter_config
+    # the disk check: nothing written, so no NaN in adapter_config
+    return lambda: plan.save(c.tmp / "nan-plan")
 
 
 API = [
     row("data-int", lambda c: _allocate(c, data=123), needle=r"data must be a file or folder path.*got int"),
-    row("data-none", lambda c: _allocate(c, data=None), needle=r"data must be a file or folder path.*got NoneType"),
+    row(
+        "data-none",
+        lambda c: _allocate(c, data=None),
+        needle=r"data must be a file or folder path.*got NoneType",
+    ),
     row("data-list-of-ints", lambda c: _allocate(c, data=[1, 2, 3]), needle=r"token batch 0 is a int"),
-    row("model-not-transformers", lambda c: _allocate(c, model=torch.nn.Linear(2, 2)),
-        needle=r"model must be a hub id.*got Linear"),
-    row("token-ids-beyond-vocab", lambda c: _allocate(c, data=[{"input_ids": torch.full((2, 32), 500)}]),
-        needle=r"token id 500, outside the model's vocabulary of 128"),
-    row("negative-token-ids", lambda c: _allocate(c, data=[{"input_ids": torch.full((2, 32), -3)}]),
-        needle=r"token id -3, outside the model's vocabulary"),
-    row("alpha-ratio-nan", lambda c: _allocate(c, alpha_ratio=float("nan")), needle=r"alpha_ratio must be a finite"),
-    row("alpha-ratio-string", lambda c: _allocate(c, alpha_ratio="2"), needle=r"alpha_ratio must be a finite"),
-    row("settings-of-wrong-type", lambda c: _allocate(c, solver_settings={"ranks": (0, 4)}),
-        needle=r"solver_settings must be a SolverSettings"),
+    row(
+        "model-not-transformers",
+        lambda c: _allocate(c, model=torch.nn.Linear(2, 2)),
+        needle=r"model must be a hub id.*got Linear",
+    ),
+    row(
+        "token-ids-beyond-vocab",
+        lambda c: _allocate(c, data=[{"input_ids": torch.full((2, 32), 500)}]),
+        needle=r"token id 500, outside the model's vocabulary of 128",
+    ),
+    row(
+        "negative-token-ids",
+        lambda c: _allocate(c, data=[{"input_ids": torch.full((2, 32), -3)}]),
+        needle=r"token id -3, outside the model's vocabulary",
+    ),
+    row(
+        "alpha-ratio-nan",
+        lambda c: _allocate(c, alpha_ratio=float("nan")),
+        needle=r"alpha_ratio must be a finite",
+    ),
+    row(
+        "alpha-ratio-string", lambda c: _allocate(c, alpha_ratio="2"), needle=r"alpha_ratio must be a finite"
+    ),
+    row(
+        "settings-of-wrong-type",
+        lambda c: _allocate(c, solver_settings={"ranks": (0, 4)}),
+        needle=r"solver_settings must be a SolverSettings",
+    ),
     row("settings-tampered-after-construction", _tampered_settings, needle=r"samples must be a positive int"),
-    row("cache-dir-is-a-file", lambda c: _allocate(c, cache_dir=c.write("cache", "x")),
-        needle=r"is a file, not a folder"),
-    row("probe-device-foo", lambda c: _allocate(c, probe_settings=ProbeSettings(device="foo", progress=False)),
-        needle=r"device 'foo' is not a torch device"),
+    row(
+        "cache-dir-is-a-file",
+        lambda c: _allocate(c, cache_dir=c.write("cache", "x")),
+        needle=r"is a file, not a folder",
+    ),
+    row(
+        "probe-device-foo",
+        lambda c: _allocate(c, probe_settings=ProbeSettings(device="foo", progress=False)),
+        needle=r"device 'foo' is not a torch device",
+    ),
     row("budget-nonsense", lambda c: _allocate(c, budget="lots"), needle=r"lots"),
-    row("tune-out-dir-empty", lambda c: lambda: allocator.tune(str(c.model), str(c.corpus), str(c.corpus),
-                                                               out_dir=""), needle=r"-o is empty"),
+    row(
+        "tune-out-dir-empty",
+        lambda c: lambda: allocator.tune(str(c.model), str(c.corpus), str(c.corpus), out_dir=""),
+        needle=r"-o is empty",
+    ),
     row("cache-dir-int", lambda c: _allocate(c, cache_dir=123), needle=r"cache"),
     row("data-bytes", lambda c: _allocate(c, data=b"train.txt"), needle=r"data must be a file.*got bytes"),
-    row("token-batch-without-input-ids", lambda c: _allocate(c, data=[{}]), needle=r"token batch 0 has no 'input_ids'"),
-    row("token-batch-labels-wrong-shape",
+    row(
+        "token-batch-without-input-ids",
+        lambda c: _allocate(c, data=[{}]),
+        needle=r"token batch 0 has no 'input_ids'",
+    ),
+    row(
+        "token-batch-labels-wrong-shape",
         lambda c: _allocate(c, data=[{"input_ids": [[5] * 32], "labels": [1, 2]}]),
-        needle=r"labels has shape \(2,\), input_ids \(1, 32\)"),
+        needle=r"labels has shape \(2,\), input_ids \(1, 32\)",
+    ),
     row("token-batch-ids-a-string", lambda c: _allocate(c, data=[{"input_ids": "abc"}]), needle=r"input_ids"),
-    row("token-batch-ragged", lambda c: _allocate(c, data=[{"input_ids": [[1, 2, 3], [1]]}]), needle=r"input_ids"),
-    row("token-ids-beyond-int64", lambda c: _allocate(c, data=[{"input_ids": [[2 ** 70] * 32]}]),
-        needle=r"token id|vocabulary|input_ids"),
+    row(
+        "token-batch-ragged",
+        lambda c: _allocate(c, data=[{"input_ids": [[1, 2, 3], [1]]}]),
+        needle=r"input_ids",
+    ),
+    row(
+        "token-ids-beyond-int64",
+        lambda c: _allocate(c, data=[{"input_ids": [[2**70] * 32]}]),
+        needle=r"token id|vocabulary|input_ids",
+    ),
     row("model-empty-string", lambda c: _allocate(c, model=""), needle=r"no config\.json"),
-    row("tune-settings-a-dict", lambda c: lambda: allocator.tune(str(c.model), str(c.corpus), str(c.corpus),
-                                                                 settings={"trials": 3}, out_dir=c.tmp / "t"),
-        needle=r"settings must be a TuneSettings"),
+    row(
+        "tune-settings-a-dict",
+        lambda c: (
+            lambda: allocator.tune(
+                str(c.model), str(c.corpus), str(c.corpus), settings={"trials": 3}, out_dir=c.tmp / "t"
+            )
+        ),
+        needle=r"settings must be a TuneSettings",
+    ),
     # 3. a plan applied to the wrong model: refused, the model left exactly as it was
-    row("apply-to-falcon-h1", _apply, needle=r"made for another model.*model_type 'qwen3_5\w*' \(model: 'falcon_h1'\)",
-        model=_falcon),
-    row("apply-to-deeper-qwen3_5", _apply, needle=r"made for another model.*n_layers 2 \(model: 4\)",
-        model=_deeper_qwen),
+    row(
+        "apply-to-falcon-h1",
+        _apply,
+        needle=r"made for another model.*model_type 'qwen3_5\w*' \(model: 'falcon_h1'\)",
+        model=_falcon,
+    ),
+    row(
+        "apply-to-deeper-qwen3_5",
+        _apply,
+        needle=r"made for another model.*n_layers 2 \(model: 4\)",
+        model=_deeper_qwen,
+    ),
     row("apply-eva-plan-without-init-data", _eva_without_data, needle=r"pass init_data", model=_same_qwen),
-    row("apply-eva-plan-with-ids-beyond-vocab", _eva_bad_ids, needle=r"token id 500, outside the model's vocabulary",
-        model=_same_qwen),
-    row("apply-to-a-linear-layer", lambda c: lambda: c.plan().apply(torch.nn.Linear(2, 2)),
-        needle=r"made for another model"),
+    row(
+        "apply-eva-plan-with-ids-beyond-vocab",
+        _eva_bad_ids,
+        needle=r"token id 500, outside the model's vocabulary",
+        model=_same_qwen,
+    ),
+    row(
+        "apply-to-a-linear-layer",
+        lambda c: lambda: c.plan().apply(torch.nn.Linear(2, 2)),
+        needle=r"made for another model",
+    ),
     row("apply-to-none", lambda c: lambda: c.plan().apply(None), needle=r"the model is a NoneType"),
     row("apply-twice", _apply_twice, needle=r"already holds PEFT adapters"),
-    row("apply-failing-inside-peft-restores-the-model", _apply_bad_dropout, exc=ValueError,
-        needle=r"dropout probability has to be between 0 and 1", model=_same_qwen),  # PEFT's own error, passed on
+    row(
+        "apply-failing-inside-peft-restores-the-model",
+        _apply_bad_dropout,
+        exc=ValueError,
+        # PEFT's own error, passed on
+        needle=r"dropout probability has to be between 0 and 1",
+        model=_same_qwen,
+    ),
     # 4. tampered allocation.json
-    row("plan-rank-abc", _tampered(lambda d: _first_ranked(d).update(rank="abc")),
-        needle=r"rank of .* must be a whole number, got 'abc'"),
-    row("plan-rank-negative", _tampered(lambda d: _first_ranked(d).update(rank=-1)),
-        needle=r"ranks must be integers >= 0"),
-    row("plan-rank-fraction", _tampered(lambda d: _first_ranked(d).update(rank=2.5)),
-        needle=r"must be a whole number, got 2\.5"),
+    row(
+        "plan-rank-abc",
+        _tampered(lambda d: _first_ranked(d).update(rank="abc")),
+        needle=r"rank of .* must be a whole number, got 'abc'",
+    ),
+    row(
+        "plan-rank-negative",
+        _tampered(lambda d: _first_ranked(d).update(rank=-1)),
+        needle=r"ranks must be integers >= 0",
+    ),
+    row(
+        "plan-rank-fraction",
+        _tampered(lambda d: _first_ranked(d).update(rank=2.5)),
+        needle=r"must be a whole number, got 2\.5",
+    ),
     row("plan-no-modules", _tampered(lambda d: d.pop("modules")), needle=r"not a plan: modules missing"),
     row("plan-modules-not-a-list", _tampered(lambda d: d.update(modules={"a": 1})), needle=r"not a plan"),
-    row("plan-module-entry-a-string", _tampered(lambda d: d["modules"].append("model.layers.0")),
-        needle=r"malformed plan"),
-    row("plan-module-without-shape", _tampered(lambda d: d["modules"].append({"name": "x", "rank": 1})),
-        needle=r"malformed plan"),
+    row(
+        "plan-module-entry-a-string",
+        _tampered(lambda d: d["modules"].append("model.layers.0")),
+        needle=r"malformed plan",
+    ),
+    row(
+        "plan-module-without-shape",
+        _tampered(lambda d: d["modules"].append({"name": "x", "rank": 1})),
+        needle=r"malformed plan",
+    ),
     row("plan-json-list", _tampered(text="[1, 2, 3]"), needle=r"a plan is a JSON object, got list"),
     row("plan-not-json", _tampered(text="this is not JSON {"), needle=r"could not read .* as JSON"),
     row("plan-invalid-utf8", _tampered(text=b'{"model_id": "caf\xe9"}'), needle=r"could not read .* as JSON"),
     row("plan-empty-file", _tampered(text=""), needle=r"could not read .* as JSON"),
-    row("plan-budget-negative", _tampered(lambda d: d.update(budget=-5)), needle=r"budget must be a whole number of "
-        r"parameters >= 1, got -5"),
-    row("plan-budget-string", _tampered(lambda d: d.update(budget="lots")), needle=r"budget must be a whole number"),
-    row("plan-alpha-ratio-nan-token", _tampered(lambda d: d.update(alpha_ratio=float("nan"))),
-        needle=r"alpha_ratio must be a finite number > 0, got nan"),
-    row("plan-alpha-ratio-infinity-token", _tampered(lambda d: d.update(alpha_ratio=float("inf"))),
-        needle=r"alpha_ratio must be a finite number > 0, got inf"),
-    row("plan-schema-from-the-future", _tampered(lambda d: d.update(schema=99)), needle=r"schema 99.*upgrade"),
+    row(
+        "plan-budget-negative",
+        _tampered(lambda d: d.update(budget=-5)),
+        needle=r"budget must be a whole number of "
+        r"parameters >= 1, got -5",
+    ),
+    row(
+        "plan-budget-string",
+        _tampered(lambda d: d.update(budget="lots")),
+        needle=r"budget must be a whole number",
+    ),
+    row(
+        "plan-alpha-ratio-nan-token",
+        _tampered(lambda d: d.update(alpha_ratio=float("nan"))),
+        needle=r"alpha_ratio must be a finite number > 0, got nan",
+    ),
+    row(
+        "plan-alpha-ratio-infinity-token",
+        _tampered(lambda d: d.update(alpha_ratio=float("inf"))),
+        needle=r"alpha_ratio must be a finite number > 0, got inf",
+    ),
+    row(
+        "plan-schema-from-the-future", _tampered(lambda d: d.update(schema=99)), needle=r"schema 99.*upgrade"
+    ),
     row("plan-unknown-init", _tampered(lambda d: d.update(init="magic")), needle=r"unknown init 'magic'"),
-    row("plan-architecture-a-string", _tampered(lambda d: d.update(architecture="qwen3_5")),
-        needle=r"malformed plan"),
-    row("plan-cost-above-budget", _tampered(lambda d: _first_ranked(d).update(rank=64)),
-        needle=r"cost .* exceeds its budget"),
-    row("plan-duplicate-module-name", _tampered(lambda d: d["modules"].append(dict(_first_ranked(d), rank=1))),
-        needle=r"(duplicate|twice|more than once)"),
-    row("save-plan-with-tampered-nan-alpha", _save_tampered_nan, needle=r"alpha_ratio must be a finite number"),
-    row("plan-missing-file", lambda c: lambda: Plan.load(c.tmp / "no-plan-here"), needle=r"no allocation\.json"),
+    row(
+        "plan-architecture-a-string",
+        _tampered(lambda d: d.update(architecture="qwen3_5")),
+        needle=r"malformed plan",
+    ),
+    row(
+        "plan-cost-above-budget",
+        _tampered(lambda d: _first_ranked(d).update(rank=64)),
+        needle=r"cost .* exceeds its budget",
+    ),
+    row(
+        "plan-duplicate-module-name",
+        _tampered(lambda d: d["modules"].append(dict(_first_ranked(d), rank=1))),
+        needle=r"(duplicate|twice|more than once)",
+    ),
+    row(
+        "save-plan-with-tampered-nan-alpha", _save_tampered_nan, needle=r"alpha_ratio must be a finite number"
+    ),
+    row(
+        "plan-missing-file",
+        lambda c: lambda: Plan.load(c.tmp / "no-plan-here"),
+        needle=r"no allocation\.json",
+    ),
 ]
 
 
 def _model_state(model: torch.nn.Module) -> dict[str, Any]:
-    return {"types": [type(m) for m in model.modules()],
-            "names": [n for n, _ in model.named_modules()],
-            "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "peft": hasattr(model, "peft_config"), "training": model.training}
+    return {
+        "types": [type(m) for m in model.modules()],
+        "names": [n for n, _ in model.named_modules()],
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "peft": hasattr(model, "peft_config"),
+        "training": model.training,
+    }
 
 
 def _same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert a["types"] == b["types"] and a["names"] == b["names"], "the module tree changed (adapters left in?)"
+    assert a["types"] == b["types"] and a["names"] == b["names"], (
+        "the module tree changed (adapters left in?)"
+    )
     flipped = sorted(n for n in a["grad"] if a["grad"][n] != b["grad"].get(n))
     assert a["grad"].keys() == b["grad"].keys() and not flipped, f"requires_grad changed: {flipped[:3]}"
     assert not b["peft"], "the model has a peft_config attribute"
@@ -1025,8 +1580,13 @@ def test_api(r: Row, ctx: Ctx, capsys, monkeypatch):
         raised = exc
     message = "" if raised is None else str(raised)
     ctx.data["error"] = message
-    v.expect("type", type(raised) is r.exc, f"{type(raised).__name__}: {message}" if raised is not None else
-             f"nothing raised; returned a {type(result).__name__}")
+    v.expect(
+        "type",
+        type(raised) is r.exc,
+        f"{type(raised).__name__}: {message}"
+        if raised is not None
+        else f"nothing raised; returned a {type(result).__name__}",
+    )
     v.expect("lines", "\n" not in message.strip(), message)
     v.expect("message", re.search(r.needle, message, re.I), (r.needle, message))
     if r.model is not None:

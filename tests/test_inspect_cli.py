@@ -14,24 +14,61 @@ from allocator.commands import inspect as command
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 KINDS = {
-    "qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json": {"attention/softmax", "recurrent/gated_deltanet", "mlp/dense"},
+    "qwen3_5__Qwen__Qwen3.5-0.8B.RECONSTRUCTED.json": {
+        "attention/softmax",
+        "recurrent/gated_deltanet",
+        "mlp/dense",
+    },
     "qwen3_5__Qwen__Qwen3.5-27B.json": {"attention/softmax", "recurrent/gated_deltanet", "mlp/dense"},
-    "qwen3_5_moe__Qwen__Qwen3.5-35B-A3B.json": {"attention/softmax", "recurrent/gated_deltanet", "moe/expert",
-                                                 "moe/shared_expert"},
-    "qwen3_next__Qwen__Qwen3-Next-80B-A3B-Thinking.json": {"attention/softmax", "recurrent/gated_deltanet",
-                                                            "moe/expert", "moe/shared_expert"},
-    "falcon_h1__tiiuae__Falcon-H1-0.5B.RECONSTRUCTED.json": {"attention/softmax", "recurrent/mamba2", "mlp/dense"},
+    "qwen3_5_moe__Qwen__Qwen3.5-35B-A3B.json": {
+        "attention/softmax",
+        "recurrent/gated_deltanet",
+        "moe/expert",
+        "moe/shared_expert",
+    },
+    "qwen3_next__Qwen__Qwen3-Next-80B-A3B-Thinking.json": {
+        "attention/softmax",
+        "recurrent/gated_deltanet",
+        "moe/expert",
+        "moe/shared_expert",
+    },
+    "falcon_h1__tiiuae__Falcon-H1-0.5B.RECONSTRUCTED.json": {
+        "attention/softmax",
+        "recurrent/mamba2",
+        "mlp/dense",
+    },
     "jamba__ai21labs__Jamba-v0.1.json": {"attention/softmax", "recurrent/mamba", "mlp/dense", "moe/expert"},
-    "zamba2__Zyphra__Zamba2-2.7B-Instruct-v2.PARTIAL.json": {"attention/softmax", "recurrent/mamba2", "mlp/dense"},
+    "zamba2__Zyphra__Zamba2-2.7B-Instruct-v2.PARTIAL.json": {
+        "attention/softmax",
+        "recurrent/mamba2",
+        "mlp/dense",
+    },
     "bamba__ibm-fms__Bamba-9B.json": {"attention/softmax", "recurrent/mamba2", "mlp/dense"},
     "nemotron_h__nvidia__Nemotron-H-56B-Base-8K.json": {"attention/softmax", "recurrent/mamba2", "mlp/dense"},
-    "nemotron_h__nvidia__NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json": {"attention/softmax", "recurrent/mamba2",
-                                                                     "moe/expert", "moe/shared_expert"},
+    "nemotron_h__nvidia__NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json": {
+        "attention/softmax",
+        "recurrent/mamba2",
+        "moe/expert",
+        "moe/shared_expert",
+    },
     "lfm2__LiquidAI__LFM2-350M.MIRROR.json": {"attention/softmax", "recurrent/short_conv", "mlp/dense"},
     "kimi_linear__moonshotai__Kimi-Linear-48B-A3B-Instruct.RECONSTRUCTED.json": {
-        "attention/mla", "recurrent/kda", "mlp/dense", "moe/expert", "moe/shared_expert"},
-    "recurrent_gemma__google__recurrentgemma-2b-it.MIRROR.json": {"attention/softmax", "recurrent/rglru", "mlp/dense"},
-    "minimax__MiniMaxAI__MiniMax-Text-01.CONVERTED.json": {"attention/softmax", "recurrent/lightning", "moe/expert"},
+        "attention/mla",
+        "recurrent/kda",
+        "mlp/dense",
+        "moe/expert",
+        "moe/shared_expert",
+    },
+    "recurrent_gemma__google__recurrentgemma-2b-it.MIRROR.json": {
+        "attention/softmax",
+        "recurrent/rglru",
+        "mlp/dense",
+    },
+    "minimax__MiniMaxAI__MiniMax-Text-01.CONVERTED.json": {
+        "attention/softmax",
+        "recurrent/lightning",
+        "moe/expert",
+    },
 }
 REFUSED = {
     "zamba2__Zyphra__Zamba2-1.2B.LEGACY-4f8e85cd.json": "pre-integration Zyphra config",
@@ -63,9 +100,17 @@ def test_inspect_prints_each_reference_config_within_ten_seconds(filename, capsy
 def test_inspect_json_parses_and_its_totals_add_up(filename, capsys):
     assert command.main([str(CONFIGS / filename), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    eligible = [c for c in report["components"] if c["lora_effective"] and c["default_target"] and c["tied_to"] is None]
+    eligible = [
+        c
+        for c in report["components"]
+        if c["lora_effective"] and c["default_target"] and c["tied_to"] is None
+    ]
     per_rank = sum(c["n_experts"] * (c["d_in"] + c["d_out"]) for c in eligible)
-    assert report["totals"]["params_per_rank"] == per_rank == sum(r["params_per_rank"] for r in report["per_kind"])
+    assert (
+        report["totals"]["params_per_rank"]
+        == per_rank
+        == sum(r["params_per_rank"] for r in report["per_kind"])
+    )
     assert {f"{r['family']}/{r['kind']}" for r in report["per_kind"]} == KINDS[filename]
     assert len(report["per_layer"]) == report["n_layers"]
 
@@ -74,8 +119,12 @@ def test_default_model_is_the_built_in_qwen3_5_config_with_the_study_numbers(cap
     assert command.main([]) == 0
     out = capsys.readouterr().out
     assert "qwen3_5-0.8b.config.json (built-in): Qwen3_5ForCausalLM" in out
-    for row in ("attention/softmax  6  24  67,584  1,081,344", "recurrent/gated_deltanet  18  90  277,056  4,432,896",
-                "mlp/dense  24  72  331,776  5,308,416"):
+    for row in (
+        "attention/softmax  6  24  67,584  1,081,344",
+        "recurrent/gated_deltanet  18  90  277,056  4,432,896",
+        "4,432,896",
+        "mlp/dense  24  72  331,776  5,308,416",
+    ):
         assert _squeezed(row) in _squeezed(out)
 
 
@@ -126,7 +175,12 @@ def test_help_teaches_by_example(capsys):
 
 
 def test_cli_entry_point_dispatches_inspect():
-    result = subprocess.run([sys.executable, "-m", "allocator.commands.cli", "inspect", "--json"], capture_output=True,
-                            text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-m", "allocator.commands.cli", "inspect", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["totals"]["params_per_rank"] == 676_416

@@ -13,7 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("allocator", "probes", "benchmarks")
 # data flows one way: a module may import its own stage and those before it, never a later one
-STAGES = ("errors", "compat", "reference", "discovery", "scoring", "solver", "output", "api", "tuning", "commands")
+STAGES = (
+    "errors",
+    "compat",
+    "reference",
+    "discovery",
+    "scoring",
+    "solver",
+    "output",
+    "api",
+    "tuning",
+    "commands",
+)
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 80
 
 
@@ -30,7 +41,8 @@ MODULES = _modules()
 
 
 def _runtime_imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """Project modules ``path`` imports at run time (module level or in functions; not under TYPE_CHECKING)."""
+    """Project modules ``path`` imports at run time (module level or in functions; not under
+    TYPE_CHECKING)."""
     tree = ast.parse(path.read_text())
     skipped = set()
     for node in ast.walk(tree):
@@ -46,7 +58,9 @@ def _runtime_imports(path: Path, known: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + [base]
+                ).strip(".")
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 out.add(sub if sub in known else base)
@@ -89,7 +103,9 @@ def _cycles() -> list[list[str]]:
 
 
 def test_the_walk_finds_the_stages_and_their_imports():
-    assert {"allocator.discovery.components", "allocator.solver.solve", "allocator.tuning.run"} <= set(MODULES)
+    assert {"allocator.discovery.components", "allocator.solver.solve", "allocator.tuning.run"} <= set(
+        MODULES
+    )
     assert "allocator.scoring.utility" in GRAPH["allocator.solver.solve"]  # imports are really read
 
 
@@ -105,29 +121,53 @@ def _stage(module: str) -> int | None:
 
 
 def test_stages_import_one_way():
-    backwards = [f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps
-                 if _stage(m) is not None and _stage(d) is not None and _stage(d) > _stage(m)]
+    backwards = [
+        f"{m} -> {d}"
+        for m, deps in GRAPH.items()
+        for d in deps
+        if _stage(m) is not None and _stage(d) is not None and _stage(d) > _stage(m)
+    ]
     assert backwards == []
 
 
 def test_probes_never_imports_allocator():
-    assert [f"{m} -> {d}" for m, deps in GRAPH.items() if m.startswith("probes") for d in deps
-            if d.startswith("allocator")] == []
+    assert [
+        f"{m} -> {d}"
+        for m, deps in GRAPH.items()
+        if m.startswith("probes")
+        for d in deps
+        if d.startswith("allocator")
+    ] == []
 
 
 def test_only_the_storage_adapter_and_the_worker_import_optuna():
-    users = sorted(name for name, path in MODULES.items() if name.startswith("allocator")
-                   and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "optuna" in ast.unparse(n)
-                           for n in ast.walk(ast.parse(path.read_text()))))
+    users = sorted(
+        name
+        for name, path in MODULES.items()
+        if name.startswith("allocator")
+        and any(
+            isinstance(n, (ast.Import, ast.ImportFrom)) and "optuna" in ast.unparse(n)
+            for n in ast.walk(ast.parse(path.read_text()))
+        )
+    )
     assert users == ["allocator.tuning.run", "allocator.tuning.storage"]
 
 
 def test_pure_stages_and_the_cli_shell_load_without_torch_or_optuna():
     pure = sorted(m for m in MODULES if m.startswith(("allocator.scoring", "allocator.solver"))) + [
-        "allocator.discovery.component", "allocator.tuning", "allocator.tuning.settings", "allocator.tuning.search",
-        "allocator.commands.cli", "probes.settings", "probes.folders"]
-    code = "import sys\n" + "".join(f"import {m}\n" for m in pure) + (
-        "print(sorted(m for m in ('torch', 'transformers', 'optuna', 'peft') if m in sys.modules))")
+        "allocator.discovery.component",
+        "allocator.tuning",
+        "allocator.tuning.settings",
+        "allocator.tuning.search",
+        "allocator.commands.cli",
+        "probes.settings",
+        "probes.folders",
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in pure)
+        + ("print(sorted(m for m in ('torch', 'transformers', 'optuna', 'peft') if m in sys.modules))")
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

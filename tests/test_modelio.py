@@ -1,4 +1,5 @@
-"""load_config / load_skeleton / load_model / count_base_params: every input form, every failure an InputError."""
+"""load_config / load_skeleton / load_model / count_base_params: every input form, every failure an
+InputError."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_folder_without_config_json_names_the_fix(tmp_path):
 
 
 def test_unknown_hub_id_offline_asks_for_a_local_folder():
-    with pytest.raises(InputError, match="could not find model 'nobody/no-such-model' offline; pass a local folder"):
+    with pytest.raises(InputError, match="could not find model 'nobody/no-such-model' offline; pass a "
+                                         "local folder"):
         load_config("nobody/no-such-model")
 
 
@@ -74,7 +76,9 @@ def test_invalid_json_and_rejected_values_are_input_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(InputError, match="could not read .* as JSON"):
         load_config(tmp_path / "bad.json")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_text", "layer_types": ["sideways"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_5_text", "layer_types": ["sideways"]})
+    )
     with pytest.raises(InputError, match="transformers could not read the config"):
         load_config(tmp_path / "config.json")
 
@@ -87,6 +91,9 @@ def test_load_model_reads_a_saved_folder_like_a_hub_id(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = load_model(tmp_path, dtype=torch.float32)
     assert type(loaded) is type(model)
-    assert torch.equal(loaded.model.layers[0].linear_attn.in_proj_qkv.weight, model.model.layers[0].linear_attn.in_proj_qkv.weight)
+    assert torch.equal(
+        loaded.model.layers[0].linear_attn.in_proj_qkv.weight,
+        model.model.layers[0].linear_attn.in_proj_qkv.weight,
+    )
     with pytest.raises(InputError, match="needs a model folder or hub id with weights"):
         load_model(tmp_path / "config.json")

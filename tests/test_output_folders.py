@@ -1,4 +1,5 @@
-"""The one safe folder writer (probes.folders): atomic, marked, and never removing what the tool did not write."""
+"""The one safe folder writer (probes.folders): atomic, marked, and never removing what the tool did not
+write."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def test_plain_text_file_is_packed_into_windows(tok, tmp_path):
 
 
 def test_a_file_longer_than_the_tokenizer_maximum_loads_without_its_indexing_warning(tmp_path, capfd):
-    """transformers warns that a text longer than ``model_max_length`` "will result in indexing errors"; the text
+    """transformers warns that a text longer than ``model_max_length`` "will result in indexing errors"; the
+    text
     is cut into ``seq_len`` windows, so the warning is wrong here and must not reach the user."""
     short = byte_tokenizer()
     short.model_max_length = 64
@@ -63,7 +64,9 @@ def test_a_file_longer_than_the_tokenizer_maximum_loads_without_its_indexing_war
 
 
 def test_jsonl_text_records_are_padded_with_masked_labels(tok, tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "short one"}, {"text": "x" * 100}, {"body": "b", "text": "z z"}])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl", [{"text": "short one"}, {"text": "x" * 100}, {"body": "b", "text": "z z"}]
+    )
     batches = load_batches(path, tok, seq_len=16, samples=3, batch_size=2)
     _check_shapes(batches, 3, 16, 2)
     mask = torch.cat([b["attention_mask"] for b in batches])
@@ -78,8 +81,8 @@ def test_prompt_response_records_take_loss_on_response_only(tok, tmp_path):
     labels, ids = batch["labels"][0], batch["input_ids"][0]
     n_prompt = len(tok("Q: 1+1?")["input_ids"])
     assert torch.all(labels[:n_prompt] == -100)
-    assert labels[n_prompt:n_prompt + 3].tolist() == ids[n_prompt:n_prompt + 3].tolist()  # " 2" + eos
-    assert labels[n_prompt + 2].item() == tok.eos_token_id and torch.all(labels[n_prompt + 3:] == -100)
+    assert labels[n_prompt : n_prompt + 3].tolist() == ids[n_prompt : n_prompt + 3].tolist()  # " 2" + eos
+    assert labels[n_prompt + 2].item() == tok.eos_token_id and torch.all(labels[n_prompt + 3 :] == -100)
 
 
 def test_chat_records_take_loss_on_assistant_turns(tok, tmp_path):
@@ -150,30 +153,45 @@ def test_token_batches_pass_through_in_order_padded_and_rebatched(tok, tmp_path)
     text = tmp_path / "a.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 200)
     loaded = load_batches(str(text), tok, seq_len=16, samples=6, batch_size=4, seed=3)
-    again = load_batches(loaded, tok, seq_len=16, samples=6, batch_size=4, seed=99)  # seed: token batches keep order
+    # seed: token batches keep order
+    again = load_batches(loaded, tok, seq_len=16, samples=6, batch_size=4, seed=99)
     assert data_fingerprint(again) == data_fingerprint(loaded)
     rebatched = load_batches(loaded, tok, seq_len=16, samples=5, batch_size=2)
     _check_shapes(rebatched, 5, 16, 2)
-    assert torch.equal(torch.cat([b["input_ids"] for b in rebatched]), torch.cat([b["input_ids"] for b in loaded])[:5])
+    assert torch.equal(
+        torch.cat([b["input_ids"] for b in rebatched]), torch.cat([b["input_ids"] for b in loaded])[:5]
+    )
     # 1-D rows as lists, no labels: labels = ids, rows padded (masked) or truncated to seq_len
-    rows = load_batches([{"input_ids": [5, 6, 7]}, {"input_ids": list(range(10, 30))}], tok, seq_len=8, samples=2,
-                        batch_size=4)
+    rows = load_batches(
+        [{"input_ids": [5, 6, 7]}, {"input_ids": list(range(10, 30))}],
+        tok,
+        seq_len=8,
+        samples=2,
+        batch_size=4,
+    )
     _check_shapes(rows, 2, 8, 4)
     assert rows[0]["labels"][0].tolist() == [5, 6, 7] + [-100] * 5
     assert rows[0]["input_ids"][1].tolist() == list(range(10, 18))
     # given labels (a prompt masked out) and attention masks are kept
-    masked = load_batches([{"input_ids": [[1, 2, 3, 4]], "labels": [[-100, -100, 3, 4]],
-                            "attention_mask": [[1, 1, 1, 1]]}], tok, seq_len=4, samples=1)
+    masked = load_batches(
+        [{"input_ids": [[1, 2, 3, 4]], "labels": [[-100, -100, 3, 4]], "attention_mask": [[1, 1, 1, 1]]}],
+        tok,
+        seq_len=4,
+        samples=1,
+    )
     assert masked[0]["labels"].tolist() == [[-100, -100, 3, 4]]
 
 
-@pytest.mark.parametrize("source, match", [
-    ([{"ids": [1, 2]}], "has no 'input_ids'"),
-    ([[1, 2, 3]], "not a mapping"),
-    ([{"input_ids": [[0.5, 1.5]]}], "integer ids"),
-    ([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], "no sequence has a loss token"),
-    ([{"input_ids": [1, 2, 3], "labels": [1, 2]}], "labels has shape"),
-])
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        ([{"ids": [1, 2]}], "has no 'input_ids'"),
+        ([[1, 2, 3]], "not a mapping"),
+        ([{"input_ids": [[0.5, 1.5]]}], "integer ids"),
+        ([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], "no sequence has a loss token"),
+        ([{"input_ids": [1, 2, 3], "labels": [1, 2]}], "labels has shape"),
+    ],
+)
 def test_bad_token_batches_name_the_fix(tok, source, match):
     with pytest.raises(ProbeError, match=match):
         load_batches(source, tok, seq_len=4, samples=1)

@@ -38,7 +38,8 @@ WORKER = textwrap.dedent("""
         probes.cache._save_atomic = refuse
     settings = ProbeSettings(progress=False, max_rank=6)
     report = probes.run_cached(model, batches, linear_names(model), settings,
-                               cache_dir=os.path.join(out, "cache"), key_meta={{"model_id": "t", "model_revision": "0"}})
+                               cache_dir=os.path.join(out, "cache"),
+                               key_meta={{"model_id": "t", "model_revision": "0"}})
     report.save(os.path.join(out, f"rank{{rank}}"))  # the test's own copy of each rank's answer
     dist.destroy_process_group()
 """).format(n=N_BATCHES)
@@ -52,17 +53,32 @@ def _free_port() -> int:
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     torch.manual_seed(0)
-    model = ToyCausalLM()  # pure torch: the two workers start in seconds (the hybrid models: test_probes_stats)
+    # pure torch: the two workers start in seconds (the hybrid models: test_probes_stats)
+    model = ToyCausalLM()
     torch.save(model.state_dict(), tmp_path / "model.pt")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-3000:]
 
@@ -76,10 +92,19 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert single["shared"].n_calls == 2 * N_BATCHES
     for name in single.names:
         a, b = rank0[name], single[name]
-        assert (a.status, a.n_tokens, a.n_batches, a.n_calls) == (b.status, b.n_tokens, b.n_batches, b.n_calls)
+        assert (a.status, a.n_tokens, a.n_batches, a.n_calls) == (
+            b.status,
+            b.n_tokens,
+            b.n_batches,
+            b.n_calls,
+        )
         for field in ("grad_norm_sum", "grad_sq_sum", "fisher_trace", "grad_total_sq", "act_trace"):
-            np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, err_msg=f"{name} {field}")
+            np.testing.assert_allclose(
+                getattr(a, field), getattr(b, field), rtol=1e-5, err_msg=f"{name} {field}"
+            )
         for field in ("grad_singular_values", "act_eigenvalues"):
             x, y = getattr(a, field), getattr(b, field)
-            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * (y[0] if y.size else 1), err_msg=f"{name} {field}")
+            np.testing.assert_allclose(
+                x, y, rtol=0, atol=1e-5 * (y[0] if y.size else 1), err_msg=f"{name} {field}"
+            )
         np.testing.assert_allclose(a.heldout_capture, b.heldout_capture, atol=1e-4, err_msg=name)

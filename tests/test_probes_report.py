@@ -71,14 +71,29 @@ def test_report_save_load_round_trip_without_pickle(report, tmp_path):
 def test_module_stats_validate_and_derive():
     with pytest.raises(ValueError, match="status"):
         ModuleStats("bad", 0, 0, 0.0, 0.0, 0.0, [], [], [])
-    stats = ModuleStats("ok", 10, 2, 1.0, 0.5, 0.25, [2.0, 1.0], [4.0, 0.0, 0.0, 0.0], [0.5, 0.9], d_in=4, d_out=2,
-                        grad_total_sq=5.0, act_trace=4.0)
+    stats = ModuleStats(
+        "ok",
+        10,
+        2,
+        1.0,
+        0.5,
+        0.25,
+        [2.0, 1.0],
+        [4.0, 0.0, 0.0, 0.0],
+        [0.5, 0.9],
+        d_in=4,
+        d_out=2,
+        grad_total_sq=5.0,
+        act_trace=4.0,
+    )
     assert stats.act_effective_rank == pytest.approx(1.0)
     assert stats.rank_for_variance(0.99) == 1
     np.testing.assert_allclose(stats.grad_energy_curve, [0.8, 1.0])
     uniform = ModuleStats("ok", 10, 2, 1.0, 0.5, 0.25, [], [1.0] * 4, [], d_in=4, act_trace=4.0)
     assert uniform.act_effective_rank == pytest.approx(4.0)
-    sketched = ModuleStats("ok", 10, 2, 1.0, 0.5, 0.25, [], [1.0, 1.0], [], d_in=4, act_trace=4.0, act_sketched=True)
+    sketched = ModuleStats(
+        "ok", 10, 2, 1.0, 0.5, 0.25, [], [1.0, 1.0], [], d_in=4, act_trace=4.0, act_sketched=True
+    )
     assert sketched.act_effective_rank == pytest.approx(4.0)  # missing mass spread over the unseen directions
 
 
@@ -96,11 +111,23 @@ def test_cached_run_reuses_the_report_without_running_the_model(tmp_path):
     quiet = ProbeSettings(progress=True, max_rank=4)  # progress does not change results: still a hit
     probes.run_cached(model, batches, ["mid", "head"], quiet, cache_dir=tmp_path, key_meta=key)
     assert len(calls) == 2
-    probes.run_cached(model, batches, ["mid", "head"], ProbeSettings(progress=False, max_rank=3),
-                      cache_dir=tmp_path, key_meta=key)
+    probes.run_cached(
+        model,
+        batches,
+        ["mid", "head"],
+        ProbeSettings(progress=False, max_rank=3),
+        cache_dir=tmp_path,
+        key_meta=key,
+    )
     assert len(calls) == 4
-    probes.run_cached(model, batches, ["mid", "head"], SETTINGS, cache_dir=tmp_path,
-                      key_meta={**key, "model_revision": "r2"})
+    probes.run_cached(
+        model,
+        batches,
+        ["mid", "head"],
+        SETTINGS,
+        cache_dir=tmp_path,
+        key_meta={**key, "model_revision": "r2"},
+    )
     assert len(calls) == 6
     probes.run_cached(model, batches[:1], ["mid", "head"], SETTINGS, cache_dir=tmp_path, key_meta=key)
     assert len(calls) == 7
@@ -114,8 +141,14 @@ def test_settings_validate_and_round_trip():
     settings = ProbeSettings(max_rank=8, dtype="float64")
     assert ProbeSettings.from_dict(settings.to_dict()) == settings
     assert all(f.metadata.get("help") for f in ProbeSettings.__dataclass_fields__.values())
-    for bad in ({"max_rank": 0}, {"dtype": "bf16"}, {"sketch_dim": 1}, {"sketch_threshold": 8, "sketch_dim": 16},
-                {"progress": "yes"}, {"max_rank": 2.5}):
+    for bad in (
+        {"max_rank": 0},
+        {"dtype": "bf16"},
+        {"sketch_dim": 1},
+        {"sketch_threshold": 8, "sketch_dim": 16},
+        {"progress": "yes"},
+        {"max_rank": 2.5},
+    ):
         with pytest.raises(probes.ProbeError):
             ProbeSettings(**bad)
     with pytest.raises(probes.ProbeError, match="unknown ProbeSettings fields \\['rank'\\]"):
@@ -123,11 +156,15 @@ def test_settings_validate_and_round_trip():
 
 
 def _run_python(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_report_module_loads_without_torch():
-    out = _run_python("import sys, probes.report, probes.settings, probes.errors; print('torch' in sys.modules)")
+    out = _run_python(
+        "import sys, probes.report, probes.settings, probes.errors; print('torch' in sys.modules)"
+    )
     assert out == "False"
 
 
@@ -138,6 +175,9 @@ def test_probes_never_imports_allocator():
     assert _run_python(code) == "[]"
     for path in PROBES_DIR.glob("*.py"):  # and not lazily either
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not any(n.split(".")[0] == "allocator" for n in names), path

@@ -78,10 +78,14 @@ def test_gaussian_test_matrix_is_seeded_and_orthonormal():
 def test_merged_shards_equal_one_pass(omega_cols):
     grads = [_rand(5, 8, seed=i).float() for i in range(5)]
     xs = [_rand(11, 8, seed=10 + i).float() for i in range(5)]
-    omega = None if omega_cols is None else spectra.gaussian_test_matrix(8, omega_cols, 0, "cpu", torch.float32)
+    omega = (
+        None if omega_cols is None else spectra.gaussian_test_matrix(8, omega_cols, 0, "cpu", torch.float32)
+    )
     one_g, one_a = GradAccumulator(5, 8, "cpu", torch.float32), ActAccumulator(8, "cpu", torch.float32, omega)
-    shards = [(GradAccumulator(5, 8, "cpu", torch.float32), ActAccumulator(8, "cpu", torch.float32, omega))
-              for _ in range(2)]
+    shards = [
+        (GradAccumulator(5, 8, "cpu", torch.float32), ActAccumulator(8, "cpu", torch.float32, omega))
+        for _ in range(2)
+    ]
     for i, (g, x) in enumerate(zip(grads, xs, strict=True)):
         one_g.update(g, i)
         one_a.update(x)
@@ -116,7 +120,9 @@ def test_randomized_svd_matches_exact_on_decaying_spectrum():
     torch.testing.assert_close(u.T @ u, torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
     ue, _, ve = spectra.top_singular(a, 16)
     b = a + 0.01 * _rand(300, 200, seed=5).float()
-    torch.testing.assert_close(spectra.capture_curve(u, v, b), spectra.capture_curve(ue, ve, b), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        spectra.capture_curve(u, v, b), spectra.capture_curve(ue, ve, b), atol=1e-3, rtol=0
+    )
 
 
 def test_auto_svd_is_exact_for_small_and_randomized_for_large_matrices():
@@ -124,4 +130,6 @@ def test_auto_svd_is_exact_for_small_and_randomized_for_large_matrices():
     torch.testing.assert_close(spectra.singular(small, 8, "auto")[1], spectra.top_singular(small, 8)[1])
     large = _decaying(400, 300).float()
     auto = spectra.singular(large, 8, "auto", oversample=8)[1]
-    torch.testing.assert_close(auto, spectra.randomized_singular(large, 8, oversample=8, power_iters=3, seed=0)[1])
+    torch.testing.assert_close(
+        auto, spectra.randomized_singular(large, 8, oversample=8, power_iters=3, seed=0)[1]
+    )

@@ -50,8 +50,12 @@ def reference(model: nn.Module, batches, names, k: int) -> dict[str, dict]:
 
     for batch in batches:
         ref.zero_grad(set_to_none=True)
-        handles = [mods[n].register_forward_hook(lambda m, a, o, n=n, b=batch: keep_input(n, m, a, o, b["attention_mask"]))
-                   for n in names]
+        handles = [
+            mods[n].register_forward_hook(
+                lambda m, a, o, n=n, b=batch: keep_input(n, m, a, o, b["attention_mask"])
+            )
+            for n in names
+        ]
         out = ref(**batch, use_cache=False)
         (out["loss"] if isinstance(out, dict) else out.loss).backward()
         for h in handles:
@@ -129,7 +133,9 @@ def test_heldout_capture_and_spectra_are_well_formed(falcon):
 def test_qkv_read_one_input_and_share_its_moment(qwen):
     report = probes.run(qwen, random_batches(2), linear_names(qwen), FAST)
     q, k, v = (report[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
-    assert np.array_equal(q.act_eigenvalues, k.act_eigenvalues) and np.array_equal(q.act_eigenvalues, v.act_eigenvalues)
+    assert np.array_equal(q.act_eigenvalues, k.act_eigenvalues) and np.array_equal(
+        q.act_eigenvalues, v.act_eigenvalues
+    )
 
 
 class ToyLM(nn.Module):
@@ -152,7 +158,9 @@ class ToyLM(nn.Module):
         h = torch.tanh(self.twice(h))
         h = self.twice(h)
         logits = self.head(h)
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
         return {"loss": loss, "logits": logits}
 
 
@@ -203,7 +211,8 @@ def test_nonfinite_loss_raises_naming_batch_or_is_skipped():
 def test_nonfinite_statistics_give_nonfinite_status_not_zero():
     toy = ToyLM()
     with torch.no_grad():
-        toy.embed.weight[:] = 1e30  # finite, but XᵀX overflows float32; tanh saturates so the loss stays finite
+        # finite, but XᵀX overflows float32; tanh saturates so the loss stays finite
+        toy.embed.weight[:] = 1e30
     report = probes.run(toy, random_batches(2, vocab=50, seq=8), ["dead_end", "head"], FAST)
     assert report["dead_end"].status == "nonfinite" and math.isnan(report["dead_end"].grad_sq_sum)
     assert report["head"].status == "ok"
@@ -215,7 +224,9 @@ def test_gradient_checkpointing_gives_the_same_stats(qwen):
     plain = probes.run(qwen, batches, names, FAST)
     calls = []
     handle = dict(qwen.named_modules())[names[0]].register_forward_hook(lambda *a: calls.append(1))
-    ckpt = probes.run(qwen, batches, names, ProbeSettings(progress=False, max_rank=8, gradient_checkpointing=True))
+    ckpt = probes.run(
+        qwen, batches, names, ProbeSettings(progress=False, max_rank=8, gradient_checkpointing=True)
+    )
     handle.remove()
     assert len(calls) == 2 * len(batches)  # the layer really was recomputed in backward
     for n in names:
@@ -229,7 +240,9 @@ def test_sketched_input_moment_bounds_the_exact_one(qwen):
     name = "model.layers.1.mlp.down_proj"  # d_in = 128
     batches = random_batches(3)
     exact = probes.run(qwen, batches, [name], FAST)[name]
-    sketch = probes.run(qwen, batches, [name], ProbeSettings(progress=False, sketch_threshold=64, sketch_dim=48))[name]
+    sketch = probes.run(
+        qwen, batches, [name], ProbeSettings(progress=False, sketch_threshold=64, sketch_dim=48)
+    )[name]
     assert sketch.act_sketched and not exact.act_sketched and sketch.act_eigenvalues.size == 48
     assert math.isclose(sketch.act_trace, exact.act_trace, rel_tol=1e-5)
     assert np.all(sketch.act_eigenvalues <= exact.act_eigenvalues[:48] * (1 + 1e-4) + 1e-9)
@@ -239,8 +252,12 @@ def test_sketched_input_moment_bounds_the_exact_one(qwen):
 
 @pytest.mark.parametrize(
     ("modules", "match"),
-    [(["model.layers.0.nope"], "not in the model"), (["model.layers.0.mlp"], "only torch.nn.Linear"),
-     ([], "non-empty"), ("lm_head", "non-empty")],
+    [
+        (["model.layers.0.nope"], "not in the model"),
+        (["model.layers.0.mlp"], "only torch.nn.Linear"),
+        ([], "non-empty"),
+        ("lm_head", "non-empty"),
+    ],
 )
 def test_bad_module_names_are_refused(qwen, modules, match):
     with pytest.raises(ProbeError, match=match):
@@ -264,14 +281,20 @@ def test_batches_with_every_label_masked_are_refused(qwen):
 def test_randomized_svd_setting_agrees_with_exact(falcon):
     batches, names = random_batches(4, seed=2), linear_names(falcon)
     exact = probes.run(falcon, batches, names, ProbeSettings(progress=False, max_rank=8, svd="exact"))
-    rand = probes.run(falcon, batches, names, ProbeSettings(progress=False, max_rank=8, svd="randomized",
-                                                            svd_oversample=8))
+    rand = probes.run(
+        falcon, batches, names, ProbeSettings(progress=False, max_rank=8, svd="randomized", svd_oversample=8)
+    )
     for n in names:
         e, r = exact[n], rand[n]
-        np.testing.assert_allclose(r.grad_singular_values[:4], e.grad_singular_values[:4], rtol=1e-2, err_msg=n)
+        np.testing.assert_allclose(
+            r.grad_singular_values[:4], e.grad_singular_values[:4], rtol=1e-2, err_msg=n
+        )
         np.testing.assert_allclose(r.heldout_capture[:4], e.heldout_capture[:4], atol=2e-2, err_msg=n)
-        assert r.grad_sq_sum == pytest.approx(e.grad_sq_sum, rel=1e-6)  # BLAS sums may differ in the last bits
-        np.testing.assert_allclose(r.act_eigenvalues, e.act_eigenvalues, rtol=1e-4, atol=1e-6 * e.act_eigenvalues[0])
+        # BLAS sums may differ in the last bits
+        assert r.grad_sq_sum == pytest.approx(e.grad_sq_sum, rel=1e-6)
+        np.testing.assert_allclose(
+            r.act_eigenvalues, e.act_eigenvalues, rtol=1e-4, atol=1e-6 * e.act_eigenvalues[0]
+        )
 
 
 def test_progress_bar_runs_and_changes_nothing(qwen, capsys):
@@ -281,8 +304,12 @@ def test_progress_bar_runs_and_changes_nothing(qwen, capsys):
     assert "probing" in capsys.readouterr().err
     for n in names:  # equal up to BLAS rounding (MKL results may depend on buffer alignment)
         np.testing.assert_allclose(quiet[n].grad_singular_values, loud[n].grad_singular_values, rtol=1e-5)
-        np.testing.assert_allclose(quiet[n].act_eigenvalues, loud[n].act_eigenvalues, rtol=1e-4,
-                                   atol=1e-6 * quiet[n].act_eigenvalues[0])
+        np.testing.assert_allclose(
+            quiet[n].act_eigenvalues,
+            loud[n].act_eigenvalues,
+            rtol=1e-4,
+            atol=1e-6 * quiet[n].act_eigenvalues[0],
+        )
 
 
 def test_bf16_model_accumulates_in_fp32(qwen):

@@ -1,4 +1,5 @@
-"""Every numeric settings field declares the values it accepts, and NaN, inf and out-of-range values are refused
+"""Every numeric settings field declares the values it accepts, and NaN, inf and out-of-range values are
+refused
 at construction, before any work (issue 12: --alpha-ratio nan once wrote NaN into adapter_config.json)."""
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ CASES = [(cls, f) for cls in SETTINGS for f in _numeric_fields(cls)]
 
 def test_every_numeric_settings_field_declares_its_range():
     assert len(CASES) >= 30  # the walk really walks
-    missing = [f"{cls.__name__}.{f.name}" for cls, f in CASES if not isinstance(f.metadata.get("range"), Range)]
+    missing = [
+        f"{cls.__name__}.{f.name}" for cls, f in CASES if not isinstance(f.metadata.get("range"), Range)
+    ]
     assert missing == []
 
 

@@ -24,8 +24,16 @@ FAMS = ("attention", "recurrent", "mlp")
 
 
 def comp(name, layer, family, d_in, d_out, kind=None, **kw) -> Component:
-    return Component(name, layer, family, kind or {"attention": "softmax", "recurrent": "mamba2"}.get(family, "dense"),
-                     d_in, d_out, "Linear", **kw)
+    return Component(
+        name,
+        layer,
+        family,
+        kind or {"attention": "softmax", "recurrent": "mamba2"}.get(family, "dense"),
+        d_in,
+        d_out,
+        "Linear",
+        **kw,
+    )
 
 
 def table_for(comps, ranks, values, risk=None, weight=0.0) -> UtilityTable:
@@ -39,10 +47,20 @@ def problems(draw, constrained=True):
     comps = []
     for i in range(n):
         fam = draw(st.sampled_from(FAMS))
-        comps.append(comp(f"m{i}", draw(st.integers(0, 1)), fam, draw(dims), draw(dims),
-                          lora_effective=i == 0 or draw(st.integers(0, 3)) > 0))
+        comps.append(
+            comp(
+                f"m{i}",
+                draw(st.integers(0, 1)),
+                fam,
+                draw(dims),
+                draw(dims),
+                lora_effective=i == 0 or draw(st.integers(0, 3)) > 0,
+            )
+        )
     ranks = tuple(sorted({0, *draw(st.lists(st.sampled_from([8, 4, 16, 32]), min_size=1, max_size=3))}))
-    inc = np.array(draw(st.lists(st.floats(0, 10), min_size=n * (len(ranks) - 1), max_size=n * (len(ranks) - 1))))
+    inc = np.array(
+        draw(st.lists(st.floats(0, 10), min_size=n * (len(ranks) - 1), max_size=n * (len(ranks) - 1)))
+    )
     values = np.hstack([np.zeros((n, 1)), np.cumsum(inc.reshape(n, -1), axis=1)])
     risk, weight = None, 0.0
     if draw(st.booleans()):
@@ -57,16 +75,27 @@ def problems(draw, constrained=True):
         shares[fam] = (lo, draw(st.sampled_from([max(lo, 0.05), 0.5, 0.8, 1.0])))
     if constrained and draw(st.integers(0, 2)) == 0:
         required = (draw(st.sampled_from(present)),)
-    s = SolverSettings(granularity=draw(st.sampled_from(["module", "layer-type", "type"])), ranks=ranks,
-                       share_bounds=shares, required=required, mip_rel_gap=0.0)
-    top = sum(lora_params(c.d_in, c.d_out, max(r for r in ranks if r <= min(c.d_in, c.d_out))) for c in comps
-              if c.eligible)
-    budget = max(1, top - draw(st.one_of(st.integers(0, top), st.integers(0, top // 2), st.integers(-10, 10))))
+    s = SolverSettings(
+        granularity=draw(st.sampled_from(["module", "layer-type", "type"])),
+        ranks=ranks,
+        share_bounds=shares,
+        required=required,
+        mip_rel_gap=0.0,
+    )
+    top = sum(
+        lora_params(c.d_in, c.d_out, max(r for r in ranks if r <= min(c.d_in, c.d_out)))
+        for c in comps
+        if c.eligible
+    )
+    budget = max(
+        1, top - draw(st.one_of(st.integers(0, top), st.integers(0, top // 2), st.integers(-10, 10)))
+    )
     return comps, table_for(comps, ranks, values, risk, weight), budget, s
 
 
 def brute_force(comps, table, budget, s):
-    """Best objective over every rank choice per group, or None if nothing meets the rows (or no group exists)."""
+    """Best objective over every rank choice per group, or None if nothing meets the rows (or no group
+    exists)."""
     col = {r: j for j, r in enumerate(table.ranks)}
     row = table.index()
     members = [c for c in comps if c.eligible and c.name in row]
@@ -95,7 +124,10 @@ def brute_force(comps, table, budget, s):
                 risk += 0.0 if table.risk is None else table.risk[row[c.name], col[r]]
         if cost > budget:
             continue
-        if any(not (lo * budget - 1e-9 <= fam_cost[f] <= hi * budget + 1e-9) for f, (lo, hi) in s.share_bounds.items()):
+        if any(
+            not (lo * budget - 1e-9 <= fam_cost[f] <= hi * budget + 1e-9)
+            for f, (lo, hi) in s.share_bounds.items()
+        ):
             continue
         if any(fam_cost[f] == 0 for f in s.required):
             continue
@@ -127,7 +159,9 @@ def check_rows(a: Allocation, comps, s: SolverSettings):
     assert set(a.ranks) == {c.name for c in comps if c.eligible}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 @given(st.one_of(problems(), problems(constrained=False)), st.booleans())
 def test_solution_equals_brute_force_optimum_and_meets_every_row(problem, reduce):
     comps, table, budget, s = problem
@@ -147,7 +181,8 @@ def test_solution_equals_brute_force_optimum_and_meets_every_row(problem, reduce
     event("solved")
     assert best is not None
     assert a.status == "optimal"
-    # HiGHS also stops within an absolute gap of 1e-6 (mip_abs_gap, which scipy's milp does not expose): hypothesis
+    # HiGHS also stops within an absolute gap of 1e-6 (mip_abs_gap, which scipy's milp does not expose):
+    # hypothesis
     # found utilities of 6e-8 against a risk of 0.5, where "adapt nothing" is within that gap
     assert objective(a, table) == pytest.approx(best, rel=1e-9, abs=1e-6)
     check_rows(a, comps, s)
@@ -157,8 +192,10 @@ def test_solution_equals_brute_force_optimum_and_meets_every_row(problem, reduce
 @given(st.integers(2, 12), st.integers(0, 2**32 - 1), st.sampled_from(["module", "layer-type", "type"]))
 def test_more_budget_never_lowers_optimal_utility(n, seed, granularity):
     rng = np.random.default_rng(seed)
-    comps = [comp(f"m{i:02d}", i // 3, FAMS[i % 3], int(rng.choice([16, 64, 128])), int(rng.choice([16, 64, 128])))
-             for i in range(n)]
+    comps = [
+        comp(f"m{i:02d}", i // 3, FAMS[i % 3], int(rng.choice([16, 64, 128])), int(rng.choice([16, 64, 128])))
+        for i in range(n)
+    ]
     ranks = (0, 4, 8, 16)
     values = np.hstack([np.zeros((n, 1)), np.cumsum(rng.random((n, 3)), axis=1)])
     table = table_for(comps, ranks, values)
@@ -178,9 +215,13 @@ def test_more_budget_never_lowers_optimal_utility(n, seed, granularity):
 def test_flat_utility_reproduces_the_uniform_plan(granularity, r):
     from allocator.scoring.signals import prior_curves
 
-    comps = [comp(f"l{i}.{k}", i, f, di, do) for i in range(3)
-             for k, (f, di, do) in enumerate([("attention", 64, 64), ("attention", 64, 16), ("mlp", 64, 256),
-                                              ("recurrent", 128, 64)])]
+    comps = [
+        comp(f"l{i}.{k}", i, f, di, do)
+        for i in range(3)
+        for k, (f, di, do) in enumerate(
+            [("attention", 64, 64), ("attention", 64, 16), ("mlp", 64, 256), ("recurrent", 128, 64)]
+        )
+    ]
     ranks = (0, 4, 8, 16, 32)
     p = np.array([c.n_params_per_rank for c in comps], dtype=float)
     table = table_for(comps, ranks, p[:, None] * prior_curves(comps, ranks))
@@ -189,8 +230,12 @@ def test_flat_utility_reproduces_the_uniform_plan(granularity, r):
 
 
 def test_modules_not_eligible_or_excluded_never_get_budget():
-    comps = [comp("a", 0, "attention", 64, 64), comp("fused", 0, "recurrent", 64, 64, lora_effective=False),
-             comp("router", 0, "mlp", 64, 8, default_target=False), comp("skip", 0, "mlp", 64, 64)]
+    comps = [
+        comp("a", 0, "attention", 64, 64),
+        comp("fused", 0, "recurrent", 64, 64, lora_effective=False),
+        comp("router", 0, "mlp", 64, 8, default_target=False),
+        comp("skip", 0, "mlp", 64, 64),
+    ]
     ranks = (0, 4, 8)
     table = table_for(comps, ranks, np.tile([0.0, 10.0, 20.0], (4, 1)))
     a = solve(comps, table, 8 * 128, SolverSettings(granularity="module", ranks=ranks, exclude=("skip",)))
@@ -200,8 +245,11 @@ def test_modules_not_eligible_or_excluded_never_get_budget():
 
 
 def test_ranks_are_capped_per_member_at_the_largest_usable_grid_rank():
-    comps = [comp("wide", 0, "mlp", 256, 256), comp("narrow", 0, "mlp", 256, 6, kind="dense"),
-             comp("tiny", 0, "mlp", 256, 2)]
+    comps = [
+        comp("wide", 0, "mlp", 256, 256),
+        comp("narrow", 0, "mlp", 256, 6, kind="dense"),
+        comp("tiny", 0, "mlp", 256, 2),
+    ]
     ranks = (0, 4, 8, 16)
     table = table_for(comps, ranks, np.tile([0.0, 1.0, 2.0, 3.0], (3, 1)))
     a = solve(comps, table, 16 * 512 + 4 * 262, SolverSettings(granularity="layer-type", ranks=ranks))
@@ -226,7 +274,12 @@ def test_decode_refuses_a_relaxation():
     ranks = (0, 4, 8)
     table = table_for(comps, ranks, [[0, 3, 3.5], [0, 2.5, 4.9], [0, 1, 1.2]])
     prog = build_program(comps, table, 1300, SolverSettings(granularity="module", ranks=ranks))
-    lp = milp(prog.c, integrality=0, bounds=Bounds(prog.lb, prog.ub), constraints=LinearConstraint(prog.A, prog.b_l, prog.b_u))
+    lp = milp(
+        prog.c,
+        integrality=0,
+        bounds=Bounds(prog.lb, prog.ub),
+        constraints=LinearConstraint(prog.A, prog.b_l, prog.b_u),
+    )
     assert np.any(np.abs(lp.x - np.round(lp.x)) > 1e-6)
     with pytest.raises(AllocatorError, match="never round a relaxation"):
         decode(prog, lp.x)
@@ -238,10 +291,18 @@ def test_program_labels_every_row_and_column():
     s = SolverSettings(ranks=ranks, share_bounds={"mlp": (0.1, 0.9)}, required=("attention",))
     prog = build_program(comps, table_for(comps, ranks, np.tile([0.0, 1.0, 2.0], (2, 1))), 1000, s)
     assert prog.A.shape == (len(prog.row_labels), len(prog.col_labels)) == (len(prog.b_l), len(prog.c))
-    assert prog.row_labels == ("one_hot[layer0/attention/softmax]", "one_hot[layer1/mlp/dense]", "budget",
-                               "share[mlp]", "required[attention]")
-    assert prog.col_labels[:3] == ("x[layer0/attention/softmax, r=0]", "x[layer0/attention/softmax, r=4]",
-                                   "x[layer0/attention/softmax, r=8]")
+    assert prog.row_labels == (
+        "one_hot[layer0/attention/softmax]",
+        "one_hot[layer1/mlp/dense]",
+        "budget",
+        "share[mlp]",
+        "required[attention]",
+    )
+    assert prog.col_labels[:3] == (
+        "x[layer0/attention/softmax, r=0]",
+        "x[layer0/attention/softmax, r=4]",
+        "x[layer0/attention/softmax, r=8]",
+    )
     assert set(np.unique(prog.integrality)) == {1}
 
 
@@ -267,7 +328,9 @@ def _small():
 
 def test_budget_below_the_cheapest_adapter_names_the_feasible_range():
     comps, table, ranks = _small()
-    with pytest.raises(InputError, match=r"budget 100 params .* below the 512 params .*~r1\.33 uniform.*feasible range"):
+    with pytest.raises(
+        InputError, match=r"budget 100 params .* below the 512 params .*~r1\.33 uniform.*feasible range"
+    ):
         solve(comps, table, 100, SolverSettings(ranks=ranks))
 
 
@@ -284,8 +347,12 @@ def test_required_and_share_bounds_errors_name_the_row():
     with pytest.raises(InputError, match="share lower bound 0.9 asks 'attention'"):
         solve(comps, table, 3000, SolverSettings(ranks=ranks, share_bounds={"attention": (0.9, 1.0)}))
     with pytest.raises(InputError, match="required family 'attention' needs at least 512"):
-        solve(comps, table, 2000, SolverSettings(ranks=ranks, required=("attention",),
-                                                 share_bounds={"attention": (0.0, 0.1)}))
+        solve(
+            comps,
+            table,
+            2000,
+            SolverSettings(ranks=ranks, required=("attention",), share_bounds={"attention": (0.0, 0.1)}),
+        )
     with pytest.raises(InputError, match=r"no allocation meets share\[attention\]"):
         solve(comps, table, 2000, SolverSettings(ranks=ranks, share_bounds={"attention": (0.3, 0.4)}))
 
@@ -300,7 +367,10 @@ def test_required_and_share_bounds_errors_name_the_row():
         ({"share_bounds": {"mlp": (0.6, 0.4)}}, r"0 <= lo <= hi <= 1"),
         ({"share_bounds": {"mlp": (0.6, 1.0), "attention": (0.5, 1.0)}}, "attention>=0.5, mlp>=0.6"),
         ({"share_bounds": {"transformer": (0.1, 0.2)}}, "unknown families"),
-        ({"required": ("mlp",), "share_bounds": {"mlp": (0.0, 0.0)}}, "required but their share upper bound is 0"),
+        (
+            {"required": ("mlp",), "share_bounds": {"mlp": (0.0, 0.0)}},
+            "required but their share upper bound is 0",
+        ),
         ({"include": ("(",)}, "not a regex"),
         ({"time_limit": 0}, "time_limit"),
         ({"mip_rel_gap": 1.0}, "mip_rel_gap"),
@@ -312,7 +382,9 @@ def test_solver_settings_reject_contradictions_naming_them(kwargs, message):
 
 
 def test_settings_and_allocation_round_trip():
-    s = SolverSettings(granularity="module", share_bounds={"mlp": (0.1, 0.5)}, required=("attention",), include=("a",))
+    s = SolverSettings(
+        granularity="module", share_bounds={"mlp": (0.1, 0.5)}, required=("attention",), include=("a",)
+    )
     assert SolverSettings.from_dict(s.to_dict()) == s
     with pytest.raises(InputError, match="unknown SolverSettings fields"):
         SolverSettings.from_dict({"granularity": "module", "gap": 0.1})
@@ -341,6 +413,11 @@ def test_retention_risk_trades_against_utility():
     comps, _, ranks = _small()
     values = np.tile([0.0, 1.0, 1.5], (3, 1))
     risk = np.array([[0.0, 5.0, 10.0], [0.0, 0.1, 0.2], [0.0, 0.1, 0.2]])
-    a = solve(comps, table_for(comps, ranks, values, risk, 1.0), 3072, SolverSettings(ranks=ranks, granularity="module"))
+    a = solve(
+        comps,
+        table_for(comps, ranks, values, risk, 1.0),
+        3072,
+        SolverSettings(ranks=ranks, granularity="module"),
+    )
     assert a.ranks["a"] == 0 and a.ranks["b"] == 8
     assert a.risk == pytest.approx(0.4) and a.utility == pytest.approx(3.0)

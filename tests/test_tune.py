@@ -108,7 +108,9 @@ def test_single_study_runs_baselines_first_probes_once_and_resumes(tiny, texts, 
     components = find_components(tiny[0])
     budget = Budget.parse("r8").resolve(components)
     for r in rows[1:5]:
-        members = [c for c in components if c.eligible and (r.baseline == "uniform" or c.family == r.baseline)]
+        members = [
+            c for c in components if c.eligible and (r.baseline == "uniform" or c.family == r.baseline)
+        ]
         per_rank = sum(c.n_params_per_rank for c in members)
         assert r.cost == budget // per_rank * per_rank and r.params == {"alpha_ratio": 2.0, "lr": 3e-3}
     assert rows[1].cost == budget // params_per_uniform_rank(components) * params_per_uniform_rank(components)
@@ -121,13 +123,16 @@ def test_single_study_runs_baselines_first_probes_once_and_resumes(tiny, texts, 
     assert best.cost == result.best.cost <= best.budget == budget
     assert (out / "best" / "adapter_config.json").is_file() and (out / "study.db").is_file()
     text = (out / "study.md").read_text()
-    assert "Against the baselines" in text and "importances need" in text and (out / "study.png").stat().st_size
+    assert (
+        "Against the baselines" in text and "importances need" in text and (out / "study.png").stat().st_size
+    )
     assert json.loads((out / "study.json").read_text())["best"]["number"] == result.best.number
 
     again = _tune(tiny, texts, out, TuneSettings(trials=7, **FAST))  # resume: one more trial, no re-enqueue
     assert len(again.trials) == 7 and calls == [1]
     assert sorted(r.baseline for r in again.trials if r.baseline) == sorted(
-        ["default", "uniform", "attention", "recurrent", "mlp"])
+        ["default", "uniform", "attention", "recurrent", "mlp"]
+    )
 
 
 def _synthetic(plan: Plan, trial) -> float:
@@ -137,19 +142,26 @@ def _synthetic(plan: Plan, trial) -> float:
 
 def test_pareto_mode_with_user_objective_returns_front_plans_and_importances(tiny, texts, tmp_path):
     out = tmp_path / "pareto"
-    settings = TuneSettings(trials=11, mode="pareto", budget="r1..r6", baselines=("uniform",), max_rank="16,32")
+    settings = TuneSettings(
+        trials=11, mode="pareto", budget="r1..r6", baselines=("uniform",), max_rank="16,32"
+    )
     result = _tune(tiny, texts, out, settings, objective=_synthetic)
     front = result.pareto
     assert front and [r.cost for r in front] == sorted(r.cost for r in front)
     done = [r for r in result.trials if r.state == "complete"]
     for p in front:  # nothing dominates a point of the front
-        assert not any(r.cost <= p.cost and r.value < p.value or r.cost < p.cost and r.value <= p.value for r in done)
-    assert {p.name for p in (out / "pareto").iterdir()} == {f"trial-{r.number:04d}" for r in front} | {MANIFEST}
+        assert not any(
+            r.cost <= p.cost and r.value < p.value or r.cost < p.cost and r.value <= p.value for r in done
+        )
+    assert {p.name for p in (out / "pareto").iterdir()} == {f"trial-{r.number:04d}" for r in front} | {
+        MANIFEST
+    }
     assert all(Plan.load(out / "pareto" / f"trial-{r.number:04d}").cost == r.cost for r in front)
     uniform = result.baselines["uniform"]  # compared with the best trial within the uniform baseline's budget
     assert result.versus["uniform"] == min(r.value for r in done if r.cost <= uniform.budget) - uniform.value
     assert (out / "study.png").is_file()
-    assert result.importances and "over 10 searched trials" in result.importance_note  # PED-ANOVA without sklearn
+    # PED-ANOVA without sklearn
+    assert result.importances and "over 10 searched trials" in result.importance_note
 
 
 def test_out_dir_of_another_study_is_refused_and_overwrite_starts_over(tiny, texts, tmp_path):
@@ -159,8 +171,14 @@ def test_out_dir_of_another_study_is_refused_and_overwrite_starts_over(tiny, tex
     with pytest.raises(InputError, match="--overwrite"):
         _tune(tiny, texts, out, settings, objective=_synthetic, study_name="b")
     with pytest.raises(InputError, match="started with other settings"):
-        _tune(tiny, texts, out, TuneSettings(trials=2, baselines=(), max_rank="32"), objective=_synthetic,
-              study_name="a")
+        _tune(
+            tiny,
+            texts,
+            out,
+            TuneSettings(trials=2, baselines=(), max_rank="32"),
+            objective=_synthetic,
+            study_name="a",
+        )
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
@@ -178,17 +196,26 @@ def test_study_takes_token_batches_for_data_and_eval_data(tiny, texts, tmp_path)
     model, tokenizer = tiny
     train = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=8, batch_size=2)
     evals = probes.load_batches(texts[1], tokenizer, seq_len=32, samples=4, batch_size=2)
-    result = allocator.tune(model, train, evals, settings=TuneSettings(trials=6, **FAST), out_dir=tmp_path / "s",
-                            tokenizer=tokenizer, data_settings=DataSettings(seq_len=32, samples=4, batch_size=2),
-                            probe_settings=probes.ProbeSettings(max_rank=8, progress=False))
+    result = allocator.tune(
+        model,
+        train,
+        evals,
+        settings=TuneSettings(trials=6, **FAST),
+        out_dir=tmp_path / "s",
+        tokenizer=tokenizer,
+        data_settings=DataSettings(seq_len=32, samples=4, batch_size=2),
+        probe_settings=probes.ProbeSettings(max_rank=8, progress=False),
+    )
     assert sum(r.state == "complete" for r in result.trials) == 6
     assert all(math.isfinite(r.value) for r in result.trials)
     assert result.best_plan.provenance["data"].startswith("<8 tokenised sequences in 4 batches, sha256 ")
-    assert result.best_plan.provenance["data_hash"] == probes.data_fingerprint(train[:2])  # the first 4 rows probed
+    # the first 4 rows probed
+    assert result.best_plan.provenance["data_hash"] == probes.data_fingerprint(train[:2])
 
 
 def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(tiny, texts, tmp_path):
-    """``init="eva"``: each trial's fine-tune is the one ``Plan.apply(model, init_data=calibration)`` would start."""
+    """``init="eva"``: each trial's fine-tune is the one ``Plan.apply(model, init_data=calibration)`` would
+    start."""
     import probes
     from allocator.output.lora_init import eva_components, init_lora_a
     from allocator.tuning.finetune import FinetuneSettings, finetune
@@ -203,26 +230,39 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
     assert "lora_A init of every trial: EVA's" in (out / "study.md").read_text()
     assert "lora_A init" not in (tmp_path / "plain" / "study.md").read_text()
 
-    # the uniform baseline (trial 0) again, outside the study: EVA's components on the calibration rows in lora_A
+    # the uniform baseline (trial 0) again, outside the study: EVA's components on the calibration rows in
+    # lora_A
     uniform = result.trials[0]
     components = find_components(model)
     budget = Budget.parse("r8").resolve(components)
     rank = budget // params_per_uniform_rank(components)
-    plan = Plan(model_id="tiny", components=components, budget=budget, solver={}, init="eva",
-                ranks={c.name: rank for c in components if c.eligible})
+    plan = Plan(
+        model_id="tiny",
+        components=components,
+        budget=budget,
+        solver={},
+        init="eva",
+        ranks={c.name: rank for c in components if c.eligible},
+    )
     calibration = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=4, batch_size=2)
     directions = eva_components(model, sorted(plan.targets), calibration, rank)
     train = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=8, batch_size=2)
     evals = probes.load_batches(texts[1], tokenizer, seq_len=32, samples=4, batch_size=2)
-    again = finetune(model, plan.to_lora_config(base_model_name_or_path=None), train, evals,
-                     FinetuneSettings(steps=3, lr=uniform.params["lr"], seed=0, batch_size=2),
-                     init=lambda m: init_lora_a(m, directions, plan.targets))
+    again = finetune(
+        model,
+        plan.to_lora_config(base_model_name_or_path=None),
+        train,
+        evals,
+        FinetuneSettings(steps=3, lr=uniform.params["lr"], seed=0, batch_size=2),
+        init=lambda m: init_lora_a(m, directions, plan.targets),
+    )
     assert again.eval_loss == pytest.approx(uniform.value, abs=1e-6)
     assert abs(plain.trials[0].value - uniform.value) > 1e-4  # PEFT's init trains to another loss
 
     with pytest.raises(InputError, match="started with other init"):
         _tune(tiny, texts, out, TuneSettings(trials=3, baselines=("uniform",), **FAST))
-    # EVA data with too few labelled tokens per batch for the uniform baseline's rank: refused before any trial
+    # EVA data with too few labelled tokens per batch for the uniform baseline's rank: refused before any
+    # trial
     sparse = [{**b, "labels": torch.where(torch.arange(32) < 30, -100, b["input_ids"])} for b in calibration]
     with pytest.raises(InputError, match=f"at least {rank} tokens that carry a label; the largest has 4"):
         _tune(tiny, texts, tmp_path / "sparse", settings, init="eva", init_data=sparse)
@@ -230,4 +270,3 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
     with pytest.raises(InputError, match="pass init='eva'"):
         _tune(tiny, texts, tmp_path / "other", settings, init_data=texts[0])
     assert not (tmp_path / "other").exists()  # refused before anything was written
-

@@ -1,6 +1,7 @@
 """`allocate tune` as separate processes: two workers share one sqlite study; a killed study resumes.
 
-The workers run the real CLI on a tiny random-init Llama saved to a folder (hidden 32, 2 layers, byte tokenizer).
+The workers run the real CLI on a tiny random-init Llama saved to a folder (hidden 32, 2 layers, byte
+tokenizer).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
 
 
 def test_trial_orphaned_before_its_first_heartbeat_is_failed_and_rerun(setup, tmp_path):
-    """A worker killed between claiming a trial and its first heartbeat leaves a RUNNING trial Optuna never calls
+    """A worker killed between claiming a trial and its first heartbeat leaves a RUNNING trial Optuna never
+    calls
     stale (it has no heartbeat to age); the next worker must fail and rerun it, not wait for it forever."""
     import optuna
 
@@ -117,8 +119,9 @@ def test_trial_orphaned_before_its_first_heartbeat_is_failed_and_rerun(setup, tm
     # what the killed worker left: ``ask`` committed the trial as RUNNING, no heartbeat thread ever started
     orphan = optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").ask().number
 
-    resumed = subprocess.run(_command(setup, out, trials=3, steps=4), cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+    resumed = subprocess.run(
+        _command(setup, out, trials=3, steps=4), cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     trials = _trials(out)
     states = {t.number: t.state.name for t in trials}

@@ -1,4 +1,5 @@
-"""Utility signals and tables: the Signal contract on random stats, shape normalisation, prior, exclusion, risk."""
+"""Utility signals and tables: the Signal contract on random stats, shape normalisation, prior, exclusion,
+risk."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def comp(name, d_in=64, d_out=64, family="mlp", kind="dense", layer=0, **kw) -> 
 
 
 def flat_stats(k=32, c: Component | None = None) -> Stats:
-    """Uninformative evidence: isotropic spectra, equal sensitivity per parameter / weight entry, noise-level lift."""
+    """Uninformative evidence: isotropic spectra, equal sensitivity per parameter / weight entry, noise-level
+    lift."""
     c = c or comp("x")
     k = min(k, c.d_in, c.d_out)
     return Stats(
@@ -98,7 +100,8 @@ def test_every_signal_is_monotone_and_zero_at_rank_zero(signal, inst, prior, mag
     assert np.all(phi <= s.scale_clip * prior_curves(comps, GRID)[:, -1:] + 1e-12)
 
 
-@pytest.mark.parametrize("signal", sorted(set(SIGNALS) - {"explained_variance"}))  # EVA's criterion: see below
+# EVA's criterion: see below
+@pytest.mark.parametrize("signal", sorted(set(SIGNALS) - {"explained_variance"}))
 def test_flat_evidence_gives_the_uniform_prior(signal):
     comps = [comp("a", 64, 64), comp("b", 32, 128), comp("c", 256, 64), comp("narrow", 64, 4)]
     report = Report({c.name: flat_stats(c=c) for c in comps})
@@ -135,21 +138,27 @@ def test_narrow_projection_does_not_look_cheap_and_valuable():
             "narrow": Stats(act_eigenvalues=np.sort(rng.exponential(size=32))[::-1]),  # same input, EVA view
         }
     )
-    t = compute_utilities(report, [narrow, wide], GRID, UtilitySettings(signal="activation_rank", uniform_prior=0.0))
+    settings = UtilitySettings(signal="activation_rank", uniform_prior=0.0)
+    t = compute_utilities(report, [narrow, wide], GRID, settings)
     assert t.names == ("narrow", "wide")
-    per_param_rank = t.values[:, 1:] / np.array([[narrow.n_params_per_rank], [wide.n_params_per_rank]]) / GRID[1:]
-    # value per parameter at rank 4 is the same ballpark; above its usable rank 4 the narrow module adds nothing
+    per_param_rank = (
+        t.values[:, 1:] / np.array([[narrow.n_params_per_rank], [wide.n_params_per_rank]]) / GRID[1:]
+    )
+    # value per parameter at rank 4 is the same ballpark; above its usable rank 4 the narrow module adds
+    # nothing
     assert per_param_rank[0, 0] <= 1.5 * per_param_rank[1, 0]
     assert np.all(np.diff(t.values[0, 1:]) == 0)
 
 
 def test_concentrated_spectrum_saturates_early_flat_one_keeps_growing():
     a, b = comp("a"), comp("b")
-    report = Report(
-        {"a": Stats(grad_singular_values=np.r_[10.0, np.full(31, 0.01)]), "b": flat_stats()}
+    report = Report({"a": Stats(grad_singular_values=np.r_[10.0, np.full(31, 0.01)]), "b": flat_stats()})
+    t = compute_utilities(
+        report,
+        [a, b],
+        GRID,
+        UtilitySettings(signal="gradient_spectrum", uniform_prior=0.0, magnitude_exponent=0.0),
     )
-    t = compute_utilities(report, [a, b], GRID, UtilitySettings(signal="gradient_spectrum", uniform_prior=0.0,
-                                                                 magnitude_exponent=0.0))
     frac = t.values / t.values[:, -1:]
     assert frac[0, 1] > 0.9 > frac[1, 1]
 
@@ -164,7 +173,9 @@ def test_magnitude_weight_is_compressed_and_bounded():
 def test_uniform_prior_one_reproduces_uniform_values_for_any_signal():
     comps = [comp("a"), comp("b", 32, 128)]
     rng = np.random.default_rng(2)
-    report = Report({c.name: Stats(grad_singular_values=np.sort(rng.exponential(size=16))[::-1]) for c in comps})
+    report = Report(
+        {c.name: Stats(grad_singular_values=np.sort(rng.exponential(size=16))[::-1]) for c in comps}
+    )
     for signal in SIGNALS:
         t = compute_utilities(report, comps, GRID, UtilitySettings(signal=signal, uniform_prior=1.0))
         u = compute_utilities(report, comps, GRID, UtilitySettings(signal="uniform"))
@@ -174,7 +185,9 @@ def test_uniform_prior_one_reproduces_uniform_values_for_any_signal():
 def test_family_prior_scales_utility():
     comps = [comp("a", family="attention", kind="softmax"), comp("m")]
     report = Report({c.name: flat_stats() for c in comps})
-    t = compute_utilities(report, comps, GRID, UtilitySettings(signal="uniform", family_priors={"attention": 2.0}))
+    t = compute_utilities(
+        report, comps, GRID, UtilitySettings(signal="uniform", family_priors={"attention": 2.0})
+    )
     np.testing.assert_allclose(t.values[0], 2 * t.values[1])
 
 
@@ -256,7 +269,9 @@ def test_with_risk_accepts_array_table_and_report():
 
 
 def test_utility_table_validates_and_round_trips():
-    t = UtilityTable(("a", "b"), (0, 4, 8), np.array([[0, 1, 2], [0, 0.5, 0.5]]), risk=np.zeros((2, 3)), signal="x")
+    t = UtilityTable(
+        ("a", "b"), (0, 4, 8), np.array([[0, 1, 2], [0, 0.5, 0.5]]), risk=np.zeros((2, 3)), signal="x"
+    )
     back = UtilityTable.from_dict(t.to_dict())
     assert back.names == t.names and back.ranks == t.ranks and back.signal == "x"
     assert np.array_equal(back.values, t.values) and np.array_equal(back.risk, t.risk)
@@ -309,21 +324,25 @@ def test_every_setting_is_documented():
 
 def test_pure_modules_do_not_import_torch():
     code = (
-        "import sys; import allocator.solver.budget, allocator.scoring.signals, allocator.scoring.utility, allocator.solver.program, "
-        "allocator.solver.solve; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+        "import sys; import allocator.solver.budget, allocator.scoring.signals, allocator.scoring.utility, "
+        "allocator.solver.program, allocator.solver.solve; assert 'torch' not in sys.modules and "
+        "'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_explained_variance_is_evas_ranking_counted_in_parameters():
-    # a concentrated input explains more per direction than an isotropic one, so it wins the budget (EVA), and a
+    # a concentrated input explains more per direction than an isotropic one, so it wins the budget (EVA), and
+    # a
     # module's i-th direction is worth its explained-variance ratio per parameter: the solver's plan is EVA's
     from allocator.solver.settings import SolverSettings
     from allocator.solver.solve import solve
 
     concentrated, spread = comp("concentrated", 64, 64), comp("spread", 64, 64)
     lam_c = np.r_[np.full(4, 10.0), np.full(60, 0.1)]
-    report = Report({"concentrated": Stats(act_eigenvalues=lam_c), "spread": Stats(act_eigenvalues=np.ones(64))})
+    report = Report(
+        {"concentrated": Stats(act_eigenvalues=lam_c), "spread": Stats(act_eigenvalues=np.ones(64))}
+    )
     s = UtilitySettings(signal="explained_variance", uniform_prior=0.0)
     t = compute_utilities(report, [concentrated, spread], (0, 1, 2, 4, 8), s)
     per_param = t.values / np.array([[concentrated.n_params_per_rank], [spread.n_params_per_rank]])
@@ -331,8 +350,13 @@ def test_explained_variance_is_evas_ranking_counted_in_parameters():
     total = concentrated.n_params_per_rank + spread.n_params_per_rank  # P: utility is p_m / P * phi
     np.testing.assert_allclose(np.diff(per_param[0])[:2] * total, ratio_c[:2], rtol=1e-9)
     np.testing.assert_allclose(np.diff(per_param[1])[:1] * total, [1 / 64], rtol=1e-9)
-    plan = solve([concentrated, spread], t, 8 * concentrated.n_params_per_rank,
-                 SolverSettings(granularity="module", ranks=(0, 1, 2, 4, 8), mip_rel_gap=0.0))
-    # EVA's greedy: the 4 concentrated directions (ratio 0.24 each) beat every isotropic one (1/64), then the 0.1s
+    plan = solve(
+        [concentrated, spread],
+        t,
+        8 * concentrated.n_params_per_rank,
+        SolverSettings(granularity="module", ranks=(0, 1, 2, 4, 8), mip_rel_gap=0.0),
+    )
+    # EVA's greedy: the 4 concentrated directions (ratio 0.24 each) beat every isotropic one (1/64), then the
+    # 0.1s
     # (0.0024) lose to the isotropic 1/64 = 0.0156: concentrated 4, spread 4
     assert plan.ranks == {"concentrated": 4, "spread": 4}

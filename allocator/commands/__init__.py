@@ -19,14 +19,17 @@ from probes.errors import ProbeError, ProbeRunError
 from probes.folders import FolderError
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_CODES = ("exit codes: 0 success; 1 a run that failed for a stated reason (solver time limit, non-finite loss, "
-              "storage unreachable); 2 bad input (argument, data, model, budget); 3 an unexpected error (a bug: "
-              "please report it); 130 interrupted.")
+EXIT_CODES = ("exit codes: 0 success; 1 a run that failed for a stated reason (solver time limit, "
+              "non-finite loss, storage unreachable); 2 bad input (argument, data, model, budget); 3 an "
+              "unexpected error (a bug: please report it); 130 interrupted.")
 DEBUG_ENV = "ALLOCATE_DEBUG"  # set to 1 to see the traceback of an unexpected error
 
 
-def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, interrupted: str) -> int:
-    """Run a command; every outcome is one ``error:`` line and its exit code, never a traceback (see the module
+def run_guarded(
+    run: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, interrupted: str
+) -> int:
+    """Run a command; every outcome is one ``error:`` line and its exit code, never a traceback (see the
+    module
     docstring). Messages name command-line flags where the library names settings fields."""
     try:
         return run(args)
@@ -40,25 +43,38 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
-        print("error: out of memory; lower --batch-size or --seq-len, or set --probe-gradient-checkpointing true",
-              file=sys.stderr)
+        print(
+            "error: out of memory; lower --batch-size or --seq-len, or set --probe-gradient-checkpointing "
+            "true",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     except Exception as exc:  # a bug: say so, and how to get the traceback, instead of printing it
         if "OutOfMemoryError" in type(exc).__name__:  # torch.cuda.OutOfMemoryError and kin
-            print(f"error: {type(exc).__name__} on the device; lower --batch-size or --seq-len, or set "
-                  "--probe-gradient-checkpointing true", file=sys.stderr)
+            print(
+                f"error: {type(exc).__name__} on the device; lower --batch-size or --seq-len, or set "
+                "--probe-gradient-checkpointing true",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: unexpected {type(exc).__name__}: {first}. This is a bug: please report it with the command "
-              f"line (run again with {DEBUG_ENV}=1 to print the traceback)", file=sys.stderr)
+        print(
+            f"error: unexpected {type(exc).__name__}: {first}. This is a bug: please "
+            f"report it with the command line (run again with {DEBUG_ENV}=1 to print the "
+            "traceback)",
+            file=sys.stderr,
+        )
         return EXIT_BUG
 
 
 def usage_line(folder: object, init: str) -> str:
-    """How to apply a plan written to ``folder``: PEFT alone, or ``Plan.apply`` where lora_A takes EVA's init."""
+    """How to apply a plan written to ``folder``: PEFT alone, or ``Plan.apply`` where lora_A takes EVA's
+    init."""
     if init == "eva":
-        return (f"use:  Plan.load({str(folder)!r}).apply(model, init_data=probes.load_batches(DATA, tokenizer))"
-                "  (EVA init of lora_A at these ranks)")
+        return (
+            f"use:  Plan.load({str(folder)!r}).apply(model, init_data=probes.load_batches(DATA, "
+            "tokenizer))  (EVA init of lora_A at these ranks)"
+        )
     return f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder)!r}))"

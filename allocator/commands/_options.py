@@ -1,4 +1,5 @@
-"""CLI options generated from settings dataclasses: the field's ``metadata["help"]`` is its only documentation.
+"""CLI options generated from settings dataclasses: the field's ``metadata["help"]`` is its only
+documentation.
 
 ``add_settings_options(parser, ProbeSettings, prefix="probe")`` adds ``--probe-max-rank`` etc.;
 ``settings_from_args(args, ProbeSettings, prefix="probe")`` builds the settings object from what the user gave
@@ -15,10 +16,12 @@ from typing import Any
 
 from allocator.errors import InputError
 
-# (settings class name, field name) -> the option string of the parser built last; lets error messages that name
+# (settings class name, field name) -> the option string of the parser built last; lets error messages that
+# name
 # a settings field (``SolverSettings.ranks``, ``ProbeSettings(skip_nonfinite=True)``) name the flag instead
 FLAGS: dict[tuple[str, str], str] = {}
-# argument names with an underscore (``alpha_ratio``, ``retention_data``) -> their flag, from the parser built last
+# argument names with an underscore (``alpha_ratio``, ``retention_data``) -> their flag, from the parser built
+# last
 ARGUMENTS: dict[str, str] = {}
 _FIELD = re.compile(r"\b([A-Z]\w*Settings)\.(\w+)\b")
 _CALL = re.compile(r"\b([A-Z]\w*Settings)\((\w+)=([^)]*)\)")
@@ -44,7 +47,8 @@ def cli_message(text: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one ``error:`` line (naming ``--help``) for a usage error, like every other failure; exit 2.
+    """argparse with one ``error:`` line (naming ``--help``) for a usage error, like every other failure;
+    exit 2.
 
     Building one also registers its underscored argument names for :func:`cli_message`.
     """
@@ -52,7 +56,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    # type: ignore[override]
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
         ARGUMENTS.clear()
         for action in self._actions:
             longs = [o for o in action.option_strings if o.startswith("--")]
@@ -71,7 +76,10 @@ def _dest(prefix: str, name: str) -> str:
 
 def _base_type(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if (
+        typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+        and len(args) == 1
+    ):
         return _base_type(args[0])
     return hint
 
@@ -127,8 +135,10 @@ def add_settings_options(
     aliases = aliases or {}
     group = parser.add_argument_group(title or f"{cls.__name__} options")
     for f, _hint in _exposed_fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         flags = [_option(prefix, f.name)] + ([aliases[f.name]] if f.name in aliases else [])
@@ -139,8 +149,9 @@ def add_settings_options(
             dest=_dest(prefix, f.name),
             default=None,
             metavar=f.name.upper(),
-            help=(f"{f.metadata['help']} (default: {shown}" + (f"; {spec}" if spec is not None else "") + ")"
-                  ).replace("%", "%%"),  # argparse formats help with %
+            help=(
+                f"{f.metadata['help']} (default: {shown}" + (f"; {spec}" if spec is not None else "") + ")"
+            ).replace("%", "%%"),  # argparse formats help with %
         )
 
 

@@ -1,4 +1,5 @@
-"""`allocate [MODEL] --data PATH --budget B -o OUT_DIR`: plan a LoRA config. One API call: ``allocator.allocate``."""
+"""`allocate [MODEL] --data PATH --budget B -o OUT_DIR`: plan a LoRA config. One API call:
+``allocator.allocate``."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ examples:
       ranks for your data at the cost of uniform rank 16 over all eligible targets
   allocate ./my-model --data notes.txt --budget 2.5M --granularity module --share attention=0.1:0.5 -o out
       2.5M trainable parameters, one rank per module, attention gets 10-50% of the budget
-  allocate ./my-model --data chat.jsonl --budget 0.5% --retention-data builtin --utility-retention-weight 0.5 -o out
+  allocate ./my-model --data chat.jsonl --budget 0.5% --retention-data builtin \
+      --utility-retention-weight 0.5 -o out
       trade target fit against damage to general ability (probes on general text)
 
 then, in Python:
   from peft import LoraConfig, get_peft_model
-  model = get_peft_model(model, LoraConfig.from_pretrained("out"))   # trainable params == allocation.json "cost"
+  model = get_peft_model(model, LoraConfig.from_pretrained("out"))  # trainable == allocation.json "cost"
 
 budgets: an absolute count (2500000, 2.5M, 800k), a share of the base model (0.5%), or a uniform
 equivalent (r16 = what rank 16 on every eligible target costs).
@@ -47,26 +49,65 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model", nargs="?", default=None, help="hub id, local folder, or omitted for the built-in reference model"
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local folder, or omitted for the built-in reference model",
     )
-    parser.add_argument("--data", default="builtin", help="calibration data: .txt, .jsonl, a datasets folder, or 'builtin' (default)")
-    parser.add_argument("--budget", default="r8", help="trainable LoRA parameters: 2.5M | 0.5%% | r16 (default: r8)")
+    parser.add_argument(
+        "--data",
+        default="builtin",
+        help="calibration data: .txt, .jsonl, a datasets folder, or 'builtin' (default)",
+    )
+    parser.add_argument(
+        "--budget", default="r8", help="trainable LoRA parameters: 2.5M | 0.5%% | r16 (default: r8)"
+    )
     parser.add_argument("-o", "--output", default="lora-plan", help="output folder (default: ./lora-plan)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the plan files in an output folder this tool wrote (other files are kept)")
-    parser.add_argument("--retention-data", default=None, help="general text for the retention risk ('builtin' for the package corpus)")
-    parser.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r per module (default: 2)")
-    parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r) with one alpha")
-    parser.add_argument("--init", choices=("default", "eva"), default="default",
-                        help="lora_A init recorded in the plan: PEFT's default, or 'eva' (top principal directions of "
-                        "each module's input at the plan's ranks; apply with Plan.apply(model, init_data=batches))")
-    parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels: adapters on modules they bypass do work")
-    parser.add_argument("--cache-dir", default=None, help="reuse probe reports stored here when model, data and settings match")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub (off by default)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the plan files in an output folder this tool wrote (other files are kept)",
+    )
+    parser.add_argument(
+        "--retention-data",
+        default=None,
+        help="general text for the retention risk ('builtin' for the package corpus)",
+    )
+    parser.add_argument(
+        "--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r per module (default: 2)"
+    )
+    parser.add_argument(
+        "--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r) with one alpha"
+    )
+    parser.add_argument(
+        "--init",
+        choices=("default", "eva"),
+        default="default",
+        help="lora_A init recorded in the plan: PEFT's default, or 'eva' (top principal "
+        "directions of each module's input at the plan's ranks; apply with "
+        "Plan.apply(model, init_data=batches))",
+    )
+    parser.add_argument(
+        "--no-fused-kernels",
+        action="store_true",
+        help="training runs without fused Mamba kernels: adapters on modules they bypass do work",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="reuse probe reports stored here when model, data and settings match",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own code from the hub (off by default)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_settings_options(parser, DataSettings, title="calibration data")
     add_settings_options(parser, SolverSettings, title="solver", aliases={"share_bounds": "--share"})
-    add_settings_options(parser, UtilitySettings, prefix="utility", title="utility (how probe signals become rank values)")
+    add_settings_options(
+        parser, UtilitySettings, prefix="utility", title="utility (how probe signals become rank values)"
+    )
     add_settings_options(parser, ProbeSettings, prefix="probe", title="probes")
     return parser
 
@@ -77,14 +118,18 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.output, overwrite=args.overwrite)  # fail before the expensive part
     if args.cache_dir is not None and Path(args.cache_dir).expanduser().resolve() == out:
-        raise InputError(f"--cache-dir and -o are the same folder ({out}); give the probe cache a folder of its own")
+        raise InputError(
+            f"--cache-dir and -o are the same folder ({out}); give the probe cache a folder of its own"
+        )
     started = time.perf_counter()
     plan = allocator.allocate(
         args.model,
         data=args.data,
         budget=args.budget,
         data_settings=settings_from_args(args, DataSettings),
-        probe_settings=settings_from_args(args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})),
+        probe_settings=settings_from_args(
+            args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})
+        ),
         utility_settings=settings_from_args(args, UtilitySettings, prefix="utility"),
         solver_settings=settings_from_args(args, SolverSettings),
         retention_data=args.retention_data,
@@ -106,14 +151,16 @@ def format_summary(plan, folder: Path, seconds: float) -> str:
     uniform = uniform_comparison(plan)
     lines = [
         f"model   {plan.model_id}",
-        f"budget  {plan.budget:,} parameters; plan cost {plan.cost:,} ({plan.cost / max(plan.budget, 1):.1%})",
+        f"budget  {plan.budget:,} parameters; plan cost {plan.cost:,} "
+        f"({plan.cost / max(plan.budget, 1):.1%})",
         f"        uniform rank {uniform.rank} on all {uniform.n_targets} targets would cost {uniform.cost:,}",
         "",
         f"{'family':<10} {'adapted':>9} {'ranks':<20} {'parameters':>12} {'budget':>7}",
     ]
     for row in family_rows(plan):
         lines.append(
-            f"{row.family:<10} {row.adapted:>4}/{row.modules:<4} {row.ranks:<20} {row.params:>12,} {row.share_budget:>7.1%}"
+            f"{row.family:<10} {row.adapted:>4}/{row.modules:<4} {row.ranks:<20} {row.params:>12,} "
+            f"{row.share_budget:>7.1%}"
         )
     lines += [
         "",

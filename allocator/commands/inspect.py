@@ -1,4 +1,5 @@
-"""`allocate inspect [MODEL]`: print what LoRA could adapt, layer by layer. One API call: ``inspect_model``."""
+"""`allocate inspect [MODEL]`: print what LoRA could adapt, layer by layer. One API call:
+``inspect_model``."""
 
 from __future__ import annotations
 
@@ -43,15 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", nargs="?", default=None,
-                        help="hub id, model folder or path to a config.json (default: the built-in Qwen3.5-0.8B "
-                        "config, allocator/data/qwen3_5-0.8b.config.json)")
+                        help="hub id, model folder or path to a config.json (default: the built-in "
+                             "Qwen3.5-0.8B config, allocator/data/qwen3_5-0.8b.config.json)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
-                        help="assume training without the fused mamba_ssm kernels (CPU, no mamba_ssm): adapters "
-                        "only those kernels bypass count as effective")
+                        help="assume training without the fused mamba_ssm kernels (CPU, no mamba_ssm): "
+                             "adapters only those kernels bypass count as effective")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model folder's own modeling code (transformers trust_remote_code)")
-    parser.add_argument("--rank", type=int, default=16, help="rank used for the 'at r=R' column (default: 16)")
+    parser.add_argument("--rank", type=int, default=16, help="rank used for the 'at r=R' column (default: "
+                                                             "16)")
     parser.add_argument("--modules", action="store_true", help="also list every component, one per line")
     return parser
 
@@ -128,8 +130,8 @@ def _kind_table(report, rank: int, totals: dict) -> list[str]:
     table.append(["total offered", "", str(totals["n_eligible"]), f"{per_rank:,}", f"{per_rank * rank:,}"])
     lines = ["per kind"] + _align(table)
     if report.n_base_params:
-        lines.append(f"uniform rank {rank} on every offered module: {100 * per_rank * rank / report.n_base_params:.2f}%"
-                     " of the base parameters")
+        lines.append(f"uniform rank {rank} on every offered module: "
+                     f"{100 * per_rank * rank / report.n_base_params:.2f}% of the base parameters")
     return lines
 
 
@@ -145,8 +147,13 @@ def _group_lines(title: str, groups: list[dict]) -> list[str]:
 
 def _align(table: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-            .rstrip() for row in table]
+    return [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in table
+    ]
 
 
 if __name__ == "__main__":

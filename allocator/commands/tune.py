@@ -1,4 +1,5 @@
-"""`allocate tune [MODEL] --data PATH --eval-data PATH --trials N -o OUT_DIR`: one API call, ``allocator.tune``."""
+"""`allocate tune [MODEL] --data PATH --eval-data PATH --trials N -o OUT_DIR`: one API call,
+``allocator.tune``."""
 
 from __future__ import annotations
 
@@ -32,39 +33,80 @@ examples:
 search parts: lo..hi (a range), a,b,c (a list), v (fixed), '' (keep the base --utility-*/--solver-* value);
 append @v to set the base point the baselines use. A killed study resumes: run the same command again.
 then: LoraConfig.from_pretrained("out/best") is the winning plan.
---overwrite starts over: it removes what tune wrote in OUT_DIR (other files stay) and deletes the study from the
-storage that OUT_DIR's own record (tune.json) names, nowhere else.
+--overwrite starts over: it removes what tune wrote in OUT_DIR (other files stay) and deletes the study from
+the storage that OUT_DIR's own record (tune.json) names, nowhere else.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="allocate tune",
-        description="Run (or join, or resume) an Optuna study over the budget, the allocation settings, LoRA alpha "
-        "and the learning rate; each trial solves from probes run once per study and scores a short LoRA fine-tune. "
-        "Writes OUT_DIR/best (the winning plan), study.md and study.png.",
+        description="Run (or join, or resume) an Optuna study over the budget, the allocation settings, "
+        "LoRA alpha and the learning rate; each trial solves from probes run once per study and "
+        "scores a short LoRA fine-tune. Writes OUT_DIR/best (the winning plan), study.md and "
+        "study.png.",
         epilog=EXAMPLES + EXIT_CODES + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("model", nargs="?", default=None, help="hub id, local folder, or omitted for the built-in reference model")
-    parser.add_argument("--data", default="builtin", help="calibration and fine-tune training data: .txt, .jsonl, a datasets folder or 'builtin'")
-    parser.add_argument("--eval-data", required=True, help="text the fine-tuned adapters are scored on (eval loss)")
-    parser.add_argument("--retention-data", default=None, help="general text for the retention risk; enables the lambda search")
-    parser.add_argument("-o", "--output", default="tune-study", help="study folder: probe cache, default storage, results (default: ./tune-study)")
-    parser.add_argument("--storage", default=None, help="Optuna database URL shared by workers (default: sqlite:///OUTPUT/study.db)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local folder, or omitted for the built-in reference model",
+    )
+    parser.add_argument(
+        "--data",
+        default="builtin",
+        help="calibration and fine-tune training data: .txt, .jsonl, a datasets folder or 'builtin'",
+    )
+    parser.add_argument(
+        "--eval-data", required=True, help="text the fine-tuned adapters are scored on (eval loss)"
+    )
+    parser.add_argument(
+        "--retention-data",
+        default=None,
+        help="general text for the retention risk; enables the lambda search",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="tune-study",
+        help="study folder: probe cache, default storage, results (default: ./tune-study)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna database URL shared by workers (default: sqlite:///OUTPUT/study.db)",
+    )
     parser.add_argument("--study", default="tune", help="study name in the storage (default: tune)")
-    parser.add_argument("--overwrite", action="store_true", help="start over: remove what tune wrote in the output folder and delete the study its "
-                        "record names")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove what tune wrote in the output folder and delete the study its record names",
+    )
     parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r)")
-    parser.add_argument("--init", choices=("default", "eva"), default="default",
-                        help="lora_A init of every trial's fine-tune, recorded in the plans: PEFT's default, or 'eva' "
-                        "(top principal directions of each module's input at the trial's ranks; the study then picks "
-                        "the placement for that init)")
-    parser.add_argument("--init-data", default=None, help="EVA's calibration data (default: --data); PEFT's EVA counts "
-                        "only labelled tokens, so data labelled on answers only may need its own")
-    parser.add_argument("--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    parser.add_argument(
+        "--init",
+        choices=("default", "eva"),
+        default="default",
+        help="lora_A init of every trial's fine-tune, recorded in the plans: PEFT's "
+        "default, or 'eva' (top principal directions of each module's input at the "
+        "trial's ranks; the study then picks the placement for that init)",
+    )
+    parser.add_argument(
+        "--init-data",
+        default=None,
+        help="EVA's calibration data (default: --data); PEFT's "
+        "EVA counts only labelled tokens, so data "
+        "labelled on answers only may need its own",
+    )
+    parser.add_argument(
+        "--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels"
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the model's own code from the hub"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_settings_options(parser, TuneSettings, title="study and search space")
     add_settings_options(parser, DataSettings, prefix="data", title="calibration data")
@@ -86,15 +128,26 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = tune(
-        args.model, args.data, args.eval_data,
+        args.model,
+        args.data,
+        args.eval_data,
         settings=settings_from_args(args, TuneSettings),
-        out_dir=args.output, storage=args.storage, study_name=args.study, overwrite=args.overwrite,
+        out_dir=args.output,
+        storage=args.storage,
+        study_name=args.study,
+        overwrite=args.overwrite,
         data_settings=settings_from_args(args, DataSettings, prefix="data"),
-        probe_settings=settings_from_args(args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})),
+        probe_settings=settings_from_args(
+            args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})
+        ),
         utility_settings=settings_from_args(args, UtilitySettings, prefix="utility"),
         solver_settings=settings_from_args(args, SolverSettings, prefix="solver"),
-        retention_data=args.retention_data, fused_kernels=not args.no_fused_kernels, use_rslora=args.rslora,
-        init=args.init, init_data=args.init_data, trust_remote_code=args.trust_remote_code,
+        retention_data=args.retention_data,
+        fused_kernels=not args.no_fused_kernels,
+        use_rslora=args.rslora,
+        init=args.init,
+        init_data=args.init_data,
+        trust_remote_code=args.trust_remote_code,
     )
     print(format_summary(result, time.perf_counter() - started))
     return 0
@@ -102,18 +155,31 @@ def run(args: argparse.Namespace) -> int:
 
 def format_summary(result, seconds: float) -> str:
     states = [r.state for r in result.trials]
-    lines = [f"study   {result.study_name} in {result.storage} ({result.mode} mode)",
-             f"trials  {states.count('complete')} complete, {states.count('pruned')} pruned, {states.count('fail')} failed"]
+    lines = [
+        f"study   {result.study_name} in {result.storage} ({result.mode} mode)",
+        f"trials  {states.count('complete')} complete, {states.count('pruned')} pruned, "
+        f"{states.count('fail')} failed",
+    ]
     if result.best is not None:
         b = result.best
-        lines.append(f"winner  trial {b.number} ({b.baseline or b.placement}): eval loss {b.value:.4f}, {b.cost:,} params")
+        lines.append(
+            f"winner  trial {b.number} ({b.baseline or b.placement}): eval loss {b.value:.4f}, "
+            f"{b.cost:,} params"
+        )
     for name, delta in result.versus.items():
         lines.append(f"        vs {name:<10} {result.baselines[name].value:.4f}  ({delta:+.4f})")
     folder = Path(result.out_dir) if result.out_dir else Path(".")
-    lines += ["", f"wrote {folder}/best, study.md, study.png ({seconds:.0f} s)",
-              usage_line(folder / "best", result.best_plan.init if result.best_plan else "default")]
+    lines += [
+        "",
+        f"wrote {folder}/best, study.md, study.png ({seconds:.0f} s)",
+        usage_line(folder / "best", result.best_plan.init if result.best_plan else "default"),
+    ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_guarded(run, build_parser().parse_args(argv), interrupted="interrupted; run the same command again to resume the study")
+    return run_guarded(
+        run,
+        build_parser().parse_args(argv),
+        interrupted="interrupted; run the same command again to resume the study",
+    )

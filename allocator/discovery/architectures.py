@@ -1,8 +1,11 @@
 """Stage 1 rule tables: what each architecture's layers are, and which adapters its forward bypasses.
 
-Data only, plus the small pure functions that read it. ``allocator.discovery.classify`` applies the rules in order
-(config layer-type fields, then module class, then structure); ``allocator.discovery.components`` applies the bypass and
-refusal tables. Every entry cites the transformers 5.24 code it was read from; ``docs/architectures.md`` explains
+Data only, plus the small pure functions that read it. ``allocator.discovery.classify`` applies the rules in
+order
+(config layer-type fields, then module class, then structure); ``allocator.discovery.components`` applies the
+bypass and
+refusal tables. Every entry cites the transformers 5.24 code it was read from; ``docs/architectures.md``
+explains
 each family. Reference: transformers ``models/<family>/modeling_<family>.py``.
 """
 
@@ -21,7 +24,8 @@ class Bypass:
 
     kind: str  # mixer kind the rule applies to (mamba, mamba2, ...)
     leaf: str  # attribute name of the linear inside the mixer
-    when: str  # ALWAYS, or FUSED: only when the fused CUDA kernel path is taken (mamba_ssm installed, training)
+    # ALWAYS, or FUSED: only when the fused CUDA kernel path is taken (mamba_ssm installed, training)
+    when: str
     reason: str  # the code that bypasses it
 
 
@@ -32,12 +36,16 @@ class Architecture:
     recurrent: str | None = None  # kind of the layers labelled linear_attention / mamba / conv / hybrid
     attention: str = "softmax"  # kind of the layers labelled full_attention / sliding_attention
     bypass: tuple[Bypass, ...] = ()
-    extra: dict[str, tuple[str, str]] = field(default_factory=dict)  # linear directly under a layer -> (family, kind)
+    # linear directly under a layer -> (family, kind)
+    extra: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-_MAMBA1_FUSED = "MambaMixer.forward hands x_proj.weight, dt_proj.weight, out_proj.weight to mamba_inner_fn (mamba_ssm, training, no cache)"
+_MAMBA1_FUSED = ("MambaMixer.forward hands x_proj.weight, dt_proj.weight, out_proj.weight to mamba_inner_fn "
+                 "(mamba_ssm, training, no cache)")
 _MAMBA1_DT = "forward computes dt_proj.weight @ time_step (the module is never called)"
-_MAMBA2_FUSED = "forward hands out_proj.weight to mamba2_split_conv1d_scan_combined (mamba_ssm, training, no cache)"
+_MAMBA2_FUSED = (
+    "forward hands out_proj.weight to mamba2_split_conv1d_scan_combined (mamba_ssm, training, no cache)"
+)
 
 MAMBA1 = (
     Bypass("mamba", "dt_proj", ALWAYS, _MAMBA1_DT),
@@ -46,7 +54,8 @@ MAMBA1 = (
 )
 MAMBA2 = (Bypass("mamba2", "out_proj", FUSED, _MAMBA2_FUSED),)
 JAMBA = (Bypass("mamba", "dt_proj", ALWAYS, "JambaMambaMixer.forward computes dt_proj.weight @ time_step"),)
-_SHARED_LINEAR = {"linear": ("attention", "softmax")}  # Zamba: per-layer projection of the shared block's output
+# Zamba: per-layer projection of the shared block's output
+_SHARED_LINEAR = {"linear": ("attention", "softmax")}
 
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_5": Architecture(recurrent="gated_deltanet"),
@@ -104,11 +113,28 @@ CLASS_RULES: tuple[tuple[str, str, str], ...] = (
 )
 # Containers and layer wrappers are looked through when searching the enclosing block.
 WRAPPER = re.compile(r"^(ModuleList|ModuleDict|Sequential|ParameterList)$|(Decoder|Hybrid)Layer$")
-CHANNEL_ATTRS = frozenset({"mlp", "mlps", "feed_forward", "ffn", "block_sparse_moe", "shared_mlp", "mlp_block", "moe"})
+CHANNEL_ATTRS = frozenset(
+    {"mlp", "mlps", "feed_forward", "ffn", "block_sparse_moe", "shared_mlp", "mlp_block", "moe"}
+)
 SHARED_ATTRS = re.compile(r"^shared_(expert|experts|mlp)$")
 ROUTER_CLASS = re.compile(r"Router|Gating|TopkGate|TopKGate|HashRouter")
-TOKEN_ATTRS = frozenset({"self_attn", "attn", "attention", "self_attention", "linear_attn", "mamba", "mixer", "conv",
-                         "temporal_block", "mlstm_layer", "token_mixer", "cross_attn", "encoder_attn"})
+TOKEN_ATTRS = frozenset(
+    {
+        "self_attn",
+        "attn",
+        "attention",
+        "self_attention",
+        "linear_attn",
+        "mamba",
+        "mixer",
+        "conv",
+        "temporal_block",
+        "mlstm_layer",
+        "token_mixer",
+        "cross_attn",
+        "encoder_attn",
+    }
+)
 # Linears that decoder-layer classes own directly (OPTDecoderLayer, BartDecoderLayer, XGLMDecoderLayer, ...).
 LAYER_DIRECT = {"fc1": ("mlp", "dense"), "fc2": ("mlp", "dense")}
 MLA_LEAVES = frozenset({"kv_a_proj_with_mqa", "kv_b_proj", "kv_a_proj"})  # latent (compressed) key/value
@@ -125,9 +151,17 @@ def class_rule(class_name: str) -> tuple[str, str] | None:
 # Rule 3: structural fallback on attribute names along the path (block attribute, then leaf).
 STRUCT_RULES: tuple[tuple[str, str, str], ...] = (
     (r"^(in_proj|x_proj|dt_proj)$", "recurrent", "mamba"),
-    (r"attn|attention|^(q|k|v|o|qkv|kv|query|key|value|c_attn|query_key_value|wqkv|Wqkv)(_proj|_lin)?$", "attention", "softmax"),
-    (r"^(mlp|ffn|ff|feed_forward|intermediate|fc\d|fc_in|fc_out|c_fc|w\d|up_proj|down_proj|gate_proj|gate_up_proj"
-     r"|dense_h_to_4h|dense_4h_to_h|lin\d|layer_\d)$", "mlp", "dense"),
+    (
+        r"attn|attention|^(q|k|v|o|qkv|kv|query|key|value|c_attn|query_key_value|wqkv|Wqkv)(_proj|_lin)?$",
+        "attention",
+        "softmax",
+    ),
+    (
+        r"^(mlp|ffn|ff|feed_forward|intermediate|fc\d|fc_in|fc_out|c_fc|w\d|up_proj|down_proj|gate_proj|gate_up_proj"
+        r"|dense_h_to_4h|dense_4h_to_h|lin\d|layer_\d)$",
+        "mlp",
+        "dense",
+    ),
 )
 
 
@@ -141,13 +175,22 @@ def structural_rule(path: tuple[str, ...]) -> tuple[str, str] | None:
 
 
 # Rule 1: config fields that label each decoder layer, read in this order (first usable one wins).
-LABEL_FIELDS = ("layers_block_type", "layer_types", "hybrid_override_pattern", "attn_type_list", "block_types",
-                "attn_layer_indices", "attn_layer_period", "full_attn_idxs")
+LABEL_FIELDS = (
+    "layers_block_type",
+    "layer_types",
+    "hybrid_override_pattern",
+    "attn_type_list",
+    "block_types",
+    "attn_layer_indices",
+    "attn_layer_period",
+    "full_attn_idxs",
+)
 _PATTERN_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
 
 def layer_labels(config: Any, n_layers: int) -> tuple[tuple[str | None, ...], str | None]:
-    """Per-layer labels from the first usable config field, and that field's name; (None, ...), None if none."""
+    """Per-layer labels from the first usable config field, and that field's name; (None, ...), None if
+    none."""
     for name in LABEL_FIELDS:
         labels = _labels_from_field(config, name, n_layers)
         if labels is not None and len(labels) == n_layers:

@@ -3,9 +3,11 @@
 Input: the model's module table, its decoder stack and the per-layer labels from its config. Output: a
 :class:`Placement`. Rules, first match wins (tables in ``allocator.discovery.architectures``):
 
-1. **config**: the layer's label (``layers_block_type``, ``layer_types``, ``hybrid_override_pattern``, ...) names
+1. **config**: the layer's label (``layers_block_type``, ``layer_types``, ``hybrid_override_pattern``, ...)
+names
    the token mixer of that layer (for nemotron_h, the whole block). The architecture table gives its kind.
-2. **class**: the class of the enclosing block (``Qwen3_5GatedDeltaNet``, ``FalconH1Mixer``, ``...SparseMoeBlock``),
+2. **class**: the class of the enclosing block (``Qwen3_5GatedDeltaNet``, ``FalconH1Mixer``,
+``...SparseMoeBlock``),
    or of the experts it holds, decides channel mixers and everything rule 1 leaves open.
 3. **structure**: attribute names along the path (``q_proj``, ``mlp``, ``in_proj``, ...). Each such guess is
    reported back so that ``find_components`` can warn about it. Anything still unplaced is family ``other``.
@@ -55,13 +57,18 @@ def place(stack: Stack, name: str, module_path: str, is_parameter: bool) -> Plac
     if not attrs:  # a parameter owned by the layer module itself
         return Placement(layer, "other", "unknown", "none", note="no rule placed this module; family 'other'")
     chain_attrs = attrs if is_parameter else attrs[:-1]
-    chain = [(a, stack.modules[_join(stack.prefix, layer, chain_attrs[: i + 1])]) for i, a in enumerate(chain_attrs)]
+    chain = [
+        (a, stack.modules[_join(stack.prefix, layer, chain_attrs[: i + 1])])
+        for i, a in enumerate(chain_attrs)
+    ]
     chain = [(a, m) for a, m in chain if not A.WRAPPER.search(type(m).__name__)]
     layer_module = stack.modules[f"{stack.prefix}.{layer}"]
     return _place_in_layer(stack, layer, layer_module, chain, attrs, is_parameter)
 
 
-def _place_in_layer(stack: Stack, layer: int, layer_module: nn.Module, chain: list, attrs: tuple, is_param: bool):
+def _place_in_layer(
+    stack: Stack, layer: int, layer_module: nn.Module, chain: list, attrs: tuple, is_param: bool
+):
     if not chain:  # a linear directly under the layer: the layer class's own projection
         if stack.arch and attrs[-1] in stack.arch.extra:
             return Placement(layer, *stack.arch.extra[attrs[-1]], "arch", type(layer_module).__name__)
@@ -81,8 +88,14 @@ def _place_in_layer(stack: Stack, layer: int, layer_module: nn.Module, chain: li
     else:
         return _structural(layer, attrs, type(block).__name__)
     if kind is None:
-        return Placement(layer, family, "unknown", "config", type(block).__name__,
-                         note=f"layer label says {family}, no known class names the kind")
+        return Placement(
+            layer,
+            family,
+            "unknown",
+            "config",
+            type(block).__name__,
+            note=f"layer label says {family}, no known class names the kind",
+        )
     return _refine(layer, family, kind, rule, chain, below, layer_module, is_param)
 
 
@@ -91,7 +104,8 @@ def _rule_config(stack: Stack, layer: int, block_attr: str, block: nn.Module):
     families = A.label_families(stack.labels[layer])
     if not families:
         return None
-    if families[0] in ("moe", "mlp"):  # the label names the whole block (nemotron_h), unless it is a token mixer
+    # the label names the whole block (nemotron_h), unless it is a token mixer
+    if families[0] in ("moe", "mlp"):
         if _is_token(block_attr, block) and not _is_channel(block_attr, block):
             return None
         family = families[0]
@@ -126,16 +140,23 @@ def _rule_class(chain: list) -> tuple[str, str] | None:
 def _structural(layer: int, attrs: tuple, block_class: str | None) -> Placement:
     found = A.structural_rule(attrs)
     if found is None:
-        return Placement(layer, "other", "unknown", "none", block_class,
-                         note="no rule placed this module; family 'other'")
-    return Placement(layer, *found, "structure", block_class, note=f"guessed from the name '{'.'.join(attrs)}'")
+        return Placement(
+            layer, "other", "unknown", "none", block_class, note="no rule placed this module; family 'other'"
+        )
+    return Placement(
+        layer, *found, "structure", block_class, note=f"guessed from the name '{'.'.join(attrs)}'"
+    )
 
 
 def _refine(layer, family, kind, rule, chain, below, layer_module, is_param) -> Placement:
     """Sub-kinds: expert / shared_expert / router inside MoE, mla attention, Mamba-1 vs Mamba-2."""
     block_attr, block = chain[0]
     cls = type(block).__name__
-    if family == "mlp" and block_attr in ("shared_mlp", "shared_expert", "shared_experts") and _layer_has_moe(layer_module):
+    if (
+        family == "mlp"
+        and block_attr in ("shared_mlp", "shared_expert", "shared_experts")
+        and _layer_has_moe(layer_module)
+    ):
         return Placement(layer, "moe", "shared_expert", rule, cls)
     if family == "moe":
         if any(A.SHARED_ATTRS.search(a) for a in (block_attr, *below)):
@@ -143,8 +164,15 @@ def _refine(layer, family, kind, rule, chain, below, layer_module, is_param) -> 
         owner = type(chain[-1][1]).__name__
         if (is_param and "Experts" in owner) or (not is_param and "experts" in below):
             return Placement(layer, "moe", "expert", rule, cls)
-        return Placement(layer, "moe", "router", rule, cls, default_target=False,
-                         note="router/gate: excluded unless asked for")
+        return Placement(
+            layer,
+            "moe",
+            "router",
+            rule,
+            cls,
+            default_target=False,
+            note="router/gate: excluded unless asked for",
+        )
     if family == "attention" and kind == "softmax" and _has_leaf(block, A.MLA_LEAVES):
         kind = "mla"
     if kind == "mamba?":
@@ -154,7 +182,11 @@ def _refine(layer, family, kind, rule, chain, below, layer_module, is_param) -> 
 
 def _is_channel(attr: str, module: nn.Module) -> bool:
     found = A.class_rule(type(module).__name__)
-    return attr in A.CHANNEL_ATTRS or (found is not None and found[0] in ("mlp", "moe")) or _holds_experts(module)
+    return (
+        attr in A.CHANNEL_ATTRS
+        or (found is not None and found[0] in ("mlp", "moe"))
+        or _holds_experts(module)
+    )
 
 
 def _is_token(attr: str, module: nn.Module) -> bool:
@@ -164,7 +196,9 @@ def _is_token(attr: str, module: nn.Module) -> bool:
 
 def _holds_experts(module: nn.Module) -> bool:
     for name, sub in module.named_modules():
-        if "Experts" in type(sub).__name__ or (name.rsplit(".", 1)[-1] == "experts" and isinstance(sub, nn.ModuleList)):
+        if "Experts" in type(sub).__name__ or (
+            name.rsplit(".", 1)[-1] == "experts" and isinstance(sub, nn.ModuleList)
+        ):
             return True
     return False
 

@@ -1,4 +1,5 @@
-"""The output of stage 1: :class:`Component`, one adaptable call site of a model, and the families it belongs to.
+"""The output of stage 1: :class:`Component`, one adaptable call site of a model, and the families it belongs
+to.
 
 Pure data (no torch), so scoring and the solver can read components without importing torch.
 """
@@ -15,13 +16,15 @@ FAMILIES = ("attention", "recurrent", "mlp", "moe", "other")
 class Component:
     """One adaptable call site of a model.
 
-    ``lora_params(d_in, d_out, r) * n_experts`` is its LoRA cost at rank ``r`` (see ``allocator.solver.budget``).
+    ``lora_params(d_in, d_out, r) * n_experts`` is its LoRA cost at rank ``r`` (see
+    ``allocator.solver.budget``).
     """
 
     name: str  # full name as in model.named_modules() (or named_parameters() for 3-D expert weights)
     layer: int | None  # decoder-layer index, None outside the stack
     family: str  # one of FAMILIES
-    # finer label: softmax, mla, gated_deltanet, kda, lightning, mamba, mamba2, rglru, short_conv, dense, expert,
+    # finer label: softmax, mla, gated_deltanet, kda, lightning, mamba, mamba2, rglru, short_conv, dense,
+    # expert,
     # shared_expert, router, ...
     kind: str
     d_in: int

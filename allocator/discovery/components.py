@@ -5,7 +5,8 @@ that could carry a LoRA adapter, labelled by decoder layer, family and kind.
 
 Adaptable call sites: every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 style; PEFT adapts it with
 ``fan_in_fan_out``), every 3-D expert parameter (PEFT ``target_parameters``) and the 2-D weight of router
-classes that are not ``nn.Linear``. Placement rules live in ``allocator.discovery.classify``; bypass and refusal tables in
+classes that are not ``nn.Linear``. Placement rules live in ``allocator.discovery.classify``; bypass and
+refusal tables in
 ``allocator.discovery.architectures``; ``docs/architectures.md`` explains them per family.
 """
 
@@ -49,7 +50,8 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
     Args:
         model: a transformers causal LM, on any device (the meta device is enough).
         fused_kernels: assume training runs the fused CUDA kernels (``mamba_ssm``), so that adapters the fused
-            path bypasses (Mamba-2 ``out_proj``, Mamba-1 ``x_proj``/``out_proj``) are not effective. False relaxes
+            path bypasses (Mamba-2 ``out_proj``, Mamba-1 ``x_proj``/``out_proj``) are not effective. False
+            relaxes
             only those; adapters bypassed on every path or refused by PEFT stay not effective.
 
     Warns:
@@ -82,7 +84,8 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
 
 def peft_exports(components: Sequence[Component], model_type: str | None) -> list[Component]:
     """``export_as_parameter`` on every ``nn.Linear`` whose ``target_modules`` entry PEFT would rewrite on
-    this model type (``allocator.compat.peft_rewrites``: shared-expert and dense-MLP ``gate_proj``/``up_proj``/
+    this model type (``allocator.compat.peft_rewrites``: shared-expert and dense-MLP
+    ``gate_proj``/``up_proj``/
     ``down_proj`` of qwen3_next, qwen3_moe, ...). PEFT adapts ``<name>.weight`` in ``target_parameters`` with
     a ``ParamWrapper``: the same ``lora_A``/``lora_B`` shapes and count, and a saved adapter reloads onto the
     same module."""
@@ -93,7 +96,8 @@ def peft_exports(components: Sequence[Component], model_type: str | None) -> lis
 
 
 def architecture_of(model: nn.Module) -> dict[str, Any]:
-    """What a plan records of the model it was made for, to refuse another: model_type, decoder layers, class."""
+    """What a plan records of the model it was made for, to refuse another: model_type, decoder layers,
+    class."""
     config = text_config(model)
     stack = find_stack(model, config)
     return {"model_type": getattr(config, "model_type", None),
@@ -108,7 +112,8 @@ def text_config(model: nn.Module) -> Any:
 
 
 def find_stack(model: nn.Module, config: Any) -> str | None:
-    """Name of the decoder ``ModuleList``: length ``num_hidden_layers``, not in a vision/audio tower, shallowest."""
+    """Name of the decoder ``ModuleList``: length ``num_hidden_layers``, not in a vision/audio tower,
+    shallowest."""
 
     n = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
               if isinstance(getattr(config, k, None), int)), None)
@@ -155,8 +160,12 @@ def _parameter_sites(name: str, module: nn.Module, cls: str):
             yield _Site(f"{name}.{pname}", name, pname, d_in, d_out, cls, id(param), True)
 
 
+_PEFT_INTERNAL = re.compile(
+    r"(^|\.)(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
+
+
 def _peft_internal(name: str) -> bool:
-    return bool(re.search(r"(^|\.)(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)", name))
+    return bool(_PEFT_INTERNAL.search(name))
 
 
 def _not_effective(arch, family, kind, site, config, layer, model_type, fused) -> str | None:
@@ -167,15 +176,18 @@ def _not_effective(arch, family, kind, site, config, layer, model_type, fused) -
         rules = arch.bypass if arch is not None else A.DEFAULT_BYPASS.get(kind, ())
         for rule in rules:
             if rule.kind == kind and rule.leaf == site.leaf and (rule.when == A.ALWAYS or fused):
-                when = "always" if rule.when == A.ALWAYS else "with fused kernels (--no-fused-kernels relaxes)"
+                when = (
+                    "always" if rule.when == A.ALWAYS else "with fused kernels (--no-fused-kernels relaxes)"
+                )
                 reasons.append(f"bypassed {when}: {rule.reason}")
     reasons.append(compat.peft_refuses(model_type, site.module_path.rsplit(".", 1)[-1]))
     reasons = [r for r in reasons if r]
     return "; ".join(reasons) if reasons else None
 
 
-def _mark_ties(components: list[Component], weight_ids: list[int],
-               slots: list[tuple[int, str]]) -> list[Component]:
+def _mark_ties(
+    components: list[Component], weight_ids: list[int], slots: list[tuple[int, str]]
+) -> list[Component]:
     """Call sites of one weight tensor (Zamba shared blocks). PEFT wraps the module at the first name it
     meets, and ``merge_and_unload()`` adds the update to the weight tensor itself. Where every effective site
     is in one slot (one module object reached through a shared parent), the wrapper runs at all of them: the
@@ -196,23 +208,26 @@ def _mark_ties(components: list[Component], weight_ids: list[int],
                 by_name[name] = replace(by_name[name], lora_effective=False, note=note)
             continue
         for name in live[1:]:
-            by_name[name] = replace(by_name[name], tied_to=live[0],
-                                    note=f"shares its module with {live[0]}; adapt it there")
+            by_name[name] = replace(
+                by_name[name], tied_to=live[0], note=f"shares its module with {live[0]}; adapt it there"
+            )
     return [by_name[n] for n in order]
 
 
 def _shared_weight_note(sites: list[Component]) -> str:
     where = ", ".join(str(c.layer) if c.layer is not None else c.name for c in sites)
-    return (f"one weight read by distinct modules at layers {where}: PEFT's LoRA would run at one call site, "
-            "but merge_and_unload() adds it to the shared weight and so changes every call site; not offered "
-            "(adapt an unshared module beside it: Zamba's per-layer `linear`, Zamba2's adapter lists)")
+    return (
+        f"one weight read by distinct modules at layers {where}: PEFT's LoRA would run at one call site, "
+        "but merge_and_unload() adds it to the shared weight and so changes every call site; not offered "
+        "(adapt an unshared module beside it: Zamba's per-layer `linear`, Zamba2's adapter lists)"
+    )
 
 
 def _slot(modules: dict[str, nn.Module], site: _Site) -> tuple[int, str]:
     """Where PEFT puts its wrapper for ``site``: the object holding the module, and the attribute path below
     it. Call sites in one slot run one wrapper."""
     holder = site.module_path.rpartition(".")[0]
-    return id(modules[holder]), site.name[len(holder) + 1 if holder else 0:]
+    return id(modules[holder]), site.name[len(holder) + 1 if holder else 0 :]
 
 
 def _output_name(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
@@ -222,9 +237,15 @@ def _output_name(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
 
 def _warn_guesses(guesses: dict) -> None:
 
-    lines = [f"{cls} -> {family}/{kind} ({len(names)} modules, e.g. {names[0]})"
-             for (cls, family, kind), names in sorted(guesses.items())]
+    lines = [
+        f"{cls} -> {family}/{kind} ({len(names)} modules, e.g. {names[0]})"
+        for (cls, family, kind), names in sorted(guesses.items())
+    ]
     warnings.warn(
         "find_components placed these modules by name only (no config layer type or known class matched): "
-        + "; ".join(lines) + ". Check them with `allocate inspect`; to make this go away, add the class to "
-        "allocator.discovery.architectures.CLASS_RULES.", AllocatorWarning, stacklevel=2)
+        + "; ".join(lines)
+        + ". Check them with `allocate inspect`; to make this go away, add the class to "
+        "allocator.discovery.architectures.CLASS_RULES.",
+        AllocatorWarning,
+        stacklevel=2,
+    )

@@ -1,6 +1,7 @@
 """`allocate inspect`, the gathering half: model -> :class:`InspectReport` (rows of numbers, no formatting).
 
-Builds the model on the meta device (``allocator.discovery.modelio.load_skeleton``) unless a model object is given, runs
+Builds the model on the meta device (``allocator.discovery.modelio.load_skeleton``) unless a model object is
+given, runs
 ``find_components`` and groups the result: per decoder layer x (family, kind), per (family, kind), what is not
 effective and why, which call sites are tied. ``allocator.commands.inspect`` only prints it.
 Cost of one rank unit of a group: Σ n_params_per_rank = Σ n_experts·(d_in + d_out) over its eligible modules.
@@ -74,7 +75,8 @@ class InspectReport:
         return _grouped([c for c in self.components if not c.lora_effective])
 
     def not_default(self) -> list[dict[str, Any]]:
-        """Effective, untied modules left out unless asked for (lm_head, routers, modules outside the stack)."""
+        """Effective, untied modules left out unless asked for (lm_head, routers, modules outside the
+        stack)."""
         return _grouped([c for c in self.components if c.lora_effective and c.tied_to is None
                          and not c.default_target])
 
@@ -82,16 +84,28 @@ class InspectReport:
         return _grouped([c for c in self.components if c.tied_to is not None])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "architecture": self.architecture, "model_type": self.model_type,
-                "n_layers": self.n_layers, "layer_field": self.layer_field, "n_base_params": self.n_base_params,
-                "fused_kernels": self.fused_kernels, "totals": self.totals(), "per_kind": self.per_kind(),
-                "per_layer": self.per_layer(), "not_effective": self.not_effective(), "tied": self.tied(),
-                "not_default": self.not_default(), "warnings": list(self.warnings),
-                "components": [c.to_dict() for c in self.components]}
+        return {
+            "model": self.model,
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "n_layers": self.n_layers,
+            "layer_field": self.layer_field,
+            "n_base_params": self.n_base_params,
+            "fused_kernels": self.fused_kernels,
+            "totals": self.totals(),
+            "per_kind": self.per_kind(),
+            "per_layer": self.per_layer(),
+            "not_effective": self.not_effective(),
+            "tied": self.tied(),
+            "not_default": self.not_default(),
+            "warnings": list(self.warnings),
+            "components": [c.to_dict() for c in self.components],
+        }
 
 
-def inspect_model(model: Any, *, fused_kernels: bool = True, trust_remote_code: bool = False,
-                  name: str | None = None) -> InspectReport:
+def inspect_model(
+    model: Any, *, fused_kernels: bool = True, trust_remote_code: bool = False, name: str | None = None
+) -> InspectReport:
     """Gather the report for ``model``: a hub id, folder, config.json path, or an already built model."""
 
     is_ref = isinstance(model, str) or hasattr(model, "__fspath__")
@@ -105,15 +119,29 @@ def inspect_model(model: Any, *, fused_kernels: bool = True, trust_remote_code: 
     n_layers = len(built.get_submodule(stack)) if stack else 0
     return InspectReport(
         model=name or (str(model) if is_ref else type(built).__name__),
-        architecture=type(built).__name__, model_type=str(getattr(config, "model_type", "")),
-        n_layers=n_layers, layer_field=A.layer_labels(config, n_layers)[1], n_base_params=count_base_params(built),
-        fused_kernels=fused_kernels, components=tuple(components), warnings=messages)
+        architecture=type(built).__name__,
+        model_type=str(getattr(config, "model_type", "")),
+        n_layers=n_layers,
+        layer_field=A.layer_labels(config, n_layers)[1],
+        n_base_params=count_base_params(built),
+        fused_kernels=fused_kernels,
+        components=tuple(components),
+        warnings=messages,
+    )
 
 
 def _grouped(components: list[Component]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[Component]] = defaultdict(list)
     for c in components:
         groups[(re.sub(r"\.\d+(?=\.|$)", ".*", c.name), re.sub(r"\b\d+\b", "*", c.note))].append(c)
-    return [{"pattern": pattern, "reason": reason, "n_modules": len(group), "family": group[0].family,
-             "kind": group[0].kind, "params_per_rank": sum(c.n_params_per_rank for c in group)}
-            for (pattern, reason), group in sorted(groups.items())]
+    return [
+        {
+            "pattern": pattern,
+            "reason": reason,
+            "n_modules": len(group),
+            "family": group[0].family,
+            "kind": group[0].kind,
+            "params_per_rank": sum(c.n_params_per_rank for c in group),
+        }
+        for (pattern, reason), group in sorted(groups.items())
+    ]

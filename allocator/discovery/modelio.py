@@ -1,8 +1,10 @@
 """Model input: a hub id, a local folder or a path to a config.json -> config, meta skeleton or loaded model.
 
 ``load_config`` never downloads when ``HF_HUB_OFFLINE`` is set and never lets a transformers exception escape:
-every failure is an :class:`~allocator.errors.InputError` naming the fix. ``load_skeleton`` builds the causal LM
-on the meta device (no memory, seconds even for 50B configs), which is all that ``find_components`` and counting
+every failure is an :class:`~allocator.errors.InputError` naming the fix. ``load_skeleton`` builds the causal
+LM
+on the meta device (no memory, seconds even for 50B configs), which is all that ``find_components`` and
+counting
 parameters need; ``load_model`` loads real weights through ``AutoModelForCausalLM.from_pretrained``.
 Composite configs (``qwen3_5``: ``text_config`` + ``vision_config``) build the causal LM of their text part.
 """
@@ -26,9 +28,10 @@ if TYPE_CHECKING:
 
 # Raw-config formats transformers 5 would build wrong or not at all, and what to do about them.
 LEGACY_HINTS = {
-    "minimax_text_01": "it is MiniMax's remote-code format: rename model_type to 'minimax', attn_type_list to "
-    "layer_types (1 -> 'full_attention', 0 -> 'linear_attention') and layernorm_*_alpha/beta to *_alpha_factor/"
-    "*_beta_factor, or pass a folder holding its code with --trust-remote-code",
+    "minimax_text_01": "it is MiniMax's remote-code format: rename model_type to 'minimax', attn_type_list "
+                       "to layer_types (1 -> 'full_attention', 0 -> 'linear_attention') and "
+                       "layernorm_*_alpha/beta to *_alpha_factor/*_beta_factor, or pass a folder holding "
+                       "its code with --trust-remote-code",
 }
 
 
@@ -44,7 +47,8 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> Pret
     model_type = raw.get("model_type")
     try:
 
-        if Path(os.path.expanduser(str(ref))).is_file():  # a bare config.json; folders go through from_pretrained
+        # a bare config.json; folders go through from_pretrained
+        if Path(os.path.expanduser(str(ref))).is_file():
             if model_type not in CONFIG_MAPPING:
                 raise InputError(_unknown_type(model_type, source))
             data = {k: v for k, v in raw.items() if k != "model_type"}
@@ -119,8 +123,9 @@ def _raw_config(ref: str | os.PathLike, trust_remote_code: bool) -> tuple[dict, 
         raw, _ = PretrainedConfig.get_config_dict(text, trust_remote_code=trust_remote_code, **_hub_kwargs())
     except Exception as exc:
         if _network_failure(exc):  # the hub could not be reached: not the user's input at fault
-            raise AllocatorError(f"could not reach the Hugging Face hub for '{text}' ({_first_line(exc)}); check the "
-                                 "network, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
+            raise AllocatorError(f"could not reach the Hugging Face hub for '{text}' "
+                                 f"({_first_line(exc)}); check the network, or set "
+                                 "HF_HUB_OFFLINE=1 to use the local cache only") from None
         where = "offline" if _offline() else "in the cache or on the hub"
         raise InputError(f"could not find model '{text}' {where}; pass a local folder or a path to its "
                          f"config.json ({_first_line(exc)})") from None
@@ -157,9 +162,9 @@ def _check_legacy(raw: dict, source: str) -> None:
     if model_type == "zamba2" and isinstance(blocks, list) and set(blocks) <= {"m", "g"}:
         raise InputError(
             f"{source} is a pre-integration Zyphra config (layers_block_type 'm'/'g', state_size, "
-            "ffn_hidden_size, lora_rank): transformers would build every layer as Mamba with no shared block. "
-            "Use the model's current revision, or convert the keys (m -> mamba, g -> hybrid, state_size -> "
-            "mamba_d_state, ffn_hidden_size -> intermediate_size, lora_rank -> adapter_rank)")
+            "ffn_hidden_size, lora_rank): transformers would build every layer as Mamba with no shared "
+            "block. Use the model's current revision, or convert the keys (m -> mamba, g -> hybrid, "
+            "state_size -> mamba_d_state, ffn_hidden_size -> intermediate_size, lora_rank -> adapter_rank)")
     if model_type in LEGACY_HINTS and not _known(model_type):
         raise InputError(f"{source}: model_type '{model_type}' is not built into transformers; "
                          f"{LEGACY_HINTS[model_type]}")
@@ -176,8 +181,8 @@ def _known(model_type: str) -> bool:
 
 
 def _unknown_type(model_type: str | None, source: str) -> str:
-    hint = LEGACY_HINTS.get(model_type or "", "pass a folder holding the model's code with --trust-remote-code, "
-                            "or upgrade transformers")
+    hint = LEGACY_HINTS.get(model_type or "", "pass a folder holding the model's code with "
+                                              "--trust-remote-code, or upgrade transformers")
     return f"model_type '{model_type}' in {source} is not built into this transformers; {hint}"
 
 

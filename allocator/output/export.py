@@ -1,9 +1,13 @@
 """Stage 5: ranks -> a PEFT ``LoraConfig`` that ``get_peft_model`` takes unchanged.
 
-PEFT matches ``target_modules`` (as a list) by exact name or ``.suffix``, and ``rank_pattern``/``alpha_pattern``
-keys as the regex ``(.*\\.)?(KEY)$``, first match wins (``peft.utils.other.get_pattern_key``). We therefore list
-exactly the modules with rank > 0 by their full names and key both patterns by the escaped full name, so no key
-can match another module (``model.layers.1.`` never matches ``model.layers.11.``). :func:`check_matching` replays
+PEFT matches ``target_modules`` (as a list) by exact name or ``.suffix``, and
+``rank_pattern``/``alpha_pattern``
+keys as the regex ``(.*\\.)?(KEY)$``, first match wins (``peft.utils.other.get_pattern_key``). We therefore
+list
+exactly the modules with rank > 0 by their full names and key both patterns by the escaped full name, so no
+key
+can match another module (``model.layers.1.`` never matches ``model.layers.11.``). :func:`check_matching`
+replays
 PEFT's own matching to prove it.
 """
 
@@ -68,7 +72,9 @@ def lora_config_kwargs(
     rank_pattern = {_pattern_key(by_name[n].peft_name): r for n, r in chosen.items()}
     if use_rslora:
         ranks_sorted = sorted(chosen.values())
-        alpha = float(rslora_alpha if rslora_alpha is not None else alpha_ratio * ranks_sorted[len(ranks_sorted) // 2])
+        alpha = float(
+            rslora_alpha if rslora_alpha is not None else alpha_ratio * ranks_sorted[len(ranks_sorted) // 2]
+        )
         alpha_pattern: dict[str, float] = {}
     else:
         alpha = alpha_ratio * common_rank
@@ -91,21 +97,26 @@ def lora_config_kwargs(
 
 
 def to_lora_config(ranks: Mapping[str, int], components: Sequence[Component], **options: Any):
-    """Build the ``peft.LoraConfig``; ``options`` are those of :func:`lora_config_kwargs` plus any LoraConfig field
+    """Build the ``peft.LoraConfig``; ``options`` are those of :func:`lora_config_kwargs` plus any LoraConfig
+    field
     (``lora_dropout``, ``init_lora_weights``, ...) passed through unchanged."""
 
     own = {k: options.pop(k) for k in list(options) if k in _OWN_OPTIONS}
     kwargs = lora_config_kwargs(ranks, components, **own)
-    overlap = sorted(set(options) & {"target_modules", "rank_pattern", "alpha_pattern", "r", "target_parameters"})
+    overlap = sorted(
+        set(options) & {"target_modules", "rank_pattern", "alpha_pattern", "r", "target_parameters"}
+    )
     if overlap:
         raise InputError(f"{overlap} are set by the plan; pass only other LoraConfig fields")
     kwargs.update(options)
     refused = [k for k in ("lora_dropout", "use_dora", "lora_bias") if options.get(k)]
     if refused and kwargs.get("target_parameters"):
         params = kwargs["target_parameters"]
-        raise InputError(f"PEFT adapts {params[0]} and {len(params) - 1} more as parameters "
-                         f"(target_parameters, lora.ParamWrapper), which refuses "
-                         f"{refused[0]}={options[refused[0]]!r}; leave it unset")
+        raise InputError(
+            f"PEFT adapts {params[0]} and {len(params) - 1} more as parameters "
+            f"(target_parameters, lora.ParamWrapper), which refuses "
+            f"{refused[0]}={options[refused[0]]!r}; leave it unset"
+        )
     base = kwargs.pop("base_model_name_or_path", None)
     if not kwargs["target_modules"]:
         kwargs["target_modules"] = None  # PEFT needs None, not [], when only parameters are targeted
@@ -132,14 +143,18 @@ def check_matching(config: Any, ranks: Mapping[str, int], all_module_names: Sequ
     for name in targets:
         key = get_pattern_key(list(config.rank_pattern), name)
         if config.rank_pattern.get(key) != chosen[name]:
-            raise AllocatorError(f"PEFT would give {name!r} rank {config.rank_pattern.get(key)}, plan says {chosen[name]}")
+            raise AllocatorError(
+                f"PEFT would give {name!r} rank {config.rank_pattern.get(key)}, plan says {chosen[name]}"
+            )
 
 
 def get_peft_model_quietly(model: Any, config: Any) -> Any:
-    """``peft.get_peft_model`` without two warnings that say nothing about the user's run: transformers' rename of
-    ``is_gradient_checkpointing`` (PEFT reads the old name), and PEFT's memory advice for its own EVA pass (a plan
-    with ``init="eva"`` records EVA in the config, but its directions come from ``allocator.output.lora_init``)."""
-
+    """``peft.get_peft_model`` without two warnings that say nothing about the user's run: transformers'
+    rename of
+    ``is_gradient_checkpointing`` (PEFT reads the old name), and PEFT's memory advice for its own EVA pass (a
+    plan
+    with ``init="eva"`` records EVA in the config, but its directions come from
+    ``allocator.output.lora_init``)."""
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -148,7 +163,8 @@ def get_peft_model_quietly(model: Any, config: Any) -> Any:
 
 
 def adapted_shape(model: Any, name: str, is_parameter: bool) -> tuple[int, int, int] | None:
-    """(n_experts, d_in, d_out) of the module or 3-D parameter ``name`` as a LoRA there sees it; None if absent."""
+    """(n_experts, d_in, d_out) of the module or 3-D parameter ``name`` as a LoRA there sees it; None if
+    absent."""
 
     if is_parameter:
         owner_name, _, leaf = name.rpartition(".")
@@ -170,17 +186,23 @@ def adapted_shape(model: Any, name: str, is_parameter: bool) -> tuple[int, int, 
 
 
 def snapshot_base_model(model: Any) -> dict[str, Any]:
-    """What ``get_peft_model`` (and EVA's pass) change on the model: attributes, ``requires_grad`` flags, modes."""
-    return {"attrs": set(vars(model)), "flags": [(p, p.requires_grad) for p in model.parameters()],
-            "modes": [(m, m.training) for m in model.modules()]}
+    """What ``get_peft_model`` (and EVA's pass) change on the model: attributes, ``requires_grad`` flags,
+    modes."""
+    return {
+        "attrs": set(vars(model)),
+        "flags": [(p, p.requires_grad) for p in model.parameters()],
+        "modes": [(m, m.training) for m in model.modules()],
+    }
 
 
 def restore_base_model(model: Any, snapshot: dict[str, Any]) -> None:
-    """Undo a (possibly half-done) ``get_peft_model`` on ``model``: every LoRA layer PEFT swapped in is replaced by
+    """Undo a (possibly half-done) ``get_peft_model`` on ``model``: every LoRA layer PEFT swapped in is
+    replaced by
     the module it wrapped, attributes PEFT added are removed and ``requires_grad`` flags restored."""
 
     swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in sorted(swapped, key=lambda item: -item[0].count(".")):  # innermost first (nested wrappers)
+    # innermost first (nested wrappers)
+    for name, layer in sorted(swapped, key=lambda item: -item[0].count(".")):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if getattr(parent, child, None) is layer:

@@ -1,13 +1,19 @@
 """Data-driven lora_A initialisation at a plan's ranks: PEFT's EVA components, sliced per module.
 
-PEFT's EVA (``init_lora_weights="eva"``) starts lora_A on the top principal directions of each target's input and
-lora_B at zero, so the adapted model starts equal to the base model. EVA also *redistributes* ranks (``rho > 1``),
-and even at ``rho = 1`` it equalises the candidates of modules that read the same input, so it can move a plan's
-ranks. Here EVA's components are computed once at the plan's largest rank for every target (every candidate kept:
+PEFT's EVA (``init_lora_weights="eva"``) starts lora_A on the top principal directions of each target's input
+and
+lora_B at zero, so the adapted model starts equal to the base model. EVA also *redistributes* ranks (``rho >
+1``),
+and even at ``rho = 1`` it equalises the candidates of modules that read the same input, so it can move a
+plan's
+ranks. Here EVA's components are computed once at the plan's largest rank for every target (every candidate
+kept:
 no redistribution) and each module takes its first ``r`` rows, so the plan's ranks and budget are exact.
 
-On the placement benchmark (``docs/method.md``), at uniform's best lr, this init tied uniform on text and forgot
-more; on the fact-storing task, whose lr forgetting caps, it lowered the loss a lot, most with a placement chosen
+On the placement benchmark (``docs/method.md``), at uniform's best lr, this init tied uniform on text and
+forgot
+more; on the fact-storing task, whose lr forgetting caps, it lowered the loss a lot, most with a placement
+chosen
 under it (``allocate tune --init eva``). It is an option: ``Plan(init="eva")`` / ``allocate --init eva``.
 """
 
@@ -37,7 +43,8 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     """``{name: (k, d_in) tensor}``: EVA's top ``k`` input principal directions of each module in ``names``.
 
     ``batches`` are the calibration micro-batches (dicts with ``input_ids``, ``attention_mask`` and, for
-    ``use_label_mask``, ``labels``: only tokens that carry a loss count, as in PEFT's EVA). A module whose input
+    ``use_label_mask``, ``labels``: only tokens that carry a loss count, as in PEFT's EVA). A module whose
+    input
     has fewer than ``k`` usable directions raises :class:`InputError` (more calibration tokens are needed).
     """
 
@@ -51,27 +58,41 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
     largest = max(int(_token_mask(b, use_label_mask).sum()) for b in batches)
     if largest < k:
         raise InputError(f"EVA init at rank {k} needs a calibration batch with at least {k} tokens that "
-                         f"{'carry a label' if use_label_mask else 'are attended'}; the largest has {largest}: use "
-                         "larger batches or longer sequences (--data-batch-size, --data-seq-len), data with more "
-                         "such tokens (init_data, --init-data), or lower ranks")
-    config = LoraConfig(r=k, lora_alpha=2 * k, target_modules=list(names), init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=use_label_mask))
+                         f"{'carry a label' if use_label_mask else 'are attended'}; the largest has "
+                         f"{largest}: use larger batches or longer sequences (--data-batch-size, "
+                         "--data-seq-len), data with more such tokens (init_data, --init-data), or lower "
+                         "ranks")
+    config = LoraConfig(
+        r=k,
+        lora_alpha=2 * k,
+        target_modules=list(names),
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=use_label_mask),
+    )
     try:
-        state = get_eva_state_dict(model, dataloader=batches, peft_config=config, show_progress_bar=show_progress,
-                                   prepare_model_inputs_fn=lambda batch, _config: _token_mask(batch, use_label_mask),
-                                   prepare_layer_inputs_fn=_counted_rows)
+        state = get_eva_state_dict(
+            model,
+            dataloader=batches,
+            peft_config=config,
+            show_progress_bar=show_progress,
+            prepare_model_inputs_fn=lambda batch, _config: _token_mask(batch, use_label_mask),
+            prepare_layer_inputs_fn=_counted_rows,
+        )
     except ValueError as exc:  # PEFT: too few tokens for the components, non-converged layers
         raise InputError(f"EVA init failed: {exc}; use more calibration samples or a lower rank") from None
     missing = sorted(set(names) - set(state))
     short = sorted(n for n in names if n in state and state[n].shape[0] < k)
     if missing or short:
-        raise InputError(f"EVA found fewer than {k} input directions for {(missing + short)[:3]}; use more "
-                         "calibration samples")
+        raise InputError(
+            f"EVA found fewer than {k} input directions for {(missing + short)[:3]}; use more "
+            "calibration samples"
+        )
     return state
 
 
 def _token_mask(batch: Mapping[str, Any], use_label_mask: bool) -> Any:
-    """``(batch, seq)`` bool: the tokens EVA's PCA sees, attended ones and with ``use_label_mask`` only labelled
+    """``(batch, seq)`` bool: the tokens EVA's PCA sees, attended ones and with ``use_label_mask`` only
+    labelled
     ones (as PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled token)."""
 
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
@@ -81,15 +102,18 @@ def _token_mask(batch: Mapping[str, Any], use_label_mask: bool) -> Any:
 
 
 def _counted_rows(layer_input: Any, mask: Any, layer_name: str) -> Any:
-    """A module's input rows at the counted tokens. PEFT's own version indexes ``(batch, seq, d)`` inputs only;
+    """A module's input rows at the counted tokens. PEFT's own version indexes ``(batch, seq, d)`` inputs
+    only;
     MoE blocks flatten tokens to ``(batch * seq, d)`` before their shared expert, in the same order."""
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
     if x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
         return x[mask]
     if x.dim() == 2 and x.shape[0] == mask.numel():
         return x[mask.reshape(-1)]
-    raise InputError(f"EVA cannot map the input of {layer_name} (shape {tuple(x.shape)}) to tokens of a "
-                     f"{tuple(mask.shape)} batch; use init 'default' for this model")
+    raise InputError(
+        f"EVA cannot map the input of {layer_name} (shape {tuple(x.shape)}) to tokens of a "
+        f"{tuple(mask.shape)} batch; use init 'default' for this model"
+    )
 
 
 def eva_targets(components: Sequence[Any], ranks: Mapping[str, int]) -> dict[str, int]:
@@ -99,8 +123,9 @@ def eva_targets(components: Sequence[Any], ranks: Mapping[str, int]) -> dict[str
     return {n: r for n, r in ranks.items() if r > 0 and n not in parameters}
 
 
-def init_lora_a(peft_model: Any, components: Mapping[str, Any], ranks: Mapping[str, int],
-                adapter_name: str = "default") -> None:
+def init_lora_a(
+    peft_model: Any, components: Mapping[str, Any], ranks: Mapping[str, int], adapter_name: str = "default"
+) -> None:
     """Copy the first ``ranks[name]`` rows of ``components[name]`` into lora_A of every planned module."""
 
     done = set()
@@ -113,4 +138,6 @@ def init_lora_a(peft_model: Any, components: Mapping[str, Any], ranks: Mapping[s
                 done.add(base)
     missing = sorted(n for n, r in ranks.items() if r > 0 and n not in done)
     if missing:
-        raise AllocatorError(f"EVA init reached no lora_A for {missing[:3]}; the model lacks the planned modules")
+        raise AllocatorError(
+            f"EVA init reached no lora_A for {missing[:3]}; the model lacks the planned modules"
+        )

@@ -1,6 +1,7 @@
 """Stage 4: the allocation as a plan the user keeps: ranks, cost, utility and provenance.
 
-``Plan`` is what :func:`allocator.allocate` returns. It exports to PEFT (``to_lora_config``), applies itself to a
+``Plan`` is what :func:`allocator.allocate` returns. It exports to PEFT (``to_lora_config``), applies itself
+to a
 model (``apply``: trainable parameters == ``cost``), and saves a folder (``save``)::
 
     OUT_DIR/adapter_config.json   written by PEFT, so ``LoraConfig.from_pretrained(OUT_DIR)`` loads it
@@ -8,7 +9,8 @@ model (``apply``: trainable parameters == ``cost``), and saves a folder (``save`
     OUT_DIR/report.md, heatmap.png
 
 Writes go through the one safe folder writer (:mod:`probes.folders`): atomic, marked with a manifest, and an
-overwrite replaces only the files a plan writes. ``allocation.json`` carries a schema version (:data:`SCHEMA`).
+overwrite replaces only the files a plan writes. ``allocation.json`` carries a schema version
+(:data:`SCHEMA`).
 """
 
 from __future__ import annotations
@@ -53,14 +55,16 @@ class Plan:
     """Ranks per module under a budget, with everything needed to reproduce them."""
 
     model_id: str = field(metadata={"help": "Hub id or local folder of the base model."})
-    components: tuple[Component, ...] = field(metadata={"help": "Every adaptable module found, eligible or not."})
+    components: tuple[Component, ...] = field(metadata={"help": "Every adaptable module found, eligible or "
+                                                                "not."})
     ranks: Mapping[str, int] = field(metadata={"help": "Rank per eligible module (0 = no adapter)."})
     budget: int = field(metadata={"help": "Trainable-parameter budget the plan had to respect."})
     utility: Mapping[str, float] = field(
         default_factory=dict, metadata={"help": "Utility of each module at its chosen rank."}
     )
     risk: Mapping[str, float] = field(
-        default_factory=dict, metadata={"help": "Retention risk of each module at its chosen rank (if measured)."}
+        default_factory=dict, metadata={"help": "Retention risk of each module at its chosen rank (if "
+                                                "measured)."}
     )
     solver: Mapping[str, Any] = field(
         default_factory=dict, metadata={"help": "Solver status, MIP gap, granularity and groups."}
@@ -72,11 +76,13 @@ class Plan:
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) (rsLoRA) instead."})
     init: str = field(
         default="default",
-        metadata={"help": "lora_A init: 'default' (PEFT's) or 'eva' (top input principal directions at these ranks)."},
+        metadata={"help": "lora_A init: 'default' (PEFT's) or 'eva' (top input principal directions at "
+                          "these ranks)."},
     )
     architecture: Mapping[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "model_type, decoder layers and class of the model the plan was made for; apply checks them."},
+        metadata={"help": "model_type, decoder layers and class of the model the plan was made for; apply "
+                          "checks them."},
     )
 
     def __post_init__(self) -> None:
@@ -86,7 +92,9 @@ class Plan:
         unknown = sorted(set(self.ranks) - names)
         if unknown:
             raise AllocatorError(f"plan ranks name unknown modules {unknown[:5]}")
-        bad = sorted(n for n, r in self.ranks.items() if isinstance(r, bool) or not isinstance(r, int) or r < 0)
+        bad = sorted(
+            n for n, r in self.ranks.items() if isinstance(r, bool) or not isinstance(r, int) or r < 0
+        )
         if bad:
             raise InputError(f"plan ranks must be integers >= 0; {bad[0]!r} has {self.ranks[bad[0]]!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
@@ -96,7 +104,8 @@ class Plan:
         if self.cost > self.budget:
             raise AllocatorError(f"plan cost {self.cost:,} exceeds its budget {self.budget:,}")
 
-    # ---- derived numbers --------------------------------------------------------------------------------------
+    # ---- derived numbers
+    # --------------------------------------------------------------------------------------
     @property
     def by_name(self) -> dict[str, Component]:
         return {c.name: c for c in self.components}
@@ -110,7 +119,8 @@ class Plan:
         """Trainable LoRA parameters of the plan, exactly as PEFT counts them."""
         by_name = self.by_name
         return sum(
-            lora_params(by_name[n].d_in, by_name[n].d_out, r, by_name[n].n_experts) for n, r in self.ranks.items()
+            lora_params(by_name[n].d_in, by_name[n].d_out, r, by_name[n].n_experts)
+            for n, r in self.ranks.items()
         )
 
     @property
@@ -122,35 +132,46 @@ class Plan:
     def total_utility(self) -> float:
         return float(sum(self.utility.values()))
 
-    # ---- export -----------------------------------------------------------------------------------------------
+    # ---- export
+    # -----------------------------------------------------------------------------------------------
     def to_lora_config(self, **lora_kwargs: Any) -> LoraConfig:
-        """A ``peft.LoraConfig`` with exactly this plan's targets and ranks; extra LoraConfig fields pass through."""
+        """A ``peft.LoraConfig`` with exactly this plan's targets and ranks; extra LoraConfig fields pass
+        through."""
 
         lora_kwargs.setdefault("alpha_ratio", self.alpha_ratio)
         lora_kwargs.setdefault("use_rslora", self.use_rslora)
         lora_kwargs.setdefault("base_model_name_or_path", self.model_id)
         if self.init == "eva":  # recorded for the reader; rho = 1: PEFT's own EVA then keeps these ranks
-
             lora_kwargs.setdefault("init_lora_weights", "eva")
             lora_kwargs.setdefault("eva_config", EvaConfig(rho=1.0, adjust_scaling_factors=False))
         return to_lora_config(self.targets, self.components, **lora_kwargs)
 
-    def apply(self, model: PreTrainedModel, *, init_data: Sequence[Mapping[str, Any]] | None = None,
-              **lora_kwargs: Any) -> PeftModel:
+    def apply(
+        self,
+        model: PreTrainedModel,
+        *,
+        init_data: Sequence[Mapping[str, Any]] | None = None,
+        **lora_kwargs: Any,
+    ) -> PeftModel:
         """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``.
 
-        The model is checked first against what the plan was made for (:meth:`check_model`); on any failure the
+        The model is checked first against what the plan was made for (:meth:`check_model`); on any failure
+        the
         model is left exactly as it was (no adapter injected, ``requires_grad`` flags untouched).
 
         With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
-        ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the top
-        principal directions of each module's input at exactly the plan's ranks (``allocator.output.lora_init``; MoE
+        ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the
+        top
+        principal directions of each module's input at exactly the plan's ranks
+        (``allocator.output.lora_init``; MoE
         expert weights adapted as parameters keep PEFT's init).
         """
         self.check_model(model)
         if self.init == "eva" and init_data is None:
-            raise InputError("this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
-                             "batches, e.g. probes.load_batches('train.jsonl', tokenizer)")
+            raise InputError(
+                "this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
+                "batches, e.g. probes.load_batches('train.jsonl', tokenizer)"
+            )
         snapshot = snapshot_base_model(model)
         try:
             components, eva = None, {}
@@ -158,7 +179,8 @@ class Plan:
                 with as_input_error(ProbeError):
                     check_token_ids(model, init_data)
                 components = eva_components(model, list(eva), init_data, max(eva.values()))
-            # a plan saved before export_as_parameter existed lists such linears in target_modules: mark them here
+            # a plan saved before export_as_parameter existed lists such linears in target_modules: mark them
+            # here
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             plan = replace(self, components=tuple(peft_exports(self.components, model_type)))
             peft_model = get_peft_model_quietly(model, plan.to_lora_config(**lora_kwargs))
@@ -177,15 +199,25 @@ class Plan:
 
     def check_model(self, model: PreTrainedModel) -> None:
         """Raise :class:`InputError` unless ``model`` is the architecture this plan was made for: the same
-        model_type and decoder layer count (when recorded) and every planned module present with its d_in/d_out.
+        model_type and decoder layer count (when recorded) and every planned module present with its
+        d_in/d_out.
         """
 
         if hasattr(model, "peft_config") or not hasattr(model, "named_modules"):
-            what = "already holds PEFT adapters" if hasattr(model, "peft_config") else f"is a {type(model).__name__}"
-            raise InputError(f"the model {what}; apply the plan to the base transformers model it was made for")
+            what = (
+                "already holds PEFT adapters"
+                if hasattr(model, "peft_config")
+                else f"is a {type(model).__name__}"
+            )
+            raise InputError(
+                f"the model {what}; apply the plan to the base transformers model it was made for"
+            )
         found = architecture_of(model)
-        differ = [f"{k} {self.architecture[k]!r} (model: {found[k]!r})" for k in ("model_type", "n_layers")
-                  if self.architecture.get(k) is not None and self.architecture[k] != found[k]]
+        differ = [
+            f"{k} {self.architecture[k]!r} (model: {found[k]!r})"
+            for k in ("model_type", "n_layers")
+            if self.architecture.get(k) is not None and self.architecture[k] != found[k]
+        ]
         by_name = self.by_name
         missing, wrong = [], []
         for name in self.targets:
@@ -194,15 +226,25 @@ class Plan:
             if shape is None:
                 missing.append(name)
             elif shape != (c.n_experts, c.d_in, c.d_out):
-                wrong.append(f"{name} is {shape[1]}->{shape[2]}" + (f" x{shape[0]}" if shape[0] > 1 else "")
-                             + f", the plan has {c.d_in}->{c.d_out}" + (f" x{c.n_experts}" if c.n_experts > 1 else ""))
+                wrong.append(
+                    f"{name} is {shape[1]}->{shape[2]}"
+                    + (f" x{shape[0]}" if shape[0] > 1 else "")
+                    + ", the plan has "
+                    f"{c.d_in}->{c.d_out}" + (f" x{c.n_experts}" if c.n_experts > 1 else "")
+                )
         if differ or missing or wrong:
-            detail = "; ".join(differ + ([f"{len(missing)} planned modules missing, e.g. {missing[0]}"] if missing
-                                         else []) + wrong[:2])
-            raise InputError(f"this plan was made for another model ({self.model_id}): {detail}; make a plan for "
-                             "this model with `allocate`, or load the model the plan names")
+            detail = "; ".join(
+                differ
+                + ([f"{len(missing)} planned modules missing, e.g. {missing[0]}"] if missing else [])
+                + wrong[:2]
+            )
+            raise InputError(
+                f"this plan was made for another model ({self.model_id}): {detail}; make a "
+                "plan for this model with `allocate`, or load the model the plan names"
+            )
 
-    # ---- serialisation ----------------------------------------------------------------------------------------
+    # ---- serialisation
+    # ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         modules = []
         for c in self.components:
@@ -237,17 +279,23 @@ class Plan:
             raise InputError(f"a plan is a JSON object, got {type(data).__name__}")
         schema = data.get("schema", 1)
         if not isinstance(schema, int) or schema > SCHEMA:
-            raise InputError(f"this plan has schema {schema!r}; this version reads up to {SCHEMA}: upgrade "
-                             "hybrid-lora-allocator")
+            raise InputError(
+                f"this plan has schema {schema!r}; this version reads up to {SCHEMA}: upgrade "
+                "hybrid-lora-allocator"
+            )
         missing = [k for k in ("model_id", "budget", "modules") if k not in data]
         if missing or not isinstance(data["modules"], list):
-            raise InputError(f"not a plan: {', '.join(missing) or 'modules'} missing or malformed; pass an "
-                             f"{ALLOCATION_FILE} written by `allocate -o`")
+            raise InputError(
+                f"not a plan: {', '.join(missing) or 'modules'} missing or malformed; pass an "
+                f"{ALLOCATION_FILE} written by `allocate -o`"
+            )
         names = [e.get("name") if isinstance(e, Mapping) else None for e in data["modules"]]
         twice = sorted({n for n in names if names.count(n) > 1}, key=str)
         if twice:
-            raise InputError(f"malformed plan: module {twice[0]!r} is listed more than once; pass an "
-                             f"{ALLOCATION_FILE} written by `allocate -o`")
+            raise InputError(
+                f"malformed plan: module {twice[0]!r} is listed more than once; pass an "
+                f"{ALLOCATION_FILE} written by `allocate -o`"
+            )
         keys = set(Component.__dataclass_fields__)
         components, ranks, utility, risk = [], {}, {}, {}
         try:
@@ -274,14 +322,18 @@ class Plan:
         except InputError:
             raise
         except (AllocatorError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"malformed plan ({type(exc).__name__}: {exc}); pass an {ALLOCATION_FILE} written by "
-                             "`allocate -o`") from None
+            raise InputError(
+                f"malformed plan ({type(exc).__name__}: {exc}); pass an "
+                f"{ALLOCATION_FILE} written by `allocate -o`"
+            ) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan saved by :meth:`save` (the folder or its ``allocation.json``)."""
         if not isinstance(path, (str, os.PathLike)):
-            raise InputError(f"Plan.load takes a folder or an {ALLOCATION_FILE} path, got {type(path).__name__}")
+            raise InputError(
+                f"Plan.load takes a folder or an {ALLOCATION_FILE} path, got {type(path).__name__}"
+            )
         path = Path(path)
         if path.is_dir():
             path = path / ALLOCATION_FILE
@@ -290,19 +342,22 @@ class Plan:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"could not read {path} as JSON ({exc}); pass a folder written by `allocate -o`") from None
+            raise InputError(
+                f"could not read {path} as JSON ({exc}); pass a folder written by `allocate -o`"
+            ) from None
         return cls.from_dict(data)
 
     def save(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, report: bool = True) -> Path:
-        """Write the plan folder atomically (:mod:`probes.folders`): a new or empty folder, or with ``overwrite``
+        """Write the plan folder atomically (:mod:`probes.folders`): a new or empty folder, or with
+        ``overwrite``
         one this tool wrote, whose plan files are replaced (files of the user's beside them are kept)."""
 
         def fill(tmp: Path) -> None:
             self.to_lora_config().save_pretrained(str(tmp))
-            (tmp / ALLOCATION_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True,
-                                                          allow_nan=False) + "\n")
+            (tmp / ALLOCATION_FILE).write_text(
+                json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+            )
             if report:
-
                 write_report(self, tmp)
 
         with as_input_error(FolderError):
@@ -316,6 +371,7 @@ def _whole(value: Any, what: str) -> int:
 
 
 def check_output_dir(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Fail early, before any work, if a plan cannot be written to ``out`` as asked; return its absolute path."""
+    """Fail early, before any work, if a plan cannot be written to ``out`` as asked; return its absolute
+    path."""
     with as_input_error(FolderError):
         return check_target(out, overwrite=overwrite, legacy=LEGACY_PLAN_FILES)

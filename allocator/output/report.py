@@ -1,4 +1,5 @@
-"""Stage 5b: a readable report of a plan: per-family and per-layer tables, a heatmap, and the uniform config of
+"""Stage 5b: a readable report of a plan: per-family and per-layer tables, a heatmap, and the uniform config
+of
 equal cost beside it.
 
 ``summarize(plan)`` gathers rows (data, testable); ``render_markdown`` and ``write_heatmap`` only format them.
@@ -78,7 +79,8 @@ def layer_kind_ranks(plan: Plan) -> tuple[list[str], list[str], dict[tuple[str, 
 
 
 def uniform_comparison(plan: Plan) -> UniformComparison:
-    """The uniform-rank LoRA over every eligible target whose cost is the largest not above the plan's budget."""
+    """The uniform-rank LoRA over every eligible target whose cost is the largest not above the plan's
+    budget."""
     per_rank = sum(plan.by_name[n].n_params_per_rank for n in plan.ranks)
     rank = plan.budget // per_rank if per_rank else 0
     return UniformComparison(rank=int(rank), cost=int(rank * per_rank), n_targets=len(plan.ranks))
@@ -93,10 +95,11 @@ def render_markdown(plan: Plan) -> str:
         f"({plan.cost / plan.budget:.1%} of budget)" if plan.budget else f"- plan cost: {plan.cost:,}",
         f"- adapted modules: {len(plan.targets)} of {len(plan.ranks)} eligible "
         f"({sum(not c.eligible for c in plan.components)} found but not eligible)",
-        f"- solver: {plan.solver.get('status', '?')}, MIP gap {plan.solver.get('mip_gap', float('nan')):.2g}, "
-        f"granularity `{plan.solver.get('granularity', '?')}`",
-        f"- uniform config of equal cost for comparison: rank {uniform.rank} on all {uniform.n_targets} eligible "
-        f"targets = {uniform.cost:,} parameters",
+        f"- solver: {plan.solver.get('status', '?')}, MIP gap "
+        f"{plan.solver.get('mip_gap', float('nan')):.2g}, granularity "
+        f"`{plan.solver.get('granularity', '?')}`",
+        f"- uniform config of equal cost for comparison: rank {uniform.rank} on all {uniform.n_targets} "
+        f"eligible targets = {uniform.cost:,} parameters",
         "",
         "## By family",
         "",
@@ -115,7 +118,9 @@ def render_markdown(plan: Plan) -> str:
     by_name = plan.by_name
     for layer in layers:
         params = sum(
-            plan.module_cost(n) for n in plan.ranks if ("-" if by_name[n].layer is None else str(by_name[n].layer)) == layer
+            plan.module_cost(n)
+            for n in plan.ranks
+            if ("-" if by_name[n].layer is None else str(by_name[n].layer)) == layer
         )
         row = [str(cells[(layer, k)]) if (layer, k) in cells else "" for k in kinds]
         lines.append(f"| {layer} | " + " | ".join(row) + f" | {params:,} |")
@@ -148,7 +153,9 @@ def write_heatmap(plan: Plan, path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_title(f"LoRA rank per layer and kind ({plan.cost:,} params)")
     for (layer, kind), r in cells.items():
-        ax.text(layers.index(layer), kinds.index(kind), str(r), ha="center", va="center", color="w", fontsize=7)
+        ax.text(
+            layers.index(layer), kinds.index(kind), str(r), ha="center", va="center", color="w", fontsize=7
+        )
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

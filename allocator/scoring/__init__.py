@@ -1,4 +1,5 @@
 """Stage 3, probe report -> utilities: what a rank-r adapter is worth on each module. numpy only, never torch.
 
-``signals`` (probe statistics -> per-parameter value curves), ``utility`` (blend, priors, the ``UtilityTable``).
+``signals`` (probe statistics -> per-parameter value curves), ``utility`` (blend, priors, the
+``UtilityTable``).
 """

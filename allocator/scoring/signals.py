@@ -1,17 +1,23 @@
-"""Utility signals: probe statistics of one module -> a normalised per-parameter curve phi_m(r) over a rank grid.
+"""Utility signals: probe statistics of one module -> a normalised per-parameter curve phi_m(r) over a rank
+grid.
 
-Stage 3a. Input: per-module probe stats (see ``docs/design.md``: ``grad_singular_values``, ``act_eigenvalues``,
-``heldout_capture``, ``fisher_trace``, ...) and :class:`~allocator.discovery.components.Component` shapes. Output: an
-``(n_modules, n_ranks)`` array ``phi``; :func:`allocator.scoring.utility.compute_utilities` turns it into utilities
+Stage 3a. Input: per-module probe stats (see ``docs/design.md``: ``grad_singular_values``,
+``act_eigenvalues``,
+``heldout_capture``, ``fisher_trace``, ...) and :class:`~allocator.discovery.components.Component` shapes.
+Output: an
+``(n_modules, n_ranks)`` array ``phi``; :func:`allocator.scoring.utility.compute_utilities` turns it into
+utilities
 ``u_m(r) = p_m * prior_family * phi_m(r)`` with ``p_m`` the LoRA parameters per rank (``docs/utility.md``).
 
 Every signal is built from two primitives (both optional):
 
-- ``spectrum(stats, c)``: per-direction energies ``e_1..e_k >= 0``; the first ``r`` of them are what rank ``r``
+- ``spectrum(stats, c)``: per-direction energies ``e_1..e_k >= 0``; the first ``r`` of them are what rank
+``r``
   reaches. ``None`` means no rank information, and the prior shape is used.
 - ``scale(stats, c)``: a shape-normalised module-level sensitivity; ``None`` means no magnitude information.
 
-References: LoRA-GA (Wang et al. 2024) and GoRA (He et al. 2025) for the gradient-spectrum view; EVA (Paischer et
+References: LoRA-GA (Wang et al. 2024) and GoRA (He et al. 2025) for the gradient-spectrum view; EVA
+(Paischer et
 al. 2024) for explained activation variance; the empirical Fisher (Kirkpatrick et al. 2017) for sensitivity.
 Pure: numpy only.
 """
@@ -41,8 +47,10 @@ def dmin(c: Component) -> int:
 def prior_curves(components: Sequence[Component], ranks: Sequence[int]) -> np.ndarray:
     """The uniform prior ``phi_U[m, r] = sqrt(min(r, dmin_m) / R)``, ``R = max(ranks)``; shape (n, n_ranks).
 
-    With ``u_m = p_m * phi_U`` the utility per parameter is the same concave function of rank for every module, so
-    by Jensen's inequality the uniform rank is the optimum of ``max sum u s.t. sum cost <= B`` whenever ``B`` is a
+    With ``u_m = p_m * phi_U`` the utility per parameter is the same concave function of rank for every
+    module, so
+    by Jensen's inequality the uniform rank is the optimum of ``max sum u s.t. sum cost <= B`` whenever ``B``
+    is a
     uniform grid rank's cost: flat evidence reproduces the uniform plan.
     """
     r = np.asarray(ranks, dtype=float)  # (R,)
@@ -53,8 +61,10 @@ def prior_curves(components: Sequence[Component], ranks: Sequence[int]) -> np.nd
 def spectral_curve(energies: np.ndarray | None, cap: int, ranks: np.ndarray) -> np.ndarray | None:
     """``sqrt(E(min(r, T)) / E(T) * T / R)`` with ``E`` the partial sums of ``energies``, ``T = min(R, cap)``.
 
-    Directions past the measured ``k`` are assumed as strong as the ``k``-th (a flat tail: the optimistic bound for
-    a descending spectrum, which leans toward the prior). A flat spectrum gives exactly the prior curve. Returns
+    Directions past the measured ``k`` are assumed as strong as the ``k``-th (a flat tail: the optimistic
+    bound for
+    a descending spectrum, which leans toward the prior). A flat spectrum gives exactly the prior curve.
+    Returns
     ``None`` (use the prior) when there is nothing to normalise by.
     """
     top = int(min(ranks[-1], cap))
@@ -72,7 +82,8 @@ def spectral_curve(energies: np.ndarray | None, cap: int, ranks: np.ndarray) -> 
 def scale_weights(q: np.ndarray, exponent: float, clip: float) -> np.ndarray:
     """``clip((q / geomean(q))**exponent, 1/clip, clip)``: a compressed, bounded sensitivity weight, mean ~1.
 
-    Magnitudes vary by orders across layers (layer 0 gradients dominate); measured on tiny models, uncompressed
+    Magnitudes vary by orders across layers (layer 0 gradients dominate); measured on tiny models,
+    uncompressed
     magnitude put 40-68% of the budget in layer 0 and lost to uniform, so the exponent is small and the range
     bounded. ``q <= 0`` gets the floor ``1/clip``; ``NaN`` (no information) gets the neutral 1.
     """
@@ -90,14 +101,16 @@ def _vector(stats: Any, field: str, name: str) -> np.ndarray:
     value = getattr(stats, field, None)
     v = np.zeros(0) if value is None else np.asarray(value, dtype=float).ravel()
     if not np.all(np.isfinite(v)):
-        raise AllocatorError(f"probe stats of {name} are marked ok but {field} is not finite; re-run the probes")
+        raise AllocatorError(f"probe stats of {name} are marked ok but {field} is not finite; re-run the "
+                             "probes")
     return v
 
 
 def _scalar(stats: Any, field: str, name: str) -> float:
     value = float(getattr(stats, field, 0.0) or 0.0)
     if not np.isfinite(value):
-        raise AllocatorError(f"probe stats of {name} are marked ok but {field} is not finite; re-run the probes")
+        raise AllocatorError(f"probe stats of {name} are marked ok but {field} is not finite; re-run the "
+                             "probes")
     return value
 
 
@@ -111,13 +124,17 @@ class Signal:
 
     Contract (checked for every signal by ``tests/test_utility.py``, and on every call by
     :func:`check_curves`): ``curves`` returns a finite ``(n, n_ranks)`` array ``phi`` with ``phi[:, 0] == 0``,
-    non-decreasing along ranks, normalised across shapes: ``p_m * phi_m(r)`` is utility *per LoRA parameter spent*
-    comparable between modules of any shape, flat evidence (isotropic spectrum, equal sensitivity) gives the prior
+    non-decreasing along ranks, normalised across shapes: ``p_m * phi_m(r)`` is utility *per LoRA parameter
+    spent*
+    comparable between modules of any shape, flat evidence (isotropic spectrum, equal sensitivity) gives the
+    prior
     :func:`prior_curves`, and a module can never look more valuable than its usable rank ``min(d_in, d_out)``
     allows (a 4-output projection saturates at ``phi = sqrt(4 / R)``, as its prior does).
 
-    Subclasses override ``spectrum`` and/or ``scale`` (both default to "no information"); ``curves`` is written once
-    here on top of them. ``scale_kind`` picks the exponent: ``"magnitude"`` (gradient, Fisher) or ``"consistency"``.
+    Subclasses override ``spectrum`` and/or ``scale`` (both default to "no information"); ``curves`` is
+    written once
+    here on top of them. ``scale_kind`` picks the exponent: ``"magnitude"`` (gradient, Fisher) or
+    ``"consistency"``.
     """
 
     name: ClassVar[str] = ""
@@ -132,7 +149,11 @@ class Signal:
         return None
 
     def curves(
-        self, stats: Sequence[Any], components: Sequence[Component], ranks: Sequence[int], settings: UtilitySettings
+        self,
+        stats: Sequence[Any],
+        components: Sequence[Component],
+        ranks: Sequence[int],
+        settings: UtilitySettings,
     ) -> np.ndarray:
         r = np.asarray(ranks, dtype=np.int64)
         phi = prior_curves(components, ranks)  # (n, R): rows without rank information keep the prior shape
@@ -142,8 +163,17 @@ class Signal:
                 phi[i] = row
         q = [self.scale(s, c) for s, c in zip(stats, components, strict=True)]
         if any(v is not None for v in q):
-            exponent = settings.magnitude_exponent if self.scale_kind == "magnitude" else settings.consistency_exponent
-            phi = phi * scale_weights(np.array([np.nan if v is None else v for v in q]), exponent, settings.scale_clip)[:, None]
+            exponent = (
+                settings.magnitude_exponent
+                if self.scale_kind == "magnitude"
+                else settings.consistency_exponent
+            )
+            phi = (
+                phi
+                * scale_weights(
+                    np.array([np.nan if v is None else v for v in q]), exponent, settings.scale_clip
+                )[:, None]
+            )
         return phi
 
 
@@ -156,7 +186,8 @@ class UniformSignal(Signal):
 class GradientSpectrumSignal(Signal):
     """First-order loss decrease reachable by a rank-r update: ``sqrt(sum_{i<=r} sigma_i^2)`` (LoRA-GA, GoRA).
 
-    Shape: sigma_i^2 of the accumulated gradient. Scale: gradient energy per direction per LoRA parameter over the
+    Shape: sigma_i^2 of the accumulated gradient. Scale: gradient energy per direction per LoRA parameter
+    over the
     measured usable directions, ``sqrt(E(t) / (t * p_m))``, ``t = min(k, dmin)``.
     """
 
@@ -193,7 +224,8 @@ class ActivationRankSignal(Signal):
     name = "activation_rank"
 
     def spectrum(self, stats: Any, c: Component) -> np.ndarray | None:
-        lam = np.sort(np.maximum(_vector(stats, "act_eigenvalues", c.name), 0.0))[::-1]  # PSD: negatives are round-off
+        # PSD: negatives are round-off
+        lam = np.sort(np.maximum(_vector(stats, "act_eigenvalues", c.name), 0.0))[::-1]
         return lam if lam.size else None
 
 
@@ -203,16 +235,23 @@ class ExplainedVarianceSignal(Signal):
 
     With ``u_m = p_m * phi_m`` the solver's value per parameter of a module's i-th direction is its
     explained-variance ratio ``lambda_i / tr(C)``: EVA's global ranking of components, counted in parameters
-    (``docs/utility.md``). Unlike the other signals, flat evidence is not the prior: an isotropic input explains
-    ``r / d_in`` (every direction equally little), so a concentrated input wins budget from a spread one, which is
-    EVA's point. Capped at ``scale_clip`` times the prior's top value, like every signal, so a narrow projection
+    (``docs/utility.md``). Unlike the other signals, flat evidence is not the prior: an isotropic input
+    explains
+    ``r / d_in`` (every direction equally little), so a concentrated input wins budget from a spread one,
+    which is
+    EVA's point. Capped at ``scale_clip`` times the prior's top value, like every signal, so a narrow
+    projection
     cannot look cheap and valuable. Directions past the measured ``k`` add nothing (a lower bound).
     """
 
     name = "explained_variance"
 
     def curves(
-        self, stats: Sequence[Any], components: Sequence[Component], ranks: Sequence[int], settings: UtilitySettings
+        self,
+        stats: Sequence[Any],
+        components: Sequence[Component],
+        ranks: Sequence[int],
+        settings: UtilitySettings,
     ) -> np.ndarray:
         r = np.asarray(ranks, dtype=np.int64)
         prior = prior_curves(components, ranks)
@@ -224,14 +263,17 @@ class ExplainedVarianceSignal(Signal):
             if lam.size == 0 or not total > 0:
                 continue
             cum = np.minimum(np.concatenate([[0.0], np.cumsum(lam)]) / total, 1.0)  # (k + 1,)
-            phi[i] = np.minimum(cum[np.minimum(r, min(lam.size, dmin(c)))], settings.scale_clip * prior[i, -1])
+            phi[i] = np.minimum(
+                cum[np.minimum(r, min(lam.size, dmin(c)))], settings.scale_clip * prior[i, -1]
+            )
         return phi
 
 
 class HeldoutCaptureSignal(Signal):
     """Adam-aware: how much held-out gradient energy a rank-r subspace chosen on other batches captures.
 
-    Adam normalises step sizes, so direction consistency matters more than gradient magnitude. Shape: increments of
+    Adam normalises step sizes, so direction consistency matters more than gradient magnitude. Shape:
+    increments of
     the capture curve. Scale (``consistency`` exponent): lift over a random subspace, ``h(t) * dmin / t`` at
     ``t = min(k, dmin)``; 1 for noise, about ``dmin / t`` for a gradient that keeps its direction.
     """
@@ -241,9 +283,12 @@ class HeldoutCaptureSignal(Signal):
 
     def _capture(self, stats: Any, c: Component) -> np.ndarray:
         h = _vector(stats, "heldout_capture", c.name)
-        if h.size and (np.min(np.diff(np.concatenate([[0.0], h]))) < -_CAPTURE_TOL or h.max() > 1 + _CAPTURE_TOL):
+        if h.size and (
+            np.min(np.diff(np.concatenate([[0.0], h]))) < -_CAPTURE_TOL or h.max() > 1 + _CAPTURE_TOL
+        ):
             raise AllocatorError(
-                f"heldout_capture of {c.name} is not a non-decreasing fraction in [0, 1]; the probe report is corrupt"
+                f"heldout_capture of {c.name} is not a non-decreasing fraction in [0, 1]; the probe report "
+                "is corrupt"
             )
         return np.maximum.accumulate(np.clip(h, 0.0, 1.0))  # absorb float noise below the tolerance
 
@@ -260,12 +305,17 @@ class HeldoutCaptureSignal(Signal):
 
 
 class CombinedSignal(Signal):
-    """Weighted mean of other signals' curves; weights from ``UtilitySettings.weights`` (normalised to sum 1)."""
+    """Weighted mean of other signals' curves; weights from ``UtilitySettings.weights`` (normalised to sum
+    1)."""
 
     name = "combined"
 
     def curves(
-        self, stats: Sequence[Any], components: Sequence[Component], ranks: Sequence[int], settings: UtilitySettings
+        self,
+        stats: Sequence[Any],
+        components: Sequence[Component],
+        ranks: Sequence[int],
+        settings: UtilitySettings,
     ) -> np.ndarray:
         weights = {k: float(w) for k, w in settings.weights.items() if w > 0}
         total = sum(weights.values())
@@ -277,18 +327,29 @@ class CombinedSignal(Signal):
 
 SIGNALS: Mapping[str, type[Signal]] = {
     cls.name: cls
-    for cls in (UniformSignal, GradientSpectrumSignal, FisherSignal, ActivationRankSignal, ExplainedVarianceSignal,
-                HeldoutCaptureSignal, CombinedSignal)
+    for cls in (
+        UniformSignal,
+        GradientSpectrumSignal,
+        FisherSignal,
+        ActivationRankSignal,
+        ExplainedVarianceSignal,
+        HeldoutCaptureSignal,
+        CombinedSignal,
+    )
 }
 
 
 def check_curves(signal: str, names: Sequence[str], phi: np.ndarray, shape: tuple[int, int]) -> None:
     """Raise :class:`AllocatorError` if ``phi`` breaks the :class:`Signal` contract (a bug in the signal)."""
     if phi.shape != shape or not np.all(np.isfinite(phi)):
-        raise AllocatorError(f"signal {signal!r} returned shape {phi.shape} or non-finite values; expected {shape}")
-    bad = np.flatnonzero((phi[:, 0] != 0) | np.any(np.diff(phi, axis=1) < 0, axis=1) | np.any(phi < 0, axis=1))
+        raise AllocatorError(
+            f"signal {signal!r} returned shape {phi.shape} or non-finite values; expected {shape}"
+        )
+    bad = np.flatnonzero(
+        (phi[:, 0] != 0) | np.any(np.diff(phi, axis=1) < 0, axis=1) | np.any(phi < 0, axis=1)
+    )
     if bad.size:
         raise AllocatorError(
-            f"signal {signal!r} broke its contract (phi(0) == 0, non-decreasing in rank) on {names[bad[0]]!r} "
-            f"and {bad.size - 1} other(s); this is a bug in the signal"
+            f"signal {signal!r} broke its contract (phi(0) == 0, non-decreasing in rank) on "
+            f"{names[bad[0]]!r} and {bad.size - 1} other(s); this is a bug in the signal"
         )

@@ -1,7 +1,9 @@
 """Stage 3: probe report x components -> :class:`UtilityTable` (utility of every module at every grid rank).
 
-``compute_utilities(report, components, ranks, settings, risk_report=None)`` reads the probe statistics through a
-signal from :data:`SIGNALS` (``allocator/signals.py``), blends it with the uniform prior, weights families, and
+``compute_utilities(report, components, ranks, settings, risk_report=None)`` reads the probe statistics
+through a
+signal from :data:`SIGNALS` (``allocator/signals.py``), blends it with the uniform prior, weights families,
+and
 scales by LoRA parameters per rank, so that utility per parameter spent is comparable across shapes::
 
     u_m(r) = p_m / P * pi_family(m) * [ alpha * phi_U,m(r) + (1 - alpha) * phi_signal,m(r) ]
@@ -40,7 +42,8 @@ def check_ranks(ranks: Sequence[int], what: str = "ranks") -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise InputError(f"{what} must be integers, got {ranks!r}") from None
     if len(out) < 2 or out[0] != 0 or any(b <= a for a, b in zip(out, out[1:])):
-        raise InputError(f"{what} must be strictly increasing, start at 0 and hold a non-zero rank; got {out}")
+        raise InputError(f"{what} must be strictly increasing, start at 0 and hold a non-zero rank; got "
+                         f"{out}")
     return out
 
 
@@ -78,7 +81,8 @@ class UtilityTable:
             object.__setattr__(self, "risk", _readonly(self.risk, shape, "risk"))
         lam = float(self.risk_weight)
         if not (math.isfinite(lam) and lam >= 0):
-            raise InputError(f"UtilityTable.risk_weight must be a finite number >= 0, got {self.risk_weight!r}")
+            raise InputError("UtilityTable.risk_weight must be a finite number >= 0, got "
+                             f"{self.risk_weight!r}")
         object.__setattr__(self, "risk_weight", lam)
 
     def index(self) -> dict[str, int]:
@@ -104,7 +108,8 @@ class UtilityTable:
 def _reject_unknown(cls: type, data: Mapping[str, Any]) -> None:
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise InputError(f"unknown {cls.__name__} fields {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        raise InputError(f"unknown {cls.__name__} fields {unknown}; known: "
+                         f"{[f.name for f in dataclasses.fields(cls)]}")
 
 
 def _default_weights() -> dict[str, float]:
@@ -113,16 +118,20 @@ def _default_weights() -> dict[str, float]:
 
 @dataclass(frozen=True)
 class UtilitySettings:
-    """How probe statistics become utilities. Defaults are a starting point for the placement benchmark to tune."""
+    """How probe statistics become utilities. Defaults are a starting point for the placement benchmark to
+    tune."""
 
     signal: str = field(default="combined", metadata={"help": f"utility signal, one of {sorted(SIGNALS)}"})
     weights: dict[str, float] = ranged(
-        help="weights of the signals mixed by signal=combined, e.g. gradient_spectrum=0.5,heldout_capture=0.5",
+        help="weights of the signals mixed by signal=combined, e.g. "
+             "gradient_spectrum=0.5,heldout_capture=0.5",
         range=Range(0), default_factory=_default_weights)
     uniform_prior: float = ranged(
-        0.5, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the uniform plan", Range(0, 1))
+        0.5, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the "
+             "uniform plan", Range(0, 1))
     magnitude_exponent: float = ranged(
-        0.25, "exponent compressing gradient/Fisher magnitudes across modules (0 ignores magnitude)", Range(0, 4))
+        0.25, "exponent compressing gradient/Fisher magnitudes across modules (0 ignores "
+              "magnitude)", Range(0, 4))
     consistency_exponent: float = ranged(
         0.5, "exponent on held-out direction consistency across modules (0 ignores it)", Range(0, 4))
     scale_clip: float = ranged(
@@ -131,7 +140,8 @@ class UtilitySettings:
         help="utility multiplier per family, e.g. attention=1.2,recurrent=0.9", range=Range(0, lo_open=True),
         default_factory=dict)
     retention_weight: float = ranged(
-        0.0, "lambda >= 0 on the retention risk from general-text probes: max sum u - lambda sum risk", Range(0))
+        0.0, "lambda >= 0 on the retention risk from general-text probes: max sum u - lambda sum "
+             "risk", Range(0))
     risk_exponent: float = ranged(
         0.5, "exponent compressing general-text Fisher into the retention risk weight", Range(0, 4))
 
@@ -149,15 +159,22 @@ class UtilitySettings:
         if bad:
             raise InputError(f"utility weights name unknown signals {bad}; choose from {mixable}")
         if self.signal == "combined" and not any(w > 0 for w in weights.values()):
-            raise InputError("signal=combined needs a positive weight; set e.g. weights={'gradient_spectrum': 1}")
+            raise InputError("signal=combined needs a positive weight; set e.g. "
+                             "weights={'gradient_spectrum': 1}")
         object.__setattr__(self, "weights", dict(sorted(weights.items())))
         priors = {str(k): float(v) for k, v in dict(self.family_priors).items()}
         bad = sorted(k for k in priors if k not in FAMILIES)
         if bad:
             raise InputError(f"family_priors name unknown families {bad}; families are {list(FAMILIES)}")
         object.__setattr__(self, "family_priors", dict(sorted(priors.items())))
-        for name in ("uniform_prior", "magnitude_exponent", "consistency_exponent", "risk_exponent", "scale_clip",
-                     "retention_weight"):
+        for name in (
+            "uniform_prior",
+            "magnitude_exponent",
+            "consistency_exponent",
+            "risk_exponent",
+            "scale_clip",
+            "retention_weight",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +202,8 @@ def _usable(report: Any, components: Sequence[Component]) -> tuple[list[Componen
         detail = "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(left_out.items()))
         warnings.warn(
             f"{sum(map(len, left_out.values()))} eligible modules get no utility and rank 0: {detail}. "
-            "Calibrate on more (or more varied) data so they receive gradients, or exclude them in SolverSettings",
+            "Calibrate on more (or more varied) data so they receive gradients, or exclude them in "
+            "SolverSettings",
             AllocatorWarning,
             stacklevel=3,
         )
@@ -204,7 +222,8 @@ def compute_utilities(
     Args:
         report: any object with ``.modules: Mapping[str, stats]`` (a :class:`probes.ProbeReport`).
         components: the model's components; only ``eligible`` ones with status ``"ok"`` get a row. Others
-            (``no_input``, ``no_gradient``, ``nonfinite``, missing) are left out, so the solver gives them rank 0.
+            (``no_input``, ``no_gradient``, ``nonfinite``, missing) are left out, so the solver gives them
+            rank 0.
         ranks: the rank grid (starts at 0); usually ``SolverSettings.ranks``.
         settings: signal, prior and weights; defaults to ``UtilitySettings()``.
         risk_report: probes of general (pretraining-like) text; adds ``risk`` with ``retention_weight``.
@@ -215,7 +234,9 @@ def compute_utilities(
     grid = check_ranks(ranks)
     rows, stats = _usable(report, components)
     if not rows:
-        raise InputError("no eligible module has probe status 'ok'; check that the calibration data reach the model")
+        raise InputError(
+            "no eligible module has probe status 'ok'; check that the calibration data reach the model"
+        )
     names = tuple(c.name for c in rows)
     shape = (len(rows), len(grid))
     phi = np.asarray(SIGNALS[settings.signal]().curves(stats, rows, grid, settings), dtype=float)
@@ -231,7 +252,8 @@ def compute_utilities(
 
 
 def _per_parameter(rows: Sequence[Component], priors: Mapping[str, float] | None = None) -> np.ndarray:
-    """``p_m / P * pi_family``, shape (n, 1): utility per parameter spent, total prior utility 1 at the top rank."""
+    """``p_m / P * pi_family``, shape (n, 1): utility per parameter spent, total prior utility 1 at the top
+    rank."""
     p = np.array([c.n_params_per_rank for c in rows], dtype=float)
     w = np.array([(priors or {}).get(c.family, 1.0) for c in rows])
     return (p / p.sum() * w)[:, None]
@@ -243,7 +265,8 @@ def risk_curves(
     """``risk_m(r) = p_m / P * rho_m * min(r, dmin_m) / R``, shape (n, n_ranks).
 
     ``rho_m`` is the general-text Fisher per weight entry, compressed by ``risk_exponent`` and bounded by
-    ``scale_clip`` (mean ~1); modules general ability leans on are costly to move. Linear in rank: the quadratic
+    ``scale_clip`` (mean ~1); modules general ability leans on are costly to move. Linear in rank: the
+    quadratic
     loss change ``1/2 F ||dW||^2`` of an Adam-trained LoRA grows with the parameters it moves, ``r * p_m``.
     Modules without ``ok`` stats in the risk report get the neutral ``rho = 1``.
     """
@@ -267,9 +290,11 @@ def with_risk(
     components: Sequence[Component] | None = None,
     settings: UtilitySettings | None = None,
 ) -> UtilityTable:
-    """A copy of ``table`` with retention risk and its weight ``lam``; the objective is ``sum u - lam sum risk``.
+    """A copy of ``table`` with retention risk and its weight ``lam``; the objective is ``sum u - lam sum
+    risk``.
 
-    ``risk`` is an ``(n, n_ranks)`` array aligned with ``table.names``, a :class:`UtilityTable` whose rows cover
+    ``risk`` is an ``(n, n_ranks)`` array aligned with ``table.names``, a :class:`UtilityTable` whose rows
+    cover
     ``table.names``, or a probe report of general text (then ``components`` gives the shapes; see
     :func:`risk_curves`).
     """
@@ -279,7 +304,9 @@ def with_risk(
         by_name = {c.name: c for c in components}
         missing = [n for n in table.names if n not in by_name]
         if missing:
-            raise InputError(f"with_risk: components lack table modules {missing[:3]}; pass the model's components")
+            raise InputError(
+                f"with_risk: components lack table modules {missing[:3]}; pass the model's components"
+            )
         arr = risk_curves(risk, [by_name[n] for n in table.names], table.ranks, settings)
     elif isinstance(risk, UtilityTable):
         if risk.ranks != table.ranks:

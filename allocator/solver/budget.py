@@ -3,7 +3,8 @@
 ``lora_params(d_in, d_out, r, n_experts)`` is what PEFT counts for a LoRA of rank ``r`` on one module
 (``lora_A``: r x d_in, ``lora_B``: d_out x r, per expert; no bias, no DoRA magnitude).
 
-``Budget.parse(text)`` accepts three forms and rejects everything else with an :class:`InputError` that lists them:
+``Budget.parse(text)`` accepts three forms and rejects everything else with an :class:`InputError` that lists
+them:
 
 - an absolute count: ``2500000``, ``2_500_000``, ``2.5M``, ``800k``, ``1.2B``, ``2.5e6``;
 - a fraction of the base model: ``0.5%`` (of ``n_base_params``, floored);
@@ -51,7 +52,8 @@ def lora_params(d_in: int, d_out: int, r: int, n_experts: int = 1) -> int:
     """
     d_in, d_out, r, n_experts = int(d_in), int(d_out), int(r), int(n_experts)
     if min(d_in, d_out, r, n_experts) < 0:
-        raise InputError(f"lora_params needs non-negative sizes, got d_in={d_in} d_out={d_out} r={r} n_experts={n_experts}")
+        raise InputError(f"lora_params needs non-negative sizes, got d_in={d_in} d_out={d_out} r={r} "
+                         f"n_experts={n_experts}")
     return r * n_experts * (d_in + d_out)
 
 
@@ -72,7 +74,8 @@ def uniform_rank_equivalent(n_params: int, components: Iterable[Component]) -> f
 
 
 def format_params(n: float) -> str:
-    """``2500000 -> '2.5M'``: a short count for messages (exact counts are printed beside it where they matter)."""
+    """``2500000 -> '2.5M'``: a short count for messages (exact counts are printed beside it where they
+    matter)."""
     n = float(n)
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -90,7 +93,8 @@ def describe_params(n: int, components: Sequence[Component] | None = None) -> st
 
 @dataclass(frozen=True)
 class Budget:
-    """A trainable-parameter budget as the user wrote it, parsed once (see the module docstring for the forms)."""
+    """A trainable-parameter budget as the user wrote it, parsed once (see the module docstring for the
+    forms)."""
 
     kind: str = field(metadata={"help": "params | fraction | uniform_rank"})
     value: float = field(metadata={"help": "parameters, a fraction in (0, 1], or a uniform rank, by kind"})
@@ -98,12 +102,14 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise InputError(f"Budget kind {self.kind!r} is not one of {KINDS}; build budgets with Budget.parse")
+            raise InputError(f"Budget kind {self.kind!r} is not one of {KINDS}; build budgets with "
+                             "Budget.parse")
         value = float(self.value)
         if not math.isfinite(value) or value <= 0:
             raise InputError(f"budget {self.text or self.value!r} must be positive; use {ACCEPTED_FORMS}")
         if self.kind == "fraction" and value > 1:
-            raise InputError(f"budget {self.text!r} is more than the whole base model; use a fraction up to 100%")
+            raise InputError(f"budget {self.text!r} is more than the whole base model; use a fraction up to "
+                             "100%")
         if self.kind in ("params", "uniform_rank") and value != int(value):
             raise InputError(f"budget {self.text!r} must be a whole number of {self.kind.replace('_', ' ')}s")
         if not self.text:
@@ -132,8 +138,10 @@ class Budget:
                 raise InputError(f"budget {raw!r} is far beyond any model; use {ACCEPTED_FORMS}")
             count = Decimal(number) * 10 ** int(exponent or 0) * _SUFFIX[suffix]  # exact: 2.3k is 2300
             if count != count.to_integral_value():
-                hint = f"did you mean {raw}M or {raw}%?" if not suffix else "give a whole number of parameters"
-                raise InputError(f"budget {raw!r} is {count.normalize():f} parameters, not a whole number; {hint}")
+                hint = "give a whole number of parameters" if suffix else f"did you mean {raw}M or {raw}%?"
+                raise InputError(
+                    f"budget {raw!r} is {count.normalize():f} parameters, not a whole number; {hint}"
+                )
             return cls("params", int(count), raw)
         raise InputError(f"budget {raw!r} is not understood; use {ACCEPTED_FORMS}")
 
@@ -150,7 +158,9 @@ class Budget:
             n = int(self.value)
         elif self.kind == "fraction":
             if not n_base_params or n_base_params <= 0:
-                raise InputError(f"budget {self.text!r} is a fraction of the base model; pass n_base_params > 0")
+                raise InputError(
+                    f"budget {self.text!r} is a fraction of the base model; pass n_base_params > 0"
+                )
             n = int(Decimal(repr(self.value)) * int(n_base_params))  # floored, exact for 0.5% of 1e9
         else:
             per_rank = params_per_uniform_rank(components)

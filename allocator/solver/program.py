@@ -1,9 +1,12 @@
-"""The rank-allocation integer program as arrays: ``build_program(...) -> Program`` (math in ``docs/solver.md``).
+"""The rank-allocation integer program as arrays: ``build_program(...) -> Program`` (math in
+``docs/solver.md``).
 
 Stage 4a. Input: components, a :class:`~allocator.scoring.utility.UtilityTable`, a budget in parameters and
-:class:`~allocator.solver.solve.SolverSettings`. Output: a :class:`Program` holding ``c``, sparse ``A``, row bounds,
+:class:`~allocator.solver.solve.SolverSettings`. Output: a :class:`Program` holding ``c``, sparse ``A``, row
+bounds,
 variable bounds and integrality for ``scipy.optimize.milp``, a label for every row and column, and what
-:func:`allocator.solver.solve.decode` needs to map a solution back to ranks. Construction is vectorised (numpy and one
+:func:`allocator.solver.solve.decode` needs to map a solution back to ranks. Construction is vectorised
+(numpy and one
 ``scipy.sparse`` matrix); a 100,000-group program builds in about a second. Pure: numpy/scipy only.
 """
 
@@ -38,7 +41,8 @@ def group_key(c: Component, granularity: str) -> tuple:
 
 
 def group_label(key: tuple, granularity: str) -> str:
-    """``'model.layers.3.self_attn.q_proj'``, ``'layer3/attention/softmax'`` (``'nolayer/...'``) or ``'mlp/dense'``."""
+    """``'model.layers.3.self_attn.q_proj'``, ``'layer3/attention/softmax'`` (``'nolayer/...'``) or
+    ``'mlp/dense'``."""
     if granularity == "module":
         return key[0]
     if granularity == "layer-type":
@@ -48,14 +52,15 @@ def group_label(key: tuple, granularity: str) -> str:
 
 def candidates(components: Sequence[Component], allowed: Collection[str] | None, settings: SolverSettings
                ) -> list[Component]:
-    """Components the solver may give budget: eligible, in ``allowed`` (the modules with a utility row; None: all),
+    """Components the solver may give budget: eligible, in ``allowed`` (the modules with a utility row; None:
+    all),
     passing include/exclude; sorted by name."""
     known = {c.name for c in components}
     stray = [n for n in (allowed or ()) if n not in known]
     if stray:
         raise InputError(
-            f"utility table names {len(stray)} modules the model lacks (e.g. {stray[0]!r}); compute utilities "
-            "for this model's components"
+            f"utility table names {len(stray)} modules the model lacks (e.g. {stray[0]!r}); compute "
+            "utilities for this model's components"
         )
     inc = [re.compile(p) for p in settings.include]
     exc = [re.compile(p) for p in settings.exclude]
@@ -76,7 +81,8 @@ def candidates(components: Sequence[Component], allowed: Collection[str] | None,
 class Groups:
     """Candidates grouped by the granularity, with the exact LoRA cost of every group at every grid rank.
 
-    Everything the budget checks need and nothing of the utilities: :func:`allocator.solver.solve.check_budget`
+    Everything the budget checks need and nothing of the utilities:
+    :func:`allocator.solver.solve.check_budget`
     reads the feasible range from it before any probing.
     """
 
@@ -123,13 +129,22 @@ def group_candidates(components: Sequence[Component], allowed: Collection[str] |
     first: dict[int, str] = {}
     for c, g in zip(members, mg.tolist()):
         first.setdefault(g, c.family)  # a group key always contains the family (or the name) of its members
-    return Groups(members=tuple(members), member_group=mg, member_cap=cap, member_option=opt, keys=tuple(uniq),
-                  family=tuple(first[g] for g in range(len(uniq))), cost=cost, top=top)
+    return Groups(
+        members=tuple(members),
+        member_group=mg,
+        member_cap=cap,
+        member_option=opt,
+        keys=tuple(uniq),
+        family=tuple(first[g] for g in range(len(uniq))),
+        cost=cost,
+        top=top,
+    )
 
 
 @dataclass(frozen=True, eq=False)
 class Program:
-    """``min c @ x  s.t.  b_l <= A @ x <= b_u,  lb <= x <= ub,  x binary``; one column per (group, grid rank)."""
+    """``min c @ x  s.t.  b_l <= A @ x <= b_u,  lb <= x <= ub,  x binary``; one column per (group, grid
+    rank)."""
 
     c: np.ndarray  # (n_cols,) = -(utility - risk_weight * risk) / objective_scale
     A: sp.csr_array  # (n_rows, n_cols)
@@ -162,10 +177,13 @@ class Program:
     @cached_property
     def col_labels(self) -> tuple[str, ...]:
         """``'x[layer3/attention/softmax, r=16]'`` per column (built on first use: 800k strings cost time)."""
-        return tuple(f"x[{self.group_labels[g]}, r={self.grid[j]}]" for g, j in zip(self.col_group, self.col_option))
+        return tuple(
+            f"x[{self.group_labels[g]}, r={self.grid[j]}]" for g, j in zip(self.col_group, self.col_option)
+        )
 
     def member_ranks(self, option: np.ndarray) -> np.ndarray:
-        """Rank of every member when group g takes grid option ``option[g]`` (capped at the member's usable rank)."""
+        """Rank of every member when group g takes grid option ``option[g]`` (capped at the member's usable
+        rank)."""
         return np.asarray(self.grid)[np.minimum(option[self.member_group], self.member_cap)]
 
 
@@ -178,20 +196,28 @@ def build_program(
     missing = [r for r in grid if r not in col_of]
     if missing:
         raise InputError(
-            f"utility table ranks {table.ranks} lack solver ranks {missing}; compute utilities on SolverSettings.ranks"
+            f"utility table ranks {table.ranks} lack solver ranks {missing}; compute utilities on "
+            "SolverSettings.ranks"
         )
     groups = group_candidates(components, table.names, settings)
     n_g, n_j = len(groups.keys), len(grid)
     rows = table.index()
     ridx = np.array([rows[c.name] for c in groups.members])
     jcols = np.array([col_of[r] for r in grid])
-    util = _group_sum(groups.member_group, np.take_along_axis(table.values[ridx][:, jcols], groups.member_option,
-                                                              axis=1), n_g)
+    util = _group_sum(
+        groups.member_group,
+        np.take_along_axis(table.values[ridx][:, jcols], groups.member_option, axis=1),
+        n_g,
+    )
     risk = np.zeros_like(util)
     if table.risk is not None:
-        risk = _group_sum(groups.member_group, np.take_along_axis(table.risk[ridx][:, jcols], groups.member_option,
-                                                                  axis=1), n_g)
-    mask = np.arange(n_j)[None, :] <= groups.top[:, None]  # (G, J): options above every member's cap not offered
+        risk = _group_sum(
+            groups.member_group,
+            np.take_along_axis(table.risk[ridx][:, jcols], groups.member_option, axis=1),
+            n_g,
+        )
+    # (G, J): options above every member's cap not offered
+    mask = np.arange(n_j)[None, :] <= groups.top[:, None]
     col_group, col_option = np.nonzero(mask)  # row-major: columns of a group are contiguous
     col_cost, col_util, col_risk = groups.cost[mask], util[mask], risk[mask]
     obj = col_util - table.risk_weight * col_risk
@@ -229,9 +255,15 @@ def build_program(
     )
 
 
-def _constraint_rows(groups: Groups, col_group: np.ndarray, col_option: np.ndarray, col_cost: np.ndarray, unit: int,
-                     budget: int, settings: SolverSettings) -> tuple[sp.csr_array, np.ndarray, np.ndarray,
-                                                                     tuple[str, ...]]:
+def _constraint_rows(
+    groups: Groups,
+    col_group: np.ndarray,
+    col_option: np.ndarray,
+    col_cost: np.ndarray,
+    unit: int,
+    budget: int,
+    settings: SolverSettings,
+) -> tuple[sp.csr_array, np.ndarray, np.ndarray, tuple[str, ...]]:
     """The rows of the program: one-hot per group, the budget, family shares, required families."""
     n_g, n_cols = len(groups.keys), col_group.size
     fam_of_col = np.asarray(groups.family, dtype=object)[col_group]
@@ -273,4 +305,3 @@ def _members_by_group(members: Sequence[Component], mg: np.ndarray, n_g: int) ->
     for c, g in zip(members, mg):
         out[g].append(c.name)
     return tuple(tuple(v) for v in out)
-

@@ -1,7 +1,9 @@
 """Exact Lagrangian reduction of the rank program before HiGHS: drop options no optimal solution can use.
 
-Stage 4b. Input: a :class:`~allocator.solver.program.Program`. Output: a :class:`Reduction` (the residual program HiGHS
-sees, the fixed columns, the bound and the incumbent), or ``None`` when no feasible incumbent is at hand. Why and
+Stage 4b. Input: a :class:`~allocator.solver.program.Program`. Output: a :class:`Reduction` (the residual
+program HiGHS
+sees, the fixed columns, the bound and the incumbent), or ``None`` when no feasible incumbent is at hand. Why
+and
 the proof: ``docs/solver.md`` ("Exact reduction before HiGHS"). Pure: numpy/scipy only.
 """
 
@@ -19,9 +21,12 @@ from allocator.solver.program import Program
 class Reduction:
     """The program HiGHS actually sees after exact Lagrangian reduced-cost fixing (``docs/solver.md``).
 
-    ``cols`` are the surviving columns of the full program, ``fixed`` a 0/1 vector over all columns holding the
-    options of groups left with a single candidate; ``c, A, b_l, b_u`` are restricted to ``cols`` and to the rows
-    still open (one-hot rows of fixed groups are met and dropped; other rows are shifted by the fixed columns).
+    ``cols`` are the surviving columns of the full program, ``fixed`` a 0/1 vector over all columns holding
+    the
+    options of groups left with a single candidate; ``c, A, b_l, b_u`` are restricted to ``cols`` and to the
+    rows
+    still open (one-hot rows of fixed groups are met and dropped; other rows are shifted by the fixed
+    columns).
     """
 
     cols: np.ndarray
@@ -42,9 +47,11 @@ class Reduction:
 
 
 def _fill(V: np.ndarray, C: np.ndarray, option: np.ndarray, budget: float) -> np.ndarray:
-    """A better incumbent: spend the budget the Lagrangian choice leaves on the upgrades worth most per parameter.
+    """A better incumbent: spend the budget the Lagrangian choice leaves on the upgrades worth most per
+    parameter.
 
-    One pass, each group upgraded at most once; only the bound's incumbent improves (a smaller ``L - LB`` fixes
+    One pass, each group upgraded at most once; only the bound's incumbent improves (a smaller ``L - LB``
+    fixes
     more options), the optimum is still HiGHS's to find.
     """
     rows = np.arange(V.shape[0])
@@ -64,12 +71,16 @@ def _fill(V: np.ndarray, C: np.ndarray, option: np.ndarray, budget: float) -> np
 def reduce_program(program: Program) -> Reduction | None:
     """Drop options no optimal solution can use; ``None`` if no feasible Lagrangian solution is at hand.
 
-    For any price ``lam >= 0`` on the budget row, ``L(lam) = lam*B + sum_g max_j (v[g,j] - lam*cost[g,j])`` bounds
+    For any price ``lam >= 0`` on the budget row, ``L(lam) = lam*B + sum_g max_j (v[g,j] - lam*cost[g,j])``
+    bounds
     every feasible value from above (the other rows only shrink the feasible set). The Lagrangian choice just
-    above the best ``lam`` fits the budget; if it also meets every other row it is feasible, of value ``LB``. An
+    above the best ``lam`` fits the budget; if it also meets every other row it is feasible, of value ``LB``.
+    An
     option with deficit ``d[g,j] = max_j' (v - lam*cost)[g,j'] - (v - lam*cost)[g,j] > L - LB`` is then in no
-    solution worth ``>= LB``, so in no optimal one: dropping it is exact. ``lam`` is the kink of the convex ``L``
-    where the budget starts to bind, found by binary search over the pairwise slopes within groups; the choice's
+    solution worth ``>= LB``, so in no optimal one: dropping it is exact. ``lam`` is the kink of the convex
+    ``L``
+    where the budget starts to bind, found by binary search over the pairwise slopes within groups; the
+    choice's
     leftover budget is then filled greedily (:func:`_fill`) to raise ``LB``.
     """
     n_g, n_j = len(program.group_labels), len(program.grid)
@@ -95,7 +106,8 @@ def reduce_program(program: Program) -> Reduction | None:
     def fits(k: int) -> bool:
         return C[np.arange(n_g), choice(mids[k])].sum() <= B
 
-    lo, hi = 0, mids.size - 1  # mids[-1] lies above every kink: everything at its best-per-cost (cost-0) choice
+    # mids[-1] lies above every kink: everything at its best-per-cost (cost-0) choice
+    lo, hi = 0, mids.size - 1
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
@@ -104,7 +116,8 @@ def reduce_program(program: Program) -> Reduction | None:
     pos[g, j] = np.arange(program.c.size)
     option = choice(mids[lo])
     x = None
-    for opt in (_fill(V, C, option, B), option):  # the filled choice if it meets every row, else the plain one
+    # the filled choice if it meets every row, else the plain one
+    for opt in (_fill(V, C, option, B), option):
         cand = np.zeros(program.c.size)
         cand[pos[np.arange(n_g), opt]] = 1.0
         act = program.A @ cand

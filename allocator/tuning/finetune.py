@@ -5,9 +5,11 @@ Input: a causal LM, a ``peft.LoraConfig`` (or ``None`` for a full fine-tune), tr
 frozen :class:`FinetuneResult`.
 
 Why a plain loop and not ``transformers.Trainer``: the runs are a few hundred steps on a tiny model, so the
-Trainer's setup (accelerate state, logging, callbacks, output dirs) costs as much as the training; the step count
+Trainer's setup (accelerate state, logging, callbacks, output dirs) costs as much as the training; the step
+count
 is fixed rather than epoch-derived; every random draw (LoRA init, data order, dropout) comes from one explicit
-seed inside a forked RNG, so two calls with the same arguments give the same numbers and the caller's RNG is left
+seed inside a forked RNG, so two calls with the same arguments give the same numbers and the caller's RNG is
+left
 alone; and the intermediate eval feeds a ``callback`` that an Optuna objective uses to report and prune.
 
 The caller's model is never mutated: the loop trains a deep copy.
@@ -80,7 +82,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the label tokens of ``batch`` (labels -100 skipped), and their count."""
+    """Summed next-token cross-entropy over the label tokens of ``batch`` (labels -100 skipped), and their
+    count."""
     device = _device(model)
     input_ids = batch["input_ids"].to(device)
     labels = batch.get("labels", batch["input_ids"]).to(device)
@@ -145,19 +148,24 @@ def _trainable(model: torch.nn.Module, lora_config: Any, seed: int) -> tuple[tor
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """One short fine-tune run: the optimiser (AdamW, betas (0.9, 0.999)), its schedule and the eval cadence."""
+    """One short fine-tune run: the optimiser (AdamW, betas (0.9, 0.999)), its schedule and the eval
+    cadence."""
 
     steps: int = ranged(60, "optimizer steps", Range(1, integer=True))
     lr: float = ranged(3e-3, "peak learning rate", Range(0, lo_open=True))
-    seed: int = ranged(0, "seed of the LoRA init (torch.manual_seed before get_peft_model), data order and dropout",
+    seed: int = ranged(0, "seed of the LoRA init (torch.manual_seed before get_peft_model), data order and "
+                          "dropout",
                        Range(0, integer=True))
-    batch_size: int = ranged(8, "rows per step, drawn from a permutation of the pooled rows, a new one per pass",
+    batch_size: int = ranged(8, "rows per step, drawn from a permutation of the pooled rows, a new one per "
+                                "pass",
                              Range(1, integer=True))
-    eval_every: int | None = ranged(None, "steps between intermediate evals (None: at the start and the end only)",
+    eval_every: int | None = ranged(None, "steps between intermediate evals (None: at the start and the end "
+                                          "only)",
                                     Range(1, integer=True))
     weight_decay: float = ranged(0.0, "AdamW weight decay", Range(0))
     warmup: float = ranged(0.1, "fraction of steps spent in linear warmup", Range(0, 1, hi_open=True))
-    schedule: str = field(default="cosine", metadata={"help": f"after warmup, one of {SCHEDULES} (to 0 at steps)"})
+    schedule: str = field(default="cosine", metadata={"help": f"after warmup, one of {SCHEDULES} (to 0 at "
+                                                              "steps)"})
     max_grad_norm: float | None = ranged(1.0, "clip the global gradient norm (None: no clipping)",
                                          Range(0, lo_open=True))
 
@@ -221,7 +229,8 @@ def finetune(
 
     Args:
         model: a causal LM; left untouched (a deep copy is trained).
-        lora_config: a ``peft.LoraConfig`` (``rank_pattern`` / ``alpha_pattern`` honoured), or ``None`` to train
+        lora_config: a ``peft.LoraConfig`` (``rank_pattern`` / ``alpha_pattern`` honoured), or ``None`` to
+        train
             every parameter.
         train_batches: rows are pooled and re-batched (see :class:`FinetuneSettings`).
         eval_batches: scored by :func:`evaluate_loss` at step 0, every ``eval_every`` steps, and at the end.
@@ -231,7 +240,8 @@ def finetune(
         metrics_fn: called on the trained model; its mapping is stored in ``FinetuneResult.metrics``.
         return_model: keep the trained model in ``FinetuneResult.model``.
         init: ``init(peft_model)`` right after the adapters are built, before the first eval and step: sets
-            their initial weights, e.g. EVA's lora_A at the plan's ranks (``allocator.output.lora_init.init_lora_a``).
+            their initial weights, e.g. EVA's lora_A at the plan's ranks
+            (``allocator.output.lora_init.init_lora_a``).
 
     Raises:
         InputError: batches without label tokens (the settings check themselves when built).

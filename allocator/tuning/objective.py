@@ -5,9 +5,11 @@
     suggestions -> Search.suggest -> plan (solved from the cached probe report, or a baseline's uniform ranks)
                 -> finetune(fixed steps) on the training rows -> eval loss on the eval rows
 
-:class:`Objective` holds what every trial of one worker shares (model, components, probe reports, batches, EVA's
+:class:`Objective` holds what every trial of one worker shares (model, components, probe reports, batches,
+EVA's
 directions as trials need them). It talks to its trial only through ``suggest_*``, ``set_user_attr``,
-``report``/``should_prune`` and ``number``; a pruned or infeasible trial raises :class:`Pruned`, which the worker
+``report``/``should_prune`` and ``number``; a pruned or infeasible trial raises :class:`Pruned`, which the
+worker
 (:mod:`allocator.tuning.run`) turns into Optuna's own exception. No Optuna import here.
 """
 
@@ -37,7 +39,8 @@ class Pruned(Exception):
 
 @dataclass
 class Objective:
-    """One worker's trial objective; ``objective(trial)`` runs one trial and returns what the study minimises."""
+    """One worker's trial objective; ``objective(trial)`` runs one trial and returns what the study
+    minimises."""
 
     settings: TuneSettings
     study_name: str
@@ -55,7 +58,8 @@ class Objective:
     evals: tuple = ()
     calibration: list = field(default_factory=list)  # EVA's data, with init "eva"
     user_objective: Callable[[Plan, Any], float] | None = None
-    _eva: dict[str, Any] = field(default_factory=dict)  # EVA components per module, computed as trials need them
+    # EVA components per module, computed as trials need them
+    _eva: dict[str, Any] = field(default_factory=dict)
 
     @property
     def eligible(self) -> list[Component]:
@@ -68,21 +72,44 @@ class Objective:
         return budget // per_rank if per_rank else 0
 
     def plan(self, cfg: Mapping[str, Any], number: int | None = None) -> Plan:
-        """The plan of one configuration: solved from the cached probe report, or a baseline's uniform ranks."""
+        """The plan of one configuration: solved from the cached probe report, or a baseline's uniform
+        ranks."""
         placement, budget = cfg["placement"], int(cfg["budget"])
         prov = dict(self.provenance)
         prov["budget_spec"] = str(budget)
         prov["tune"] = {"study": self.study_name, "trial": number, "placement": placement, "lr": cfg["lr"]}
         if placement == "solver":
-            return solve_plan(self.model_id, self.components, self.report, budget, cfg["utility"], cfg["solver"],
-                              risk_report=self.risk, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
-                              use_rslora=self.use_rslora, init=self.init, architecture=self.architecture)
+            return solve_plan(
+                self.model_id,
+                self.components,
+                self.report,
+                budget,
+                cfg["utility"],
+                cfg["solver"],
+                risk_report=self.risk,
+                provenance=prov,
+                alpha_ratio=float(cfg["alpha_ratio"]),
+                use_rslora=self.use_rslora,
+                init=self.init,
+                architecture=self.architecture,
+            )
         rank = self.baseline_rank(placement, budget)
-        ranks = {c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible}
+        ranks = {
+            c.name: rank if placement == "uniform" or c.family == placement else 0 for c in self.eligible
+        }
         solver = {"status": f"baseline ({placement})", "mip_gap": 0.0, "granularity": "type", "groups": {}}
-        return Plan(model_id=self.model_id, components=self.components, ranks=dict(ranks), budget=budget,
-                    solver=solver, provenance=prov, alpha_ratio=float(cfg["alpha_ratio"]),
-                    use_rslora=self.use_rslora, init=self.init, architecture=self.architecture)
+        return Plan(
+            model_id=self.model_id,
+            components=self.components,
+            ranks=dict(ranks),
+            budget=budget,
+            solver=solver,
+            provenance=prov,
+            alpha_ratio=float(cfg["alpha_ratio"]),
+            use_rslora=self.use_rslora,
+            init=self.init,
+            architecture=self.architecture,
+        )
 
     def plan_for_params(self, params: Mapping[str, Any], number: int | None = None) -> Plan:
         """Rebuild a finished trial's plan from its parameters (solving is deterministic)."""
@@ -98,7 +125,8 @@ class Objective:
         return base.params
 
     def check_feasible(self) -> None:
-        """The smallest and the largest budget must solve at the smallest grid top, and with EVA's init its data
+        """The smallest and the largest budget must solve at the smallest grid top, and with EVA's init its
+        data
         must hold the uniform baseline's ranks; else InputError before any trial runs."""
         sp, base = self.search.spaces, self.search.suggest(BaseTrial("solver"))
         top = min(sp["max_rank"].values) if sp["max_rank"].searched else base["solver"].ranks[-1]
@@ -107,15 +135,20 @@ class Objective:
             try:
                 self.plan({**base, "budget": budget})
             except InputError as exc:
-                raise InputError(f"the search space reaches an infeasible corner (budget {budget:,}, max_rank "
-                                 f"{top}): {exc}; narrow --budget or raise --max-rank") from None
+                raise InputError(
+                    "the search space reaches an infeasible corner (budget "
+                    f"{budget:,}, max_rank {top}): {exc}; narrow --budget or raise "
+                    "--max-rank"
+                ) from None
         if self.init == "eva":
             uniform = {**self.search.suggest(BaseTrial("uniform")), "budget": max(sp["budget"].values)}
             self.eva_init(self.plan(uniform))
 
     def eva_init(self, plan: Plan) -> Callable[[Any], None]:
-        """The fine-tune's ``init``: EVA's components copied into lora_A at ``plan``'s ranks, as ``Plan.apply``
-        does. Components are kept per module; one EVA pass computes those a plan needs beyond what earlier trials
+        """The fine-tune's ``init``: EVA's components copied into lora_A at ``plan``'s ranks, as
+        ``Plan.apply``
+        does. Components are kept per module; one EVA pass computes those a plan needs beyond what earlier
+        trials
         asked for, at its largest such rank, and a module takes their first ``r`` rows."""
         targets, cache = eva_targets(plan.components, plan.targets), self._eva
         need = {n: r for n, r in targets.items() if n not in cache or cache[n].shape[0] < r}
@@ -129,7 +162,8 @@ class Objective:
         cfg = self.search.suggest(trial)
         try:
             plan = self.plan(cfg, trial.number)
-        except InputError as exc:  # e.g. share bounds this grid cannot meet: not this study's fault to crash on
+        # e.g. share bounds this grid cannot meet: not this study's fault to crash on
+        except InputError as exc:
             trial.set_user_attr("note", f"infeasible: {exc}")
             raise Pruned(str(exc)) from None
         trial.set_user_attr("cost", plan.cost)
@@ -142,12 +176,23 @@ class Objective:
         else:
             single = s.mode == "single"
             prunable = single and s.pruner != "none" and "baseline" not in trial.user_attrs
-            run = FinetuneSettings(steps=s.steps, lr=cfg["lr"], seed=s.seed, batch_size=s.batch_size,
-                                   eval_every=(s.eval_every or None) if single else None)
+            run = FinetuneSettings(
+                steps=s.steps,
+                lr=cfg["lr"],
+                seed=s.seed,
+                batch_size=s.batch_size,
+                eval_every=(s.eval_every or None) if single else None,
+            )
             config = plan.to_lora_config(base_model_name_or_path=None)  # PEFT fills in the model's own
-            result = finetune(self.model, config, self.train, self.evals, run,
-                              callback=_reporter(trial, prunable) if single else None,
-                              init=self.eva_init(plan) if plan.init == "eva" else None)
+            result = finetune(
+                self.model,
+                config,
+                self.train,
+                self.evals,
+                run,
+                callback=_reporter(trial, prunable) if single else None,
+                init=self.eva_init(plan) if plan.init == "eva" else None,
+            )
             value, work = result.eval_loss, result.wall_time_s
             trial.set_user_attr("initial_eval_loss", result.initial_eval_loss)
         trial.set_user_attr("timing", {"setup_s": setup, "objective_s": work})
@@ -155,7 +200,8 @@ class Objective:
 
 
 def _reporter(trial: Any, prunable: bool) -> Callable[[int, float], None]:
-    """The fine-tune callback: report each intermediate eval loss; raise :class:`Pruned` when the pruner says so."""
+    """The fine-tune callback: report each intermediate eval loss; raise :class:`Pruned` when the pruner says
+    so."""
 
     def callback(step: int, loss: float) -> None:
         trial.report(loss, step)

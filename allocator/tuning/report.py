@@ -3,14 +3,19 @@
 ``summarize(study, rebuild, ...)`` gathers rows (data, testable); ``render_markdown`` and ``write_plot`` only
 format them; ``write_outputs`` writes, each file atomically::
 
-    OUT_DIR/best/        the winner's plan, as `allocate -o` writes it (adapter_config.json, allocation.json, ...)
-    OUT_DIR/pareto/      pareto mode: trial-NNNN/ per point of the front (adapter_config.json, allocation.json)
+    OUT_DIR/best/        the winner's plan, as `allocate -o` writes it (adapter_config.json, allocation.json,
+    ...)
+    OUT_DIR/pareto/      pareto mode: trial-NNNN/ per point of the front (adapter_config.json,
+    allocation.json)
     OUT_DIR/study.md     trials, baselines vs winner, Pareto front, parameter importances
     OUT_DIR/study.png    history (single mode) or Pareto front (pareto mode); study.json: TuneResult.to_dict()
 
-``check_out_dir`` / ``prepare_out_dir`` keep one study per folder (``tune.json`` names it) and ``FileLock`` is the
-lock file the workers sharing the folder serialise on. The winner is the lowest-loss complete trial. Against each baseline it is compared with the best trial that costs
-no more than that baseline's budget (in single mode every trial shares the budget), so every difference is <= 0.
+``check_out_dir`` / ``prepare_out_dir`` keep one study per folder (``tune.json`` names it) and ``FileLock``
+is the
+lock file the workers sharing the folder serialise on. The winner is the lowest-loss complete trial. Against
+each baseline it is compared with the best trial that costs
+no more than that baseline's budget (in single mode every trial shares the budget), so every difference is <=
+0.
 """
 
 from __future__ import annotations
@@ -57,11 +62,13 @@ class TuneResult:
     best: TrialRow | None = field(metadata={"help": "the lowest-loss complete trial"})
     best_plan: Plan | None = field(repr=False, metadata={"help": "its plan (saved to OUT_DIR/best)"})
     pareto: tuple[TrialRow, ...] = field(metadata={"help": "pareto mode: the front, by cost"})
-    pareto_plans: Mapping[int, Plan] = field(repr=False, metadata={"help": "trial number -> plan of the front"})
+    pareto_plans: Mapping[int, Plan] = field(repr=False, metadata={"help": "trial number -> plan of the "
+                                                                           "front"})
     baselines: Mapping[str, TrialRow] = field(metadata={"help": "complete baseline trials by name"})
     versus: Mapping[str, float] = field(
         metadata={"help": "baseline -> loss of the best trial within its budget minus its loss (<= 0)"})
-    importances: Mapping[str, float] = field(metadata={"help": "importance of each searched parameter (eval loss)"})
+    importances: Mapping[str, float] = field(metadata={"help": "importance of each searched parameter "
+                                                               "(eval loss)"})
     importance_note: str = field(metadata={"help": "the importance method used, or why there are none"})
     probe_seconds: float = field(metadata={"help": "this worker's probe time (a cache hit is ~0)"})
     out_dir: Path | None = field(default=None, metadata={"help": "where the files were written"})
@@ -76,20 +83,33 @@ def _row(t: Any) -> TrialRow:
     value = t.values[0] if t.values else (t.intermediate_values[max(t.intermediate_values)]
                                           if t.intermediate_values else None)
     return TrialRow(
-        number=t.number, state=t.state.name.lower(), placement=t.params.get("placement", "?"),
-        baseline=t.user_attrs.get("baseline"), value=None if value is None else float(value),
-        cost=t.user_attrs.get("cost"), budget=t.user_attrs.get("budget"),
+        number=t.number,
+        state=t.state.name.lower(),
+        placement=t.params.get("placement", "?"),
+        baseline=t.user_attrs.get("baseline"),
+        value=None if value is None else float(value),
+        cost=t.user_attrs.get("cost"),
+        budget=t.user_attrs.get("budget"),
         params={k: v for k, v in sorted(t.params.items()) if k != "placement"},
-        duration_s=None if t.duration is None else t.duration.total_seconds(), note=t.user_attrs.get("note", ""))
+        duration_s=None if t.duration is None else t.duration.total_seconds(),
+        note=t.user_attrs.get("note", ""),
+    )
 
 
-def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, storage: str, mode: str,
-              probe_seconds: float = 0.0,
-              importances: Callable[[list[TrialRow], list[str]], tuple[dict[str, float], str]] | None = None
-              ) -> TuneResult:
+def summarize(
+    study: Any,
+    rebuild: Callable[[Mapping[str, Any], int], Plan],
+    *,
+    storage: str,
+    mode: str,
+    probe_seconds: float = 0.0,
+    importances: Callable[[list[TrialRow], list[str]], tuple[dict[str, float], str]] | None = None,
+) -> TuneResult:
     """Rows, winner, Pareto front, baselines and importances of ``study`` (anything with ``get_trials``,
-    ``best_trials`` and ``study_name``, such as an Optuna study); ``rebuild(params, number)`` remakes a trial's
-    plan (solving is deterministic, so plans are not stored in the database); ``importances(searched rows, shared
+    ``best_trials`` and ``study_name``, such as an Optuna study); ``rebuild(params, number)`` remakes a
+    trial's
+    plan (solving is deterministic, so plans are not stored in the database); ``importances(searched rows,
+    shared
     params)`` gives the parameter importances and a note on their method."""
     trials = study.get_trials(deepcopy=False)
     rows = tuple(_row(t) for t in trials)
@@ -111,10 +131,20 @@ def summarize(study: Any, rebuild: Callable[[Mapping[str, Any], int], Plan], *, 
     wanted = {r.number: r for r in (*pareto, *([best] if best else []))}
     plans = {n: rebuild(by_number[n].params, n) for n in wanted}
     return TuneResult(
-        study_name=study.study_name, storage=storage, mode=mode, trials=rows, best=best,
-        best_plan=plans.get(best.number) if best else None, pareto=pareto,
-        pareto_plans={r.number: plans[r.number] for r in pareto}, baselines=baselines, versus=versus,
-        importances=importance, importance_note=note, probe_seconds=probe_seconds)
+        study_name=study.study_name,
+        storage=storage,
+        mode=mode,
+        trials=rows,
+        best=best,
+        best_plan=plans.get(best.number) if best else None,
+        pareto=pareto,
+        pareto_plans={r.number: plans[r.number] for r in pareto},
+        baselines=baselines,
+        versus=versus,
+        importances=importance,
+        importance_note=note,
+        probe_seconds=probe_seconds,
+    )
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -129,38 +159,75 @@ def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
     """``study.md``: summary, winner vs baselines, Pareto front, importances, every trial."""
     states = [r.state for r in result.trials]
     init = result.best_plan.init if result.best_plan is not None else "default"
-    lines = [f"# Tune study `{result.study_name}` ({result.mode} mode)", "",
-             f"- storage: `{result.storage}`",
-             *(["- lora_A init of every trial: EVA's (apply `best/` with `Plan.apply(model, init_data=...)`)"]
-               if init == "eva" else []),
-             f"- trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
-             f"{states.count('fail')} failed, {states.count('running') + states.count('waiting')} unfinished", ""]
+    lines = [
+        f"# Tune study `{result.study_name}` ({result.mode} mode)",
+        "",
+        f"- storage: `{result.storage}`",
+        *(
+            ["- lora_A init of every trial: EVA's (apply `best/` with `Plan.apply(model, init_data=...)`)"]
+            if init == "eva"
+            else []
+        ),
+        f"- trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
+        f"{states.count('fail')} failed, {states.count('running') + states.count('waiting')} "
+        "unfinished",
+        "",
+    ]
     if result.best is not None:
         b = result.best
-        lines += ["## Winner", "", f"Trial {b.number} ({b.baseline or b.placement}): eval loss **{b.value:.4f}**, "
-                  f"{b.cost:,} trainable parameters (budget {b.budget:,}); plan in `best/`.", "",
-                  f"Parameters: {_params_text(b.params) or '(all at base values)'}", ""]
+        lines += [
+            "## Winner",
+            "",
+            f"Trial {b.number} ({b.baseline or b.placement}): eval loss "
+            f"**{b.value:.4f}**, {b.cost:,} trainable parameters (budget "
+            f"{b.budget:,}); plan in `best/`.",
+            "",
+            f"Parameters: {_params_text(b.params) or '(all at base values)'}",
+            "",
+        ]
     if result.versus:
-        lines += ["## Against the baselines", "", "| baseline | trial | eval loss | parameters | winner − baseline |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "## Against the baselines",
+            "",
+            "| baseline | trial | eval loss | parameters | winner − baseline |",
+            "baseline |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, delta in result.versus.items():
             r = result.baselines[name]
             lines.append(f"| {name} | {r.number} | {r.value:.4f} | {r.cost:,} | {delta:+.4f} |")
         lines.append("")
     if result.pareto:
-        lines += ["## Pareto front", "", "| trial | eval loss | parameters | placement | parameters of the trial |",
-                  "|---:|---:|---:|---|---|"]
-        lines += [f"| {r.number} | {r.value:.4f} | {r.cost:,} | {r.baseline or r.placement} | {_params_text(r.params)} |"
-                  for r in result.pareto]
+        lines += [
+            "## Pareto front",
+            "",
+            "| trial | eval loss | parameters | placement | parameters of the trial |",
+            "trial |",
+            "|---:|---:|---:|---|---|",
+        ]
+        lines += [
+            f"| {r.number} | {r.value:.4f} | {r.cost:,} | {r.baseline or r.placement} | "
+            f"{_params_text(r.params)} |"
+            for r in result.pareto
+        ]
         lines += ["", "Plans: `pareto/trial-NNNN/`.", ""]
     lines += ["## Parameter importances (eval loss)", "", f"_{result.importance_note}_", ""]
     lines += [f"- `{k}`: {v:.3f}" for k, v in result.importances.items()]
-    lines += ["", f"![study]({plot_name})", "", "## Trials", "",
-              "| # | state | placement | eval loss | parameters | seconds | settings |", "|---:|---|---|---:|---:|---:|---|"]
+    lines += [
+        "",
+        f"![study]({plot_name})",
+        "",
+        "## Trials",
+        "",
+        "| # | state | placement | eval loss | parameters | seconds | settings |",
+        "|---:|---|---|---:|---:|---:|---|",
+    ]
     for r in result.trials:
-        lines.append(f"| {r.number} | {r.state} | {r.baseline or r.placement} | {_fmt(r.value)} | "
-                     f"{_fmt(r.cost, ',') if r.cost is not None else '–'} | {_fmt(r.duration_s, '.1f')} | "
-                     f"{_params_text(r.params)}{' — ' + r.note if r.note else ''} |")
+        lines.append(
+            f"| {r.number} | {r.state} | {r.baseline or r.placement} | {_fmt(r.value)} | "
+            f"{_fmt(r.cost, ',') if r.cost is not None else '–'} | {_fmt(r.duration_s, '.1f')} | "
+            f"{_params_text(r.params)}{' — ' + r.note if r.note else ''} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -184,8 +251,14 @@ def write_plot(result: TuneResult, path: Path) -> None:
     else:
         ax.scatter([r.number for r in done], [r.value for r in done], s=18, c="C0", label="complete")
         if pruned:
-            ax.scatter([r.number for r in pruned], [r.value for r in pruned], s=18, marker="x", c="0.6",
-                       label="pruned (last report)")
+            ax.scatter(
+                [r.number for r in pruned],
+                [r.value for r in pruned],
+                s=18,
+                marker="x",
+                c="0.6",
+                label="pruned (last report)",
+            )
         ordered = sorted(done, key=lambda r: r.number)
         running = [min(r.value for r in ordered[: i + 1]) for i in range(len(ordered))]
         ax.step([r.number for r in ordered], running, where="post", c="C1", label="best so far")
@@ -193,8 +266,14 @@ def write_plot(result: TuneResult, path: Path) -> None:
     for i, (name, r) in enumerate(sorted(result.baselines.items(), key=lambda kv: kv[1].value)):
         x = r.cost if result.mode == "pareto" else r.number
         ax.scatter([x], [r.value], s=40, marker="D", c="C3")
-        ax.annotate(name, (x, r.value), textcoords="offset points", xytext=(5, -11 if i % 2 else 4), fontsize=8,
-                    color="C3")
+        ax.annotate(
+            name,
+            (x, r.value),
+            textcoords="offset points",
+            xytext=(5, -11 if i % 2 else 4),
+            fontsize=8,
+            color="C3",
+        )
     ax.set_ylabel("eval loss")
     ax.set_title(f"{result.study_name}: {len(done)} complete trials")
     ax.legend(fontsize=8)
@@ -204,11 +283,13 @@ def write_plot(result: TuneResult, path: Path) -> None:
 
 
 def write_outputs(result: TuneResult, out: Path) -> TuneResult:
-    """Write ``best/``, ``pareto/``, ``study.md``, ``study.png`` and ``study.json`` (the caller holds the lock), each
+    """Write ``best/``, ``pareto/``, ``study.md``, ``study.png`` and ``study.json`` (the caller holds the
+    lock), each
     through the safe writer of :mod:`probes.folders` (atomic; only the tool's own files are replaced)."""
     if result.best_plan is not None:
         result.best_plan.save(out / "best", overwrite=True)
     if result.pareto_plans:
+
         def fill(tmp: Path) -> None:
             for number, plan in sorted(result.pareto_plans.items()):
                 plan.save(tmp / f"trial-{number:04d}", report=False)

@@ -1,15 +1,22 @@
-"""`allocate tune`, the worker: an Optuna study over the budget, the allocation settings, LoRA alpha and the lr.
+"""`allocate tune`, the worker: an Optuna study over the budget, the allocation settings, LoRA alpha and the
+lr.
 
 Stage: the whole chain of ``docs/design.md`` in a loop. Input: a model, training ``data``, ``eval_data``.
-Output: :class:`~allocator.tuning.report.TuneResult`, and in ``out_dir`` the best plan (``best/``, as ``allocate -o``
+Output: :class:`~allocator.tuning.report.TuneResult`, and in ``out_dir`` the best plan (``best/``, as
+``allocate -o``
 writes it), ``study.md`` and ``study.png``. Each trial (:mod:`allocator.tuning.objective`)::
 
-    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(fixed steps) -> eval loss
+    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(fixed steps) ->
+    eval loss
 
-Probes run once per study (``probes.run_cached`` in ``out_dir/probes``, under the folder's lock so that workers
-sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the same budget, lr
-and alpha, and the allocator's own defaults) are enqueued first, once per study, and are never pruned. The search
-and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that imports Optuna.
+Probes run once per study (``probes.run_cached`` in ``out_dir/probes``, under the folder's lock so that
+workers
+sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the same
+budget, lr
+and alpha, and the allocator's own defaults) are enqueued first, once per study, and are never pruned. The
+search
+and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that imports
+Optuna.
 """
 
 from __future__ import annotations
@@ -62,14 +69,7 @@ from probes.settings import DataSettings, ProbeSettings
 
 log = logging.getLogger("allocator")
 
-# The study's Optuna set-up, each number with its reason:
-MEDIAN_MIN_STARTUP = 5  # the median pruner compares against at least this many finished trials (Optuna's default)
-MEDIAN_WARMUP_FRACTION = 3  # no pruning in the first steps // 3: early eval losses rank runs poorly
-TPE_MIN_RANDOM = 3  # TPE draws at least this many searched trials at random before it models the space...
-TPE_RANDOM_SHARE = 3  # ...or a third of the searched trials, so small studies still explore
-SEED_STRIDE = 1_000_003  # a prime: per-trial sampler seeds seed * stride + number never collide across studies
-IDLE_POLL_S = 5.0  # how often a worker waiting on trials running elsewhere looks again (at most)
-SIGNATURE_SKIPS = ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")  # may change on resume
+SIGNATURE_SKIPS = ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")
 
 
 def tune(
@@ -98,25 +98,33 @@ def tune(
     """Run (or join, or resume) the study ``study_name`` until it holds ``settings.trials`` finished trials.
 
     Args:
-        model, data, retention_data, fused_kernels, trust_remote_code, tokenizer: as :func:`allocator.allocate`;
+        model, data, retention_data, fused_kernels, trust_remote_code, tokenizer: as
+        :func:`allocator.allocate`;
             ``data`` also gives the fine-tune's training sequences (a path, ``"builtin"`` or token batches).
         eval_data: data scored by the built-in fine-tune, in any form ``data`` takes (required unless
             ``objective`` is given).
         settings: study size, mode, fine-tune and search space (:class:`TuneSettings`).
         out_dir: probe cache, default storage ``sqlite:///OUT_DIR/study.db``, ``best/``, ``study.md``,
-            ``study.png``. An existing ``out_dir`` of the same study is resumed; any other needs ``overwrite``.
-        storage: any database URL Optuna's RDBStorage takes; workers given the same URL and ``study_name`` share
+            ``study.png``. An existing ``out_dir`` of the same study is resumed; any other needs
+            ``overwrite``.
+        storage: any database URL Optuna's RDBStorage takes; workers given the same URL and ``study_name``
+        share
             the study. The exact trial bound and the one probe run hold for workers sharing ``out_dir``.
         overwrite: start over: remove what tune wrote in ``out_dir`` and delete the study its record names.
         data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
             at ``""`` keep their value; the ``default`` baseline uses them).
-        init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or ``"eva"``
-            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data`` by
-            each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"`` the study picks the
+        init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or
+        ``"eva"``
+            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data``
+            by
+            each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"`` the study
+            picks the
             placement that does best under that init, and ``best/`` is a plan to apply with
             ``Plan.apply(model, init_data=...)``.
-        init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows); PEFT's
-            EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its own.
+        init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows);
+        PEFT's
+            EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its
+            own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
 
@@ -128,10 +136,12 @@ def tune(
     if not isinstance(study_name, str) or not study_name.strip():
         raise InputError(f"the study name {study_name!r} is empty; give one (--study NAME, study_name=...)")
     if objective is None and eval_data is None:
-        raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an objective")
+        raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an "
+                         "objective")
     init = check_init(init)
     if init_data is not None and init != "eva":
-        raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or drop it")
+        raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or "
+                         "drop it")
     data_settings = settings_or_default(data_settings, DataSettings, "data_settings")
     probe_settings = settings_or_default(probe_settings, ProbeSettings, "probe_settings")
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
@@ -150,7 +160,8 @@ def tune(
     check_out_dir(out, study_name, url, overwrite)  # before any work
     worker.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
                 (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective)
-    worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)  # once every input has been read
+    # once every input has been read
+    worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)
     try:
         with worker.lock:
             worker.probe(data, retention_data, init_data)
@@ -158,9 +169,14 @@ def tune(
             worker.enqueue_baselines(study)
         worker.run_trials(study)
         with worker.lock:
-            result = summarize(study, worker.objective.plan_for_params, storage=redact(url), mode=settings.mode,
-                               probe_seconds=worker.probe_seconds,
-                               importances=lambda rows, params: store.importances(study, rows, params))
+            result = summarize(
+                study,
+                worker.objective.plan_for_params,
+                storage=redact(url),
+                mode=settings.mode,
+                probe_seconds=worker.probe_seconds,
+                importances=lambda rows, params: store.importances(study, rows, params),
+            )
             return write_outputs(result, out)
     except store.STORAGE_ERRORS as exc:  # the database failed mid-study
         raise store.storage_error(url, exc) from None
@@ -169,20 +185,30 @@ def tune(
 class Worker:
     """One worker's share of a study: the folder, the model and data, the probe reports and the trial loop."""
 
-    def __init__(self, settings: TuneSettings, out: Path, url: str, study_name: str, use_rslora: bool,
-                 init: str = "default") -> None:
+    def __init__(
+        self,
+        settings: TuneSettings,
+        out: Path,
+        url: str,
+        study_name: str,
+        use_rslora: bool,
+        init: str = "default",
+    ) -> None:
         self.settings, self.out, self.url, self.study_name = settings, out, url, study_name
         self.use_rslora, self.init = use_rslora, init
         self.lock, self.probe_seconds = FileLock(out / LOCK_NAME), 0.0
         self.storage: store.Storage | None = None
 
     def open_folder(self, *, explicit_storage: bool, overwrite: bool) -> None:
-        """Prepare (re-checked under the lock) and mark the study folder; a given --storage is opened first, so a
+        """Prepare (re-checked under the lock) and mark the study folder; a given --storage is opened first,
+        so a
         wrong one leaves no record. A folder this call created is removed again if that fails."""
         created = not self.out.exists()
         try:
             with self.lock:
-                for line in prepare_out_dir(self.out, self.study_name, self.url, overwrite, store.delete_study):
+                for line in prepare_out_dir(
+                    self.out, self.study_name, self.url, overwrite, store.delete_study
+                ):
                     log.warning("overwrite: %s", line)
                 if explicit_storage:
                     self.connect()
@@ -194,20 +220,36 @@ class Worker:
 
     def connect(self) -> None:
         s = self.settings
-        self.storage = store.Storage(self.url, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
-                                     max_retry=s.max_retry)
+        self.storage = store.Storage(
+            self.url,
+            heartbeat_interval=s.heartbeat_interval,
+            grace_period=s.grace_period,
+            max_retry=s.max_retry,
+        )
 
-    def load(self, model: Any, data: Any, eval_data: Any, retention_data: Any, tokenizer: Any,
-             trust_remote_code: bool, fused_kernels: bool, base: tuple, init_data: Any,
-             objective: Callable[[Plan, Any], float] | None) -> None:
-        """Model, components and fine-tune batches; the base settings and the study's signature. No probes yet."""
+    def load(
+        self,
+        model: Any,
+        data: Any,
+        eval_data: Any,
+        retention_data: Any,
+        tokenizer: Any,
+        trust_remote_code: bool,
+        fused_kernels: bool,
+        base: tuple,
+        init_data: Any,
+        objective: Callable[[Plan, Any], float] | None,
+    ) -> None:
+        """Model, components and fine-tune batches; the base settings and the study's signature. No probes
+        yet."""
         s = self.settings
         self.data_settings, self.probe_settings, self.utility, self.solver = base
         self.user_objective = objective
         self.model, self.model_id = load_or_check_model(model, trust_remote_code)
         self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
-        self.components = tuple(unprobed_experts_off(c)
-                                for c in find_components(self.model, fused_kernels=fused_kernels))
+        self.components = tuple(
+            unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels)
+        )
         self.eligible = [c for c in self.components if c.eligible]
         if not self.eligible:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
@@ -215,31 +257,54 @@ class Worker:
         if objective is None:
             self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
             self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
-        self.signature = _jsonable({
-            "settings": {k: v for k, v in s.to_dict().items() if k not in SIGNATURE_SKIPS},
-            "model": _where(self.model_id), "data": _where(data), "eval_data": _where(eval_data),
-            "retention_data": _where(retention_data),
-            "objective": "finetune" if objective is None else getattr(objective, "__name__", "custom"),
-            "data_settings": {k: v for k, v in dataclasses.asdict(self.data_settings).items()
-                              if not (k == "encoding" and v == "utf-8")},  # studies begun before it resume
-            "probe_settings": self.probe_settings.result_key(),
-            "utility_settings": self.utility.to_dict(), "solver_settings": self.solver.to_dict(),
-            "fused_kernels": fused_kernels, "use_rslora": self.use_rslora,
-            **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {})})
+        self.signature = _jsonable(
+            {
+                "settings": {k: v for k, v in s.to_dict().items() if k not in SIGNATURE_SKIPS},
+                "model": _where(self.model_id),
+                "data": _where(data),
+                "eval_data": _where(eval_data),
+                "retention_data": _where(retention_data),
+                "objective": "finetune" if objective is None else getattr(objective, "__name__", "custom"),
+                "data_settings": {
+                    k: v
+                    for k, v in dataclasses.asdict(self.data_settings).items()
+                    if not (k == "encoding" and v == "utf-8")
+                },  # studies begun before it resume
+                "probe_settings": self.probe_settings.result_key(),
+                "utility_settings": self.utility.to_dict(),
+                "solver_settings": self.solver.to_dict(),
+                "fused_kernels": fused_kernels,
+                "use_rslora": self.use_rslora,
+                **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {}),
+            }
+        )
         # (init keys absent by default, so studies begun before they existed still resume)
-        self.provenance = {"model_id": self.model_id,
-                           "model_revision": getattr(self.model.config, "_commit_hash", None),
-                           "data": self.signature["data"], "retention_data": self.signature["retention_data"],
-                           "data_settings": self.signature["data_settings"],
-                           "probe_settings": self.probe_settings.to_dict(), "fused_kernels": fused_kernels,
-                           "versions": library_versions()}
+        self.provenance = {
+            "model_id": self.model_id,
+            "model_revision": getattr(self.model.config, "_commit_hash", None),
+            "data": self.signature["data"],
+            "retention_data": self.signature["retention_data"],
+            "data_settings": self.signature["data_settings"],
+            "probe_settings": self.probe_settings.to_dict(),
+            "fused_kernels": fused_kernels,
+            "versions": library_versions(),
+        }
 
     def _batches(self, source: Any, samples: int, batch_size: int, seed: int) -> list:
         d = self.data_settings
         with as_input_error(ProbeError):
-            batches = list(probes.load_batches(source, self.tokenizer, seq_len=d.seq_len, samples=samples,
-                                               batch_size=batch_size, seed=seed, text_field=d.text_field,
-                                               encoding=d.encoding))
+            batches = list(
+                probes.load_batches(
+                    source,
+                    self.tokenizer,
+                    seq_len=d.seq_len,
+                    samples=samples,
+                    batch_size=batch_size,
+                    seed=seed,
+                    text_field=d.text_field,
+                    encoding=d.encoding,
+                )
+            )
             probes.check_token_ids(self.model, batches)
         return batches
 
@@ -252,8 +317,14 @@ class Worker:
 
         def report(batches: list) -> Any:
             with as_input_error(ProbeError), as_failure(ProbeRunError):
-                return probes.run_cached(self.model, batches, names, self.probe_settings,
-                                         cache_dir=self.out / "probes", key_meta=meta)
+                return probes.run_cached(
+                    self.model,
+                    batches,
+                    names,
+                    self.probe_settings,
+                    cache_dir=self.out / "probes",
+                    key_meta=meta,
+                )
 
         def calibration(source: Any) -> list:
             return self._batches(source, d.samples, d.batch_size, d.seed)
@@ -266,24 +337,49 @@ class Worker:
         self.probe_seconds = time.perf_counter() - started
         families = sorted({c.family for c in self.eligible if c.name in main.modules})
         n_base = sum(p.numel() for p in self.model.parameters())
-        search = Search(self.settings, self.utility, self.solver, families,
-                        lambda b: b.resolve(self.components, n_base), risk is not None)
+        search = Search(
+            self.settings,
+            self.utility,
+            self.solver,
+            families,
+            lambda b: b.resolve(self.components, n_base),
+            risk is not None,
+        )
         self.objective = Objective(
-            settings=self.settings, study_name=self.study_name, model=self.model, model_id=self.model_id,
-            components=self.components, architecture=architecture_of(self.model), report=main, risk=risk,
-            search=search, provenance=self.provenance, use_rslora=self.use_rslora, init=self.init,
-            train=self.train, evals=self.evals, calibration=eva_data, user_objective=self.user_objective)
+            settings=self.settings,
+            study_name=self.study_name,
+            model=self.model,
+            model_id=self.model_id,
+            components=self.components,
+            architecture=architecture_of(self.model),
+            report=main,
+            risk=risk,
+            search=search,
+            provenance=self.provenance,
+            use_rslora=self.use_rslora,
+            init=self.init,
+            train=self.train,
+            evals=self.evals,
+            calibration=eva_data,
+            user_objective=self.user_objective,
+        )
         self.objective.check_feasible()
 
     def open_study(self) -> optuna.Study:
-        """The study, created or loaded (the default sqlite file is made only now, once the inputs are read)."""
+        """The study, created or loaded (the default sqlite file is made only now, once the inputs are
+        read)."""
         if self.storage is None:
             self.connect()
         s, single = self.settings, self.settings.mode == "single"
         n_enqueued = len(s.baselines)
-        sampler = _Sampler(s.seed, n_enqueued + max(TPE_MIN_RANDOM, (s.trials - n_enqueued) // TPE_RANDOM_SHARE))
-        return self.storage.open_study(self.study_name, sampler=sampler, pruner=_pruner(s, n_enqueued),
-                                       n_objectives=1 if single else 2, signature=self.signature)
+        sampler = store.Sampler(s.seed, store.n_random_trials(s.trials, n_enqueued))
+        return self.storage.open_study(
+            self.study_name,
+            sampler=sampler,
+            pruner=store.pruner(s, n_enqueued),
+            n_objectives=1 if single else 2,
+            signature=self.signature,
+        )
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
         """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the lock)."""
@@ -294,7 +390,8 @@ class Worker:
                 study.enqueue_trial(params, user_attrs={"baseline": name})
 
     def _trial(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        """One trial (it releases the claim lock first); a :class:`Pruned` trial is Optuna's ``TrialPruned``."""
+        """One trial (it releases the claim lock first); a :class:`Pruned` trial is Optuna's
+        ``TrialPruned``."""
         self.lock.release()
         try:
             return self.objective(trial)
@@ -305,9 +402,11 @@ class Worker:
         """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).
 
         The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
-        overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running elsewhere
+        overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running
+        elsewhere
         would complete the study, this worker waits: one of them may belong to a killed worker, and goes stale
-        after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here.
+        after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run
+        here.
         """
         n, unbeating = self.settings.trials, {}
         while True:
@@ -318,22 +417,15 @@ class Worker:
                 if done >= n:
                     return
                 if counts["fail"] > n + self.settings.max_retry * n:
-                    raise AllocatorError(f"more trials of study {self.study_name!r} failed than it asks for; see "
-                                         "the failures in the storage (optuna-dashboard) and fix their cause")
+                    raise AllocatorError(
+                        f"more trials of study {self.study_name!r} failed than it asks "
+                        "for; see the failures in the storage (optuna-dashboard) and fix "
+                        "their cause"
+                    )
                 if done + counts["running"] < n:
                     study.optimize(self._trial, n_trials=1)  # _trial releases the lock once claimed
                     continue
-            time.sleep(min(IDLE_POLL_S, self.settings.heartbeat_interval))
-
-
-def _pruner(s: TuneSettings, n_enqueued: int) -> optuna.pruners.BasePruner:
-    """Baselines are never pruned (their trials say so); the others by the median or Hyperband (single mode)."""
-    if s.mode != "single" or s.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if s.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=max(MEDIAN_MIN_STARTUP, n_enqueued),
-                                           n_warmup_steps=s.steps // MEDIAN_WARMUP_FRACTION)
-    return optuna.pruners.HyperbandPruner(min_resource=max(1, s.eval_every), max_resource=s.steps)
+            time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
 
 
 def _where(ref: Any) -> str | None:
@@ -348,34 +440,3 @@ def _where(ref: Any) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-class _Sampler(optuna.samplers.BaseSampler):
-    """TPE seeded by ``seed`` and the trial number, so workers never repeat each other's draws and a one-worker
-    study is reproducible; ``placement`` is always ``solver`` unless the trial was enqueued (a baseline)."""
-
-    def __init__(self, seed: int, n_startup_trials: int) -> None:
-        self.seed, self.n_startup_trials, self._tpe = seed, n_startup_trials, (-1, None)
-
-    def _for(self, number: int) -> Any:
-        if self._tpe[0] != number:
-            self._tpe = (number, optuna.samplers.TPESampler(
-                seed=self.seed * SEED_STRIDE + number, n_startup_trials=self.n_startup_trials, constant_liar=True))
-        return self._tpe[1]
-
-    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-        return {}
-
-    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
-        return {}
-
-    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
-        if param_name == "placement":
-            return "solver"
-        return self._for(trial.number).sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: Any, trial: Any) -> None:
-        self._for(trial.number).before_trial(study, trial)
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        self._for(trial.number).after_trial(study, trial, state, values)

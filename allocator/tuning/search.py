@@ -24,7 +24,8 @@ class BaseTrial:
 
 
 class FixedParams:
-    """Stands in for a finished trial: every suggestion returns the value it recorded (Optuna's ``FixedTrial``)."""
+    """Stands in for a finished trial: every suggestion returns the value it recorded (Optuna's
+    ``FixedTrial``)."""
 
     def __init__(self, params: Mapping[str, Any], number: int = 0) -> None:
         self.params, self.number = dict(params), number
@@ -51,7 +52,8 @@ def grid_up_to(ranks: tuple[int, ...], top: int) -> tuple[int, ...]:
 
 
 class Search:
-    """Suggestions -> one trial's configuration (placement, budget, lr, alpha, utility and solver settings)."""
+    """Suggestions -> one trial's configuration (placement, budget, lr, alpha, utility and solver
+    settings)."""
 
     def __init__(self, settings: TuneSettings, utility: Any, solver: Any, families: list[str],
                  resolve: Callable[[Budget], int], has_risk: bool) -> None:
@@ -60,9 +62,13 @@ class Search:
         b = self.spaces["budget"]  # budgets become parameter counts once the model is known
         b = self.spaces["budget"] = Space(b.kind, tuple(resolve(v) for v in b.values),
                                           None if b.base is None else resolve(b.base), True)
-        if b.kind == "range" and not (b.values[0] < b.values[1] and b.values[0] <= b.base_value() <= b.values[1]):
-            raise InputError(f"budget range {settings.budget!r} is {b.values[0]:,}..{b.values[1]:,} parameters on "
-                             "this model; give lo < hi and a base (@v) inside")
+        if b.kind == "range" and not (
+            b.values[0] < b.values[1] and b.values[0] <= b.base_value() <= b.values[1]
+        ):
+            raise InputError(
+                f"budget range {settings.budget!r} is {b.values[0]:,}..{b.values[1]:,} "
+                "parameters on this model; give lo < hi and a base (@v) inside"
+            )
 
     def _pick(self, trial: Any, name: str, space: Space, inherited: Any = None) -> Any:
         if isinstance(trial, BaseTrial) or not space.searched:
@@ -80,25 +86,42 @@ class Search:
     def suggest(self, trial: Any) -> dict[str, Any]:
         """The configuration of ``trial`` (an Optuna trial, :class:`FixedParams` or :class:`BaseTrial`)."""
         sp, u, s = self.spaces, self.utility, self.solver
-        placement = trial.placement if isinstance(trial, BaseTrial) else trial.suggest_categorical(
-            "placement", list(PLACEMENTS))
-        cfg = {"placement": placement, "budget": self._pick(trial, "budget", sp["budget"]),
-               "lr": self._pick(trial, "lr", sp["lr"]),
-               "alpha_ratio": self._pick(trial, "alpha_ratio", sp["alpha_ratio"], 2.0)}
+        placement = (
+            trial.placement
+            if isinstance(trial, BaseTrial)
+            else trial.suggest_categorical("placement", list(PLACEMENTS))
+        )
+        cfg = {
+            "placement": placement,
+            "budget": self._pick(trial, "budget", sp["budget"]),
+            "lr": self._pick(trial, "lr", sp["lr"]),
+            "alpha_ratio": self._pick(trial, "alpha_ratio", sp["alpha_ratio"], 2.0),
+        }
         if placement != "solver":
             return cfg
         weights = dict(u.weights)
         if u.signal == "combined":
-            mixed = {k: self._pick(trial, f"weight.{k}", sp["weights"], u.weights.get(k, 0.0))
-                     for k in WEIGHTED_SIGNALS}
+            mixed = {
+                k: self._pick(trial, f"weight.{k}", sp["weights"], u.weights.get(k, 0.0))
+                for k in WEIGHTED_SIGNALS
+            }
             weights = {**weights, **mixed} if any(v > 0 for v in mixed.values()) else weights
-        priors = {f: self._pick(trial, f"prior.{f}", sp["family_priors"], u.family_priors.get(f, 1.0))
-                  for f in self.families}
-        lam = self._pick(trial, "retention_weight", sp["retention_weight"], u.retention_weight) if self.has_risk \
+        priors = {
+            f: self._pick(trial, f"prior.{f}", sp["family_priors"], u.family_priors.get(f, 1.0))
+            for f in self.families
+        }
+        lam = (
+            self._pick(trial, "retention_weight", sp["retention_weight"], u.retention_weight)
+            if self.has_risk
             else u.retention_weight
+        )
         cfg["utility"] = dataclasses.replace(
-            u, weights=weights, family_priors=priors, retention_weight=lam,
-            uniform_prior=self._pick(trial, "uniform_prior", sp["uniform_prior"], u.uniform_prior))
+            u,
+            weights=weights,
+            family_priors=priors,
+            retention_weight=lam,
+            uniform_prior=self._pick(trial, "uniform_prior", sp["uniform_prior"], u.uniform_prior),
+        )
         top = self._pick(trial, "max_rank", sp["max_rank"], s.ranks[-1])
         granularity = self._pick(trial, "granularity", sp["granularity"], s.granularity)
         cfg["solver"] = dataclasses.replace(s, granularity=granularity, ranks=grid_up_to(s.ranks, top))

@@ -47,7 +47,8 @@ _PARTS: dict[str, tuple[type, bool, float, float, bool]] = {
 
 @dataclass(frozen=True)
 class Space:
-    """One search part, parsed: ``kind`` is ``fixed | range | choices | inherit`` (see the module docstring)."""
+    """One search part, parsed: ``kind`` is ``fixed | range | choices | inherit`` (see the module
+    docstring)."""
 
     kind: str
     values: tuple[Any, ...] = ()
@@ -59,7 +60,8 @@ class Space:
         return self.kind in ("range", "choices")
 
     def base_value(self, inherited: Any = None) -> Any:
-        """The base point: ``@v``, else ``inherited`` when inside the space, else the middle / the first choice."""
+        """The base point: ``@v``, else ``inherited`` when inside the space, else the middle / the first
+        choice."""
         if self.base is not None:
             return self.base
         if self.kind in ("fixed", "inherit"):
@@ -76,7 +78,8 @@ class Space:
 
 
 def parse_space(part: str, text: str) -> Space:
-    """``"1e-3..1e-2@3e-3"`` -> ``Space("range", (0.001, 0.01), 0.003, log=True)``; InputError naming the part.
+    """``"1e-3..1e-2@3e-3"`` -> ``Space("range", (0.001, 0.01), 0.003, log=True)``; InputError naming the
+    part.
 
     >>> parse_space("granularity", "module,type")
     Space(kind='choices', values=('module', 'type'), base=None, log=False)
@@ -88,23 +91,27 @@ def parse_space(part: str, text: str) -> Space:
         try:
             out = Budget.parse(item) if cast is Budget else cast(item)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not a {cast.__name__} ({exc}); see docs/tuning.md") from None
+            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not a {cast.__name__} "
+                             f"({exc}); see docs/tuning.md") from None
         if cast is str and out not in GRANULARITIES:
             raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not one of {GRANULARITIES}")
         if cast in (int, float) and not math.isfinite(out):
             raise InputError(f"TuneSettings.{part} {text!r}: {item!r} is not a finite number")
         if cast in (int, float) and not (lo_ok < out <= hi_ok if strict else lo_ok <= out <= hi_ok):
-            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} lies outside {'(' if strict else '['}{lo_ok}, {hi_ok}]")
+            raise InputError(f"TuneSettings.{part} {text!r}: {item!r} lies outside "
+                             f"{'(' if strict else '['}{lo_ok}, {hi_ok}]")
         return out
 
     base = value(base_text) if base_text else None
     if not body:
         if base is not None:
-            raise InputError(f"TuneSettings.{part} {text!r}: a base (@v) needs a space before it, e.g. 1..4@2")
+            raise InputError(f"TuneSettings.{part} {text!r}: a base (@v) needs a space before it, e.g. "
+                             "1..4@2")
         return Space("inherit", log=log)
     if ".." in body:
         if cast is str:
-            raise InputError(f"TuneSettings.{part} {text!r}: {part} takes a list (a,b) or one value, not a range")
+            raise InputError(f"TuneSettings.{part} {text!r}: {part} takes a list (a,b) or one value, not a "
+                             "range")
         lo, hi = (value(v) for v in body.split("..", 1))
         if cast is not Budget and not lo < hi:
             raise InputError(f"TuneSettings.{part} {text!r}: the range needs lo < hi")
@@ -122,34 +129,45 @@ def parse_space(part: str, text: str) -> Space:
 
 
 def _space_field(default: str, what: str) -> Any:
-    return field(default=default, metadata={"help": f"{what} (lo..hi | a,b | v | '' = base settings; @v = base)"})
+    return field(default=default, metadata={"help": f"{what} (lo..hi | a,b | v | '' = base settings; @v = "
+                                                    "base)"})
 
 
 @dataclass(frozen=True)
 class TuneSettings:
     """One study: its size and mode, the fine-tune every trial runs, and the search space. Validated here."""
 
-    trials: int = ranged(20, "finished trials (complete + pruned) of the study, all workers together", Range(1, integer=True))
-    mode: str = field(default="single", metadata={"help": "single: min eval loss at one budget | pareto: min (eval loss, trainable params)"})
-    pruner: str = field(default="median", metadata={"help": "median | hyperband | none (single mode; baselines are never pruned)"})
-    baselines: tuple[str, ...] = field(default=BASELINES, metadata={"help": f"trials enqueued first, once per study: any of {BASELINES}"})
+    trials: int = ranged(20, "finished trials (complete + pruned) of the study, all "
+                             "workers together", Range(1, integer=True))
+    mode: str = field(default="single", metadata={"help": "single: min eval loss at one budget | pareto: "
+                                                          "min (eval loss, trainable params)"})
+    pruner: str = field(default="median", metadata={"help": "median | hyperband | none (single mode; "
+                                                            "baselines are never pruned)"})
+    baselines: tuple[str, ...] = field(default=BASELINES, metadata={"help": "trials enqueued first, once "
+                                                                            f"per study: any of {BASELINES}"})
     steps: int = ranged(60, "optimizer steps of every trial's LoRA fine-tune", Range(1, integer=True))
     batch_size: int = ranged(8, "sequences per fine-tune step", Range(1, integer=True))
-    eval_every: int = ranged(10, "steps between intermediate eval losses (reported for pruning; 0: end only)", Range(0, integer=True))
+    eval_every: int = ranged(10, "steps between intermediate eval losses (reported "
+                                 "for pruning; 0: end only)", Range(0, integer=True))
     train_samples: int = ranged(256, "fine-tune training sequences drawn from --data", Range(1, integer=True))
     eval_samples: int = ranged(64, "eval sequences drawn from --eval-data", Range(1, integer=True))
-    seed: int = ranged(0, "seed of every fine-tune (data order, LoRA init) and of the sampler", Range(0, integer=True))
-    heartbeat_interval: int = ranged(30, "seconds between a running trial's heartbeats", Range(1, integer=True))
-    grace_period: int = ranged(90, "a trial silent this many seconds is failed and retried", Range(1, integer=True))
+    seed: int = ranged(0, "seed of every fine-tune (data order, LoRA init) and of "
+                          "the sampler", Range(0, integer=True))
+    heartbeat_interval: int = ranged(30, "seconds between a running trial's "
+                                         "heartbeats", Range(1, integer=True))
+    grace_period: int = ranged(90, "a trial silent this many seconds is failed and "
+                                   "retried", Range(1, integer=True))
     max_retry: int = ranged(2, "times a killed (stale) trial is re-run", Range(0, integer=True))
-    budget: str = field(default="", metadata={"help": "trainable-parameter budget: v (single mode), lo..hi or a,b "
-                                               "(pareto mode); '' = r8 in single mode, r2..r12 in pareto mode"})
+    budget: str = field(default="", metadata={"help": "trainable-parameter budget: v (single mode), lo..hi "
+                                                      "or a,b (pareto mode); '' = r8 in single mode, "
+                                                      "r2..r12 in pareto mode"})
     lr: str = _space_field("1e-3..1e-2@3e-3", "learning rate")
     alpha_ratio: str = _space_field("1..4@2", "lora_alpha / r")
     weights: str = _space_field("0..1", "weight of each signal mixed by signal=combined")
     uniform_prior: str = _space_field("0..1", "uniform prior blended into the utility")
     family_priors: str = _space_field("0.5..2", "utility multiplier of each family")
-    retention_weight: str = _space_field("0..2", "retention weight lambda (searched only with retention data)")
+    retention_weight: str = _space_field("0..2", "retention weight lambda (searched only with retention "
+                                                 "data)")
     granularity: str = _space_field(",".join(GRANULARITIES), "solver granularity")
     max_rank: str = _space_field("16,32,64", "largest rank of the solver's grid")
 
@@ -159,7 +177,8 @@ class TuneSettings:
             raise InputError(f"grace_period {self.grace_period}s is shorter than heartbeat_interval "
                              f"{self.heartbeat_interval}s; raise it (Optuna suggests twice the interval)")
         if self.mode not in MODES or self.pruner not in PRUNERS:
-            raise InputError(f"mode {self.mode!r} / pruner {self.pruner!r}: choose mode from {MODES}, pruner from {PRUNERS}")
+            raise InputError(f"mode {self.mode!r} / pruner {self.pruner!r}: choose mode from {MODES}, "
+                             f"pruner from {PRUNERS}")
         baselines = tuple(str(b) for b in self.baselines)
         if set(baselines) - set(BASELINES) or len(set(baselines)) != len(baselines):
             raise InputError(f"baselines {baselines} must be distinct names from {BASELINES} (or empty)")
@@ -170,8 +189,8 @@ class TuneSettings:
         if spaces["lr"].kind == "inherit":
             raise InputError("lr has no base setting to keep; give a value (3e-3) or a range (1e-3..1e-2)")
         if self.trials <= len(baselines):
-            raise InputError(f"trials={self.trials} leaves no searched trial after the {len(baselines)} baselines; "
-                             "raise trials or drop baselines")
+            raise InputError(f"trials={self.trials} leaves no searched trial after the {len(baselines)} "
+                             "baselines; raise trials or drop baselines")
         if self.mode == "single" and spaces["budget"].searched:
             raise InputError(f"mode=single compares allocations at one budget, got budget={self.budget!r}; "
                              "give one budget (e.g. r8) or use mode=pareto")
@@ -189,5 +208,6 @@ class TuneSettings:
     def from_dict(cls, data: Mapping[str, Any]) -> TuneSettings:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise InputError(f"unknown TuneSettings fields {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+            raise InputError(f"unknown TuneSettings fields {unknown}; known: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
