@@ -41,6 +41,7 @@ _LAZY = {
     "tune": "allocator.tuning",
     "TuneSettings": "allocator.tuning.settings",
     "FinetuneSettings": "allocator.tuning.finetune",
+    "PlanCallback": "allocator.integrations",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

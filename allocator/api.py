@@ -41,8 +41,9 @@ from probes.errors import ProbeError, ProbeRunError
 from probes.report import ProbeReport
 from probes.settings import DataSettings, ProbeSettings
 
-# Calibration (and tuning) data: a path, "builtin", or token batches the caller has tokenised already
-DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
+# Calibration (and tuning) data: a path, "builtin", records or token batches (lists of dicts), a
+# datasets.Dataset / IterableDataset or a torch DataLoader of token batches (probes.sources)
+DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]] | Any
 
 
 def resolve_model_ref(model: Any) -> Any:
@@ -65,16 +66,16 @@ def settings_or_default(value: Any, cls: type, name: str) -> Any:
     return value
 
 
-def check_source(source: Any, name: str) -> None:
-    """InputError now, before any model loads, unless ``source`` is a form data can take and (a path)
-    exists."""
+def check_source(source: Any, name: str, data_settings: DataSettings | None = None) -> None:
+    """InputError now, before any model loads, unless ``source`` is a form data can take (a dataset with a
+    column of a known record form; a path that exists)."""
 
-    if probes.is_token_source(source):
+    fmt = (data_settings or DataSettings()).record_format()
+    with as_input_error(ProbeError):
+        probes.check_source(source, fmt, name)
+    if probes.source_kind(source) != "path":
         return
-    if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"{name} must be a file or folder path, 'builtin', or token batches (a list of "
-                         f"dicts of input_ids), got {type(source).__name__}")
-    if str(source) != "builtin" and not Path(source).expanduser().exists():
+    if not Path(source).expanduser().exists():
         raise InputError(f"{name} {str(source)!r} not found; pass an existing .txt/.jsonl file, a datasets "
                          "folder or 'builtin'")
 
@@ -162,9 +163,9 @@ def allocate(
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
     solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
     parsed_budget = Budget.parse(budget)
-    check_source(data, "data")
+    check_source(data, "data", data_settings)
     if retention_data is not None:
-        check_source(retention_data, "retention_data")
+        check_source(retention_data, "retention_data", data_settings)
     with as_input_error(ProbeError):  # before the model loads: these need nothing of it
         probes.check_device(probe_settings.device)
         if cache_dir is not None:
@@ -192,7 +193,8 @@ def allocate(
         "model_revision": getattr(model_obj.config, "_commit_hash", None),
         "data": report.meta["data"],  # probes.describe_source(data), recorded by _probe
         "data_hash": report.meta.get("data_fingerprint"),
-        "retention_data": None if retention_data is None else probes.describe_source(retention_data),
+        "retention_data": None if retention_data is None else probes.describe_source(
+            retention_data, data_settings.record_format()),
         "budget_spec": str(parsed_budget),
         "data_settings": asdict(data_settings),
         "probe_settings": _settings_dict(probe_settings),
@@ -302,17 +304,9 @@ def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
 def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir):
 
     with as_input_error(ProbeError), as_failure(ProbeRunError):
-        batches = probes.load_batches(
-            data,
-            tokenizer,
-            seq_len=data_settings.seq_len,
-            samples=data_settings.samples,
-            batch_size=data_settings.batch_size,
-            seed=data_settings.seed,
-            text_field=data_settings.text_field,
-            encoding=data_settings.encoding,
-        )
-        meta = {"model_id": model_id, "data": probes.describe_source(data), **asdict(data_settings)}
+        batches = probes.load_batches(data, tokenizer, **asdict(data_settings))
+        meta = {"model_id": model_id, "data": probes.describe_source(data, data_settings.record_format()),
+                **asdict(data_settings)}
         if cache_dir is not None:
             return probes.run_cached(
                 model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta

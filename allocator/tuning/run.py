@@ -70,6 +70,7 @@ from probes.settings import DataSettings, ProbeSettings
 log = logging.getLogger("allocator")
 
 SIGNATURE_SKIPS = ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")
+LATER_DATA = {"encoding": "utf-8", "assistant_only_loss": False, "completion_only_loss": True}
 
 
 def tune(
@@ -149,7 +150,7 @@ def tune(
     for name, source in (("data", data), ("eval_data", eval_data), ("retention_data", retention_data),
                          ("init_data", init_data)):
         if source is not None:
-            check_source(source, name)
+            check_source(source, name, data_settings)
     with as_input_error(ProbeError):
         probes.check_device(probe_settings.device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -257,25 +258,27 @@ class Worker:
         if objective is None:
             self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
             self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
+        fmt = self.data_settings.record_format()
         self.signature = _jsonable(
             {
                 "settings": {k: v for k, v in s.to_dict().items() if k not in SIGNATURE_SKIPS},
                 "model": _where(self.model_id),
-                "data": _where(data),
-                "eval_data": _where(eval_data),
-                "retention_data": _where(retention_data),
+                "data": _where(data, fmt),
+                "eval_data": _where(eval_data, fmt),
+                "retention_data": _where(retention_data, fmt),
                 "objective": "finetune" if objective is None else getattr(objective, "__name__", "custom"),
                 "data_settings": {
                     k: v
                     for k, v in dataclasses.asdict(self.data_settings).items()
-                    if not (k == "encoding" and v == "utf-8")
-                },  # studies begun before it resume
+                    if k not in LATER_DATA or v != LATER_DATA[k]
+                },  # fields added later are left out at their defaults, so studies begun before them resume
                 "probe_settings": self.probe_settings.result_key(),
                 "utility_settings": self.utility.to_dict(),
                 "solver_settings": self.solver.to_dict(),
                 "fused_kernels": fused_kernels,
                 "use_rslora": self.use_rslora,
-                **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {}),
+                **({"init": self.init, "init_data": _where(init_data, fmt)} if self.init != "default"
+                   else {}),
             }
         )
         # (init keys absent by default, so studies begun before they existed still resume)
@@ -293,18 +296,8 @@ class Worker:
     def _batches(self, source: Any, samples: int, batch_size: int, seed: int) -> list:
         d = self.data_settings
         with as_input_error(ProbeError):
-            batches = list(
-                probes.load_batches(
-                    source,
-                    self.tokenizer,
-                    seq_len=d.seq_len,
-                    samples=samples,
-                    batch_size=batch_size,
-                    seed=seed,
-                    text_field=d.text_field,
-                    encoding=d.encoding,
-                )
-            )
+            kwargs = {**dataclasses.asdict(d), "samples": samples, "batch_size": batch_size, "seed": seed}
+            batches = list(probes.load_batches(source, self.tokenizer, **kwargs))
             probes.check_token_ids(self.model, batches)
         return batches
 
@@ -428,13 +421,13 @@ class Worker:
             time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
 
 
-def _where(ref: Any) -> str | None:
+def _where(ref: Any, fmt: Any = None) -> str | None:
     """A data or model reference as the study records it: local paths absolute, token batches by count and
     fingerprint (``probes.describe_source``), anything else as given."""
     if ref is None:
         return None
-    if probes.is_token_source(ref):
-        return probes.describe_source(ref)
+    if probes.source_kind(ref, fmt) not in ("path", "builtin"):
+        return probes.describe_source(ref, fmt)
     return str(Path(ref).resolve()) if Path(str(ref)).exists() else str(ref)
 
 
