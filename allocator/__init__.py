@@ -35,6 +35,7 @@ _LAZY = {
     "Allocation": "allocator.solver.solve",
     "solve": "allocator.solver.solve",
     "Plan": "allocator.output.plan",
+    "LoraSettings": "allocator.output.settings",
     "DataSettings": "probes.settings",
     "ProbeSettings": "probes.settings",
     "allocate": "allocator.api",

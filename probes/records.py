@@ -44,8 +44,8 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         )
         raise ProbeError(
             f"{path} {what} at offset {err.start}, line {line}); give a UTF-8 text "
-            "file, convert it (iconv -f latin1 -t utf-8), or name its encoding with "
-            "--encoding"
+            "file, convert it (iconv -f latin1 -t utf-8), or name its encoding in "
+            "DataSettings.encoding"
         ) from None
 
 

@@ -147,7 +147,7 @@ def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None
     if record != mine:
         where = "this folder's study.db" if record["storage"] == DEFAULT_STORAGE else record["storage"]
         raise InputError(
-            f"{out} holds study {record['study']!r} in {where}; pass that --study and "
+            f"{out} holds study {record['study']!r} in {where}; pass that --study-name and "
             "--storage to resume it, --overwrite to start over, or choose another -o"
         )
 

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from allocator.api import (
     check_source,
     library_versions,
     load_or_check_model,
+    model_commit,
+    resolve_model_ref,
     settings_or_default,
     unprobed_experts_off,
 )
@@ -95,6 +97,8 @@ def tune(
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     objective: Callable[[Plan, Any], float] | None = None,
+    revision: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> TuneResult:
     """Run (or join, or resume) the study ``study_name`` until it holds ``settings.trials`` finished trials.
 
@@ -128,6 +132,8 @@ def tune(
             own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
+        revision, config: as :func:`allocator.allocate` (the hub revision; the configuration recorded in every
+            plan's provenance, which ``allocate tune`` passes).
 
     Raises:
         InputError: bad input, an out_dir holding another study, resumed with different settings.
@@ -135,7 +141,7 @@ def tune(
     """
     settings = settings_or_default(settings, TuneSettings, "settings")
     if not isinstance(study_name, str) or not study_name.strip():
-        raise InputError(f"the study name {study_name!r} is empty; give one (--study NAME, study_name=...)")
+        raise InputError(f"the study name {study_name!r} is empty; give one (--study-name NAME)")
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an "
                          "objective")
@@ -160,7 +166,8 @@ def tune(
     worker = Worker(settings, out, url, study_name, use_rslora, init)
     check_out_dir(out, study_name, url, overwrite)  # before any work
     worker.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
-                (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective)
+                (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective,
+                (revision, config))
     # once every input has been read
     worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)
     try:
@@ -240,14 +247,16 @@ class Worker:
         base: tuple,
         init_data: Any,
         objective: Callable[[Plan, Any], float] | None,
+        hub: tuple[str | None, Mapping[str, Any] | None] = (None, None),
     ) -> None:
         """Model, components and fine-tune batches; the base settings and the study's signature. No probes
         yet."""
         s = self.settings
         self.data_settings, self.probe_settings, self.utility, self.solver = base
         self.user_objective = objective
-        self.model, self.model_id = load_or_check_model(model, trust_remote_code)
-        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
+        revision, config = hub
+        self.model, self.model_id = load_or_check_model(model, trust_remote_code, revision)
+        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code, revision)
         self.components = tuple(
             unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels)
         )
@@ -284,13 +293,15 @@ class Worker:
         # (init keys absent by default, so studies begun before they existed still resume)
         self.provenance = {
             "model_id": self.model_id,
-            "model_revision": getattr(self.model.config, "_commit_hash", None),
+            "model_revision": model_commit(self.model, self.model_id, revision,
+                                           from_ref=isinstance(resolve_model_ref(model), str)),
             "data": self.signature["data"],
             "retention_data": self.signature["retention_data"],
             "data_settings": self.signature["data_settings"],
             "probe_settings": self.probe_settings.to_dict(),
             "fused_kernels": fused_kernels,
             "versions": library_versions(),
+            **({"config": dict(config)} if config is not None else {}),
         }
 
     def _batches(self, source: Any, samples: int, batch_size: int, seed: int) -> list:

@@ -103,7 +103,7 @@ class Storage:
             differ = "; ".join(differences(stored, signature)[:4])
             raise InputError(
                 f"study {name!r} was started with other {', '.join(keys)} ({differ}); pass the "
-                "same settings to resume it, or --overwrite / another --study to start a new "
+                "same settings to resume it, or --overwrite / another --study-name to start a new "
                 "one"
             )
         return study
@@ -247,20 +247,21 @@ _DRIVER_PACKAGES = {
     "psycopg": "psycopg[binary]",
     "pymysql": "pymysql",
     "MySQLdb": "mysqlclient",
-}
-# SQLAlchemy's default driver of each dialect, for a URL that names none (postgresql://, mysql://)
-_DIALECT_DRIVERS = {
-    "postgresql": "psycopg2",
-    "postgres": "psycopg2",
-    "mysql": "MySQLdb",
-    "mariadb": "MySQLdb",
+    "mysqldb": "mysqlclient",
 }
 
 
 def _default_driver(url: str) -> str:
+    """The driver a URL names, or the one this SQLAlchemy picks for its dialect (postgresql:// is psycopg2
+    before SQLAlchemy 2.1 and psycopg from 2.1 on)."""
     scheme = url.split("://", 1)[0]
     dialect, _, driver = scheme.partition("+")
-    return driver or _DIALECT_DRIVERS.get(dialect, dialect)
+    if driver:
+        return driver
+    try:
+        return sqlalchemy.engine.make_url(url).get_dialect().driver
+    except Exception:  # an unknown dialect: its name is all there is
+        return dialect
 
 
 def storage_error(url: str, exc: BaseException) -> AllocatorError:
