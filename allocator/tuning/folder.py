@@ -60,6 +60,28 @@ class FileLock:
         self.release()
 
 
+class Claim:
+    """Several locks taken in order and released in reverse (the folder's, then the server's)."""
+
+    def __init__(self, *locks: Any) -> None:
+        self.locks = locks
+
+    def acquire(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    def __enter__(self) -> Claim:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def redact(url: str) -> str:
     """A database URL with its password hidden."""
     try:

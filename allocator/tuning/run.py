@@ -54,6 +54,7 @@ from allocator.solver.settings import SolverSettings
 from allocator.tuning import storage as store
 from allocator.tuning.folder import (
     LOCK_NAME,
+    Claim,
     FileLock,
     check_out_dir,
     default_storage,
@@ -227,13 +228,13 @@ class Worker:
             raise
 
     def connect(self) -> None:
+        """The storage, and the claim lock: this folder's file lock, then the database server's lock, so
+        that workers on other machines (with other folders) claim one trial at a time too."""
         s = self.settings
-        self.storage = store.Storage(
-            self.url,
-            heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period,
-            max_retry=s.max_retry,
-        )
+        self.storage = store.Storage(self.url, heartbeat_interval=s.heartbeat_interval,
+                                     grace_period=s.grace_period, max_retry=s.max_retry)
+        self.server_lock = store.ServerLock(self.storage.rdb.engine, self.study_name)
+        self.claim = Claim(self.lock, self.server_lock)
 
     def load(
         self,
@@ -386,17 +387,19 @@ class Worker:
         )
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
-        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the lock)."""
-        seen = store.baselines_seen(study)
-        for name in self.settings.baselines:
-            params = self.objective.baseline_params(name)
-            if name not in seen and params is not None:
-                study.enqueue_trial(params, user_attrs={"baseline": name})
+        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the folder's
+        lock; the server's is taken here, so workers on other machines enqueue none twice)."""
+        with self.server_lock:
+            seen = store.baselines_seen(study)
+            for name in self.settings.baselines:
+                params = self.objective.baseline_params(name)
+                if name not in seen and params is not None:
+                    study.enqueue_trial(params, user_attrs={"baseline": name})
 
     def _trial(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        """One trial (it releases the claim lock first); a :class:`Pruned` trial is Optuna's
+        """One trial (it releases the claim locks first); a :class:`Pruned` trial is Optuna's
         ``TrialPruned``."""
-        self.lock.release()
+        self.claim.release()
         try:
             return self.objective(trial)
         except Pruned as exc:
@@ -405,16 +408,15 @@ class Worker:
     def run_trials(self, study: optuna.Study) -> None:
         """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).
 
-        The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
-        overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running
-        elsewhere
-        would complete the study, this worker waits: one of them may belong to a killed worker, and goes stale
-        after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run
-        here.
+        The count and the claim (Optuna's ``ask``) happen under the claim locks (the folder's, and on a
+        server database the server's), so workers never overshoot, as ``MaxTrialsCallback`` alone can by one
+        trial per worker. While the trials running elsewhere would complete the study, this worker waits: one
+        of them may belong to a killed worker, and goes stale after ``grace_period``, is failed and
+        re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here.
         """
         n, unbeating = self.settings.trials, {}
         while True:
-            with self.lock:
+            with self.claim:
                 self.storage.fail_stale(study, unbeating)
                 counts = store.trial_counts(study)
                 done = counts["complete"] + counts["pruned"]
@@ -427,7 +429,7 @@ class Worker:
                         "their cause"
                     )
                 if done + counts["running"] < n:
-                    study.optimize(self._trial, n_trials=1)  # _trial releases the lock once claimed
+                    study.optimize(self._trial, n_trials=1)  # _trial releases the locks once claimed
                     continue
             time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
 
