@@ -117,7 +117,7 @@ def _no_assistant_loss(fmt: RecordFormat, where: str) -> None:
     if fmt.assistant_only_loss:
         raise ProbeError(
             f"{where} is not a conversation (no 'messages'): assistant-only loss applies to chat records "
-            "only, as in TRL; drop DataSettings(assistant_only_loss=True) for text data"
+            "only, as in TRL; turn it off for text data (DataSettings(assistant_only_loss=False))"
         )
 
 
@@ -142,7 +142,7 @@ def _masked(ids: list[int], mask: Any, messages: list, where: str) -> list[int]:
             "an assistant turn the chat template does not mark")
         raise ProbeError(
             f"{where} has {turns}; assistant-only loss needs one in every conversation (TRL's SFTTrainer "
-            "refuses it too): drop the record or DataSettings(assistant_only_loss=True)"
+            "refuses it too): drop the record, or turn it off (DataSettings(assistant_only_loss=False))"
         )
     return [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
 
@@ -229,15 +229,15 @@ def training_template(tokenizer: Any, template: str) -> str | None:
         raise ProbeError(
             "assistant-only loss needs a chat template that marks assistant turns with {% generation %}; "
             "this one does not: add the markers, pip install trl (it patches the templates it knows), or "
-            "drop DataSettings(assistant_only_loss=True)"
+            "turn it off (DataSettings(assistant_only_loss=False))"
         ) from None
     try:
         return get_training_chat_template(tokenizer)
     except ValueError:
         raise ProbeError(
             "assistant-only loss needs a chat template that marks assistant turns with {% generation %}; "
-            "neither this one nor TRL's patches do: add the markers or drop "
-            "DataSettings(assistant_only_loss=True)"
+            "neither this one nor TRL's patches do: add the markers, or turn it off "
+            "(DataSettings(assistant_only_loss=False))"
         ) from None
 
 

@@ -173,6 +173,38 @@ class Ctx:
         return self.tmp / rel
 
 
+# --- issue 17: data forms and config files ------------------------------------------------------------------
+
+
+def _no_datasets() -> str:
+    return "" if _has_module("datasets") else "datasets is not installed (pip install datasets)"
+
+
+def _dataset(rows: list[dict]) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+def _dataset_folder(c: Ctx, rows: list[dict]) -> Path:
+    folder = c.tmp / "ds"
+    _dataset(rows).save_to_disk(str(folder))
+    return folder
+
+
+USER_ONLY = [{"role": "user", "content": "def f(x): return x"}]
+
+
+def _reference() -> str:
+    from allocator.reference import reference_model_path
+
+    return str(reference_model_path())
+
+
+def _config(c: Ctx, text: str, name: str = "plan.yaml") -> list[str]:
+    return ["--config", str(c.write(name, text))]
+
+
 @dataclass
 class Row:
     """One hostile input. ``setup(ctx)`` prepares the disk and returns the argv (CLI) or a thunk (API);
@@ -898,6 +930,70 @@ ALLOCATE = [
         NONFINITE_EXIT,
         r"loss is nan on batch 0.*--probe-skip-nonfinite\b",
     ),
+    # 10. issue 17: data forms, config files
+    row(
+        "datasets-folder-without-a-usable-column",
+        lambda c: c.alloc(data=_dataset_folder(c, [{"body": "def f(): pass"}] * 3)),
+        2,
+        r"record \d+ of .*ds has none of 'text' \(text\), 'messages'.*its keys are \['body'\]"
+        r".*--data-text-field",
+        writes=("ds", "ds/*"),
+        skip_if=_no_datasets,
+    ),
+    row(
+        "chat-record-without-assistant-turn-under-assistant-only-loss",
+        lambda c: c.alloc(
+            "--data-assistant-only-loss", model=_reference(), data=_records(c, {"messages": USER_ONLY})
+        ),
+        2,
+        r"record 0 of .* has no assistant turn; assistant-only loss needs one.*--no-data-assistant-only-loss",
+    ),
+    row(
+        "text-records-under-assistant-only-loss",
+        lambda c: c.alloc("--data-assistant-only-loss", data=_records(c, {"text": "def f(): pass"})),
+        2,
+        r"not a conversation.*--no-data-assistant-only-loss",
+    ),
+    row(
+        "config-unknown-keys-named-with-the-closest",
+        lambda c: c.alloc(*_config(c, "solver:\n  granularty: module\nmax_rank: 8\n")),
+        2,
+        r"plan\.yaml: unknown keys solver\.granularty \(closest: solver\.granularity\), max_rank "
+        r"\(closest: probes\.max_rank\)",
+    ),
+    row(
+        "config-value-of-the-wrong-type",
+        lambda c: c.alloc(*_config(c, "data:\n  seq_len: long\n")),
+        2,
+        r"plan\.yaml: data\.seq_len must be an integer, got 'long' \(str\)",
+    ),
+    row(
+        "config-switch-not-a-bool",
+        lambda c: c.alloc(*_config(c, '{"solver": {"presolve": "maybe"}}', "plan.json")),
+        2,
+        r"plan\.json: solver\.presolve must be true or false, got 'maybe'",
+    ),
+    row(
+        "config-group-not-a-mapping",
+        lambda c: c.alloc(*_config(c, "data: train.jsonl\n")),
+        2,
+        r"data must be a mapping of data settings",
+    ),
+    row("config-not-yaml", lambda c: c.alloc(*_config(c, "data: [1, 2\n")), 2, r"not valid YAML or JSON"),
+    row("config-a-list", lambda c: c.alloc(*_config(c, "- 1\n- 2\n")), 2, r"holds a list; a config file"),
+    row("config-missing", lambda c: c.alloc("--config", c.tmp / "nope.yaml"), 2, r"cannot read the config"),
+    row(
+        "config-value-out-of-range",
+        lambda c: c.alloc(*_config(c, "probes:\n  max_rank: 0\n")),
+        2,
+        r"--probe-max-rank must be an integer >= 1, got 0",
+    ),
+    row(
+        "print-config-writes-nothing",
+        lambda c: c.alloc("--print-config"),
+        0,
+        r"(?s)^model: .*\nprobes:\n",
+    ),
     # 9. exit codes
     row("help-lists-exit-codes", lambda c: ["--help"], 0, ".*".join(EXIT_CODE_LINES)),
     row(
@@ -1244,6 +1340,20 @@ TUNE = [
         2,
         r"eval.data '.*gone\.txt' not found",
     ),
+    row(
+        "config-unknown-key-in-tune",
+        lambda c: c.tune(*_config(c, "tune:\n  trails: 3\n")),
+        2,
+        r"unknown key tune\.trails \(closest: tune\.trials\)",
+        check=_no_study_folder,
+    ),
+    row(
+        "config-lora-alpha-ratio-is-searched-in-tune",
+        lambda c: c.tune(*_config(c, "lora:\n  alpha_ratio: 2\n")),
+        2,
+        r"unknown key lora\.alpha_ratio \(closest: tune\.alpha_ratio\)",
+        check=_no_study_folder,
+    ),
     row("help-lists-exit-codes", lambda c: ["tune", "--help"], 0, ".*".join(EXIT_CODE_LINES)),
 ]
 
@@ -1352,6 +1462,28 @@ def _save_tampered_nan(c: Ctx) -> Callable[[], Any]:
 
 
 API = [
+    row(
+        "dataset-without-a-usable-column",
+        lambda c: _allocate(c, data=_dataset([{"body": "x", "n": 1}])),
+        needle=r"data: the Dataset has columns \['body', 'n'\], none of them 'text' \(text\), 'messages'",
+        skip_if=_no_datasets,
+    ),
+    row(
+        "dataset-chat-without-assistant-turn",
+        lambda c: _allocate(
+            c,
+            model=None,
+            data=_dataset([{"messages": USER_ONLY}]),
+            data_settings=DataSettings(seq_len=32, samples=1, assistant_only_loss=True),
+        ),
+        needle=r"record 0 of \(the Dataset\) has no assistant turn",
+        skip_if=_no_datasets,
+    ),
+    row(
+        "data-a-generator",
+        lambda c: _allocate(c, data=(r for r in [{"text": "x"}])),
+        needle=r"data must be a file or folder path.*a torch DataLoader, got generator",
+    ),
     row("data-int", lambda c: _allocate(c, data=123), needle=r"data must be a file or folder path.*got int"),
     row(
         "data-none",
@@ -1581,6 +1713,8 @@ def _same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("r", API)
 def test_api(r: Row, ctx: Ctx, capsys, monkeypatch):
+    if r.skip_if is not None and r.skip_if():
+        pytest.skip(r.skip_if())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if r.model is not None:
         ctx.data["model"] = r.model()
