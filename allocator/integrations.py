@@ -9,7 +9,13 @@ trainer's ``state.log_history`` (kept in every checkpoint's ``trainer_state.json
 the cost, the budget and the plan's provenance; one line on the ``allocator`` logger; and the plan's own files
 (``adapter_config.json``, ``allocation.json``, ``report.md``, ``heatmap.png``) in ``OUTPUT_DIR/lora_plan/``.
 It warns (:class:`~allocator.errors.AllocatorWarning`) when the model's trainable parameters differ from the
-plan's cost: the plan was not the one applied. Recipes: docs/integrations.md.
+plan's cost: the plan was not the one applied.
+
+:func:`axolotl_config` writes the plan as the LoRA keys of an axolotl YAML config (axolotl's
+``lora_rank_pattern`` / ``lora_alpha_pattern``). For frameworks without per-module ranks (LLaMA-Factory),
+save an initialised adapter, ``plan.apply(model).save_pretrained(folder)``, and let the framework resume
+training it (``adapter_name_or_path``): PEFT reloads it with the plan's exact ranks. Recipes:
+docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -80,3 +86,30 @@ class PlanCallback(TrainerCallback):
                  f"{self.plan.budget:,}", ranks)
         if self.save and getattr(args, "output_dir", None):
             self.plan.save(Path(args.output_dir) / PLAN_FOLDER, overwrite=True)
+
+
+def axolotl_config(plan: Plan) -> dict[str, Any]:
+    """The keys of an axolotl YAML config that build exactly ``plan``'s adapters.
+
+    axolotl builds ``LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=lora_target_modules,
+    target_parameters=lora_target_parameters, rank_pattern=lora_rank_pattern, alpha_pattern=
+    lora_alpha_pattern, use_rslora=peft_use_rslora, ...)`` (``axolotl/loaders/adapter.py``); releases whose
+    config schema lacks ``lora_rank_pattern`` cannot take per-module ranks: point their ``lora_model_dir`` at
+    a saved initialised adapter instead (docs/integrations.md). An EVA plan's init is not a config key: save
+    its initialised adapter the same way.
+    """
+    config = plan.to_lora_config()
+    out: dict[str, Any] = {
+        "adapter": "lora",
+        "lora_r": int(config.r),
+        "lora_alpha": float(config.lora_alpha),
+        "lora_dropout": float(config.lora_dropout),
+        "lora_target_modules": sorted(config.target_modules or []),
+        "lora_rank_pattern": {k: int(v) for k, v in sorted(config.rank_pattern.items())},
+        "lora_alpha_pattern": {k: float(v) for k, v in sorted(config.alpha_pattern.items())},
+    }
+    if config.target_parameters:
+        out["lora_target_parameters"] = sorted(config.target_parameters)
+    if config.use_rslora:
+        out["peft_use_rslora"] = True
+    return out

@@ -5,6 +5,7 @@ plan.cost, on the built-in reference model (its shipped chat template)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -178,3 +179,27 @@ def test_trainer_trains_plan_apply_and_the_callback_warns_on_another_model(chat_
     other.args.max_steps = 1
     with pytest.warns(allocator.AllocatorWarning, match=r"trains .* parameters but the plan costs"):
         other.train()
+
+
+def test_axolotl_keys_and_a_saved_adapter_rebuild_the_plan_exactly(chat_plan, model_factory, tmp_path):
+    """axolotl builds its LoraConfig from these keys (as axolotl/loaders/adapter.py does); LLaMA-Factory
+    resumes a saved adapter with PeftModel.from_pretrained(is_trainable=True): both train plan.cost."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from allocator.integrations import axolotl_config
+
+    plan, _ = chat_plan  # ranks varied by hand: a uniform plan would hide a lost rank_pattern
+    varied = {n: (1, 2, 4, 8)[i % 4] for i, n in enumerate(plan.ranks)}
+    plan = dataclasses.replace(plan, budget=10**9, ranks=varied)
+    keys = axolotl_config(plan)
+    assert len(set(keys["lora_rank_pattern"].values())) == 4
+    json.dumps(keys)  # YAML-able: plain types only
+    config = LoraConfig(r=keys["lora_r"], lora_alpha=keys["lora_alpha"], lora_dropout=keys["lora_dropout"],
+                        target_modules=keys["lora_target_modules"],
+                        target_parameters=keys.get("lora_target_parameters") or [],
+                        rank_pattern=keys["lora_rank_pattern"], alpha_pattern=keys["lora_alpha_pattern"],
+                        use_rslora=keys.get("peft_use_rslora", False), bias="none", task_type="CAUSAL_LM")
+    assert get_peft_model(model_factory(), config).get_nb_trainable_parameters()[0] == plan.cost
+    plan.apply(model_factory()).save_pretrained(tmp_path / "initial-adapter")
+    resumed = PeftModel.from_pretrained(model_factory(), tmp_path / "initial-adapter", is_trainable=True)
+    assert resumed.get_nb_trainable_parameters()[0] == plan.cost
