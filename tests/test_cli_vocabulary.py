@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,10 @@ def test_a_config_file_gives_the_plan_the_same_flags_give(saved_tiny_model, corp
     assert overridden["provenance"]["budget_spec"] == "r4"
     assert overridden["provenance"]["config"]["values"]["data"]["seq_len"] == 32
     capsys.readouterr()
+
+
+def test_the_cli_page_names_every_flag():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for module in (allocate_command, tune_command):
+        for flag in _keys(module).values():
+            assert f"`{flag}`" in page, flag
