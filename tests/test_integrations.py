@@ -203,3 +203,19 @@ def test_axolotl_keys_and_a_saved_adapter_rebuild_the_plan_exactly(chat_plan, mo
     plan.apply(model_factory()).save_pretrained(tmp_path / "initial-adapter")
     resumed = PeftModel.from_pretrained(model_factory(), tmp_path / "initial-adapter", is_trainable=True)
     assert resumed.get_nb_trainable_parameters()[0] == plan.cost
+
+
+def test_tune_takes_in_memory_chat_datasets(tmp_path):
+    """allocate tune's fine-tunes and probes read the same Dataset objects (assistant-only labels), and the
+    study records them by size and fingerprint."""
+    from probes.testing import byte_tokenizer, tiny_model
+
+    train = datasets.Dataset.from_list([{"messages": m} for m in CHATS * 3])
+    result = allocator.tune(
+        tiny_model("qwen3_5", hidden=32, layers=2), train, train.select(range(3)), tokenizer=byte_tokenizer(),
+        settings=allocator.TuneSettings(trials=2, steps=1, eval_every=0, batch_size=2, train_samples=4,
+                                        eval_samples=2, baselines=("uniform",), max_rank="16", budget="r4"),
+        data_settings=DataSettings(seq_len=SEQ_LEN, samples=4, batch_size=2, assistant_only_loss=True),
+        probe_settings=ProbeSettings(max_rank=8, progress=False), out_dir=tmp_path / "study")
+    assert [t.state for t in result.trials] == ["complete", "complete"]
+    assert result.best_plan.provenance["data"].startswith("<datasets.Dataset: 9 rows")
