@@ -80,8 +80,11 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
         while killed is None and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
             if (out / "study.db").is_file():
-                with sqlite3.connect(out / "study.db", timeout=30) as db:
-                    rows = db.execute("SELECT number FROM trials WHERE state = 'RUNNING'").fetchall()
+                try:
+                    with sqlite3.connect(out / "study.db", timeout=30) as db:
+                        rows = db.execute("SELECT number FROM trials WHERE state = 'RUNNING'").fetchall()
+                except sqlite3.OperationalError:  # the file exists before Optuna has created its tables
+                    rows = []
                 if rows and rows[0][0] >= 1:  # a searched trial
                     worker.kill()  # SIGKILL: no cleanup, the trial stays RUNNING in the storage
                     killed = rows[0][0]
