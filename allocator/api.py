@@ -29,6 +29,7 @@ from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
 from allocator.discovery.modelio import count_base_params, load_model
 from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
+from allocator.output import evidence
 from allocator.output.export import check_alpha_ratio
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
@@ -249,6 +250,7 @@ def solve_plan(
     provenance.update(
         utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings)
     )
+    found = evidence.gather(report, components, budget, ranks, utility_settings, solver_settings, risk_report)
     return Plan(
         model_id=model_id,
         components=tuple(components),
@@ -267,6 +269,8 @@ def solve_plan(
         use_rslora=use_rslora,
         init=init,
         architecture=dict(architecture or {}),
+        marginal=evidence.marginal_values(table, ranks, components),
+        evidence=found,
     )
 
 

@@ -146,23 +146,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(plan, folder: Path, seconds: float) -> str:
-    from allocator.output.report import family_rows, uniform_comparison  # with the plan: its stage is loaded
+    import textwrap
+
+    # with the plan: its stage is loaded
+    from allocator.output.report import family_rows, marginal_text, uniform_comparison, verdict_lines
 
     uniform = uniform_comparison(plan)
-    lines = [
+    lines = []
+    for i, sentence in enumerate(verdict_lines(plan)):
+        lines += textwrap.wrap(sentence, 110, initial_indent="verdict " if i == 0 else "        ",
+                               subsequent_indent="          " if i else "        ")
+    compare = (
+        f"uniform rank {uniform.rank} on all {uniform.n_targets} targets would cost {uniform.cost:,}"
+        if not uniform.below_r1
+        else f"your budget ({plan.budget:,}) is below uniform r1 ({uniform.per_rank:,}); uniform r1 over "
+        f"{' + '.join(uniform.families) or 'no family'} ({uniform.n_targets} modules) would cost "
+        f"{uniform.cost:,}"
+    )
+    lines += [
+        "",
         f"model   {plan.model_id}",
         f"budget  {plan.budget:,} parameters; plan cost {plan.cost:,} "
         f"({plan.cost / max(plan.budget, 1):.1%})",
-        f"        uniform rank {uniform.rank} on all {uniform.n_targets} targets would cost {uniform.cost:,}",
+        f"        {compare}",
         "",
-        f"{'family':<10} {'adapted':>9} {'ranks':<20} {'parameters':>12} {'budget':>7}",
+        f"{'family':<10} {'adapted':>9} {'ranks':<20} {'parameters':>12} {'budget':>7} "
+        f"{'next rank buys':>15}",
     ]
     for row in family_rows(plan):
         lines.append(
             f"{row.family:<10} {row.adapted:>4}/{row.modules:<4} {row.ranks:<20} {row.params:>12,} "
-            f"{row.share_budget:>7.1%}"
+            f"{row.share_budget:>7.1%} {marginal_text(row.marginal):>15}"
         )
     lines += [
+        "(next rank buys: utility per million parameters of the next grid rank; the solver equalises it)",
         "",
         f"wrote {folder}/adapter_config.json, allocation.json, report.md, heatmap.png ({seconds:.0f} s)",
         usage_line(folder, plan.init),

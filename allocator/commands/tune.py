@@ -154,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(result, seconds: float) -> str:
+    import textwrap
+
+    from allocator.tuning.report import attribution_lines, recipe_text  # with the result: its stage is loaded
+
     states = [r.state for r in result.trials]
     lines = [
         f"study   {result.study_name} in {result.storage} ({result.mode} mode)",
@@ -162,17 +166,22 @@ def format_summary(result, seconds: float) -> str:
     ]
     if result.best is not None:
         b = result.best
+        placement = "identical to uniform" if result.attribution.get("identical_to_uniform") else "solved"
         lines.append(
             f"winner  trial {b.number} ({b.baseline or b.placement}): eval loss {b.value:.4f}, "
-            f"{b.cost:,} params"
+            f"{b.cost:,} params; placement {placement}"
         )
     for name, delta in result.versus.items():
         lines.append(f"        vs {name:<10} {result.baselines[name].value:.4f}  ({delta:+.4f})")
+    for sentence in attribution_lines(result)[1:]:
+        lines += textwrap.wrap(sentence, 110, initial_indent="        ", subsequent_indent="          ")
     folder = Path(result.out_dir) if result.out_dir else Path(".")
+    recipe = recipe_text(result)
     lines += [
         "",
         f"wrote {folder}/best, study.md, study.png ({seconds:.0f} s)",
-        usage_line(folder / "best", result.best_plan.init if result.best_plan else "default"),
+        usage_line(folder / "best", result.best_plan.init if result.best_plan else "default")
+        + (f"; {recipe}" if recipe else ""),
     ]
     return "\n".join(lines)
 

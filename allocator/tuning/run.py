@@ -1,22 +1,17 @@
-"""`allocate tune`, the worker: an Optuna study over the budget, the allocation settings, LoRA alpha and the
-lr.
+"""`allocate tune`, the worker: an Optuna study over the budget, allocation settings, LoRA alpha and the lr.
 
 Stage: the whole chain of ``docs/design.md`` in a loop. Input: a model, training ``data``, ``eval_data``.
 Output: :class:`~allocator.tuning.report.TuneResult`, and in ``out_dir`` the best plan (``best/``, as
-``allocate -o``
-writes it), ``study.md`` and ``study.png``. Each trial (:mod:`allocator.tuning.objective`)::
+``allocate -o`` writes it), ``study.md`` and ``study.png``. Each trial (:mod:`allocator.tuning.objective`)::
 
-    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(fixed steps) ->
-    eval loss
+    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(steps) -> loss
 
 Probes run once per study (``probes.run_cached`` in ``out_dir/probes``, under the folder's lock so that
-workers
-sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the same
-budget, lr
-and alpha, and the allocator's own defaults) are enqueued first, once per study, and are never pruned. The
-search
-and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that imports
-Optuna.
+workers sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the
+same budget, lr and alpha, and the allocator's defaults) are enqueued first, once per study, and are never
+pruned; the last trial slot scores uniform at the winner's settings (:mod:`allocator.tuning.attribution`).
+The search and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that
+imports Optuna.
 """
 
 from __future__ import annotations
@@ -49,6 +44,7 @@ from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
 from allocator.scoring.utility import UtilitySettings
 from allocator.solver.settings import SolverSettings
+from allocator.tuning import attribution
 from allocator.tuning import storage as store
 from allocator.tuning.folder import (
     LOCK_NAME,
@@ -61,7 +57,7 @@ from allocator.tuning.folder import (
 )
 from allocator.tuning.objective import Objective, Pruned
 from allocator.tuning.report import TuneResult, summarize, write_outputs
-from allocator.tuning.search import Search
+from allocator.tuning.search import FixedParams, Search
 from allocator.tuning.settings import TuneSettings
 from probes.errors import ProbeError, ProbeRunError
 from probes.folders import FolderError, resolve_target
@@ -176,6 +172,7 @@ def tune(
                 mode=settings.mode,
                 probe_seconds=worker.probe_seconds,
                 importances=lambda rows, params: store.importances(study, rows, params),
+                training=worker.training,
             )
             return write_outputs(result, out)
     except store.STORAGE_ERRORS as exc:  # the database failed mid-study
@@ -253,8 +250,10 @@ class Worker:
         self.eligible = [c for c in self.components if c.eligible]
         if not self.eligible:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
-        self.train = self.evals = ()
+        self.train, self.evals, self.training = (), (), {}
         if objective is None:
+            self.training = {"steps": s.steps, "batch_size": s.batch_size,
+                             "seq_len": self.data_settings.seq_len}
             self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
             self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
         self.signature = _jsonable(
@@ -398,15 +397,20 @@ class Worker:
         except Pruned as exc:
             raise optuna.TrialPruned(str(exc)) from None
 
+    def _uniform_fits(self, params: dict[str, Any]) -> bool:
+        """Whether uniform LoRA gets rank >= 1 at the budget of a trial with ``params``."""
+        budget = int(self.objective.search.suggest(FixedParams(params))["budget"])
+        return self.objective.baseline_rank("uniform", budget) > 0
+
     def run_trials(self, study: optuna.Study) -> None:
         """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).
 
         The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
         overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running
-        elsewhere
-        would complete the study, this worker waits: one of them may belong to a killed worker, and goes stale
-        after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run
-        here.
+        elsewhere would complete the study, this worker waits: one of them may belong to a killed worker, and
+        goes stale after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``),
+        and is run here. The last slot waits for every other trial, then scores uniform at the winner's
+        settings when the study lacks that (:mod:`allocator.tuning.attribution`).
         """
         n, unbeating = self.settings.trials, {}
         while True:
@@ -422,7 +426,11 @@ class Worker:
                         "for; see the failures in the storage (optuna-dashboard) and fix "
                         "their cause"
                     )
-                if done + counts["running"] < n:
+                free = n - done - counts["running"]
+                last = free == 1 and not counts["waiting"]
+                if free > 0 and not (last and counts["running"]):  # the last slot waits for a final winner
+                    if last:
+                        attribution.enqueue_if_wanted(study, self._uniform_fits)
                     study.optimize(self._trial, n_trials=1)  # _trial releases the lock once claimed
                     continue
             time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
