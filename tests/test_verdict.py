@@ -24,7 +24,7 @@ from probes.settings import DataSettings, ProbeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops on a shared CPU
-FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "-q"]
+FAST = ["--data-samples", "4", "--data-seq-len", "32", "--data-batch-size", "2", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,12 @@ def run(tmp_path_factory):
         key = repr((budget, sorted(utility.items())))
         if key not in done:
             plan = allocator.allocate(
-                None, "builtin", budget, data_settings=DataSettings(samples=4, seq_len=32, batch_size=2),
-                probe_settings=ProbeSettings(progress=False), utility_settings=UtilitySettings(**utility),
+                None,
+                "builtin",
+                budget,
+                data_settings=DataSettings(samples=4, seq_len=32, batch_size=2),
+                probe_settings=ProbeSettings(progress=False),
+                utility_settings=UtilitySettings(**utility),
                 cache_dir=root / "cache",
             )
             out = plan.save(root / f"plan{len(done)}")
@@ -61,7 +65,7 @@ def _family_column(printed: str) -> dict[str, str]:
     lines = printed.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("family "))
     rows = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line or line.startswith("("):
             break
         rows[line.split()[0]] = line.split()[-1]
@@ -70,8 +74,9 @@ def _family_column(printed: str) -> dict[str, str]:
 
 def test_uniform_plan_says_so_first_in_terminal_and_report(run):
     printed, out = run()
-    headline = ("identical to uniform's plan (rank 8 on all 31 targets): the probes saw no reason to move "
-                "budget")
+    headline = (
+        "identical to uniform's plan (rank 8 on all 31 targets): the probes saw no reason to move budget"
+    )
     assert printed.splitlines()[0] == "verdict " + headline
     assert "next: train with it (it is uniform LoRA at rank 8)" in printed
     report = (out / "report.md").read_text()
@@ -139,8 +144,10 @@ def test_budget_below_uniform_rank_one_says_so_and_compares_with_r1_over_familie
     fit = sum(c.n_params_per_rank for c in eligible if c.family in ("attention", "recurrent"))
     r1 = sum(c.n_params_per_rank for c in eligible)
     text = _verdict(printed)
-    assert (f"your budget ({plan.budget:,}) is below uniform r1 ({r1:,}): the plan adapts only part of the "
-            "modules") in text
+    assert (
+        f"your budget ({plan.budget:,}) is below uniform r1 ({r1:,}): the plan adapts only part of the "
+        "modules"
+    ) in text
     assert f"(attention + recurrent, 19 modules) would cost {fit:,}" in text
     for written in (printed, (out / "report.md").read_text()):
         assert "rank 0 on all" not in written and "every cell rank 0" not in written
@@ -174,7 +181,11 @@ def test_quiet_silences_weight_loading_bars_and_kernel_fallback_notices(run, cap
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread: see conftest
     quiet = subprocess.run(  # a fresh process: transformers says each fallback notice once per process
         [sys.executable, "-m", "allocator.commands.cli", "-o", str(tmp_path / "q"), *FAST],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert quiet.returncode == 0, quiet.stderr
     for noise in ("Loading weights", "%|", "falling back", "[transformers]"):
@@ -193,14 +204,30 @@ def test_tune_splits_the_gain_into_placement_and_training_settings(tmp_path):
     evals = tmp_path / "eval.txt"
     evals.write_text((ROOT / "docs" / "tuning.md").read_text()[:6000])
     settings = TuneSettings(
-        trials=3, baselines=("uniform",), lr="1e-4..3e-2@1e-4", alpha_ratio="", weights="", uniform_prior="",
-        family_priors="", granularity="", max_rank="", steps=3, eval_every=0, pruner="none", batch_size=2,
-        train_samples=8, eval_samples=4,
+        trials=3,
+        baselines=("uniform",),
+        lr="1e-4..3e-2@1e-4",
+        alpha_ratio="",
+        weights="",
+        uniform_prior="",
+        family_priors="",
+        granularity="",
+        max_rank="",
+        steps=3,
+        eval_every=0,
+        pruner="none",
+        batch_size=2,
+        train_samples=8,
+        eval_samples=4,
     )
 
     def study():
         return allocator.tune(
-            None, "builtin", str(evals), settings=settings, out_dir=tmp_path / "study",
+            None,
+            "builtin",
+            str(evals),
+            settings=settings,
+            out_dir=tmp_path / "study",
             data_settings=DataSettings(samples=4, seq_len=32, batch_size=2),
             probe_settings=ProbeSettings(progress=False),
         )
@@ -217,8 +244,9 @@ def test_tune_splits_the_gain_into_placement_and_training_settings(tmp_path):
     assert "placement identical to uniform" in summary[2]
     lr = f"{best.params['lr']:.2e}"
     assert summary[-1].startswith("use:  get_peft_model(model, LoraConfig.from_pretrained(")
-    assert summary[-1].endswith(f"; train at lr {lr} for 3 steps of 2 x 32 tokens (lora_alpha = 2 x rank, "
-                                "in the config)")
+    assert summary[-1].endswith(
+        f"; train at lr {lr} for 3 steps of 2 x 32 tokens (lora_alpha = 2 x rank, in the config)"
+    )
     text = (tmp_path / "study" / "study.md").read_text()
     assert text.index("## Verdict") < text.index("## Study") < text.index("## Winner")
     assert f"= placement {a['placement']:+.4f} + training settings {a['settings']:+.4f}" in text

@@ -131,10 +131,11 @@ def family_shifts(plan: Plan) -> list[tuple[str, float, str]]:
 
 
 def layer_shifts(plan: Plan, top: int = 3) -> tuple[list[str], list[str]]:
-    """The ``top`` largest gains and losses of (family, layer) cells: ``(['mlp in layer 0 +2.8%'], [...])``.
-    """
-    cells = [(d, f, layer) for f, layers in _cells(plan).items() for layer, d in layers.items()
-             if abs(d) >= SHOWN]
+    """The ``top`` largest gains and losses of (family, layer) cells:
+    ``(['mlp in layer 0 +2.8%'], [...])``."""
+    cells = [
+        (d, f, layer) for f, layers in _cells(plan).items() for layer, d in layers.items() if abs(d) >= SHOWN
+    ]
 
     def name(f: str, layer: str) -> str:
         return f"{f} {'outside the layers' if layer == '-' else 'in layer ' + layer}"
@@ -155,8 +156,11 @@ def _settings_text(plan: Plan, lever: str) -> str:
     if lever == "retention":
         return f"weight {utility.get('retention_weight', 0):g}"
     if lever == "include_exclude":
-        return "; ".join(f"{k} {v}" for k, v in (("include", solver.get("include")),
-                                                 ("exclude", solver.get("exclude"))) if v)
+        return "; ".join(
+            f"{k} {v}"
+            for k, v in (("include", solver.get("include")), ("exclude", solver.get("exclude")))
+            if v
+        )
     return signal_text(plan.evidence)
 
 
@@ -214,8 +218,9 @@ def _headline(plan: Plan, uniform: UniformComparison, ranks: set[int]) -> str:
             f"that fit ({fit}, {uniform.n_targets} modules) would cost {uniform.cost:,}"
         )
     if len(ranks) == 1 and min(ranks) > 0:
-        why = (f"a tune {status}" if status.startswith("baseline")
-               else "the probes saw no reason to move budget")
+        why = (
+            f"a tune {status}" if status.startswith("baseline") else "the probes saw no reason to move budget"
+        )
         return f"identical to uniform's plan (rank {min(ranks)} on all {len(plan.ranks)} targets): {why}"
     moved = moved_share(plan.ranks, plan.components)
     return f"differs from uniform r{uniform.rank}: {moved:.1%} of the budget placed differently"
@@ -260,17 +265,22 @@ def _driver_text(plan: Plan, lever: str | None) -> str | None:
     if lever is None:
         return f"signal: {signal_text(evidence)}" if evidence else None
     if lever == "rank grid":
-        return ("driven by the rank grid and the modules' shapes, not by the data: the uniform prior alone "
-                "moves as much (a module cannot use more rank than min(d_in, d_out), and a uniform rank off "
-                "the grid is mixed from its neighbours)")
+        return (
+            "driven by the rank grid and the modules' shapes, not by the data: the uniform prior alone "
+            "moves as much (a module cannot use more rank than min(d_in, d_out), and a uniform rank off "
+            "the grid is mixed from its neighbours)"
+        )
     if lever == "together":
-        parts = ", ".join(f"without {LEVER_NAMES[k]} {v:.1%}" for k, v in evidence["without"].items()
-                          if v is not None)
+        parts = ", ".join(
+            f"without {LEVER_NAMES[k]} {v:.1%}" for k, v in evidence["without"].items() if v is not None
+        )
         return f"driven by several settings together; moved with one switched off: {parts}"
     moved = f"{evidence['without'][lever]:.1%} of the budget would move"
     if lever == "signals":
-        text = (f"driven by {LEVER_NAMES[lever]}, {_settings_text(plan, lever)}: with the uniform prior "
-                f"alone {moved}")
+        text = (
+            f"driven by {LEVER_NAMES[lever]}, {_settings_text(plan, lever)}: with the uniform prior "
+            f"alone {moved}"
+        )
     else:
         text = f"driven by {LEVER_NAMES[lever]} ({_settings_text(plan, lever)}): without them {moved}"
     alone = {k: v for k, v in (evidence.get("signals_alone") or {}).items() if v is not None}
@@ -282,24 +292,40 @@ def _driver_text(plan: Plan, lever: str | None) -> str | None:
 def _next_text(plan: Plan, uniform: UniformComparison, identical: bool, lever: str | None) -> str:
     batches = int((plan.evidence.get("consistency") or {}).get("batches", 0))
     if uniform.below_r1:
-        return (f"next: train with it, or raise the budget to r1 ({uniform.per_rank:,}) so that every module "
-                f"gets an adapter; {TUNE} picks which modules to adapt with pilot fine-tunes")
+        return (
+            f"next: train with it, or raise the budget to r1 ({uniform.per_rank:,}) so that every module "
+            f"gets an adapter; {TUNE} picks which modules to adapt with pilot fine-tunes"
+        )
     if identical:
-        return (f"next: train with it (it is uniform LoRA at rank {uniform.rank}); to test other placements "
-                f"and the learning rate with pilot fine-tunes, run {TUNE}")
+        return (
+            f"next: train with it (it is uniform LoRA at rank {uniform.rank}); to test other placements "
+            f"and the learning rate with pilot fine-tunes, run {TUNE}"
+        )
     if lever in ("family_priors", "share_bounds", "include_exclude"):
-        return (f"next: the move comes from your settings, not from the probes: train with it if that is the "
-                f"intent; {TUNE} measures it against uniform with pilot fine-tunes")
+        return (
+            f"next: the move comes from your settings, not from the probes: train with it if that is the "
+            f"intent; {TUNE} measures it against uniform with pilot fine-tunes"
+        )
     moved = moved_share(plan.ranks, plan.components)
-    weak = [why for why, bad in ((f"{moved:.1%} moved", moved < STRONG_MOVE),
-                                 (f"{batches} calibration batches", batches < STRONG_BATCHES)) if bad]
+    weak = [
+        why
+        for why, bad in (
+            (f"{moved:.1%} moved", moved < STRONG_MOVE),
+            (f"{batches} calibration batches", batches < STRONG_BATCHES),
+        )
+        if bad
+    ]
     if lever == "rank grid" or not plan.evidence:
         return "next: train with it"
     if weak:
-        return (f"next: the evidence is weak ({', '.join(weak)}): run {TUNE} to check the plan against "
-                "uniform with pilot fine-tunes before a long training run, or calibrate on more data")
-    return ("next: train with it; on the placement benchmark the default plan was never significantly worse "
-            "than uniform (docs/results/placement.md)")
+        return (
+            f"next: the evidence is weak ({', '.join(weak)}): run {TUNE} to check the plan against "
+            "uniform with pilot fine-tunes before a long training run, or calibrate on more data"
+        )
+    return (
+        "next: train with it; on the placement benchmark the default plan was never significantly worse "
+        "than uniform (docs/results/placement.md)"
+    )
 
 
 def verdict_lines(plan: Plan) -> list[str]:

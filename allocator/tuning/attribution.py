@@ -6,13 +6,14 @@ effects. One extra pilot, ``uniform@winner``, scores uniform LoRA at the winner'
     winner − uniform  =  (winner − uniform@winner)  +  (uniform@winner − uniform)
                               placement                   training settings
 
-``uniform@winner`` takes the study's last trial slot (it counts in ``--trials``): a worker that reaches the
-last slot waits until every other trial has finished, so the winner is final, then enqueues it (under the
-folder's lock) unless a finished or queued uniform trial already has those settings (the ``uniform`` baseline
-when the winner kept the base lr and alpha, or the trial a resumed or parallel worker enqueued). Its trial is
-marked ``user_attrs["baseline"] = "uniform@winner"``, so it is never pruned and never counted as a searched
-trial. If the last slot holds a searched trial that wins after all (a winner at the base settings did not need
-the extra pilot), the split of the new winner is reported as not measured.
+``uniform@winner`` takes the study's last trial slot (it counts in ``--tune-trials``): a worker that reaches
+the last slot waits until every other trial has finished, so the winner is final, then enqueues it (under the
+claim locks: the folder's, and on a server database the server's) unless a finished or queued uniform trial
+already has those settings (the ``uniform`` baseline when the winner kept the base lr and alpha, or the trial
+a resumed or parallel worker enqueued). Its trial is marked ``user_attrs["baseline"] = "uniform@winner"``, so
+it is never pruned and never counted as a searched trial. If the last slot holds a searched trial that wins
+after all (a winner at the base settings did not need the extra pilot), the split of the new winner is
+reported as not measured.
 
 Optuna-free: trials are read through ``.params``, ``.state.name``, ``.values``, ``.user_attrs``.
 """
@@ -65,7 +66,7 @@ def _fixed(trial: Any) -> Mapping[str, Any]:
 
 
 def enqueue_if_wanted(study: Any, fits: Callable[[Mapping[str, Any]], bool]) -> bool:
-    """Enqueue ``uniform@winner`` when :func:`wanted` (the caller holds the lock); True when it did."""
+    """Enqueue ``uniform@winner`` when :func:`wanted` (the caller holds the claim locks); True when it did."""
     trials = study.get_trials(deepcopy=False)
     params = wanted(trials, fits)
     if params is None:

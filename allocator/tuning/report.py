@@ -206,7 +206,7 @@ def attribution_lines(result: TuneResult) -> list[str]:
         if at is None:
             lines.append(f"against uniform (trial {u.number}, {u.value:.4f}): {a['total']:+.4f}, not split: "
                          "uniform at the winner's lr and alpha was not scored (the study's last trial won); "
-                         f"resume with --trials {n + 1} to score it")
+                         f"resume with --tune-trials {n + 1} to score it")
         else:
             what = "training settings" + (" and budget" if b.budget != u.budget else "")
             lines.append(f"against uniform (trial {u.number}, {u.value:.4f}): {a['total']:+.4f} = placement "

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,15 @@ import optuna
 import probes
 from allocator.api import (
     DataSource,
-    _load_tokenizer,
     check_source,
     library_versions,
     load_or_check_model,
+    model_commit,
+    read_chat_template,
+    resolve_model_ref,
     settings_or_default,
+    template_record,
+    tokenizer_for,
     unprobed_experts_off,
 )
 from allocator.discovery.components import architecture_of, find_components
@@ -48,6 +52,7 @@ from allocator.tuning import attribution
 from allocator.tuning import storage as store
 from allocator.tuning.folder import (
     LOCK_NAME,
+    Claim,
     FileLock,
     check_out_dir,
     default_storage,
@@ -57,7 +62,7 @@ from allocator.tuning.folder import (
 )
 from allocator.tuning.objective import Objective, Pruned
 from allocator.tuning.report import TuneResult, summarize, write_outputs
-from allocator.tuning.search import FixedParams, Search
+from allocator.tuning.search import Search
 from allocator.tuning.settings import TuneSettings
 from probes.errors import ProbeError, ProbeRunError
 from probes.folders import FolderError, resolve_target
@@ -66,6 +71,7 @@ from probes.settings import DataSettings, ProbeSettings
 log = logging.getLogger("allocator")
 
 SIGNATURE_SKIPS = ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")
+LATER_DATA = {"encoding": "utf-8", "assistant_only_loss": False, "completion_only_loss": True}
 
 
 def tune(
@@ -90,13 +96,16 @@ def tune(
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     objective: Callable[[Plan, Any], float] | None = None,
+    revision: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    chat_template: str | os.PathLike[str] | None = None,
 ) -> TuneResult:
     """Run (or join, or resume) the study ``study_name`` until it holds ``settings.trials`` finished trials.
 
     Args:
         model, data, retention_data, fused_kernels, trust_remote_code, tokenizer: as
-        :func:`allocator.allocate`;
-            ``data`` also gives the fine-tune's training sequences (a path, ``"builtin"`` or token batches).
+            :func:`allocator.allocate`; ``data`` also gives the fine-tune's training sequences (a path,
+            ``"builtin"`` or token batches).
         eval_data: data scored by the built-in fine-tune, in any form ``data`` takes (required unless
             ``objective`` is given).
         settings: study size, mode, fine-tune and search space (:class:`TuneSettings`).
@@ -104,25 +113,22 @@ def tune(
             ``study.png``. An existing ``out_dir`` of the same study is resumed; any other needs
             ``overwrite``.
         storage: any database URL Optuna's RDBStorage takes; workers given the same URL and ``study_name``
-        share
-            the study. The exact trial bound and the one probe run hold for workers sharing ``out_dir``.
+            share the study. The exact trial bound and the one probe run hold for workers sharing ``out_dir``.
         overwrite: start over: remove what tune wrote in ``out_dir`` and delete the study its record names.
         data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
             at ``""`` keep their value; the ``default`` baseline uses them).
         init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or
-        ``"eva"``
-            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data``
-            by
-            each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"`` the study
-            picks the
-            placement that does best under that init, and ``best/`` is a plan to apply with
-            ``Plan.apply(model, init_data=...)``.
+            ``"eva"`` (EVA's top input principal directions at the trial's ranks, computed on the calibration
+            ``data`` by each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"``
+            the study picks the placement that does best under that init, and ``best/`` is a plan to apply
+            with ``Plan.apply(model, init_data=...)``.
         init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows);
-        PEFT's
-            EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its
-            own.
+            PEFT's EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may
+            need its own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
+        revision, config, chat_template: as :func:`allocator.allocate` (the hub revision; the configuration
+            recorded in every plan's provenance, which ``allocate tune`` passes; a Jinja chat template file).
 
     Raises:
         InputError: bad input, an out_dir holding another study, resumed with different settings.
@@ -130,7 +136,7 @@ def tune(
     """
     settings = settings_or_default(settings, TuneSettings, "settings")
     if not isinstance(study_name, str) or not study_name.strip():
-        raise InputError(f"the study name {study_name!r} is empty; give one (--study NAME, study_name=...)")
+        raise InputError(f"the study name {study_name!r} is empty; give one (--study-name NAME)")
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an "
                          "objective")
@@ -142,10 +148,11 @@ def tune(
     probe_settings = settings_or_default(probe_settings, ProbeSettings, "probe_settings")
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
     solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
+    template = read_chat_template(chat_template)
     for name, source in (("data", data), ("eval_data", eval_data), ("retention_data", retention_data),
                          ("init_data", init_data)):
         if source is not None:
-            check_source(source, name)
+            check_source(source, name, data_settings)
     with as_input_error(ProbeError):
         probes.check_device(probe_settings.device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -155,7 +162,8 @@ def tune(
     worker = Worker(settings, out, url, study_name, use_rslora, init)
     check_out_dir(out, study_name, url, overwrite)  # before any work
     worker.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
-                (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective)
+                (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective,
+                (revision, config, template))
     # once every input has been read
     worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)
     try:
@@ -198,8 +206,7 @@ class Worker:
 
     def open_folder(self, *, explicit_storage: bool, overwrite: bool) -> None:
         """Prepare (re-checked under the lock) and mark the study folder; a given --storage is opened first,
-        so a
-        wrong one leaves no record. A folder this call created is removed again if that fails."""
+        so a wrong one leaves no record. A folder this call created is removed again if that fails."""
         created = not self.out.exists()
         try:
             with self.lock:
@@ -216,13 +223,13 @@ class Worker:
             raise
 
     def connect(self) -> None:
+        """The storage, and the claim lock: this folder's file lock, then the database server's lock, so
+        that workers on other machines (with other folders) claim one trial at a time too."""
         s = self.settings
-        self.storage = store.Storage(
-            self.url,
-            heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period,
-            max_retry=s.max_retry,
-        )
+        self.storage = store.Storage(self.url, heartbeat_interval=s.heartbeat_interval,
+                                     grace_period=s.grace_period, max_retry=s.max_retry)
+        self.server_lock = store.ServerLock(self.storage.rdb.engine, self.study_name)
+        self.claim = Claim(self.lock, self.server_lock)
 
     def load(
         self,
@@ -236,14 +243,16 @@ class Worker:
         base: tuple,
         init_data: Any,
         objective: Callable[[Plan, Any], float] | None,
+        hub: tuple[str | None, Mapping[str, Any] | None, str | None] = (None, None, None),
     ) -> None:
         """Model, components and fine-tune batches; the base settings and the study's signature. No probes
         yet."""
         s = self.settings
         self.data_settings, self.probe_settings, self.utility, self.solver = base
         self.user_objective = objective
-        self.model, self.model_id = load_or_check_model(model, trust_remote_code)
-        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
+        revision, config, template = hub  # the hub revision, the config to record, a chat template's text
+        self.model, self.model_id = load_or_check_model(model, trust_remote_code, revision)
+        self.tokenizer = tokenizer_for(self.model_id, trust_remote_code, revision, tokenizer, template)
         self.components = tuple(
             unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels)
         )
@@ -252,58 +261,52 @@ class Worker:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
         self.train, self.evals, self.training = (), (), {}
         if objective is None:
-            self.training = {"steps": s.steps, "batch_size": s.batch_size,
-                             "seq_len": self.data_settings.seq_len}
+            self.training = dict(steps=s.steps, batch_size=s.batch_size, seq_len=self.data_settings.seq_len)
             self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
             self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
+        fmt = self.data_settings.record_format()
         self.signature = _jsonable(
             {
                 "settings": {k: v for k, v in s.to_dict().items() if k not in SIGNATURE_SKIPS},
                 "model": _where(self.model_id),
-                "data": _where(data),
-                "eval_data": _where(eval_data),
-                "retention_data": _where(retention_data),
+                "data": _where(data, fmt),
+                "eval_data": _where(eval_data, fmt),
+                "retention_data": _where(retention_data, fmt),
                 "objective": "finetune" if objective is None else getattr(objective, "__name__", "custom"),
                 "data_settings": {
                     k: v
                     for k, v in dataclasses.asdict(self.data_settings).items()
-                    if not (k == "encoding" and v == "utf-8")
-                },  # studies begun before it resume
+                    if k not in LATER_DATA or v != LATER_DATA[k]
+                },  # fields added later are left out at their defaults, so studies begun before them resume
                 "probe_settings": self.probe_settings.result_key(),
                 "utility_settings": self.utility.to_dict(),
                 "solver_settings": self.solver.to_dict(),
                 "fused_kernels": fused_kernels,
                 "use_rslora": self.use_rslora,
-                **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {}),
+                **({"init": self.init, "init_data": _where(init_data, fmt)} if self.init != "default"
+                   else {}),
+                **template_record(template),  # init and template keys absent by default: older studies resume
             }
         )
-        # (init keys absent by default, so studies begun before they existed still resume)
         self.provenance = {
             "model_id": self.model_id,
-            "model_revision": getattr(self.model.config, "_commit_hash", None),
+            "model_revision": model_commit(self.model, self.model_id, revision,
+                                           from_ref=isinstance(resolve_model_ref(model), str)),
             "data": self.signature["data"],
             "retention_data": self.signature["retention_data"],
             "data_settings": self.signature["data_settings"],
             "probe_settings": self.probe_settings.to_dict(),
             "fused_kernels": fused_kernels,
             "versions": library_versions(),
+            **template_record(template),
+            **({"config": dict(config)} if config is not None else {}),
         }
 
     def _batches(self, source: Any, samples: int, batch_size: int, seed: int) -> list:
         d = self.data_settings
         with as_input_error(ProbeError):
-            batches = list(
-                probes.load_batches(
-                    source,
-                    self.tokenizer,
-                    seq_len=d.seq_len,
-                    samples=samples,
-                    batch_size=batch_size,
-                    seed=seed,
-                    text_field=d.text_field,
-                    encoding=d.encoding,
-                )
-            )
+            kwargs = {**dataclasses.asdict(d), "samples": samples, "batch_size": batch_size, "seed": seed}
+            batches = list(probes.load_batches(source, self.tokenizer, **kwargs))
             probes.check_token_ids(self.model, batches)
         return batches
 
@@ -365,8 +368,7 @@ class Worker:
         self.objective.check_feasible()
 
     def open_study(self) -> optuna.Study:
-        """The study, created or loaded (the default sqlite file is made only now, once the inputs are
-        read)."""
+        """The study, created or loaded (the default sqlite file only now, once the inputs are read)."""
         if self.storage is None:
             self.connect()
         s, single = self.settings, self.settings.mode == "single"
@@ -381,40 +383,38 @@ class Worker:
         )
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
-        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the lock)."""
-        seen = store.baselines_seen(study)
-        for name in self.settings.baselines:
-            params = self.objective.baseline_params(name)
-            if name not in seen and params is not None:
-                study.enqueue_trial(params, user_attrs={"baseline": name})
+        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the folder's
+        lock; the server's is taken here, so workers on other machines enqueue none twice)."""
+        with self.server_lock:
+            seen = store.baselines_seen(study)
+            for name in self.settings.baselines:
+                params = self.objective.baseline_params(name)
+                if name not in seen and params is not None:
+                    study.enqueue_trial(params, user_attrs={"baseline": name})
 
     def _trial(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        """One trial (it releases the claim lock first); a :class:`Pruned` trial is Optuna's
+        """One trial (it releases the claim locks first); a :class:`Pruned` trial is Optuna's
         ``TrialPruned``."""
-        self.lock.release()
+        self.claim.release()
         try:
             return self.objective(trial)
         except Pruned as exc:
             raise optuna.TrialPruned(str(exc)) from None
 
-    def _uniform_fits(self, params: dict[str, Any]) -> bool:
-        """Whether uniform LoRA gets rank >= 1 at the budget of a trial with ``params``."""
-        budget = int(self.objective.search.suggest(FixedParams(params))["budget"])
-        return self.objective.baseline_rank("uniform", budget) > 0
-
     def run_trials(self, study: optuna.Study) -> None:
         """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).
 
-        The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
-        overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running
-        elsewhere would complete the study, this worker waits: one of them may belong to a killed worker, and
-        goes stale after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``),
-        and is run here. The last slot waits for every other trial, then scores uniform at the winner's
-        settings when the study lacks that (:mod:`allocator.tuning.attribution`).
+        The count and the claim (Optuna's ``ask``) happen under the claim locks (the folder's, and on a
+        server database the server's), so workers never overshoot, as ``MaxTrialsCallback`` alone can by one
+        trial per worker. While the trials running elsewhere would complete the study, this worker waits: one
+        of them may belong to a killed worker, and goes stale after ``grace_period``, is failed and
+        re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here. The last slot waits for every
+        other trial, then scores uniform at the winner's settings when the study lacks that
+        (:mod:`allocator.tuning.attribution`).
         """
         n, unbeating = self.settings.trials, {}
         while True:
-            with self.lock:
+            with self.claim:
                 self.storage.fail_stale(study, unbeating)
                 counts = store.trial_counts(study)
                 done = counts["complete"] + counts["pruned"]
@@ -430,19 +430,19 @@ class Worker:
                 last = free == 1 and not counts["waiting"]
                 if free > 0 and not (last and counts["running"]):  # the last slot waits for a final winner
                     if last:
-                        attribution.enqueue_if_wanted(study, self._uniform_fits)
-                    study.optimize(self._trial, n_trials=1)  # _trial releases the lock once claimed
+                        attribution.enqueue_if_wanted(study, self.objective.uniform_fits)
+                    study.optimize(self._trial, n_trials=1)  # _trial releases the locks once claimed
                     continue
             time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
 
 
-def _where(ref: Any) -> str | None:
+def _where(ref: Any, fmt: Any = None) -> str | None:
     """A data or model reference as the study records it: local paths absolute, token batches by count and
     fingerprint (``probes.describe_source``), anything else as given."""
     if ref is None:
         return None
-    if probes.is_token_source(ref):
-        return probes.describe_source(ref)
+    if probes.source_kind(ref, fmt) not in ("path", "builtin"):
+        return probes.describe_source(ref, fmt)
     return str(Path(ref).resolve()) if Path(str(ref)).exists() else str(ref)
 
 
