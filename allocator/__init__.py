@@ -3,7 +3,9 @@
 Typical use, before training::
 
     import allocator
-    plan = allocator.allocate("path/or/hub-id", data="train.jsonl", budget="r8")
+    plan = allocator.allocate("path/or/hub-id", data="train.jsonl", budget="r8",
+                              data_settings=allocator.DataSettings(samples=64))   # calibration size
+    plan                               # one screen: model, budget, cost, vs uniform, ranks per family
     model = plan.apply(model)          # a PeftModel whose trainable parameters == plan.cost
 
 Public names are imported lazily so that the pure-math stages (``allocator.scoring``, ``allocator.solver``)

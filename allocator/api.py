@@ -8,6 +8,8 @@ Each stage is its own function (see docs/design.md); this module only chains the
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -29,6 +31,7 @@ from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
 from allocator.discovery.modelio import commit_of, count_base_params, load_model, locate
 from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
+from allocator.output import evidence
 from allocator.output.export import check_alpha_ratio
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
@@ -141,6 +144,7 @@ def allocate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     revision: str | None = None,
     config: Mapping[str, Any] | None = None,
+    chat_template: str | os.PathLike[str] | None = None,
 ) -> Plan:
     """Measure where LoRA parameters pay off on ``data`` and choose ranks under ``budget``.
 
@@ -165,6 +169,9 @@ def allocate(
             commit the weights came from (``provenance["model_revision"]``).
         config: the configuration this call was made from (``allocate --print-config``'s form), recorded as
             ``provenance["config"]``; the CLI passes its resolved config.
+        chat_template: the path of a Jinja chat template file, for chat records when the model's tokenizer
+            has no template (or to replace its own); the plan records its hash
+            (``provenance["chat_template"]``).
 
     Returns:
         A :class:`~allocator.output.plan.Plan`; ``plan.cost <= plan.budget`` always.
@@ -181,6 +188,7 @@ def allocate(
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
     solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
     parsed_budget = Budget.parse(budget)
+    template = read_chat_template(chat_template)
     check_source(data, "data", data_settings)
     if retention_data is not None:
         check_source(retention_data, "retention_data", data_settings)
@@ -190,7 +198,7 @@ def allocate(
             probes.check_cache_dir(cache_dir)
 
     model_obj, model_id = load_or_check_model(model, trust_remote_code, revision)
-    tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code, revision)
+    tokenizer = tokenizer_for(model_id, trust_remote_code, revision, tokenizer, template)
 
     components = [unprobed_experts_off(c) for c in find_components(model_obj, fused_kernels=fused_kernels)]
     eligible = [c for c in components if c.eligible]
@@ -219,6 +227,7 @@ def allocate(
         "probe_settings": _settings_dict(probe_settings),
         "fused_kernels": fused_kernels,
         "versions": library_versions(),
+        **template_record(template),
         **({"config": dict(config)} if config is not None else {}),
     }
     return solve_plan(
@@ -271,6 +280,7 @@ def solve_plan(
     provenance.update(
         utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings)
     )
+    found = evidence.gather(report, components, budget, ranks, utility_settings, solver_settings, risk_report)
     return Plan(
         model_id=model_id,
         components=tuple(components),
@@ -289,6 +299,8 @@ def solve_plan(
         use_rslora=use_rslora,
         init=init,
         architecture=dict(architecture or {}),
+        marginal=evidence.marginal_values(table, ranks, components),
+        evidence=found,
     )
 
 
@@ -308,6 +320,43 @@ def _settings_dict(settings: Any) -> dict[str, Any]:
     if hasattr(settings, "to_dict"):
         return settings.to_dict()
     return asdict(settings)
+
+
+def read_chat_template(path: Any) -> str | None:
+    """The text of the Jinja chat template file ``path`` (None: none given), read before any model loads."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"chat_template must be the path of a Jinja file, got {type(path).__name__}")
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"could not read the chat template {os.fspath(path)!r} ({type(exc).__name__}); give "
+                         "the path of a UTF-8 Jinja file (chat_template)") from None
+    if not text.strip():
+        raise InputError(f"the chat template {os.fspath(path)!r} is empty; give a Jinja file such as a "
+                         "model's chat_template.jinja (chat_template)")
+    return text
+
+
+def tokenizer_for(model_id: str, trust_remote_code: bool, revision: str | None, tokenizer: Any = None,
+                  chat_template: str | None = None) -> Any:
+    """``tokenizer`` (default: the model's), with ``chat_template``'s text as its chat template when given
+    (on a copy: a tokenizer the caller passed keeps its own)."""
+    tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code, revision)
+    if chat_template is None:
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def template_record(chat_template: str | None) -> dict[str, str]:
+    """``{"chat_template": "sha256:..."}`` for a given template (what provenance and a study's signature
+    record), ``{}`` without one, so plans and studies made before the option stay as they were."""
+    if chat_template is None:
+        return {}
+    return {"chat_template": "sha256:" + hashlib.sha256(chat_template.encode("utf-8")).hexdigest()[:16]}
 
 
 def _load_tokenizer(model_id: str, trust_remote_code: bool, revision: str | None = None) -> Any:

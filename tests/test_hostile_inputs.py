@@ -954,6 +954,33 @@ ALLOCATE = [
         2,
         r"not a conversation.*--no-data-assistant-only-loss",
     ),
+    # issue 18: --chat-template
+    row(
+        "chat-records-for-a-tokenizer-without-a-chat-template",
+        lambda c: c.alloc(
+            data=_records(c, {"messages": [*USER_ONLY, {"role": "assistant", "content": "x"}]})
+        ),
+        2,
+        r"holds chat messages but the tokenizer has no chat template; give --chat-template FILE",
+    ),
+    row(
+        "chat-template-file-missing",
+        lambda c: c.alloc("--chat-template", c.tmp / "nope.jinja"),
+        2,
+        r"could not read the chat template '.*nope\.jinja' \(FileNotFoundError\).*\(--chat-template\)",
+    ),
+    row(
+        "chat-template-file-empty",
+        lambda c: c.alloc("--chat-template", c.write("t.jinja", " \n")),
+        2,
+        r"the chat template '.*t\.jinja' is empty.*\(--chat-template\)",
+    ),
+    row(
+        "chat-template-a-folder",
+        lambda c: c.alloc("--chat-template", c.tmp),
+        2,
+        r"could not read the chat template .*IsADirectoryError.*--chat-template",
+    ),
     row(
         "config-unknown-keys-named-with-the-closest",
         lambda c: c.alloc(*_config(c, "solver:\n  granularty: module\nmax_rank: 8\n")),
@@ -1352,6 +1379,13 @@ TUNE = [
         lambda c: c.tune(*_config(c, "lora:\n  alpha_ratio: 2\n")),
         2,
         r"unknown key lora\.alpha_ratio \(closest: tune\.alpha_ratio\)",
+        check=_no_study_folder,
+    ),
+    row(
+        "chat-template-file-missing-in-tune",
+        lambda c: c.tune("--chat-template", c.tmp / "nope.jinja"),
+        2,
+        r"could not read the chat template '.*nope\.jinja'.*\(--chat-template\)",
         check=_no_study_folder,
     ),
     row("help-lists-exit-codes", lambda c: ["tune", "--help"], 0, ".*".join(EXIT_CODE_LINES)),

@@ -160,8 +160,15 @@ def test_pareto_mode_with_user_objective_returns_front_plans_and_importances(tin
     uniform = result.baselines["uniform"]  # compared with the best trial within the uniform baseline's budget
     assert result.versus["uniform"] == min(r.value for r in done if r.cost <= uniform.budget) - uniform.value
     assert (out / "study.png").is_file()
-    # PED-ANOVA without sklearn
-    assert result.importances and "over 10 searched trials" in result.importance_note
+    # the last of the 11 slots scores uniform at the winner's budget, lr and alpha (the split of its gain)
+    last = result.trials[-1]
+    assert last.baseline == "uniform@winner" and last.budget == result.best.budget
+    assert {k: last.params[k] for k in ("lr", "alpha_ratio")} == {
+        k: result.best.params[k] for k in ("lr", "alpha_ratio")
+    }
+    assert result.attribution["placement"] == result.best.value - last.value
+    # PED-ANOVA without sklearn, over the 9 searched trials
+    assert result.importances and "over 9 searched trials" in result.importance_note
 
 
 def test_out_dir_of_another_study_is_refused_and_overwrite_starts_over(tiny, texts, tmp_path):

@@ -61,6 +61,18 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(setup,
     assert len(_finished(trials)) == 6 and len(trials) == 6, [t.state for t in trials]  # none lost, no extra
     assert [t.number for t in trials] == list(range(6))
     assert sum(t.user_attrs.get("baseline") == "uniform" for t in trials) == 1  # enqueued once for both
+    # the last slot scores uniform at the winner's lr and alpha, once for both workers (unless the winner is
+    # uniform at the base settings already)
+    extra = [t for t in trials if t.user_attrs.get("baseline") == "uniform@winner"]
+    complete = [t for t in trials if t.state.name == "COMPLETE" and t not in extra]
+    winner = min(complete, key=lambda t: (t.value, t.user_attrs["cost"], t.number))  # before the last slot
+    if winner.params.get("placement") != "uniform":
+        assert len(extra) == 1 and extra[0].number == 5, [t.user_attrs for t in trials]
+        assert {k: extra[0].params[k] for k in ("lr", "alpha_ratio")} == {
+            k: winner.params[k] for k in ("lr", "alpha_ratio")
+        }
+    else:
+        assert extra == []
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == len(params)  # no configuration evaluated twice
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials

@@ -8,10 +8,11 @@ Exit codes, the same for every subcommand (and listed in ``allocate --help`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from allocator.commands import _options
 from allocator.errors import AllocatorError
@@ -30,9 +31,12 @@ def run_guarded(
 ) -> int:
     """Run a command; every outcome is one ``error:`` line and its exit code, never a traceback (see the
     module
-    docstring). Messages name command-line flags where the library names settings fields."""
+    docstring). Messages name command-line flags where the library names settings fields. With ``-q``
+    (``args.quiet``) the libraries' own progress bars and notices are silenced too
+    (:func:`quiet_libraries`)."""
     try:
-        return run(args)
+        with quiet_libraries(bool(getattr(args, "quiet", False))):
+            return run(args)
     except AllocatorError as exc:
         print(f"error: {_options.cli_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -61,6 +65,32 @@ def run_guarded(
             file=sys.stderr,
         )
         return EXIT_BUG
+
+
+@contextlib.contextmanager
+def quiet_libraries(enabled: bool = True) -> Iterator[None]:
+    """Silence transformers' weight-loading bars and notices (the ``[transformers] ... falling back to its
+    reference PyTorch implementation`` kernel notices are warnings of its logger) and the hub's download bars
+    while the block runs; restored after, so a caller in the same process keeps its settings."""
+    if not enabled:
+        yield
+        return
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars = not hub.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
 
 
 def usage_line(folder: object, init: str) -> str:

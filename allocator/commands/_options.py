@@ -89,7 +89,14 @@ FUSED = Arg("fused_kernels", ("--fused-kernels",), "training runs with fused Mam
             "modules they bypass do nothing (--no-fused-kernels: a CPU or kernel-free run)", True, "bool")
 REMOTE = Arg("trust_remote_code", ("--trust-remote-code",), "allow the model's own code from its folder or "
              "the hub (runs it with your rights)", False, "bool")
-QUIET = Arg("quiet", ("-q", "--quiet"), "no progress bars", False, "action")
+QUIET = Arg("quiet", ("-q", "--quiet"), "no progress bars: neither ours nor the libraries' (weight loading, "
+            "downloads), and no kernel-fallback notices", False, "action")
+CHAT_TEMPLATE = Arg("chat_template", ("--chat-template",), "a Jinja chat template file for chat (messages) "
+                    "records when the model's tokenizer has none, or to replace its own", metavar="FILE")
+DATA_FORMS = (".txt, .jsonl (text, chat messages, prompt + completion or response records), a datasets "
+              "folder, or 'builtin'")
+# what the library says to an API user -> what a command-line user types (cli_message)
+_PHRASES = {"set tokenizer.chat_template": "give --chat-template FILE"}
 OVERWRITE = Arg("overwrite", ("--overwrite",), "replace the files this tool wrote in the output folder "
                 "(other files are kept)", False, "action")
 
@@ -129,6 +136,9 @@ def cli_message(text: str) -> str:
         return f"{flag} {value.lower()}"
 
     text = _FIELD.sub(lambda m: FLAGS.get((m[1], m[2]), m[0]), _CALL.sub(call, text))
+    for phrase, flag_phrase in _PHRASES.items():
+        if flag_phrase.split()[1] in ARGUMENTS.values():
+            text = text.replace(phrase, flag_phrase)
     if ARGUMENTS:
         names = "|".join(sorted(map(re.escape, ARGUMENTS), key=len, reverse=True))
         text = re.sub(rf"(?<![\w.-])({names})(?![\w-]|\.\w)", lambda m: ARGUMENTS[m[1]], text)

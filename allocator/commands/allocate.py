@@ -12,6 +12,8 @@ import allocator
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
 from allocator.commands._config import dump, resolve
 from allocator.commands._options import (
+    CHAT_TEMPLATE,
+    DATA_FORMS,
     FUSED,
     GROUPS,
     MODEL,
@@ -34,6 +36,8 @@ examples:
       ranks for your data at the cost of uniform rank 16 over all eligible targets
   allocate ./my-model --data chat.jsonl --data-assistant-only-loss --budget 0.5% -o out
       chat records tokenised as TRL's SFTTrainer does, loss on the assistant turns
+  allocate ./base-model --data chat.jsonl --chat-template chat_template.jinja -o out
+      chat records for a model whose tokenizer has no chat template (a base model)
   allocate ./my-model --data notes.txt --budget 2.5M --solver-granularity module \\
       --solver-share-bounds attention=0.1:0.5 -o out
       2.5M trainable parameters, one rank per module, attention gets 10-50% of the budget
@@ -55,8 +59,7 @@ name, its config key and its API argument: docs/cli.md.
 
 ARGS = (
     MODEL,
-    Arg("data.source", ("--data",), "calibration data: .txt, .jsonl (text, chat messages, prompt + "
-        "completion records), a datasets folder, or 'builtin'", "builtin", api="data", metavar="DATA"),
+    Arg("data.source", ("--data",), f"calibration data: {DATA_FORMS}", "builtin", api="data", metavar="DATA"),
     Arg("budget", ("--budget",), "trainable LoRA parameters: 2.5M | 0.5% | r16", "r8"),
     Arg("out_dir", ("-o", "--out-dir"), "output folder", "lora-plan"),
     OVERWRITE,
@@ -64,6 +67,7 @@ ARGS = (
     Arg("data.retention_source", ("--retention-data",), "general text for the retention risk ('builtin' "
         "for the package corpus)", api="retention_data", metavar="DATA"),
     Arg("cache_dir", ("--cache-dir",), "reuse probe reports stored here when model, data and settings match"),
+    CHAT_TEMPLATE,
     FUSED,
     REMOTE,
     QUIET,
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=cfg["trust_remote_code"],
         revision=cfg["revision"],
         config=cfg.record(),
+        chat_template=cfg["chat_template"],
     )
     folder = plan.save(out, overwrite=args.overwrite)
     print(format_summary(plan, folder, time.perf_counter() - started))
@@ -124,23 +129,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(plan, folder: Path, seconds: float) -> str:
-    from allocator.output.report import family_rows, uniform_comparison  # with the plan: its stage is loaded
+    import textwrap
+
+    # with the plan: its stage is loaded
+    from allocator.output.report import family_rows, marginal_text, uniform_comparison, verdict_lines
 
     uniform = uniform_comparison(plan)
-    lines = [
+    lines = []
+    for i, sentence in enumerate(verdict_lines(plan)):
+        lines += textwrap.wrap(sentence, 110, initial_indent="verdict " if i == 0 else "        ",
+                               subsequent_indent="          " if i else "        ")
+    compare = (
+        f"uniform rank {uniform.rank} on all {uniform.n_targets} targets would cost {uniform.cost:,}"
+        if not uniform.below_r1
+        else f"your budget ({plan.budget:,}) is below uniform r1 ({uniform.per_rank:,}); uniform r1 over "
+        f"{' + '.join(uniform.families) or 'no family'} ({uniform.n_targets} modules) would cost "
+        f"{uniform.cost:,}"
+    )
+    lines += [
+        "",
         f"model   {plan.model_id}",
         f"budget  {plan.budget:,} parameters; plan cost {plan.cost:,} "
         f"({plan.cost / max(plan.budget, 1):.1%})",
-        f"        uniform rank {uniform.rank} on all {uniform.n_targets} targets would cost {uniform.cost:,}",
+        f"        {compare}",
         "",
-        f"{'family':<10} {'adapted':>9} {'ranks':<20} {'parameters':>12} {'budget':>7}",
+        f"{'family':<10} {'adapted':>9} {'ranks':<20} {'parameters':>12} {'budget':>7} "
+        f"{'next rank buys':>15}",
     ]
     for row in family_rows(plan):
         lines.append(
             f"{row.family:<10} {row.adapted:>4}/{row.modules:<4} {row.ranks:<20} {row.params:>12,} "
-            f"{row.share_budget:>7.1%}"
+            f"{row.share_budget:>7.1%} {marginal_text(row.marginal):>15}"
         )
     lines += [
+        "(next rank buys: utility per million parameters of the next grid rank; the solver equalises it)",
         "",
         f"wrote {folder}/adapter_config.json, allocation.json, report.md, heatmap.png ({seconds:.0f} s)",
         usage_line(folder, plan.init),

@@ -11,6 +11,8 @@ from pathlib import Path
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
 from allocator.commands._config import dump, resolve
 from allocator.commands._options import (
+    CHAT_TEMPLATE,
+    DATA_FORMS,
     FUSED,
     GROUPS,
     MODEL,
@@ -52,8 +54,8 @@ the storage that OUT_DIR's own record (tune.json) names, nowhere else.
 
 ARGS = (
     MODEL,
-    Arg("data.source", ("--data",), "calibration and fine-tune training data: .txt, .jsonl, a datasets "
-        "folder or 'builtin'", "builtin", api="data", metavar="DATA"),
+    Arg("data.source", ("--data",), f"calibration and fine-tune training data: {DATA_FORMS}", "builtin",
+        api="data", metavar="DATA"),
     Arg("data.eval_source", ("--eval-data",), "data the fine-tuned adapters are scored on (eval loss); "
         "required", api="eval_data", metavar="DATA"),
     Arg("out_dir", ("-o", "--out-dir"), "study folder: probe cache, default storage, results", "tune-study"),
@@ -68,6 +70,7 @@ ARGS = (
     Arg("data.init_source", ("--init-data",), "EVA's calibration data (default: --data); PEFT's EVA counts "
         "only labelled tokens, so data labelled on answers only may need its own", api="init_data",
         metavar="DATA"),
+    CHAT_TEMPLATE,
     FUSED,
     REMOTE,
     QUIET,
@@ -120,12 +123,17 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=cfg["trust_remote_code"],
         revision=cfg["revision"],
         config=cfg.record(),
+        chat_template=cfg["chat_template"],
     )
     print(format_summary(result, time.perf_counter() - started))
     return 0
 
 
 def format_summary(result, seconds: float) -> str:
+    import textwrap
+
+    from allocator.tuning.report import attribution_lines, recipe_text  # with the result: its stage is loaded
+
     states = [r.state for r in result.trials]
     lines = [
         f"study   {result.study_name} in {result.storage} ({result.mode} mode)",
@@ -134,17 +142,22 @@ def format_summary(result, seconds: float) -> str:
     ]
     if result.best is not None:
         b = result.best
+        placement = "identical to uniform" if result.attribution.get("identical_to_uniform") else "solved"
         lines.append(
             f"winner  trial {b.number} ({b.baseline or b.placement}): eval loss {b.value:.4f}, "
-            f"{b.cost:,} params"
+            f"{b.cost:,} params; placement {placement}"
         )
     for name, delta in result.versus.items():
         lines.append(f"        vs {name:<10} {result.baselines[name].value:.4f}  ({delta:+.4f})")
+    for sentence in attribution_lines(result)[1:]:
+        lines += textwrap.wrap(sentence, 110, initial_indent="        ", subsequent_indent="          ")
     folder = Path(result.out_dir) if result.out_dir else Path(".")
+    recipe = recipe_text(result)
     lines += [
         "",
         f"wrote {folder}/best, study.md, study.png ({seconds:.0f} s)",
-        usage_line(folder / "best", result.best_plan.init if result.best_plan else "default"),
+        usage_line(folder / "best", result.best_plan.init if result.best_plan else "default")
+        + (f"; {recipe}" if recipe else ""),
     ]
     return "\n".join(lines)
 

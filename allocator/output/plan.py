@@ -47,7 +47,9 @@ ALLOCATION_FILE = "allocation.json"
 PLAN_FILES = ("adapter_config.json", ALLOCATION_FILE, "report.md", "heatmap.png")
 # plan folders written before the folder manifest existed: exactly these files mark them as the tool's
 LEGACY_PLAN_FILES = (frozenset(PLAN_FILES), frozenset(PLAN_FILES[:2]))
-SCHEMA = 2  # allocation.json: 1 had no "schema" key; 2 adds "schema" and "architecture"
+# allocation.json: 1 had no "schema" key; 2 adds "schema" and "architecture". Optional keys added since, which
+# readers of schema 2 ignore and this reader does without: "evidence" (top level), "marginal" (per module)
+SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,17 @@ class Plan:
         metadata={"help": "model_type, decoder layers and class of the model the plan was made for; apply "
                           "checks them."},
     )
+    marginal: Mapping[str, float | None] = field(
+        default_factory=dict,
+        metadata={"help": "Per module: utility the next grid rank would add, per parameter it costs "
+                          "(what the solver equalises); None at the top of the grid."},
+    )
+    evidence: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "What moved budget away from uniform: the signal, the share moved with each "
+                          "lever off, held-out consistency (allocator.output.evidence); empty for "
+                          "hand-made plans."},
+    )
 
     def __post_init__(self) -> None:
 
@@ -103,6 +116,19 @@ class Plan:
         object.__setattr__(self, "alpha_ratio", check_alpha_ratio(self.alpha_ratio))
         if self.cost > self.budget:
             raise AllocatorError(f"plan cost {self.cost:,} exceeds its budget {self.budget:,}")
+
+    def __repr__(self) -> str:
+        """One screen: model, budget, cost, the verdict's headline and the ranks per family."""
+        from allocator.output.report import family_rows, short_verdict
+
+        families = "\n".join(
+            f"    {row.family:<10} {row.adapted:>3}/{row.modules:<3} modules adapted, ranks {row.ranks}, "
+            f"{row.params:,} parameters" for row in family_rows(self)
+        )
+        return (
+            f"Plan(model={self.model_id!r},\n    budget={self.budget:,}, cost={self.cost:,}, "
+            f"init={self.init!r}, alpha_ratio={self.alpha_ratio:g}: {short_verdict(self)}\n{families})"
+        )
 
     # ---- derived numbers
     # --------------------------------------------------------------------------------------
@@ -256,6 +282,8 @@ class Plan:
                     utility=float(self.utility.get(c.name, 0.0)),
                     risk=float(self.risk.get(c.name, 0.0)),
                 )
+                if c.name in self.marginal:
+                    entry["marginal"] = self.marginal[c.name]
             modules.append(entry)
         return {
             "schema": SCHEMA,
@@ -269,6 +297,7 @@ class Plan:
             "init": self.init,
             "solver": dict(self.solver),
             "provenance": dict(self.provenance),
+            **({"evidence": dict(self.evidence)} if self.evidence else {}),
             "modules": modules,
         }
 
@@ -297,7 +326,7 @@ class Plan:
                 f"{ALLOCATION_FILE} written by `allocate -o`"
             )
         keys = set(Component.__dataclass_fields__)
-        components, ranks, utility, risk = [], {}, {}, {}
+        components, ranks, utility, risk, marginal = [], {}, {}, {}, {}
         try:
             for entry in data["modules"]:
                 components.append(Component.from_dict({k: v for k, v in entry.items() if k in keys}))
@@ -305,6 +334,9 @@ class Plan:
                     ranks[entry["name"]] = _whole(entry["rank"], f"rank of {entry['name']}")
                     utility[entry["name"]] = float(entry.get("utility", 0.0))
                     risk[entry["name"]] = float(entry.get("risk", 0.0))
+                    if "marginal" in entry:  # plans written before it existed have none
+                        value = entry["marginal"]
+                        marginal[entry["name"]] = None if value is None else float(value)
             return cls(
                 model_id=str(data["model_id"]),
                 components=tuple(components),
@@ -318,6 +350,8 @@ class Plan:
                 use_rslora=bool(data.get("use_rslora", False)),
                 init=str(data.get("init", "default")),
                 architecture=dict(data.get("architecture", {})),
+                marginal=marginal,
+                evidence=dict(data.get("evidence", {})),
             )
         except InputError:
             raise

@@ -1,8 +1,8 @@
-"""Stage 5b: a readable report of a plan: per-family and per-layer tables, a heatmap, and the uniform config
-of
-equal cost beside it.
+"""Stage 5b: a readable report of a plan: the verdict (:mod:`allocator.output.verdict`), per-family and
+per-layer tables, a heatmap, and the uniform config of equal cost beside it.
 
-``summarize(plan)`` gathers rows (data, testable); ``render_markdown`` and ``write_heatmap`` only format them.
+``family_rows`` and ``layer_kind_ranks`` gather rows (data, testable); ``render_markdown`` and
+``heatmap_figure`` / ``write_heatmap`` only format them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,21 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from allocator.output.verdict import (
+    UniformComparison,
+    family_marginal,
+    short_verdict,
+    uniform_comparison,
+    verdict_lines,
+)
+
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from allocator.output.plan import Plan
+
+__all__ = ["FamilyRow", "UniformComparison", "family_rows", "layer_kind_ranks", "render_markdown",
+           "uniform_comparison", "write_heatmap", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -29,14 +42,16 @@ class FamilyRow:
     ranks: str  # e.g. "0–16 (median 8)"
     params: int
     share_budget: float
-    share_utility: float
+    # utility per parameter of the next grid rank, size-weighted mean over the family (what the solver
+    # equalises); None where every module is at the top of the grid or has no utility
+    marginal: float | None
 
 
-@dataclass(frozen=True)
-class UniformComparison:
-    rank: int  # largest uniform rank over every eligible target that fits the budget
-    cost: int
-    n_targets: int
+MARGINAL_UNIT = 1e6  # marginal values are shown per million parameters
+MARGINAL_NOTE = (
+    "next rank buys: utility per million parameters that the next grid rank of the family's modules would "
+    "add (what the solver equalises: budget goes where it buys most, until the grid allows no better trade)"
+)
 
 
 def family_rows(plan: Plan) -> list[FamilyRow]:
@@ -45,7 +60,7 @@ def family_rows(plan: Plan) -> list[FamilyRow]:
     by_name = plan.by_name
     for name in plan.ranks:
         by_family[by_name[name].family].append(name)
-    total_utility = plan.total_utility or 1.0
+    marginal = family_marginal(plan)
     rows = []
     for family in sorted(by_family):
         names = by_family[family]
@@ -59,7 +74,7 @@ def family_rows(plan: Plan) -> list[FamilyRow]:
                 ranks=f"{ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})",
                 params=params,
                 share_budget=params / plan.budget if plan.budget else 0.0,
-                share_utility=sum(plan.utility.get(n, 0.0) for n in names) / total_utility,
+                marginal=marginal.get(family),
             )
         )
     return rows
@@ -78,41 +93,49 @@ def layer_kind_ranks(plan: Plan) -> tuple[list[str], list[str], dict[tuple[str, 
     return layers, kinds, cells
 
 
-def uniform_comparison(plan: Plan) -> UniformComparison:
-    """The uniform-rank LoRA over every eligible target whose cost is the largest not above the plan's
-    budget."""
-    per_rank = sum(plan.by_name[n].n_params_per_rank for n in plan.ranks)
-    rank = plan.budget // per_rank if per_rank else 0
-    return UniformComparison(rank=int(rank), cost=int(rank * per_rank), n_targets=len(plan.ranks))
-
-
 def render_markdown(plan: Plan) -> str:
     uniform = uniform_comparison(plan)
+    compare = (
+        f"rank {uniform.rank} on all {uniform.n_targets} eligible targets = {uniform.cost:,} parameters"
+        if not uniform.below_r1
+        else f"uniform r1 on every eligible target costs {uniform.per_rank:,}, over the budget; r1 over "
+        f"{' + '.join(uniform.families) or 'no family'} ({uniform.n_targets} modules) = {uniform.cost:,}"
+    )
     lines = [
         f"# LoRA allocation for `{plan.model_id}`",
         "",
+        "## Verdict",
+        "",
+        *(f"- {line[0].upper()}{line[1:]}" for line in verdict_lines(plan)),
+        "",
+        "## Plan",
+        "",
         f"- budget: {plan.budget:,} trainable parameters; plan cost: **{plan.cost:,}** "
-        f"({plan.cost / plan.budget:.1%} of budget)" if plan.budget else f"- plan cost: {plan.cost:,}",
+        f"({plan.cost / plan.budget:.1%} of budget)",
         f"- adapted modules: {len(plan.targets)} of {len(plan.ranks)} eligible "
         f"({sum(not c.eligible for c in plan.components)} found but not eligible)",
         f"- solver: {plan.solver.get('status', '?')}, MIP gap "
         f"{plan.solver.get('mip_gap', float('nan')):.2g}, granularity "
         f"`{plan.solver.get('granularity', '?')}`",
-        f"- uniform config of equal cost for comparison: rank {uniform.rank} on all {uniform.n_targets} "
-        f"eligible targets = {uniform.cost:,} parameters",
+        f"- uniform config of equal cost for comparison: {compare}",
         "",
         "## By family",
         "",
-        "| family | modules | adapted | ranks | parameters | share of budget | share of utility |",
+        "| family | modules | adapted | ranks | parameters | share of budget | next rank buys |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for row in family_rows(plan):
         lines.append(
             f"| {row.family} | {row.modules} | {row.adapted} | {row.ranks} | {row.params:,} | "
-            f"{row.share_budget:.1%} | {row.share_utility:.1%} |"
+            f"{row.share_budget:.1%} | {marginal_text(row.marginal)} |"
         )
+    lines += ["", f"_{MARGINAL_NOTE}; – at the top of the grid or without utility._"]
     layers, kinds, cells = layer_kind_ranks(plan)
-    lines += ["", "## By layer (rank; uniform would give every cell rank " f"{uniform.rank})", ""]
+    if uniform.below_r1:
+        title = f"rank; uniform r1 fits only over {' + '.join(uniform.families) or 'no family'}"
+    else:
+        title = f"rank; uniform would give every cell rank {uniform.rank}"
+    lines += ["", f"## By layer ({title})", ""]
     lines.append("| layer | " + " | ".join(kinds) + " | parameters |")
     lines.append("|---|" + "---:|" * (len(kinds) + 1))
     by_name = plan.by_name
@@ -131,33 +154,48 @@ def render_markdown(plan: Plan) -> str:
             lines.append(f"- `{c.name}`: {c.note or 'not effective'}")
     if plan.provenance:
         lines += ["", "## Provenance", "", "```json"]
-
         lines.append(json.dumps(dict(plan.provenance), indent=2, sort_keys=True, default=str))
         lines.append("```")
     return "\n".join(lines) + "\n"
 
 
-def write_heatmap(plan: Plan, path: Path) -> None:
-    """Layer × kind grid, colour = rank."""
+def marginal_text(value: float | None) -> str:
+    """A family's marginal value per million parameters, or ``–``."""
+    return "–" if value is None else f"{value * MARGINAL_UNIT:.3g}"
 
+
+def heatmap_figure(plan: Plan) -> Figure:
+    """Layer × kind grid, colour = rank; the title names the cost and how the plan compares with uniform, and
+    the figure is widened until the title fits."""
     matplotlib.use("Agg")
-
     layers, kinds, cells = layer_kind_ranks(plan)
     grid = np.full((len(kinds), len(layers)), np.nan)
     for (layer, kind), r in cells.items():
         grid[kinds.index(kind), layers.index(layer)] = r
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.5), max(2.0, 0.45 * len(kinds) + 1.2)))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.5), max(2.4, 0.45 * len(kinds) + 1.6)))
+    top = max(1, max(cells.values(), default=1))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
     ax.set_xticks(range(len(layers)), layers)
     ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xlabel("layer")
-    ax.set_title(f"LoRA rank per layer and kind ({plan.cost:,} params)")
     for (layer, kind), r in cells.items():
         ax.text(
             layers.index(layer), kinds.index(kind), str(r), ha="center", va="center", color="w", fontsize=7
         )
     fig.colorbar(image, ax=ax, label="rank")
+    title = fig.suptitle(f"LoRA rank per layer and kind, {plan.cost:,} parameters\n({short_verdict(plan)})",
+                         fontsize=10)
     fig.tight_layout()
+    fig.canvas.draw()
+    needed = title.get_window_extent().width / fig.dpi + 0.4  # inches, with a margin each side
+    if needed > fig.get_figwidth():
+        fig.set_figwidth(needed)
+        fig.tight_layout()
+    return fig
+
+
+def write_heatmap(plan: Plan, path: Path) -> None:
+    fig = heatmap_figure(plan)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -71,6 +71,11 @@ class Objective:
         per_rank = sum(c.n_params_per_rank for c in members)
         return budget // per_rank if per_rank else 0
 
+    def uniform_fits(self, params: Mapping[str, Any]) -> bool:
+        """Whether uniform LoRA gets rank >= 1 at the budget of a trial with ``params``."""
+        budget = int(self.search.suggest(FixedParams(params))["budget"])
+        return self.baseline_rank("uniform", budget) > 0
+
     def plan(self, cfg: Mapping[str, Any], number: int | None = None) -> Plan:
         """The plan of one configuration: solved from the cached probe report, or a baseline's uniform
         ranks."""

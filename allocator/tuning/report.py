@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.errors import as_input_error
+from allocator.output.verdict import short_verdict, uniform_comparison, verdict_lines
+from allocator.tuning.attribution import UNIFORM_AT_WINNER, attribute, training_key
 from probes.folders import FolderError, write_file, write_folder
 
 if TYPE_CHECKING:
@@ -72,6 +74,14 @@ class TuneResult:
     importance_note: str = field(metadata={"help": "the importance method used, or why there are none"})
     probe_seconds: float = field(metadata={"help": "this worker's probe time (a cache hit is ~0)"})
     out_dir: Path | None = field(default=None, metadata={"help": "where the files were written"})
+    attribution: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "the winner's gain over uniform split into placement and training settings "
+                          "(allocator.tuning.attribution.attribute)"})
+    recipe: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "how to train the winner as its pilot was: lr, alpha_ratio, steps, batch_size, "
+                          "seq_len, init (steps and sizes only with the built-in fine-tune)"})
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("best_plan", "pareto_plans")}
@@ -104,13 +114,15 @@ def summarize(
     mode: str,
     probe_seconds: float = 0.0,
     importances: Callable[[list[TrialRow], list[str]], tuple[dict[str, float], str]] | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> TuneResult:
     """Rows, winner, Pareto front, baselines and importances of ``study`` (anything with ``get_trials``,
     ``best_trials`` and ``study_name``, such as an Optuna study); ``rebuild(params, number)`` remakes a
     trial's
     plan (solving is deterministic, so plans are not stored in the database); ``importances(searched rows,
     shared
-    params)`` gives the parameter importances and a note on their method."""
+    params)`` gives the parameter importances and a note on their method; ``training`` (steps, batch size,
+    sequence length of the built-in fine-tune) completes the winner's recipe."""
     trials = study.get_trials(deepcopy=False)
     rows = tuple(_row(t) for t in trials)
     done = [r for r in rows if r.state == "complete" and r.value is not None and math.isfinite(r.value)]
@@ -119,7 +131,7 @@ def summarize(
     if mode == "pareto" and done:
         numbers = {t.number for t in study.best_trials}
         pareto = tuple(sorted((r for r in done if r.number in numbers), key=lambda r: (r.cost or 0, r.value)))
-    baselines = {r.baseline: r for r in done if r.baseline}
+    baselines = {r.baseline: r for r in done if r.baseline and r.baseline != UNIFORM_AT_WINNER}
     versus = {}
     for name, b in sorted(baselines.items()):
         within = [r for r in done if (r.cost or 0) <= (b.budget or 0)] if mode == "pareto" else done
@@ -130,13 +142,19 @@ def summarize(
     by_number = {t.number: t for t in trials}
     wanted = {r.number: r for r in (*pareto, *([best] if best else []))}
     plans = {n: rebuild(by_number[n].params, n) for n in wanted}
+    best_plan = plans.get(best.number) if best else None
+    uniform_rank = uniform_comparison(best_plan).rank if best_plan is not None else 0
+    identical = uniform_rank > 0 and set(best_plan.ranks.values()) == {uniform_rank}
+    recipe = {} if best_plan is None else {
+        "lr": (best_plan.provenance.get("tune") or {}).get("lr"), "alpha_ratio": best_plan.alpha_ratio,
+        **dict(training or {}), "init": best_plan.init}
     return TuneResult(
         study_name=study.study_name,
         storage=storage,
         mode=mode,
         trials=rows,
         best=best,
-        best_plan=plans.get(best.number) if best else None,
+        best_plan=best_plan,
         pareto=pareto,
         pareto_plans={r.number: plans[r.number] for r in pareto},
         baselines=baselines,
@@ -144,6 +162,8 @@ def summarize(
         importances=importance,
         importance_note=note,
         probe_seconds=probe_seconds,
+        attribution=attribute(done, best, baselines.get("uniform"), identical),
+        recipe=recipe,
     )
 
 
@@ -153,6 +173,59 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 def _params_text(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _settings_diff(best: TrialRow, other: TrialRow) -> str:
+    """``'lr 7.8e-03 vs 3e-03, alpha_ratio 1.58 vs 2'``: the training settings in which two trials differ."""
+    a, b = training_key(best.params), training_key(other.params)
+    return ", ".join(f"{k} {_g(a[k])} vs {_g(b[k])}" for k in a if k in b and a[k] != b[k]) or "none"
+
+
+def _g(value: Any) -> str:
+    """``113,024``, ``1.58``, ``7.80e-03``: counts with separators, small floats (an lr) in exponent form."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.3g}" if 0.01 <= abs(value) < 1e4 else f"{value:.2e}"
+
+
+def attribution_lines(result: TuneResult) -> list[str]:
+    """The winner's gain over uniform split into placement and training settings, in plain language."""
+    b, a = result.best, result.attribution
+    if b is None or not a:
+        return []
+    same = "identical to uniform" if a["identical_to_uniform"] else "differs from uniform"
+    if result.best_plan is not None and not a["identical_to_uniform"]:
+        same = short_verdict(result.best_plan)
+    lines = [f"winner: trial {b.number} ({b.baseline or b.placement}), eval loss {b.value:.4f}; "
+             f"placement {same}"]
+    at = a.get("uniform_at_winner")
+    at_text = (f"uniform at the winner's settings: trial {at}, {a['uniform_at_winner_loss']:.4f}"
+               if at is not None else "")
+    if "total" in a:
+        u, n = result.baselines["uniform"], sum(r.state in ("complete", "pruned") for r in result.trials)
+        if at is None:
+            lines.append(f"against uniform (trial {u.number}, {u.value:.4f}): {a['total']:+.4f}, not split: "
+                         "uniform at the winner's lr and alpha was not scored (the study's last trial won); "
+                         f"resume with --tune-trials {n + 1} to score it")
+        else:
+            what = "training settings" + (" and budget" if b.budget != u.budget else "")
+            lines.append(f"against uniform (trial {u.number}, {u.value:.4f}): {a['total']:+.4f} = placement "
+                         f"{a['placement']:+.4f} + {what} {a['settings']:+.4f} ({at_text}; "
+                         f"settings that differ: {_settings_diff(b, u)})")
+    elif at is not None:
+        lines.append(f"placement: {a['placement']:+.4f} against {at_text}")
+    return lines
+
+
+def recipe_text(result: TuneResult) -> str:
+    """How to train the winner as its pilot was: ``'train at lr 7.8e-03 for 60 steps of 8 x 128 tokens
+    (lora_alpha = 1.58 x rank, in the config)'``; empty without a winner."""
+    r = result.recipe
+    if not r:
+        return ""
+    lr = "the lr your objective used" if r.get("lr") is None else f"lr {_g(float(r['lr']))}"
+    steps = (f" for {r['steps']} steps of {r['batch_size']} x {r['seq_len']} tokens" if "steps" in r else "")
+    return f"train at {lr}{steps} (lora_alpha = {_g(float(r['alpha_ratio']))} x rank, in the config)"
 
 
 def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
@@ -175,6 +248,12 @@ def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
     ]
     if result.best is not None:
         b = result.best
+        verdict = attribution_lines(result)
+        if result.best_plan is not None:  # its verdict, less the advice to run a study
+            plan_lines = [line for line in verdict_lines(result.best_plan) if not line.startswith("next:")]
+            verdict += [f"the winning plan: {line}" if i == 0 else line for i, line in enumerate(plan_lines)]
+        verdict.append(f"reproduce: `LoraConfig.from_pretrained(\"best\")`, {recipe_text(result)}")
+        lines[1:1] = ["", "## Verdict", "", *(f"- {v[0].upper()}{v[1:]}" for v in verdict), "", "## Study"]
         lines += [
             "## Winner",
             "",
@@ -190,19 +269,21 @@ def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
             "## Against the baselines",
             "",
             "| baseline | trial | eval loss | parameters | winner − baseline |",
-            "baseline |",
             "|---|---:|---:|---:|---:|",
         ]
         for name, delta in result.versus.items():
             r = result.baselines[name]
             lines.append(f"| {name} | {r.number} | {r.value:.4f} | {r.cost:,} | {delta:+.4f} |")
+        at = next((r for r in result.trials if r.number == result.attribution.get("uniform_at_winner")), None)
+        if at is not None and at.baseline == UNIFORM_AT_WINNER:
+            lines.append(f"| uniform at the winner's lr and alpha | {at.number} | {at.value:.4f} | "
+                         f"{at.cost:,} | {result.attribution['placement']:+.4f} |")
         lines.append("")
     if result.pareto:
         lines += [
             "## Pareto front",
             "",
             "| trial | eval loss | parameters | placement | parameters of the trial |",
-            "trial |",
             "|---:|---:|---:|---|---|",
         ]
         lines += [

@@ -1,22 +1,17 @@
-"""`allocate tune`, the worker: an Optuna study over the budget, the allocation settings, LoRA alpha and the
-lr.
+"""`allocate tune`, the worker: an Optuna study over the budget, allocation settings, LoRA alpha and the lr.
 
 Stage: the whole chain of ``docs/design.md`` in a loop. Input: a model, training ``data``, ``eval_data``.
 Output: :class:`~allocator.tuning.report.TuneResult`, and in ``out_dir`` the best plan (``best/``, as
-``allocate -o``
-writes it), ``study.md`` and ``study.png``. Each trial (:mod:`allocator.tuning.objective`)::
+``allocate -o`` writes it), ``study.md`` and ``study.png``. Each trial (:mod:`allocator.tuning.objective`)::
 
-    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(fixed steps) ->
-    eval loss
+    Optuna suggests -> compute_utilities(cached probe report) -> solve -> Plan -> finetune(steps) -> loss
 
 Probes run once per study (``probes.run_cached`` in ``out_dir/probes``, under the folder's lock so that
-workers
-sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the same
-budget, lr
-and alpha, and the allocator's own defaults) are enqueued first, once per study, and are never pruned. The
-search
-and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that imports
-Optuna.
+workers sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the
+same budget, lr and alpha, and the allocator's defaults) are enqueued first, once per study, and are never
+pruned; the last trial slot scores uniform at the winner's settings (:mod:`allocator.tuning.attribution`).
+The search and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that
+imports Optuna.
 """
 
 from __future__ import annotations
@@ -36,13 +31,15 @@ import optuna
 import probes
 from allocator.api import (
     DataSource,
-    _load_tokenizer,
     check_source,
     library_versions,
     load_or_check_model,
     model_commit,
+    read_chat_template,
     resolve_model_ref,
     settings_or_default,
+    template_record,
+    tokenizer_for,
     unprobed_experts_off,
 )
 from allocator.discovery.components import architecture_of, find_components
@@ -51,6 +48,7 @@ from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
 from allocator.scoring.utility import UtilitySettings
 from allocator.solver.settings import SolverSettings
+from allocator.tuning import attribution
 from allocator.tuning import storage as store
 from allocator.tuning.folder import (
     LOCK_NAME,
@@ -100,13 +98,14 @@ def tune(
     objective: Callable[[Plan, Any], float] | None = None,
     revision: str | None = None,
     config: Mapping[str, Any] | None = None,
+    chat_template: str | os.PathLike[str] | None = None,
 ) -> TuneResult:
     """Run (or join, or resume) the study ``study_name`` until it holds ``settings.trials`` finished trials.
 
     Args:
         model, data, retention_data, fused_kernels, trust_remote_code, tokenizer: as
-        :func:`allocator.allocate`;
-            ``data`` also gives the fine-tune's training sequences (a path, ``"builtin"`` or token batches).
+            :func:`allocator.allocate`; ``data`` also gives the fine-tune's training sequences (a path,
+            ``"builtin"`` or token batches).
         eval_data: data scored by the built-in fine-tune, in any form ``data`` takes (required unless
             ``objective`` is given).
         settings: study size, mode, fine-tune and search space (:class:`TuneSettings`).
@@ -114,27 +113,22 @@ def tune(
             ``study.png``. An existing ``out_dir`` of the same study is resumed; any other needs
             ``overwrite``.
         storage: any database URL Optuna's RDBStorage takes; workers given the same URL and ``study_name``
-        share
-            the study. The exact trial bound and the one probe run hold for workers sharing ``out_dir``.
+            share the study. The exact trial bound and the one probe run hold for workers sharing ``out_dir``.
         overwrite: start over: remove what tune wrote in ``out_dir`` and delete the study its record names.
         data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
             at ``""`` keep their value; the ``default`` baseline uses them).
         init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or
-        ``"eva"``
-            (EVA's top input principal directions at the trial's ranks, computed on the calibration ``data``
-            by
-            each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"`` the study
-            picks the
-            placement that does best under that init, and ``best/`` is a plan to apply with
-            ``Plan.apply(model, init_data=...)``.
+            ``"eva"`` (EVA's top input principal directions at the trial's ranks, computed on the calibration
+            ``data`` by each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"``
+            the study picks the placement that does best under that init, and ``best/`` is a plan to apply
+            with ``Plan.apply(model, init_data=...)``.
         init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows);
-        PEFT's
-            EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may need its
-            own.
+            PEFT's EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may
+            need its own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
-        revision, config: as :func:`allocator.allocate` (the hub revision; the configuration recorded in every
-            plan's provenance, which ``allocate tune`` passes).
+        revision, config, chat_template: as :func:`allocator.allocate` (the hub revision; the configuration
+            recorded in every plan's provenance, which ``allocate tune`` passes; a Jinja chat template file).
 
     Raises:
         InputError: bad input, an out_dir holding another study, resumed with different settings.
@@ -154,6 +148,7 @@ def tune(
     probe_settings = settings_or_default(probe_settings, ProbeSettings, "probe_settings")
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
     solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
+    template = read_chat_template(chat_template)
     for name, source in (("data", data), ("eval_data", eval_data), ("retention_data", retention_data),
                          ("init_data", init_data)):
         if source is not None:
@@ -168,7 +163,7 @@ def tune(
     check_out_dir(out, study_name, url, overwrite)  # before any work
     worker.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
                 (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective,
-                (revision, config))
+                (revision, config, template))
     # once every input has been read
     worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)
     try:
@@ -185,6 +180,7 @@ def tune(
                 mode=settings.mode,
                 probe_seconds=worker.probe_seconds,
                 importances=lambda rows, params: store.importances(study, rows, params),
+                training=worker.training,
             )
             return write_outputs(result, out)
     except store.STORAGE_ERRORS as exc:  # the database failed mid-study
@@ -210,8 +206,7 @@ class Worker:
 
     def open_folder(self, *, explicit_storage: bool, overwrite: bool) -> None:
         """Prepare (re-checked under the lock) and mark the study folder; a given --storage is opened first,
-        so a
-        wrong one leaves no record. A folder this call created is removed again if that fails."""
+        so a wrong one leaves no record. A folder this call created is removed again if that fails."""
         created = not self.out.exists()
         try:
             with self.lock:
@@ -248,24 +243,25 @@ class Worker:
         base: tuple,
         init_data: Any,
         objective: Callable[[Plan, Any], float] | None,
-        hub: tuple[str | None, Mapping[str, Any] | None] = (None, None),
+        hub: tuple[str | None, Mapping[str, Any] | None, str | None] = (None, None, None),
     ) -> None:
         """Model, components and fine-tune batches; the base settings and the study's signature. No probes
         yet."""
         s = self.settings
         self.data_settings, self.probe_settings, self.utility, self.solver = base
         self.user_objective = objective
-        revision, config = hub
+        revision, config, template = hub  # the hub revision, the config to record, a chat template's text
         self.model, self.model_id = load_or_check_model(model, trust_remote_code, revision)
-        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code, revision)
+        self.tokenizer = tokenizer_for(self.model_id, trust_remote_code, revision, tokenizer, template)
         self.components = tuple(
             unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels)
         )
         self.eligible = [c for c in self.components if c.eligible]
         if not self.eligible:
             raise AllocatorError(f"no adaptable modules found in {self.model_id}; see `allocate inspect`")
-        self.train = self.evals = ()
+        self.train, self.evals, self.training = (), (), {}
         if objective is None:
+            self.training = dict(steps=s.steps, batch_size=s.batch_size, seq_len=self.data_settings.seq_len)
             self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
             self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
         fmt = self.data_settings.record_format()
@@ -289,9 +285,9 @@ class Worker:
                 "use_rslora": self.use_rslora,
                 **({"init": self.init, "init_data": _where(init_data, fmt)} if self.init != "default"
                    else {}),
+                **template_record(template),  # init and template keys absent by default: older studies resume
             }
         )
-        # (init keys absent by default, so studies begun before they existed still resume)
         self.provenance = {
             "model_id": self.model_id,
             "model_revision": model_commit(self.model, self.model_id, revision,
@@ -302,6 +298,7 @@ class Worker:
             "probe_settings": self.probe_settings.to_dict(),
             "fused_kernels": fused_kernels,
             "versions": library_versions(),
+            **template_record(template),
             **({"config": dict(config)} if config is not None else {}),
         }
 
@@ -371,8 +368,7 @@ class Worker:
         self.objective.check_feasible()
 
     def open_study(self) -> optuna.Study:
-        """The study, created or loaded (the default sqlite file is made only now, once the inputs are
-        read)."""
+        """The study, created or loaded (the default sqlite file only now, once the inputs are read)."""
         if self.storage is None:
             self.connect()
         s, single = self.settings, self.settings.mode == "single"
@@ -412,7 +408,9 @@ class Worker:
         server database the server's), so workers never overshoot, as ``MaxTrialsCallback`` alone can by one
         trial per worker. While the trials running elsewhere would complete the study, this worker waits: one
         of them may belong to a killed worker, and goes stale after ``grace_period``, is failed and
-        re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here.
+        re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here. The last slot waits for every
+        other trial, then scores uniform at the winner's settings when the study lacks that
+        (:mod:`allocator.tuning.attribution`).
         """
         n, unbeating = self.settings.trials, {}
         while True:
@@ -428,7 +426,11 @@ class Worker:
                         "for; see the failures in the storage (optuna-dashboard) and fix "
                         "their cause"
                     )
-                if done + counts["running"] < n:
+                free = n - done - counts["running"]
+                last = free == 1 and not counts["waiting"]
+                if free > 0 and not (last and counts["running"]):  # the last slot waits for a final winner
+                    if last:
+                        attribution.enqueue_if_wanted(study, self.objective.uniform_fits)
                     study.optimize(self._trial, n_trials=1)  # _trial releases the locks once claimed
                     continue
             time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
