@@ -40,6 +40,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "alloc_coarse": ({}, {"ranks": COARSE_RANKS}),
     "alloc_evidence": ({"uniform_prior": 0.0}, {}),  # the probes' evidence alone, without the uniform prior
 }
+# Probes after the default warm-up (20 steps of uniform LoRA), read by the capacity signal at exponent e: a
+# family's budget share grows like its capacity demand per parameter to the power 2e (docs/utility.md)
+WARM: dict[str, dict[str, Any]] = {
+    "alloc_warm": {"signal": "capacity", "uniform_prior": 0.0, "capacity_exponent": 1.0},
+    "alloc_warm_e2": {"signal": "capacity", "uniform_prior": 0.0, "capacity_exponent": 2.0},
+    "alloc_warm_e05": {"signal": "capacity", "uniform_prior": 0.0, "capacity_exponent": 0.5},
+}
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev",
         "alloc_ev_eva_init")

@@ -304,6 +304,52 @@ class HeldoutCaptureSignal(Signal):
         return float(h[t - 1] * dmin(c) / t)
 
 
+class CapacitySignal(Signal):
+    """Where a LoRA's capacity binds: gradient energy beyond the rank the budget gives every module, per
+    parameter,
+    pooled over each family, measured at a warmed-up point (``probes.warmup``).
+
+    For family ``F`` with modules ``m``, ``t_F = sum_m sum_{r0 < i <= 4 r0} sigma_i^2 / sum_m p_m``, ``r0``
+    the
+    uniform rank of the budget (``UtilitySettings.capacity_start``; the warm-up's LoRA rank). The family
+    weight is
+    ``w_F = (t_F / tbar) ** capacity_exponent`` (``tbar`` the parameter-weighted mean, bounded by
+    ``capacity_clip``), on the prior's shape: with ``u = p w sqrt(r)`` the solver gives family ``F`` ranks
+    ``~ w_F^2``, so its budget share is ``~ P_F t_F^(2 e)``. Within a family the plan stays uniform. Flat
+    evidence
+    (equal ``t_F``) is the prior, hence uniform's plan. A module whose spectrum is shorter than ``r0`` counts
+    0.
+    """
+
+    name = "capacity"
+
+    def curves(
+        self,
+        stats: Sequence[Any],
+        components: Sequence[Component],
+        ranks: Sequence[int],
+        settings: UtilitySettings,
+    ) -> np.ndarray:
+        phi = prior_curves(components, ranks)
+        r0 = max(1, int(settings.capacity_start))
+        tail: dict[str, float] = {}
+        params: dict[str, float] = {}
+        for s, c in zip(stats, components, strict=True):
+            sigma = np.sort(np.abs(_vector(s, "grad_singular_values", c.name)))[::-1]
+            tail[c.family] = tail.get(c.family, 0.0) + float((sigma[r0 : 4 * r0] ** 2).sum())
+            params[c.family] = params.get(c.family, 0.0) + c.n_params_per_rank
+        if not any(v > 0 for v in tail.values()):
+            return phi
+        mean = sum(tail.values()) / sum(params.values())
+        weight = {
+            f: (tail[f] / params[f] / mean) ** settings.capacity_exponent if tail[f] > 0 else 0.0
+            for f in tail
+        }
+        clip = settings.capacity_clip
+        w = np.array([min(max(weight[c.family], 1.0 / clip), clip) for c in components])
+        return phi * w[:, None]
+
+
 class CombinedSignal(Signal):
     """Weighted mean of other signals' curves; weights from ``UtilitySettings.weights`` (normalised to sum
     1)."""
@@ -334,6 +380,7 @@ SIGNALS: Mapping[str, type[Signal]] = {
         ActivationRankSignal,
         ExplainedVarianceSignal,
         HeldoutCaptureSignal,
+        CapacitySignal,
         CombinedSignal,
     )
 }

@@ -144,6 +144,14 @@ class UtilitySettings:
              "risk", Range(0))
     risk_exponent: float = ranged(
         0.5, "exponent compressing general-text Fisher into the retention risk weight", Range(0, 4))
+    capacity_start: int = ranged(
+        0, "signal capacity: first rank whose gradient energy counts as capacity "
+           "demand (0: the budget's uniform rank, set by allocate)", Range(0, integer=True))
+    capacity_exponent: float = ranged(
+        1.0, "signal capacity: exponent e of the family weights; a family's budget share grows "
+             "like its capacity demand per parameter to the power 2e", Range(0, 8))
+    capacity_clip: float = ranged(
+        64.0, "signal capacity: bound (>= 1) on a family's weight: each lies in [1/clip, clip]", Range(1))
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
@@ -174,6 +182,8 @@ class UtilitySettings:
             "risk_exponent",
             "scale_clip",
             "retention_weight",
+            "capacity_exponent",
+            "capacity_clip",
         ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
