@@ -35,12 +35,14 @@ _LAZY = {
     "Allocation": "allocator.solver.solve",
     "solve": "allocator.solver.solve",
     "Plan": "allocator.output.plan",
+    "LoraSettings": "allocator.output.settings",
     "DataSettings": "probes.settings",
     "ProbeSettings": "probes.settings",
     "allocate": "allocator.api",
     "tune": "allocator.tuning",
     "TuneSettings": "allocator.tuning.settings",
     "FinetuneSettings": "allocator.tuning.finetune",
+    "PlanCallback": "allocator.integrations",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -29,7 +29,7 @@ import allocator
 import probes
 from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
-from allocator.discovery.modelio import count_base_params, load_model
+from allocator.discovery.modelio import commit_of, count_base_params, load_model, locate
 from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
 from allocator.output.export import check_alpha_ratio, to_lora_config
 from allocator.output.lora_init import check_init
@@ -43,8 +43,9 @@ from probes.errors import ProbeError, ProbeRunError, ProbeWarning
 from probes.report import ProbeReport
 from probes.settings import DataSettings, ProbeSettings
 
-# Calibration (and tuning) data: a path, "builtin", or token batches the caller has tokenised already
-DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]]
+# Calibration (and tuning) data: a path, "builtin", records or token batches (lists of dicts), a
+# datasets.Dataset / IterableDataset or a torch DataLoader of token batches (probes.sources)
+DataSource = str | os.PathLike[str] | Sequence[Mapping[str, Any]] | Any
 
 
 def resolve_model_ref(model: Any) -> Any:
@@ -67,34 +68,46 @@ def settings_or_default(value: Any, cls: type, name: str) -> Any:
     return value
 
 
-def check_source(source: Any, name: str) -> None:
-    """InputError now, before any model loads, unless ``source`` is a form data can take and (a path)
-    exists."""
+def check_source(source: Any, name: str, data_settings: DataSettings | None = None) -> None:
+    """InputError now, before any model loads, unless ``source`` is a form data can take (a dataset with a
+    column of a known record form; a path that exists)."""
 
-    if probes.is_token_source(source):
+    fmt = (data_settings or DataSettings()).record_format()
+    with as_input_error(ProbeError):
+        probes.check_source(source, fmt, name)
+    if probes.source_kind(source) != "path":
         return
-    if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"{name} must be a file or folder path, 'builtin', or token batches (a list of "
-                         f"dicts of input_ids), got {type(source).__name__}")
-    if str(source) != "builtin" and not Path(source).expanduser().exists():
+    if not Path(source).expanduser().exists():
         raise InputError(f"{name} {str(source)!r} not found; pass an existing .txt/.jsonl file, a datasets "
                          "folder or 'builtin'")
 
 
-def load_or_check_model(model: Any, trust_remote_code: bool) -> tuple[Any, str]:
-    """(loaded model, id it is recorded under) from a hub id, a folder, None (the built-in model) or a model
-    object;
-    an object that is not a transformers causal LM is an InputError."""
+def load_or_check_model(model: Any, trust_remote_code: bool, revision: str | None = None) -> tuple[Any, str]:
+    """(loaded model, id it is recorded under) from a hub id (at ``revision``), a folder, None (the built-in
+    model) or a model object; an object that is not a transformers causal LM is an InputError."""
 
     ref = resolve_model_ref(model)
     if isinstance(ref, str):
-        return load_model(ref, trust_remote_code=trust_remote_code), ref
+        return load_model(ref, trust_remote_code=trust_remote_code, revision=revision), ref
+    if revision is not None:
+        raise InputError("revision picks a commit of a hub model; pass the hub id with it, not a loaded "
+                         "model")
 
     if not isinstance(ref, nn.Module) or getattr(ref, "config", None) is None:
         raise InputError("model must be a hub id, a model folder, None (the built-in reference model) or a "
                          "loaded transformers model (AutoModelForCausalLM.from_pretrained), got "
                          f"{type(ref).__name__}")
     return ref, getattr(ref.config, "_name_or_path", "") or type(ref).__name__
+
+
+def model_commit(model: Any, model_id: str, revision: str | None, *, from_ref: bool) -> str | None:
+    """The commit hash the weights came from: for a model loaded here (``from_ref``), the hub cache's
+    snapshot of ``model_id`` at ``revision``; for a model object, what its config recorded, or the snapshot
+    folder it was loaded from. None for a plain folder."""
+    if from_ref:
+        return commit_of(model_id, revision)
+    recorded = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return recorded or (commit_of(model_id) if model_id and Path(model_id).exists() else None)
 
 
 def library_versions() -> dict[str, str]:
@@ -128,6 +141,8 @@ def allocate(
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    revision: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Measure where LoRA parameters pay off on ``data`` and choose ranks under ``budget``.
 
@@ -148,6 +163,10 @@ def allocate(
         init: lora_A initialisation recorded in the plan: ``"default"`` (PEFT's) or ``"eva"`` (top principal
             directions of each module's input at the plan's ranks; ``plan.apply(model, init_data=batches)``).
         cache_dir: reuse probe reports whose model, data and settings match.
+        revision: a hub model's branch, tag or commit hash (default: its main branch); the plan records the
+            commit the weights came from (``provenance["model_revision"]``).
+        config: the configuration this call was made from (``allocate --print-config``'s form), recorded as
+            ``provenance["config"]``; the CLI passes its resolved config.
 
     Returns:
         A :class:`~allocator.output.plan.Plan`; ``plan.cost <= plan.budget`` always.
@@ -164,16 +183,16 @@ def allocate(
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
     solver_settings = settings_or_default(solver_settings, SolverSettings, "solver_settings")
     parsed_budget = Budget.parse(budget)
-    check_source(data, "data")
+    check_source(data, "data", data_settings)
     if retention_data is not None:
-        check_source(retention_data, "retention_data")
+        check_source(retention_data, "retention_data", data_settings)
     with as_input_error(ProbeError):  # before the model loads: these need nothing of it
         probes.check_device(probe_settings.device)
         if cache_dir is not None:
             probes.check_cache_dir(cache_dir)
 
-    model_obj, model_id = load_or_check_model(model, trust_remote_code)
-    tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code)
+    model_obj, model_id = load_or_check_model(model, trust_remote_code, revision)
+    tokenizer = tokenizer or _load_tokenizer(model_id, trust_remote_code, revision)
 
     components = [unprobed_experts_off(c) for c in find_components(model_obj, fused_kernels=fused_kernels)]
     eligible = [c for c in components if c.eligible]
@@ -195,15 +214,18 @@ def allocate(
                              replace(probe_settings, warmup_steps=0), cache_dir)
     provenance = {
         "model_id": model_id,
-        "model_revision": getattr(model_obj.config, "_commit_hash", None),
+        "model_revision": model_commit(model_obj, model_id, revision,
+                                       from_ref=isinstance(resolve_model_ref(model), str)),
         "data": report.meta["data"],  # probes.describe_source(data), recorded by _probe
         "data_hash": report.meta.get("data_fingerprint"),
-        "retention_data": None if retention_data is None else probes.describe_source(retention_data),
+        "retention_data": None if retention_data is None else probes.describe_source(
+            retention_data, data_settings.record_format()),
         "budget_spec": str(parsed_budget),
         "data_settings": asdict(data_settings),
         "probe_settings": _settings_dict(probe_settings),
         "fused_kernels": fused_kernels,
         "versions": library_versions(),
+        **({"config": dict(config)} if config is not None else {}),
     }
     return solve_plan(
         model_id,
@@ -294,10 +316,11 @@ def _settings_dict(settings: Any) -> dict[str, Any]:
     return asdict(settings)
 
 
-def _load_tokenizer(model_id: str, trust_remote_code: bool) -> Any:
-
+def _load_tokenizer(model_id: str, trust_remote_code: bool, revision: str | None = None) -> Any:
+    where = locate(model_id, revision)
+    hub = {"revision": revision} if revision and where == model_id else {}
     try:
-        return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError) as exc:
         raise InputError(
             f"could not load a tokenizer for {model_id!r} ({type(exc).__name__}); pass tokenizer=... or a "
@@ -336,17 +359,9 @@ def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component]
 def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir, warmup=None):
 
     with as_input_error(ProbeError), as_failure(ProbeRunError):
-        batches = probes.load_batches(
-            data,
-            tokenizer,
-            seq_len=data_settings.seq_len,
-            samples=data_settings.samples,
-            batch_size=data_settings.batch_size,
-            seed=data_settings.seed,
-            text_field=data_settings.text_field,
-            encoding=data_settings.encoding,
-        )
-        meta = {"model_id": model_id, "data": probes.describe_source(data), **asdict(data_settings)}
+        batches = probes.load_batches(data, tokenizer, **asdict(data_settings))
+        meta = {"model_id": model_id, "data": probes.describe_source(data, data_settings.record_format()),
+                **asdict(data_settings)}
         if cache_dir is not None:
             return probes.run_cached(
                 model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta, warmup=warmup

@@ -23,6 +23,24 @@ REFERENCE_MODELS: dict[str, str] = {
 }
 DEFAULT_MODEL = "qwen3_5_tiny"
 
+# The chat template the reference tokenizers ship (zoo/<name>/chat_template.jinja; benchmarks.zoo writes it):
+# plain-text role markers (the 2048-token vocabulary has no special tokens for them), EOS closing every turn,
+# assistant turns inside {% generation %} so that assistant-only loss (TRL's assistant_only_loss, probes'
+# DataSettings.assistant_only_loss) finds them, EOS included. Prefix-stable: a conversation renders as its
+# first turns' rendering followed by the rest, and the generation prompt is where an assistant turn begins.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + eos_token -}}{% endgeneration %}"
+    "{%- else -%}"
+    "{{- message['content'] + eos_token -}}"
+    "{%- endif -%}"
+    "{{- '\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
 
 def reference_model_path(name: str = DEFAULT_MODEL) -> Path:
     """Folder of the reference model ``name``.

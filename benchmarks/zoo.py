@@ -29,7 +29,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from allocator.reference import REFERENCE_MODELS, ZOO_DIR
+from allocator.reference import CHAT_TEMPLATE, REFERENCE_MODELS, ZOO_DIR
 from allocator.tuning.finetune import evaluate_loss, lr_at, token_loss_sum
 from benchmarks import tasks
 from benchmarks.log import log
@@ -237,6 +237,7 @@ def pretrain(
     # Stored compactly, computed in fp32: from_pretrained loads in config.dtype.
     model.config.dtype = torch.float32
     model.config.save_pretrained(out_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE  # chat_template.jinja: chat data works on the built-in models
     tokenizer.save_pretrained(out_dir)
     record = {
         "name": name,

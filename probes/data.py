@@ -3,29 +3,29 @@
 ``load_batches(source, tokenizer) -> list[dict[str, Tensor]]``, each dict holding ``input_ids``,
 ``attention_mask`` and ``labels`` (``-100`` where no loss is taken), all ``(batch, seq_len)`` int64.
 
-Sources, chosen by what ``source`` is:
+Sources, chosen by what ``source`` is (:func:`probes.sources.source_kind`):
 
 - ``"builtin"``: the Python standard library's own source (``sysconfig.get_paths()["stdlib"]``), present on
-every
-  machine; a fixed sorted file list, shuffled by ``seed``.
+  every machine; a fixed sorted file list, shuffled by ``seed``.
 - a folder: a Hugging Face ``datasets`` folder written by ``save_to_disk`` (needs ``pip install datasets``).
-- ``*.jsonl`` / ``*.json``: one record per line; ``text_field`` text, chat ``messages`` (rendered with the
-  tokenizer's chat template, loss on assistant turns) or ``prompt`` + ``response``/``completion`` (loss on the
-  response only).
-- any other file: plain text.
-- a sequence of token batches (mappings holding ``input_ids``, optionally ``labels`` and ``attention_mask``;
-1-D
-  rows or 2-D batches; tensors or lists): data the caller has tokenised already. Its rows are taken **in
-  order**
-  (``seed`` is not used), truncated or padded to ``seq_len`` and re-batched at ``batch_size``.
+- ``*.jsonl`` / ``*.json``: one record per line (or a JSON list of records).
+- any other file: plain text, packed into windows of ``seq_len`` tokens.
+- records in memory: a ``datasets.Dataset`` / ``DatasetDict`` (its ``train`` split), a
+  ``datasets.IterableDataset`` (read in its own order, as far as needed) or a list of dicts.
+- token batches: a sequence of mappings holding ``input_ids``, optionally ``labels`` and ``attention_mask``
+  (1-D rows or 2-D batches; tensors or lists), or a ``torch.utils.data.DataLoader`` yielding them (what a
+  data collator makes): data the caller has tokenised already. Rows are taken **in order** (``seed`` is not
+  used), truncated or padded to ``seq_len`` and re-batched at ``batch_size``.
 
-Plain text is packed into windows of ``seq_len`` tokens; records are truncated/padded to ``seq_len``.
-Everything is deterministic under ``seed``; :func:`data_fingerprint` hashes the resulting batches.
+Records (text, chat ``messages``, ``prompt`` + ``completion``, ``input_ids``) are tokenised exactly as TRL's
+SFTTrainer does (:mod:`probes.formats`), truncated to ``seq_len`` (keep the start) and right-padded as TRL's
+collator pads. Everything is deterministic under ``seed``; :func:`data_fingerprint` hashes the batches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sysconfig
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from probes.errors import ProbeError
+from probes.formats import RecordFormat
 from probes.records import (
     TokenSource,
     batch_ids,
@@ -47,6 +48,7 @@ from probes.records import (
     token_rows,
     warn_short,
 )
+from probes.sources import check_source, source_kind, split_of
 
 RECORD_SUFFIXES = (".jsonl", ".json")
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -68,30 +70,30 @@ def load_batches(
     seed: int = 0,
     text_field: str = "text",
     encoding: str = "utf-8",
+    assistant_only_loss: bool = False,
+    completion_only_loss: bool = True,
 ) -> list[Batch]:
-    """Token batches for :func:`probes.run` from text, JSONL, a ``datasets`` folder, ``"builtin"`` or batches
-    the
-    caller has tokenised already.
+    """Token batches for :func:`probes.run` from any source of the module docstring.
 
     Args:
-        source: ``"builtin"``, a file path, a ``datasets`` folder or a sequence of token batches (see the
-        module
-            docstring).
+        source: ``"builtin"``, a file path, a ``datasets`` folder or object, a list of records, token batches
+            or a DataLoader of them (see the module docstring).
         tokenizer: a Hugging Face tokenizer (callable, with ``eos_token_id``/``pad_token_id``).
-        seq_len: tokens per sequence (window length for text, pad/truncate length for records).
+        seq_len: tokens per sequence (window length for text, truncate/pad length for records).
         samples: number of sequences in all; fewer are returned (with a ``ProbeWarning``) if the data is
-        short.
+            short.
         batch_size: sequences per micro-batch; the last batch may be smaller.
-        seed: picks the windows / records and their order (token batches keep theirs).
-        text_field: the record field holding plain text.
+        seed: picks the windows / records and their order (token batches and iterable datasets keep theirs).
+        text_field: the record field holding plain text (TRL's ``dataset_text_field``).
         encoding: how ``.txt``/``.jsonl`` files are decoded, strictly: a byte that does not decode (or a NUL
-        byte,
-            the mark of a binary file) is a ProbeError naming its offset and line.
+            byte, the mark of a binary file) is a ProbeError naming its offset and line.
+        assistant_only_loss: chat records: labels on the assistant turns only (TRL's ``assistant_only_loss``).
+        completion_only_loss: prompt + completion records: labels on the completion only (TRL's default).
 
     Raises:
         ProbeError: missing file, undecodable or binary file, empty data, text shorter than one sequence,
-        every
-            label masked.
+            every label masked, a record or dataset of no known form, a conversation without an assistant
+            turn under ``assistant_only_loss``.
     """
     for name, value in (("seq_len", seq_len), ("samples", samples), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
@@ -99,9 +101,16 @@ def load_batches(
     if seq_len < 2:
         raise ProbeError(f"seq_len must be >= 2 for a next-token loss, got {seq_len}")
     rng = random.Random(seed)
-    if is_token_source(source):
-        rows = token_rows(source, tokenizer, seq_len, samples)
-    elif str(source) == "builtin":
+    fmt = RecordFormat(text_field, assistant_only_loss, completion_only_loss)
+    check_source(source, fmt)
+    kind = source_kind(source, fmt)
+    if kind in ("tokens", "loader"):
+        label = "(token batches)" if kind == "tokens" else "(DataLoader batches)"
+        rows = token_rows(source, tokenizer, seq_len, samples, label)
+    elif kind in ("records", "dataset", "iterable"):
+        label = "(records)" if kind == "records" else f"(the {type(split_of(source)).__name__})"
+        rows = record_rows(split_of(source), tokenizer, label, seq_len, samples, rng, fmt)
+    elif kind == "builtin":
         rows = _packed_rows(_builtin_chunks(rng), tokenizer, "builtin", seq_len, samples, rng)
     else:
         path = Path(source)
@@ -111,13 +120,10 @@ def load_batches(
                 "folder or 'builtin'"
             )
         if path.is_dir():
-            rows = record_rows(
-                datasets_records(path), tokenizer, str(path), seq_len, samples, rng, text_field
-            )
+            rows = record_rows(datasets_records(path), tokenizer, str(path), seq_len, samples, rng, fmt)
         elif path.suffix.lower() in RECORD_SUFFIXES:
-            rows = record_rows(
-                jsonl_records(path, encoding), tokenizer, str(path), seq_len, samples, rng, text_field
-            )
+            records = jsonl_records(path, encoding)
+            rows = record_rows(records, tokenizer, str(path), seq_len, samples, rng, fmt)
         else:
             rows = _packed_rows(_text_chunks(path, encoding), tokenizer, str(path), seq_len, samples, rng)
     return _collate(rows, batch_size)
@@ -125,13 +131,35 @@ def load_batches(
 
 def is_token_source(source: Any) -> bool:
     """Whether ``source`` is a sequence of token batches rather than a path or ``"builtin"``."""
-    return isinstance(source, Sequence) and not isinstance(source, (str, bytes))
+    return source_kind(source) == "tokens"
 
 
-def describe_source(source: Any) -> str:
-    """How a run records its data: the path or name as given, or a count and fingerprint of token batches."""
-    if not is_token_source(source):
-        return str(source)
+def describe_source(source: Any, fmt: RecordFormat | None = None) -> str:
+    """How a run records its data: the path or name as given; token batches or records (read by ``fmt``) by
+    count and fingerprint; a ``datasets`` object by size, columns and fingerprint; a DataLoader by its batch
+    count."""
+    kind = source_kind(source, fmt)
+    if kind == "tokens":
+        return _describe_token_batches(source)
+    if kind == "records":
+        digest = hashlib.sha256(json.dumps(list(source), sort_keys=True, default=str).encode()).hexdigest()
+        return f"<{len(source)} records, sha256 {digest[:16]}>"
+    if kind == "loader":
+        try:
+            size = f"{len(source)} batches"
+        except TypeError:  # an iterable-style dataset behind it
+            size = "batches"
+        return f"<torch DataLoader of {size} over a {type(source.dataset).__name__}>"
+    if kind in ("dataset", "iterable"):
+        split = split_of(source)
+        rows = f"{len(split)} rows, " if kind == "dataset" else ""
+        fingerprint = getattr(split, "_fingerprint", None)
+        return (f"<datasets.{type(split).__name__}: {rows}columns {sorted(split.column_names or [])}"
+                f"{', fingerprint ' + str(fingerprint) if fingerprint else ''}>")
+    return str(source)
+
+
+def _describe_token_batches(source: Any) -> str:
     rows = sum(batch_ids(b, i).shape[0] for i, b in enumerate(source))
     try:
         tensors = [{k: torch.as_tensor(v) for k, v in b.items()} for b in source]

@@ -1,5 +1,6 @@
-"""Rows of tokens from records (JSONL, ``datasets``) and from token batches the caller made: the part of
-stage 2a that knows record formats (``text``, chat ``messages``, ``prompt`` + ``response``) and label masks.
+"""Rows of tokens from records (JSONL, ``datasets``, lists of dicts) and from token batches the caller made
+(lists, DataLoaders): reading, drawing, truncating and padding. How one record becomes ids and labels is
+:mod:`probes.formats` (as TRL's SFTTrainer does it).
 
 A row is ``(input_ids, labels, attention_mask)``, each a list of ``seq_len`` ints (right-padded; labels -100
 where no loss is taken). :func:`probes.data.load_batches` collates rows into batches.
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 
 from probes.errors import ProbeError, ProbeWarning
+from probes.formats import IGNORE_INDEX, RecordFormat, encode_record
 
-IGNORE_INDEX = -100
 TokenSource = Sequence[Mapping[str, Any]]
 
 
@@ -43,8 +44,8 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         )
         raise ProbeError(
             f"{path} {what} at offset {err.start}, line {line}); give a UTF-8 text "
-            "file, convert it (iconv -f latin1 -t utf-8), or name its encoding with "
-            "--encoding"
+            "file, convert it (iconv -f latin1 -t utf-8), or name its encoding in "
+            "DataSettings.encoding"
         ) from None
 
 
@@ -79,8 +80,8 @@ def shaped_like(batch: Mapping, key: str, ids: torch.Tensor, index: int) -> torc
 def as_rows(value: Any, index: int) -> torch.Tensor:
     if value is None:
         raise ProbeError(
-            f"token batch {index} has no 'input_ids'; give mappings with input_ids (and "
-            "optionally labels, attention_mask)"
+            f"token batch {index} has no 'input_ids'; give mappings with input_ids (and optionally "
+            "labels, attention_mask), or records with text, messages or prompt + completion"
         )
     try:
         tensor = torch.as_tensor(value)
@@ -101,8 +102,9 @@ def as_rows(value: Any, index: int) -> torch.Tensor:
     return tensor.long()
 
 
-def token_rows(source: TokenSource, tokenizer: Any, seq_len: int, samples: int):
-    label, rows, pad_id = "(token batches)", [], pad_token_id(tokenizer)
+def token_rows(source: Any, tokenizer: Any, seq_len: int, samples: int, label: str = "(token batches)"):
+    """Rows of token batches in their own order (a list of mappings, or a DataLoader's batches)."""
+    rows, pad_id = [], pad_token_id(tokenizer)
     for index, batch in enumerate(source):
         ids = batch_ids(batch, index)
         mask = (
@@ -185,82 +187,40 @@ def padded_row(ids: list[int], labels: list[int], mask: list[int], seq_len: int,
     return ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, mask + [0] * pad
 
 
-def record_rows(records, tokenizer, label, seq_len, samples, rng, text_field):
-    if not records:
+def record_rows(records, tokenizer, label: str, seq_len: int, samples: int, rng, fmt: RecordFormat):
+    """Rows of ``records``: an indexable collection (a list, a ``datasets`` split) is drawn in an order
+    shuffled by ``rng``; anything else (an ``IterableDataset``) is read in its own order, as far as needed."""
+    indexable = hasattr(records, "__len__") and hasattr(records, "__getitem__")
+    if indexable and not len(records):
         raise ProbeError(f"calibration data {label} is empty; give it at least one record")
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    rows, n_masked = [], 0
-    for index in order:
-        ids, labels = encode_record(dict(records[index]), index, tokenizer, text_field, label)
-        row = padded_row(ids, labels, [1] * len(ids), seq_len, pad_token_id(tokenizer))
+    if indexable:
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        drawn = ((i, records[i]) for i in order)
+    else:
+        drawn = enumerate(records)
+    rows, n_masked, pad_id = [], 0, pad_token_id(tokenizer)
+    for index, record in drawn:
+        if not isinstance(record, Mapping):
+            raise ProbeError(f"record {index} of {label} is a {type(record).__name__}, not a mapping of "
+                             "fields")
+        ids, labels = encode_record(record, index, tokenizer, fmt, label)
+        row = padded_row(ids, labels, [1] * len(ids), seq_len, pad_id)
         if row is None:
             n_masked += 1
             continue
         rows.append(row)
         if len(rows) == samples:
             break
+    if not rows and not n_masked:
+        raise ProbeError(f"calibration data {label} is empty; give it at least one record")
     if not rows:
         raise ProbeError(
             f"every label in {label} is masked ({n_masked} records, none with a loss token within "
-            f"seq_len={seq_len}); check the response/assistant fields or raise seq_len"
+            f"seq_len={seq_len}); check the completion/assistant fields or raise seq_len"
         )
     warn_short(label, len(rows), samples)
     return rows
-
-
-def encode_record(record: dict, index: int, tokenizer, text_field: str, label: str):
-    if text_field in record and not isinstance(record[text_field], str):
-        value = record[text_field]
-        raise ProbeError(
-            f"record {index} of {label} has {text_field!r}: "
-            f"{'null' if value is None else type(value).__name__}, not a string; give it text "
-            "or drop the record"
-        )
-    if isinstance(record.get(text_field), str):
-        ids = encode(tokenizer, record[text_field], special=True)
-        return ids, list(ids)
-    if isinstance(record.get("messages"), list):
-        return encode_chat(record["messages"], tokenizer, label)
-    response = record.get("response", record.get("completion"))
-    if isinstance(record.get("prompt"), str) and isinstance(response, str):
-        prompt = encode(tokenizer, record["prompt"], special=True)
-        answer = encode(tokenizer, response, special=False)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        answer = answer + ([eos] if eos is not None else [])
-        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-    raise ProbeError(
-        f"record {index} of {label} has none of {text_field!r}, 'messages', 'prompt'+'response'; "
-        f"its keys are {sorted(record)}; set text_field or fix the records"
-    )
-
-
-def encode_chat(messages: list, tokenizer, label: str):
-    """Whole conversation as input; loss on assistant turns, found by rendering each prefix."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ProbeError(
-            f"{label} has chat 'messages' but the tokenizer has no chat template; set "
-            "tokenizer.chat_template or give the records a text field"
-        )
-
-    def render(msgs, generation_prompt=False):
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-        return encode(tokenizer, text, special=False)
-
-    ids = render(messages)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prefix = render(messages[:i], generation_prompt=True) if i else []
-        upto = render(messages[: i + 1])
-        # template not prefix-stable: loss everywhere
-        if upto != ids[: len(upto)] or prefix != upto[: len(prefix)]:
-            return ids, list(ids)
-        labels[len(prefix) : len(upto)] = upto[len(prefix) :]
-    if all(lab == IGNORE_INDEX for lab in labels):
-        return ids, list(ids)
-    return ids, labels
 
 
 # --- helpers -----------------------------------------------------------------------------------------------

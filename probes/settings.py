@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from probes.errors import ProbeError
+from probes.formats import RecordFormat
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,10 @@ class DataSettings:
     samples: int = ranged(32, "Calibration sequences in all.", Range(1, integer=True))
     batch_size: int = ranged(4, "Sequences per forward/backward micro-batch.", Range(1, integer=True))
     seed: int = ranged(0, "Seed for drawing and ordering calibration samples.", Range(0, integer=True))
-    text_field: str = field(default="text", metadata={"help": "JSONL field holding plain text records."})
+    text_field: str = field(
+        default="text",
+        metadata={"help": "Record field holding plain text (TRL's dataset_text_field)."},
+    )
     encoding: str = field(
         default="utf-8",
         metadata={
@@ -259,8 +263,32 @@ class DataSettings:
         },
     )
 
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Chat records: labels on the assistant turns only, the tokens the chat template marks "
+            "with {% generation %} (TRL's SFTConfig.assistant_only_loss); off: every token, as TRL."
+        },
+    )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "prompt + completion records: labels on the completion only (TRL's default for them); "
+            "off: every token."
+        },
+    )
+
+    def record_format(self) -> RecordFormat:
+        """How records become labels (:mod:`probes.formats`)."""
+        return RecordFormat(self.text_field, self.assistant_only_loss, self.completion_only_loss)
+
     def __post_init__(self) -> None:
         check_ranges(self, ProbeError)
+        for name in ("assistant_only_loss", "completion_only_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise ProbeError(f"DataSettings.{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ProbeError(f"DataSettings.text_field must be a column name, got {self.text_field!r}")
         try:
             codecs.lookup(self.encoding)
         except (LookupError, TypeError):

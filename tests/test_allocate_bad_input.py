@@ -6,7 +6,7 @@ import pytest
 
 from allocator.commands.cli import main
 
-FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+FAST = ["--data-samples", "4", "--data-seq-len", "32", "--data-batch-size", "2", "--quiet"]
 
 
 def _run(argv, capsys):
@@ -90,7 +90,16 @@ def test_infeasible_budget_fails_before_the_data_is_read(tmp_path, capsys, model
 
 def test_unknown_family_in_share(tmp_path, capsys, model_dir, corpus_file):
     code, errors = _run(
-        [model_dir, "--data", corpus_file, "--share", "atention=0.1:0.5", "-o", tmp_path / "out", *FAST],
+        [
+            model_dir,
+            "--data",
+            corpus_file,
+            "--solver-share-bounds",
+            "atention=0.1:0.5",
+            "-o",
+            tmp_path / "out",
+            *FAST,
+        ],
         capsys,
     )
     assert code == 2 and len(errors) == 1 and "atention" in errors[0] and "attention" in errors[0]
@@ -116,8 +125,8 @@ def test_output_path_that_cannot_be_a_folder(tmp_path, capsys, model_dir, corpus
 
 
 def test_malformed_option_is_a_usage_error(tmp_path, capsys, model_dir):
-    code, errors = _run([model_dir, "--samples", "many", "-o", tmp_path / "out"], capsys)
-    assert code == 2 and len(errors) == 1 and "--samples" in errors[0]
+    code, errors = _run([model_dir, "--data-samples", "many", "-o", tmp_path / "out"], capsys)
+    assert code == 2 and len(errors) == 1 and "--data-samples" in errors[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -31,7 +31,7 @@ HYBRIDS = (
     "minimax",
     "recurrent_gemma",
 )
-FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+FAST = ["--data-samples", "4", "--data-seq-len", "32", "--data-batch-size", "2", "--quiet"]
 
 
 def _forward_backward(model) -> None:

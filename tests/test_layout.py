@@ -22,6 +22,7 @@ STAGES = (
     "solver",
     "output",
     "api",
+    "integrations",
     "tuning",
     "commands",
 )

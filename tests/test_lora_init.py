@@ -16,7 +16,7 @@ from allocator.discovery.components import find_components
 from allocator.errors import InputError
 from allocator.output.plan import Plan
 
-FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "2", "--quiet"]
+FAST = ["--data-samples", "4", "--data-seq-len", "32", "--data-batch-size", "2", "--quiet"]
 
 
 def _setup(saved_tiny_model, corpus_file, model_type="qwen3_5"):

@@ -70,7 +70,7 @@ def test_jsonl_text_records_are_padded_with_masked_labels(tok, tmp_path):
     batches = load_batches(path, tok, seq_len=16, samples=3, batch_size=2)
     _check_shapes(batches, 3, 16, 2)
     mask = torch.cat([b["attention_mask"] for b in batches])
-    assert sorted(mask.sum(1).tolist()) == [3, 9, 16]  # truncated to seq_len, the others padded
+    assert sorted(mask.sum(1).tolist()) == [4, 10, 16]  # EOS appended (as TRL), truncated or padded
     ids = torch.cat([b["input_ids"] for b in batches])
     assert torch.all(ids[mask == 0] == tok.pad_token_id)
 
@@ -85,12 +85,22 @@ def test_prompt_response_records_take_loss_on_response_only(tok, tmp_path):
     assert labels[n_prompt + 2].item() == tok.eos_token_id and torch.all(labels[n_prompt + 3 :] == -100)
 
 
-def test_chat_records_take_loss_on_assistant_turns(tok, tmp_path):
+def test_chat_records_take_loss_on_assistant_turns_when_asked(tok, tmp_path):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
-    (batch,) = load_batches(path, tok, seq_len=64, samples=1)
+    (batch,) = load_batches(path, tok, seq_len=64, samples=1, assistant_only_loss=True)
     kept = batch["labels"][0][batch["labels"][0] != -100]
     assert tok.decode(kept) == "yo<eos>"
+    (batch,) = load_batches(path, tok, seq_len=64, samples=1)  # TRL's default: loss on every token
+    kept = batch["labels"][0][batch["labels"][0] != -100]
+    assert tok.decode(kept) == "<|user|>hi<eos><|assistant|>yo<eos>"
+    user_only = _write_jsonl(tmp_path / "user.jsonl", [{"messages": msgs[:1]}])
+    with pytest.raises(ProbeError, match="record 0 .* has no assistant turn"):
+        load_batches(user_only, tok, seq_len=64, samples=1, assistant_only_loss=True)
+    unmarked = byte_tokenizer()
+    unmarked.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ProbeError, match=r"marks assistant turns with \{% generation %\}"):
+        load_batches(path, unmarked, seq_len=64, samples=1, assistant_only_loss=True)
     with pytest.raises(ProbeError, match="no chat template"):
         load_batches(path, byte_tokenizer(chat_template=False), seq_len=64, samples=1)
 
@@ -99,7 +109,7 @@ def test_json_list_file_is_read_as_records(tok, tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"text": "one"}, {"text": "two two"}]), encoding="utf-8")
     batches = load_batches(path, tok, seq_len=8, samples=2)
-    assert sorted(batches[0]["attention_mask"].sum(1).tolist()) == [3, 7]
+    assert sorted(batches[0]["attention_mask"].sum(1).tolist()) == [4, 8]  # with EOS, as TRL
 
 
 def test_fewer_sequences_than_samples_warns(tok, tmp_path):

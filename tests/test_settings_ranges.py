@@ -12,13 +12,14 @@ import typing
 import pytest
 
 from allocator.errors import InputError
+from allocator.output.settings import LoraSettings
 from allocator.scoring.utility import UtilitySettings
 from allocator.solver.settings import SolverSettings
 from allocator.tuning import TuneSettings
 from probes.errors import ProbeError
 from probes.settings import DataSettings, ProbeSettings, Range
 
-SETTINGS = (DataSettings, ProbeSettings, UtilitySettings, SolverSettings, TuneSettings)
+SETTINGS = (DataSettings, ProbeSettings, UtilitySettings, SolverSettings, TuneSettings, LoraSettings)
 ERRORS = (InputError, ProbeError)
 
 

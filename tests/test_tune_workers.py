@@ -32,11 +32,12 @@ def setup(tmp_path_factory) -> dict[str, str]:
 
 def _command(setup: dict[str, str], out: Path, trials: int, steps: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "allocator.commands.cli", "tune", setup["model"], "--data", setup["train"],
-            "--eval-data", setup["eval"], "-o", str(out), "--trials", str(trials), "--steps", str(steps),
-            "--eval-every", "0", "--batch-size", "2", "--train-samples", "8", "--eval-samples", "4",
-            "--budget", "r4", "--max-rank", "8,16", "--baselines", "uniform", "--heartbeat-interval", "1",
-            "--grace-period", "2", "--data-seq-len", "32", "--data-samples", "4", "--data-batch-size", "2",
-            "--probe-max-rank", "8", "--quiet", *extra]
+            "--eval-data", setup["eval"], "-o", str(out), "--tune-trials", str(trials),
+            "--tune-steps", str(steps), "--tune-eval-every", "0", "--tune-batch-size", "2",
+            "--tune-train-samples", "8", "--tune-eval-samples", "4", "--tune-budget", "r4",
+            "--tune-max-rank", "8,16", "--tune-baselines", "uniform", "--tune-heartbeat-interval", "1",
+            "--tune-grace-period", "2", "--data-seq-len", "32", "--data-samples", "4",
+            "--data-batch-size", "2", "--probe-max-rank", "8", "--quiet", *extra]
 
 
 def _trials(out: Path):

@@ -43,19 +43,13 @@ def run_guarded(
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
-        print(
-            "error: out of memory; lower --batch-size or --seq-len, or set --probe-gradient-checkpointing "
-            "true",
-            file=sys.stderr,
-        )
+        print("error: out of memory; lower --data-batch-size or --data-seq-len, or pass "
+              "--probe-gradient-checkpointing", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # a bug: say so, and how to get the traceback, instead of printing it
         if "OutOfMemoryError" in type(exc).__name__:  # torch.cuda.OutOfMemoryError and kin
-            print(
-                f"error: {type(exc).__name__} on the device; lower --batch-size or --seq-len, or set "
-                "--probe-gradient-checkpointing true",
-                file=sys.stderr,
-            )
+            print(f"error: {type(exc).__name__} on the device; lower --data-batch-size or --data-seq-len, or "
+                  "pass --probe-gradient-checkpointing", file=sys.stderr)
             return EXIT_FAILURE
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()

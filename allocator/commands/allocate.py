@@ -10,11 +10,20 @@ from pathlib import Path
 
 import allocator
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
-from allocator.commands._options import Parser, add_settings_options, settings_from_args
+from allocator.commands._config import dump, resolve
+from allocator.commands._options import (
+    FUSED,
+    GROUPS,
+    MODEL,
+    OVERWRITE,
+    QUIET,
+    REMOTE,
+    REVISION,
+    Arg,
+    Parser,
+    make_parser,
+)
 from allocator.errors import InputError
-from allocator.scoring.utility import UtilitySettings
-from allocator.solver.settings import SolverSettings
-from probes.settings import DataSettings, ProbeSettings
 
 EXAMPLES = """\
 examples:
@@ -23,122 +32,91 @@ examples:
       budget r8, written to ./lora-plan
   allocate Qwen/Qwen3.5-0.8B --data train.jsonl --budget r16 -o plans/qwen-r16
       ranks for your data at the cost of uniform rank 16 over all eligible targets
-  allocate ./my-model --data notes.txt --budget 2.5M --granularity module --share attention=0.1:0.5 -o out
+  allocate ./my-model --data chat.jsonl --data-assistant-only-loss --budget 0.5% -o out
+      chat records tokenised as TRL's SFTTrainer does, loss on the assistant turns
+  allocate ./my-model --data notes.txt --budget 2.5M --solver-granularity module \\
+      --solver-share-bounds attention=0.1:0.5 -o out
       2.5M trainable parameters, one rank per module, attention gets 10-50% of the budget
-  allocate ./my-model --data chat.jsonl --budget 0.5% --retention-data builtin \
-      --utility-retention-weight 0.5 -o out
-      trade target fit against damage to general ability (probes on general text)
+  allocate --config plan.yaml --budget r4
+      settings from a YAML/JSON file, the budget from the command line (flags override the file);
+      allocate ... --print-config > plan.yaml writes every setting, resolved
 
 then, in Python:
   from peft import LoraConfig, get_peft_model
   model = get_peft_model(model, LoraConfig.from_pretrained("out"))  # trainable == allocation.json "cost"
+  # or TRL: SFTTrainer(model, train_dataset=ds, peft_config=LoraConfig.from_pretrained("out"))
 
 budgets: an absolute count (2500000, 2.5M, 800k), a share of the base model (0.5%), or a uniform
 equivalent (r16 = what rank 16 on every eligible target costs).
+flags: --GROUP-FIELD for a settings field (data, probe, utility, solver; lora's without a prefix); every
+name, its config key and its API argument: docs/cli.md.
 --overwrite replaces only the files a plan writes (a folder this tool wrote); files of yours beside them stay.
 """
 
+ARGS = (
+    MODEL,
+    Arg("data.source", ("--data",), "calibration data: .txt, .jsonl (text, chat messages, prompt + "
+        "completion records), a datasets folder, or 'builtin'", "builtin", api="data", metavar="DATA"),
+    Arg("budget", ("--budget",), "trainable LoRA parameters: 2.5M | 0.5% | r16", "r8"),
+    Arg("out_dir", ("-o", "--out-dir"), "output folder", "lora-plan"),
+    OVERWRITE,
+    REVISION,
+    Arg("data.retention_source", ("--retention-data",), "general text for the retention risk ('builtin' "
+        "for the package corpus)", api="retention_data", metavar="DATA"),
+    Arg("cache_dir", ("--cache-dir",), "reuse probe reports stored here when model, data and settings match"),
+    FUSED,
+    REMOTE,
+    QUIET,
+)
+SETTINGS = tuple(GROUPS[k] for k in ("data", "lora", "solver", "utility", "probes"))
+MAIN = ("model", "data.source", "budget", "out_dir", "overwrite", "data.samples", "data.seq_len",
+        "data.assistant_only_loss", "solver.granularity", "lora.init")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="allocate",
+
+def build_parser() -> Parser:
+    return make_parser(
+        "allocate", ARGS, SETTINGS, MAIN,
+        usage="allocate [MODEL] [options]          (this help)\n"
+        "       allocate inspect [MODEL] [options]  (what can be adapted: allocate inspect --help)\n"
+        "       allocate tune [MODEL] --eval-data DATA [options]  (pilot fine-tunes: allocate tune --help)",
         description="Measure where LoRA parameters pay off in a (hybrid) causal LM and choose per-layer, "
         "per-component ranks under an exact trainable-parameter budget. Writes a PEFT adapter_config.json, "
         "allocation.json, report.md and heatmap.png.",
         epilog=EXAMPLES + EXIT_CODES + "\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="hub id, local folder, or omitted for the built-in reference model",
-    )
-    parser.add_argument(
-        "--data",
-        default="builtin",
-        help="calibration data: .txt, .jsonl, a datasets folder, or 'builtin' (default)",
-    )
-    parser.add_argument(
-        "--budget", default="r8", help="trainable LoRA parameters: 2.5M | 0.5%% | r16 (default: r8)"
-    )
-    parser.add_argument("-o", "--output", default="lora-plan", help="output folder (default: ./lora-plan)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the plan files in an output folder this tool wrote (other files are kept)",
-    )
-    parser.add_argument(
-        "--retention-data",
-        default=None,
-        help="general text for the retention risk ('builtin' for the package corpus)",
-    )
-    parser.add_argument(
-        "--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r per module (default: 2)"
-    )
-    parser.add_argument(
-        "--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r) with one alpha"
-    )
-    parser.add_argument(
-        "--init",
-        choices=("default", "eva"),
-        default="default",
-        help="lora_A init recorded in the plan: PEFT's default, or 'eva' (top principal "
-        "directions of each module's input at the plan's ranks; apply with "
-        "Plan.apply(model, init_data=batches))",
-    )
-    parser.add_argument(
-        "--no-fused-kernels",
-        action="store_true",
-        help="training runs without fused Mamba kernels: adapters on modules they bypass do work",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="reuse probe reports stored here when model, data and settings match",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow the model's own code from the hub (off by default)",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    add_settings_options(parser, DataSettings, title="calibration data")
-    add_settings_options(parser, SolverSettings, title="solver", aliases={"share_bounds": "--share"})
-    add_settings_options(
-        parser, UtilitySettings, prefix="utility", title="utility (how probe signals become rank values)"
-    )
-    add_settings_options(parser, ProbeSettings, prefix="probe", title="probes")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = resolve(args, ARGS, SETTINGS)
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
     # imported when the command runs (torch, peft): --help and argument errors stay instant
     from allocator.output.plan import check_output_dir
 
-    out = check_output_dir(args.output, overwrite=args.overwrite)  # fail before the expensive part
-    if args.cache_dir is not None and Path(args.cache_dir).expanduser().resolve() == out:
+    out = check_output_dir(cfg["out_dir"], overwrite=args.overwrite)  # fail before the expensive part
+    if cfg["cache_dir"] is not None and Path(cfg["cache_dir"]).expanduser().resolve() == out:
         raise InputError(
             f"--cache-dir and -o are the same folder ({out}); give the probe cache a folder of its own"
         )
-    started = time.perf_counter()
+    started, lora = time.perf_counter(), cfg.settings["lora"]
     plan = allocator.allocate(
-        args.model,
-        data=args.data,
-        budget=args.budget,
-        data_settings=settings_from_args(args, DataSettings),
-        probe_settings=settings_from_args(
-            args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})
-        ),
-        utility_settings=settings_from_args(args, UtilitySettings, prefix="utility"),
-        solver_settings=settings_from_args(args, SolverSettings),
-        retention_data=args.retention_data,
-        fused_kernels=not args.no_fused_kernels,
-        alpha_ratio=args.alpha_ratio,
-        use_rslora=args.rslora,
-        init=args.init,
-        cache_dir=args.cache_dir,
-        trust_remote_code=args.trust_remote_code,
+        cfg["model"],
+        data=cfg["data.source"],
+        budget=cfg["budget"],
+        data_settings=cfg.settings["data"],
+        probe_settings=cfg.settings["probes"],
+        utility_settings=cfg.settings["utility"],
+        solver_settings=cfg.settings["solver"],
+        retention_data=cfg["data.retention_source"],
+        fused_kernels=cfg["fused_kernels"],
+        alpha_ratio=lora.alpha_ratio,
+        use_rslora=lora.use_rslora,
+        init=lora.init,
+        cache_dir=cfg["cache_dir"],
+        trust_remote_code=cfg["trust_remote_code"],
+        revision=cfg["revision"],
+        config=cfg.record(),
     )
     folder = plan.save(out, overwrite=args.overwrite)
     print(format_summary(plan, folder, time.perf_counter() - started))

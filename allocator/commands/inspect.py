@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 
+import allocator
 from allocator.commands import EXIT_CODES, run_guarded
-from allocator.commands._options import Parser
+from allocator.commands._options import REVISION, Parser
 from allocator.errors import InputError
 
 DEFAULT_CONFIG = "qwen3_5-0.8b.config.json"  # allocator/data: the Qwen3.5-0.8B architecture, config only
@@ -42,19 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
         "LoRA cost of one rank unit per group.",
         epilog=EXAMPLES + EXIT_CODES + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("model", nargs="?", default=None,
                         help="hub id, model folder or path to a config.json (default: the built-in "
                              "Qwen3.5-0.8B config, allocator/data/qwen3_5-0.8b.config.json)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
-                        help="assume training without the fused mamba_ssm kernels (CPU, no mamba_ssm): "
-                             "adapters only those kernels bypass count as effective")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model folder's own modeling code (transformers trust_remote_code)")
+    parser.add_argument("--revision", default=None, help=REVISION.help)
+    parser.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="training runs with fused Mamba kernels (default); --no-fused-kernels: "
+                             "without them (CPU, no mamba_ssm), adapters only those kernels bypass count as "
+                             "effective")
+    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                        help="allow a model folder's own modeling code (transformers trust_remote_code; "
+                             "default: off)")
     parser.add_argument("--rank", type=int, default=16, help="rank used for the 'at r=R' column (default: "
                                                              "16)")
     parser.add_argument("--modules", action="store_true", help="also list every component, one per line")
+    parser.add_argument("--version", action="version", version=f"allocate {allocator.__version__}",
+                        help="print the version and exit")
     return parser
 
 
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ref = str(resources.files("allocator") / "data" / DEFAULT_CONFIG)
         name = f"{DEFAULT_CONFIG} (built-in)"
     report = inspect_model(ref, fused_kernels=args.fused_kernels, trust_remote_code=args.trust_remote_code,
-                           name=name)
+                           name=name, revision=args.revision)
     for message in report.warnings:
         print(f"warning: {message}", file=sys.stderr)
     if args.json:

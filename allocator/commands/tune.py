@@ -1,4 +1,4 @@
-"""`allocate tune [MODEL] --data PATH --eval-data PATH --trials N -o OUT_DIR`: one API call,
+"""`allocate tune [MODEL] --data PATH --eval-data PATH --tune-trials N -o OUT_DIR`: one API call,
 ``allocator.tune``."""
 
 from __future__ import annotations
@@ -9,145 +9,117 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from allocator.commands import EXIT_CODES, run_guarded, usage_line
-from allocator.commands._options import Parser, add_settings_options, settings_from_args
-from allocator.scoring.utility import UtilitySettings
-from allocator.solver.settings import SolverSettings
-from allocator.tuning.settings import TuneSettings
-from probes.settings import DataSettings, ProbeSettings
+from allocator.commands._config import dump, resolve
+from allocator.commands._options import (
+    FUSED,
+    GROUPS,
+    MODEL,
+    QUIET,
+    REMOTE,
+    REVISION,
+    Arg,
+    Group,
+    Parser,
+    make_parser,
+)
 
 EXAMPLES = """\
 examples:
-  allocate tune --data train.txt --eval-data eval.txt --trials 20 -o tune-out
+  allocate tune --data train.txt --eval-data eval.txt --tune-trials 20 -o tune-out
       20 trials on the built-in reference model at budget r8: lr, alpha and the allocation settings searched
       jointly; baselines (uniform, attention-/recurrent-/mlp-only, the allocator's defaults) run first
-  allocate tune ./my-model --data train.jsonl --eval-data eval.jsonl --mode pareto --budget r2..r12 -o out
+  allocate tune ./my-model --data train.jsonl --eval-data eval.jsonl --tune-mode pareto \\
+      --tune-budget r2..r12 -o out
       eval loss against trainable parameters; the Pareto front's plans land in out/pareto/
-  allocate tune ./my-model --data d.txt --eval-data e.txt --lr 3e-3 --granularity layer-type -o out
-      fix the learning rate and the granularity, search the rest
+  allocate tune ./my-model --data d.txt --eval-data e.txt --tune-lr 3e-3 --tune-granularity layer-type -o out
+      fix the learning rate and the solver granularity, search the rest
   allocate tune ./my-model --data d.txt --eval-data e.txt --init eva -o out
       every trial starts lora_A on EVA's input principal directions at its ranks; out/best records init 'eva'
-  allocate tune ... --storage postgresql://host/db --study qwen-r8      (run on several machines)
-      workers given the same --storage and --study share one study; on one machine, start the same command
-      several times with the same -o (the default storage is sqlite:///OUT_DIR/study.db)
+  allocate tune --config study.yaml --storage postgresql+psycopg://host/db --study-name qwen-r8
+      settings from a file; workers given the same --storage and --study-name share one study (several
+      machines); on one machine, start the same command several times with the same -o (the default
+      storage is sqlite:///OUT_DIR/study.db)
 
-search parts: lo..hi (a range), a,b,c (a list), v (fixed), '' (keep the base --utility-*/--solver-* value);
-append @v to set the base point the baselines use. A killed study resumes: run the same command again.
+search parts (--tune-lr, --tune-granularity, ...): lo..hi (a range), a,b,c (a list), v (fixed), '' (keep the
+base --utility-*/--solver-* value); append @v to set the base point the baselines use. --tune-granularity
+searches what --solver-granularity fixes; --tune-max-rank searches the largest rank of --solver-ranks.
+A killed study resumes: run the same command again. Every flag, its config key and API argument:
+docs/cli.md. Watch a study: optuna-dashboard STORAGE_URL.
 then: LoraConfig.from_pretrained("out/best") is the winning plan.
 --overwrite starts over: it removes what tune wrote in OUT_DIR (other files stay) and deletes the study from
 the storage that OUT_DIR's own record (tune.json) names, nowhere else.
 """
 
+ARGS = (
+    MODEL,
+    Arg("data.source", ("--data",), "calibration and fine-tune training data: .txt, .jsonl, a datasets "
+        "folder or 'builtin'", "builtin", api="data", metavar="DATA"),
+    Arg("data.eval_source", ("--eval-data",), "data the fine-tuned adapters are scored on (eval loss); "
+        "required", api="eval_data", metavar="DATA"),
+    Arg("out_dir", ("-o", "--out-dir"), "study folder: probe cache, default storage, results", "tune-study"),
+    Arg("storage", ("--storage",), "Optuna database URL shared by workers (default: "
+        "sqlite:///OUT_DIR/study.db)"),
+    Arg("study_name", ("--study-name",), "study name in the storage", "tune"),
+    Arg("overwrite", ("--overwrite",), "start over: remove what tune wrote in the output folder and delete "
+        "the study its record names", False, "action"),
+    REVISION,
+    Arg("data.retention_source", ("--retention-data",), "general text for the retention risk; enables the "
+        "lambda search", api="retention_data", metavar="DATA"),
+    Arg("data.init_source", ("--init-data",), "EVA's calibration data (default: --data); PEFT's EVA counts "
+        "only labelled tokens, so data labelled on answers only may need its own", api="init_data",
+        metavar="DATA"),
+    FUSED,
+    REMOTE,
+    QUIET,
+)
+# tune searches the alpha ratio (--tune-alpha-ratio): the lora group without it
+LORA = Group("lora", "", GROUPS["lora"].cls, GROUPS["lora"].title, skip=("alpha_ratio",))
+SETTINGS = (GROUPS["tune"], GROUPS["data"], LORA, GROUPS["solver"], GROUPS["utility"], GROUPS["probes"])
+MAIN = ("model", "data.source", "data.eval_source", "tune.trials", "tune.budget", "tune.steps", "out_dir",
+        "storage", "study_name", "overwrite", "lora.init")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="allocate tune",
+
+def build_parser() -> Parser:
+    return make_parser(
+        "allocate tune", ARGS, SETTINGS, MAIN,
+        usage="allocate tune [MODEL] --eval-data DATA [options]",
         description="Run (or join, or resume) an Optuna study over the budget, the allocation settings, "
         "LoRA alpha and the learning rate; each trial solves from probes run once per study and "
         "scores a short LoRA fine-tune. Writes OUT_DIR/best (the winning plan), study.md and "
         "study.png.",
         epilog=EXAMPLES + EXIT_CODES + "\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="hub id, local folder, or omitted for the built-in reference model",
-    )
-    parser.add_argument(
-        "--data",
-        default="builtin",
-        help="calibration and fine-tune training data: .txt, .jsonl, a datasets folder or 'builtin'",
-    )
-    parser.add_argument(
-        "--eval-data", required=True, help="text the fine-tuned adapters are scored on (eval loss)"
-    )
-    parser.add_argument(
-        "--retention-data",
-        default=None,
-        help="general text for the retention risk; enables the lambda search",
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        default="tune-study",
-        help="study folder: probe cache, default storage, results (default: ./tune-study)",
-    )
-    parser.add_argument(
-        "--storage",
-        default=None,
-        help="Optuna database URL shared by workers (default: sqlite:///OUTPUT/study.db)",
-    )
-    parser.add_argument("--study", default="tune", help="study name in the storage (default: tune)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over: remove what tune wrote in the output folder and delete the study its record names",
-    )
-    parser.add_argument("--rslora", action="store_true", help="use rsLoRA scaling alpha/sqrt(r)")
-    parser.add_argument(
-        "--init",
-        choices=("default", "eva"),
-        default="default",
-        help="lora_A init of every trial's fine-tune, recorded in the plans: PEFT's "
-        "default, or 'eva' (top principal directions of each module's input at the "
-        "trial's ranks; the study then picks the placement for that init)",
-    )
-    parser.add_argument(
-        "--init-data",
-        default=None,
-        help="EVA's calibration data (default: --data); PEFT's "
-        "EVA counts only labelled tokens, so data "
-        "labelled on answers only may need its own",
-    )
-    parser.add_argument(
-        "--no-fused-kernels", action="store_true", help="training runs without fused Mamba kernels"
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="allow the model's own code from the hub"
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    add_settings_options(parser, TuneSettings, title="study and search space")
-    add_settings_options(parser, DataSettings, prefix="data", title="calibration data")
-    add_settings_options(parser, UtilitySettings, prefix="utility", title="base utility settings")
-    add_settings_options(parser, SolverSettings, prefix="solver", title="base solver settings")
-    add_settings_options(parser, ProbeSettings, prefix="probe", title="probes")
-    for action in parser._actions:  # a bare '%' in a settings help breaks argparse's help formatting
-        try:
-            (action.help or "") % {**vars(action), "prog": parser.prog}
-        except (ValueError, TypeError, KeyError):
-            action.help = action.help.replace("%", "%%")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.tuning.run import (
-        tune,  # imported when the command runs (Optuna, torch): --help stays instant
-    )
+    cfg = resolve(args, ARGS, SETTINGS)
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    from allocator.tuning.run import tune  # imported when the command runs (Optuna, torch)
 
     started = time.perf_counter()
     result = tune(
-        args.model,
-        args.data,
-        args.eval_data,
-        settings=settings_from_args(args, TuneSettings),
-        out_dir=args.output,
-        storage=args.storage,
-        study_name=args.study,
+        cfg["model"],
+        cfg["data.source"],
+        cfg["data.eval_source"],
+        settings=cfg.settings["tune"],
+        out_dir=cfg["out_dir"],
+        storage=cfg["storage"],
+        study_name=cfg["study_name"],
         overwrite=args.overwrite,
-        data_settings=settings_from_args(args, DataSettings, prefix="data"),
-        probe_settings=settings_from_args(
-            args, ProbeSettings, prefix="probe", **({"progress": False} if args.quiet else {})
-        ),
-        utility_settings=settings_from_args(args, UtilitySettings, prefix="utility"),
-        solver_settings=settings_from_args(args, SolverSettings, prefix="solver"),
-        retention_data=args.retention_data,
-        fused_kernels=not args.no_fused_kernels,
-        use_rslora=args.rslora,
-        init=args.init,
-        init_data=args.init_data,
-        trust_remote_code=args.trust_remote_code,
+        data_settings=cfg.settings["data"],
+        probe_settings=cfg.settings["probes"],
+        utility_settings=cfg.settings["utility"],
+        solver_settings=cfg.settings["solver"],
+        retention_data=cfg["data.retention_source"],
+        fused_kernels=cfg["fused_kernels"],
+        use_rslora=cfg.settings["lora"].use_rslora,
+        init=cfg.settings["lora"].init,
+        init_data=cfg["data.init_source"],
+        trust_remote_code=cfg["trust_remote_code"],
+        revision=cfg["revision"],
+        config=cfg.record(),
     )
     print(format_summary(result, time.perf_counter() - started))
     return 0

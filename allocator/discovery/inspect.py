@@ -104,12 +104,18 @@ class InspectReport:
 
 
 def inspect_model(
-    model: Any, *, fused_kernels: bool = True, trust_remote_code: bool = False, name: str | None = None
+    model: Any,
+    *,
+    fused_kernels: bool = True,
+    trust_remote_code: bool = False,
+    name: str | None = None,
+    revision: str | None = None,
 ) -> InspectReport:
-    """Gather the report for ``model``: a hub id, folder, config.json path, or an already built model."""
+    """Gather the report for ``model``: a hub id (at ``revision``), folder, config.json path, or an already
+    built model."""
 
     is_ref = isinstance(model, str) or hasattr(model, "__fspath__")
-    built = load_skeleton(model, trust_remote_code) if is_ref else model
+    built = load_skeleton(model, trust_remote_code, revision) if is_ref else model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AllocatorWarning)
         components = find_components(built, fused_kernels=fused_kernels)

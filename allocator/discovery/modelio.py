@@ -1,12 +1,16 @@
 """Model input: a hub id, a local folder or a path to a config.json -> config, meta skeleton or loaded model.
 
-``load_config`` never downloads when ``HF_HUB_OFFLINE`` is set and never lets a transformers exception escape:
-every failure is an :class:`~allocator.errors.InputError` naming the fix. ``load_skeleton`` builds the causal
-LM
-on the meta device (no memory, seconds even for 50B configs), which is all that ``find_components`` and
-counting
-parameters need; ``load_model`` loads real weights through ``AutoModelForCausalLM.from_pretrained``.
-Composite configs (``qwen3_5``: ``text_config`` + ``vision_config``) build the causal LM of their text part.
+``HF_HUB_OFFLINE`` (read when a model is located, so setting it after import counts too) is honoured without
+a single request: :func:`locate` turns a hub id into its cached snapshot folder, which transformers then reads
+like any local folder (``local_files_only`` alone still lets transformers 5 ask the hub for an adapter
+config, five retries, ~26 s, before it fails). ``revision`` (a branch, tag or commit) picks the snapshot;
+:func:`commit_of` reads the commit hash back from the cache for the plan's provenance. Nothing here lets a
+transformers exception escape: every failure is an :class:`~allocator.errors.InputError` naming the fix.
+
+``load_skeleton`` builds the causal LM on the meta device (no memory, seconds even for 50B configs), which is
+all that ``find_components`` and counting parameters need; ``load_model`` loads real weights through
+``AutoModelForCausalLM.from_pretrained``. Composite configs (``qwen3_5``: ``text_config`` + ``vision_config``)
+build the causal LM of their text part.
 """
 
 from __future__ import annotations
@@ -35,14 +39,65 @@ LEGACY_HINTS = {
 }
 
 
-def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:
+def locate(ref: str | os.PathLike, revision: str | None = None) -> str:
+    """What transformers should load for ``ref``: a local path as it is; a hub id offline, its cached
+    snapshot folder at ``revision`` (no request at all); a hub id online, the id itself.
+
+    Raises:
+        InputError: ``revision`` with a local path, or a hub id offline that is not in the cache.
+    """
+    text = os.path.expanduser(str(ref))
+    if Path(text).exists() or _looks_local(text):
+        if revision is not None:
+            raise InputError(f"--revision picks a commit of a hub model; {text} is a local path: drop "
+                             "--revision or pass the hub id")
+        return text
+    if not _offline():
+        return text
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for a hub id
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return snapshot_download(text, revision=revision, local_files_only=True)
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError (not a repo id), ...
+        why = "" if "LocalEntryNotFound" in type(exc).__name__ else f" ({_first_line(exc)})"
+        raise InputError(f"could not find model '{text}'{at} offline; pass a local folder, or download it "
+                         f"once online (HF_HUB_OFFLINE is set and the hub cache holds no snapshot of it){why}"
+                         ) from None
+
+
+def commit_of(ref: str | os.PathLike, revision: str | None = None) -> str | None:
+    """The commit hash of the snapshot ``ref`` was loaded from: a hub id's cached ``config.json`` at
+    ``revision`` (``snapshots/<commit>/``), or a local folder inside the hub cache; None for other paths."""
+    text = os.path.expanduser(str(ref))
+    folder = Path(text)
+    if folder.exists() or _looks_local(text):
+        folder = folder if folder.is_dir() else folder.parent
+        return folder.name if folder.parent.name == "snapshots" else None
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+    try:
+        cached = try_to_load_from_cache(text, "config.json", revision=revision)
+    except Exception:  # not a repo id: nothing cached under it
+        return None
+    if not isinstance(cached, str) or Path(cached).parent.parent.name != "snapshots":
+        return None
+    return Path(cached).parent.name
+
+
+def load_config(
+    ref: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None
+) -> PretrainedConfig:
     """The config behind ``ref``: a path to a config.json, a local model folder, or a hub id (cache first).
 
     Raises:
         InputError: missing file or folder, no config.json in the folder, hub id unavailable offline, a
             model_type transformers does not know (without remote code), or a config transformers rejects.
     """
-    raw, source = _raw_config(ref, trust_remote_code)
+    where = locate(ref, revision)
+    hub = _hub_kwargs(revision) if where == os.path.expanduser(str(ref)) else {}
+    ref = where
+    raw, source = _raw_config(ref, trust_remote_code, hub)
     _check_legacy(raw, source)
     model_type = raw.get("model_type")
     try:
@@ -53,7 +108,7 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> Pret
                 raise InputError(_unknown_type(model_type, source))
             data = {k: v for k, v in raw.items() if k != "model_type"}
             return CONFIG_MAPPING[model_type].from_dict(data)
-        return AutoConfig.from_pretrained(str(ref), trust_remote_code=trust_remote_code, **_hub_kwargs())
+        return AutoConfig.from_pretrained(str(ref), trust_remote_code=trust_remote_code, **hub)
     except AllocatorError:
         raise
     except Exception as exc:  # transformers raises ValueError, KeyError, OSError, validation errors, ...
@@ -62,10 +117,10 @@ def load_config(ref: str | os.PathLike, trust_remote_code: bool = False) -> Pret
         raise InputError(f"transformers could not read the config in {source}: {_first_line(exc)}") from exc
 
 
-def load_skeleton(ref: Any, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_skeleton(ref: Any, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedModel:
     """The causal LM of ``ref`` (or of an already loaded config) built on the meta device, without weights."""
 
-    config = load_config(ref, trust_remote_code) if isinstance(ref, (str, os.PathLike)) else ref
+    config = load_config(ref, trust_remote_code, revision) if isinstance(ref, (str, os.PathLike)) else ref
     errors = []
     for candidate in (config, _text_part(config)):
         if candidate is None:
@@ -79,8 +134,13 @@ def load_skeleton(ref: Any, trust_remote_code: bool = False) -> PreTrainedModel:
                      "model_type, or pass --trust-remote-code for a model with its own code")
 
 
-def load_model(ref: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedModel:
+def load_model(
+    ref: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
     """Real weights through ``AutoModelForCausalLM.from_pretrained`` (a local folder behaves like a hub id).
 
     ``dtype``: ``"bfloat16"``, a ``torch.dtype``, ``"auto"``, or None for transformers' default. Extra keyword
@@ -91,12 +151,14 @@ def load_model(ref: str | os.PathLike, dtype: str | torch.dtype | None = None,
     if path.is_file():
         raise InputError(f"{ref} is a file; load_model needs a model folder or hub id with weights "
                          "(a bare config.json only supports load_skeleton / `allocate inspect`)")
-    load_config(ref, trust_remote_code)  # same clear errors for a missing folder / unknown id
+    load_config(ref, trust_remote_code, revision)  # same clear errors for a missing folder / unknown id
+    where = locate(ref, revision)
+    hub = _hub_kwargs(revision) if where == os.path.expanduser(str(ref)) else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        return AutoModelForCausalLM.from_pretrained(str(ref), trust_remote_code=trust_remote_code,
-                                                    **_hub_kwargs(), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(where, trust_remote_code=trust_remote_code, **hub,
+                                                    **kwargs)
     except Exception as exc:
         raise InputError(f"could not load weights for '{ref}': {_first_line(exc)}") from exc
 
@@ -106,7 +168,9 @@ def count_base_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _raw_config(ref: str | os.PathLike, trust_remote_code: bool) -> tuple[dict, str]:
+def _raw_config(
+    ref: str | os.PathLike, trust_remote_code: bool, hub: dict[str, Any]
+) -> tuple[dict, str]:
     """The config.json as a dict, and where it was found."""
     text = os.path.expanduser(str(ref))
     path = Path(text)
@@ -120,7 +184,7 @@ def _raw_config(ref: str | os.PathLike, trust_remote_code: bool) -> tuple[dict, 
         raise InputError(f"no such file or folder: {text}")
     try:
 
-        raw, _ = PretrainedConfig.get_config_dict(text, trust_remote_code=trust_remote_code, **_hub_kwargs())
+        raw, _ = PretrainedConfig.get_config_dict(text, trust_remote_code=trust_remote_code, **hub)
     except Exception as exc:
         if _network_failure(exc):  # the hub could not be reached: not the user's input at fault
             raise AllocatorError(f"could not reach the Hugging Face hub for '{text}' "
@@ -195,8 +259,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _hub_kwargs() -> dict[str, Any]:
-    return {"local_files_only": True} if _offline() else {}
+def _hub_kwargs(revision: str | None = None) -> dict[str, Any]:
+    """from_pretrained's keywords for a hub id: the revision, and no download when offline."""
+    out: dict[str, Any] = {"revision": revision} if revision else {}
+    return {**out, "local_files_only": True} if _offline() else out
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,8 +27,8 @@ from peft import EvaConfig, LoraConfig
 from peft.tuners.lora.eva import get_eva_state_dict
 
 from allocator.errors import AllocatorError, InputError
+from allocator.output.settings import INITS
 
-INITS = ("default", "eva")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 

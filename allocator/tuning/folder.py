@@ -60,6 +60,28 @@ class FileLock:
         self.release()
 
 
+class Claim:
+    """Several locks taken in order and released in reverse (the folder's, then the server's)."""
+
+    def __init__(self, *locks: Any) -> None:
+        self.locks = locks
+
+    def acquire(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    def __enter__(self) -> Claim:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def redact(url: str) -> str:
     """A database URL with its password hidden."""
     try:
@@ -147,7 +169,7 @@ def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None
     if record != mine:
         where = "this folder's study.db" if record["storage"] == DEFAULT_STORAGE else record["storage"]
         raise InputError(
-            f"{out} holds study {record['study']!r} in {where}; pass that --study and "
+            f"{out} holds study {record['study']!r} in {where}; pass that --study-name and "
             "--storage to resume it, --overwrite to start over, or choose another -o"
         )
 

@@ -137,8 +137,8 @@ class Objective:
             except InputError as exc:
                 raise InputError(
                     "the search space reaches an infeasible corner (budget "
-                    f"{budget:,}, max_rank {top}): {exc}; narrow --budget or raise "
-                    "--max-rank"
+                    f"{budget:,}, max_rank {top}): {exc}; narrow TuneSettings.budget or raise "
+                    "TuneSettings.max_rank"
                 ) from None
         if self.init == "eva":
             uniform = {**self.search.suggest(BaseTrial("uniform")), "budget": max(sp["budget"].values)}

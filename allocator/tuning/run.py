@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from allocator.api import (
     check_source,
     library_versions,
     load_or_check_model,
+    model_commit,
+    resolve_model_ref,
     settings_or_default,
     unprobed_experts_off,
 )
@@ -52,6 +54,7 @@ from allocator.solver.settings import SolverSettings
 from allocator.tuning import storage as store
 from allocator.tuning.folder import (
     LOCK_NAME,
+    Claim,
     FileLock,
     check_out_dir,
     default_storage,
@@ -70,6 +73,7 @@ from probes.settings import DataSettings, ProbeSettings
 log = logging.getLogger("allocator")
 
 SIGNATURE_SKIPS = ("trials", "pruner", "heartbeat_interval", "grace_period", "max_retry")
+LATER_DATA = {"encoding": "utf-8", "assistant_only_loss": False, "completion_only_loss": True}
 
 
 def tune(
@@ -94,6 +98,8 @@ def tune(
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     objective: Callable[[Plan, Any], float] | None = None,
+    revision: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> TuneResult:
     """Run (or join, or resume) the study ``study_name`` until it holds ``settings.trials`` finished trials.
 
@@ -127,6 +133,8 @@ def tune(
             own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
+        revision, config: as :func:`allocator.allocate` (the hub revision; the configuration recorded in every
+            plan's provenance, which ``allocate tune`` passes).
 
     Raises:
         InputError: bad input, an out_dir holding another study, resumed with different settings.
@@ -134,7 +142,7 @@ def tune(
     """
     settings = settings_or_default(settings, TuneSettings, "settings")
     if not isinstance(study_name, str) or not study_name.strip():
-        raise InputError(f"the study name {study_name!r} is empty; give one (--study NAME, study_name=...)")
+        raise InputError(f"the study name {study_name!r} is empty; give one (--study-name NAME)")
     if objective is None and eval_data is None:
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an "
                          "objective")
@@ -149,7 +157,7 @@ def tune(
     for name, source in (("data", data), ("eval_data", eval_data), ("retention_data", retention_data),
                          ("init_data", init_data)):
         if source is not None:
-            check_source(source, name)
+            check_source(source, name, data_settings)
     with as_input_error(ProbeError):
         probes.check_device(probe_settings.device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -159,7 +167,8 @@ def tune(
     worker = Worker(settings, out, url, study_name, use_rslora, init)
     check_out_dir(out, study_name, url, overwrite)  # before any work
     worker.load(model, data, eval_data, retention_data, tokenizer, trust_remote_code, fused_kernels,
-                (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective)
+                (data_settings, probe_settings, utility_settings, solver_settings), init_data, objective,
+                (revision, config))
     # once every input has been read
     worker.open_folder(explicit_storage=storage is not None, overwrite=overwrite)
     try:
@@ -219,13 +228,13 @@ class Worker:
             raise
 
     def connect(self) -> None:
+        """The storage, and the claim lock: this folder's file lock, then the database server's lock, so
+        that workers on other machines (with other folders) claim one trial at a time too."""
         s = self.settings
-        self.storage = store.Storage(
-            self.url,
-            heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period,
-            max_retry=s.max_retry,
-        )
+        self.storage = store.Storage(self.url, heartbeat_interval=s.heartbeat_interval,
+                                     grace_period=s.grace_period, max_retry=s.max_retry)
+        self.server_lock = store.ServerLock(self.storage.rdb.engine, self.study_name)
+        self.claim = Claim(self.lock, self.server_lock)
 
     def load(
         self,
@@ -239,14 +248,16 @@ class Worker:
         base: tuple,
         init_data: Any,
         objective: Callable[[Plan, Any], float] | None,
+        hub: tuple[str | None, Mapping[str, Any] | None] = (None, None),
     ) -> None:
         """Model, components and fine-tune batches; the base settings and the study's signature. No probes
         yet."""
         s = self.settings
         self.data_settings, self.probe_settings, self.utility, self.solver = base
         self.user_objective = objective
-        self.model, self.model_id = load_or_check_model(model, trust_remote_code)
-        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code)
+        revision, config = hub
+        self.model, self.model_id = load_or_check_model(model, trust_remote_code, revision)
+        self.tokenizer = tokenizer or _load_tokenizer(self.model_id, trust_remote_code, revision)
         self.components = tuple(
             unprobed_experts_off(c) for c in find_components(self.model, fused_kernels=fused_kernels)
         )
@@ -257,54 +268,48 @@ class Worker:
         if objective is None:
             self.train = tuple(self._batches(data, s.train_samples, s.batch_size, s.seed))
             self.evals = tuple(self._batches(eval_data, s.eval_samples, s.batch_size, s.seed))
+        fmt = self.data_settings.record_format()
         self.signature = _jsonable(
             {
                 "settings": {k: v for k, v in s.to_dict().items() if k not in SIGNATURE_SKIPS},
                 "model": _where(self.model_id),
-                "data": _where(data),
-                "eval_data": _where(eval_data),
-                "retention_data": _where(retention_data),
+                "data": _where(data, fmt),
+                "eval_data": _where(eval_data, fmt),
+                "retention_data": _where(retention_data, fmt),
                 "objective": "finetune" if objective is None else getattr(objective, "__name__", "custom"),
                 "data_settings": {
                     k: v
                     for k, v in dataclasses.asdict(self.data_settings).items()
-                    if not (k == "encoding" and v == "utf-8")
-                },  # studies begun before it resume
+                    if k not in LATER_DATA or v != LATER_DATA[k]
+                },  # fields added later are left out at their defaults, so studies begun before them resume
                 "probe_settings": self.probe_settings.result_key(),
                 "utility_settings": self.utility.to_dict(),
                 "solver_settings": self.solver.to_dict(),
                 "fused_kernels": fused_kernels,
                 "use_rslora": self.use_rslora,
-                **({"init": self.init, "init_data": _where(init_data)} if self.init != "default" else {}),
+                **({"init": self.init, "init_data": _where(init_data, fmt)} if self.init != "default"
+                   else {}),
             }
         )
         # (init keys absent by default, so studies begun before they existed still resume)
         self.provenance = {
             "model_id": self.model_id,
-            "model_revision": getattr(self.model.config, "_commit_hash", None),
+            "model_revision": model_commit(self.model, self.model_id, revision,
+                                           from_ref=isinstance(resolve_model_ref(model), str)),
             "data": self.signature["data"],
             "retention_data": self.signature["retention_data"],
             "data_settings": self.signature["data_settings"],
             "probe_settings": self.probe_settings.to_dict(),
             "fused_kernels": fused_kernels,
             "versions": library_versions(),
+            **({"config": dict(config)} if config is not None else {}),
         }
 
     def _batches(self, source: Any, samples: int, batch_size: int, seed: int) -> list:
         d = self.data_settings
         with as_input_error(ProbeError):
-            batches = list(
-                probes.load_batches(
-                    source,
-                    self.tokenizer,
-                    seq_len=d.seq_len,
-                    samples=samples,
-                    batch_size=batch_size,
-                    seed=seed,
-                    text_field=d.text_field,
-                    encoding=d.encoding,
-                )
-            )
+            kwargs = {**dataclasses.asdict(d), "samples": samples, "batch_size": batch_size, "seed": seed}
+            batches = list(probes.load_batches(source, self.tokenizer, **kwargs))
             probes.check_token_ids(self.model, batches)
         return batches
 
@@ -382,17 +387,19 @@ class Worker:
         )
 
     def enqueue_baselines(self, study: optuna.Study) -> None:
-        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the lock)."""
-        seen = store.baselines_seen(study)
-        for name in self.settings.baselines:
-            params = self.objective.baseline_params(name)
-            if name not in seen and params is not None:
-                study.enqueue_trial(params, user_attrs={"baseline": name})
+        """Enqueue each baseline unless a trial of it exists that did not fail (the caller holds the folder's
+        lock; the server's is taken here, so workers on other machines enqueue none twice)."""
+        with self.server_lock:
+            seen = store.baselines_seen(study)
+            for name in self.settings.baselines:
+                params = self.objective.baseline_params(name)
+                if name not in seen and params is not None:
+                    study.enqueue_trial(params, user_attrs={"baseline": name})
 
     def _trial(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        """One trial (it releases the claim lock first); a :class:`Pruned` trial is Optuna's
+        """One trial (it releases the claim locks first); a :class:`Pruned` trial is Optuna's
         ``TrialPruned``."""
-        self.lock.release()
+        self.claim.release()
         try:
             return self.objective(trial)
         except Pruned as exc:
@@ -401,16 +408,15 @@ class Worker:
     def run_trials(self, study: optuna.Study) -> None:
         """Claim and run trials until the study holds ``trials`` finished ones (COMPLETE + PRUNED).
 
-        The count and the claim (Optuna's ``ask``) happen under the lock, so workers sharing ``out_dir`` never
-        overshoot, as ``MaxTrialsCallback`` alone can by one trial per worker. While the trials running
-        elsewhere
-        would complete the study, this worker waits: one of them may belong to a killed worker, and goes stale
-        after ``grace_period``, is failed and re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run
-        here.
+        The count and the claim (Optuna's ``ask``) happen under the claim locks (the folder's, and on a
+        server database the server's), so workers never overshoot, as ``MaxTrialsCallback`` alone can by one
+        trial per worker. While the trials running elsewhere would complete the study, this worker waits: one
+        of them may belong to a killed worker, and goes stale after ``grace_period``, is failed and
+        re-enqueued (``RetryHeartbeatStaleTrialCallback``), and is run here.
         """
         n, unbeating = self.settings.trials, {}
         while True:
-            with self.lock:
+            with self.claim:
                 self.storage.fail_stale(study, unbeating)
                 counts = store.trial_counts(study)
                 done = counts["complete"] + counts["pruned"]
@@ -423,18 +429,18 @@ class Worker:
                         "their cause"
                     )
                 if done + counts["running"] < n:
-                    study.optimize(self._trial, n_trials=1)  # _trial releases the lock once claimed
+                    study.optimize(self._trial, n_trials=1)  # _trial releases the locks once claimed
                     continue
             time.sleep(min(store.IDLE_POLL_S, self.settings.heartbeat_interval))
 
 
-def _where(ref: Any) -> str | None:
+def _where(ref: Any, fmt: Any = None) -> str | None:
     """A data or model reference as the study records it: local paths absolute, token batches by count and
     fingerprint (``probes.describe_source``), anything else as given."""
     if ref is None:
         return None
-    if probes.is_token_source(ref):
-        return probes.describe_source(ref)
+    if probes.source_kind(ref, fmt) not in ("path", "builtin"):
+        return probes.describe_source(ref, fmt)
     return str(Path(ref).resolve()) if Path(str(ref)).exists() else str(ref)
 
 

@@ -12,6 +12,7 @@ lives in :mod:`allocator.tuning.run`; everything else in the package is Optuna-f
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
 import time
@@ -63,7 +64,11 @@ class Storage:
         if sqlite:
             check_sqlite_writable(url)
         try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            # workers starting together on a fresh server database would race to create Optuna's tables
+            # (PostgreSQL: duplicate key in pg_type); the server's lock lets one create them, then the rest
+            engine = None if sqlite else sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            with warnings.catch_warnings(), ServerLock(engine, "schema"):
+                # heartbeats are "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 # re-enqueues a stale trial's parameters, max_retry times
                 self.retry = _Retry(max_retry=max_retry)
@@ -74,6 +79,8 @@ class Storage:
                     grace_period=grace_period,
                     **{_RETRY_HOOK: self.retry},
                 )
+            if engine is not None:
+                engine.dispose()
             if sqlite:
                 _fast_sqlite(self.rdb)
         except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server, locked file
@@ -103,7 +110,7 @@ class Storage:
             differ = "; ".join(differences(stored, signature)[:4])
             raise InputError(
                 f"study {name!r} was started with other {', '.join(keys)} ({differ}); pass the "
-                "same settings to resume it, or --overwrite / another --study to start a new "
+                "same settings to resume it, or --overwrite / another --study-name to start a new "
                 "one"
             )
         return study
@@ -158,6 +165,50 @@ class Storage:
             except UpdateFinishedTrialError:  # another worker failed it first
                 continue
             self.retry(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+
+
+class ServerLock:
+    """An exclusive lock held by the database server, so that workers on different machines (each with its
+    own ``-o``) count and claim trials one at a time, as the folder's file lock makes workers on one machine
+    do: PostgreSQL's session advisory lock (``pg_advisory_lock``), MySQL's ``GET_LOCK``; a no-op for sqlite,
+    whose workers share a machine (and for ``engine=None``). Keyed by ``name``. Like ``FileLock``, ``release``
+    may be called when not held; a lock is held on a connection of its own, unlocked before that connection
+    goes back."""
+
+    def __init__(self, engine: Any, name: str) -> None:
+        self.engine, self.name, self._connection = engine, f"allocator-tune:{name}", None
+        self.key = int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "big", signed=True)
+        dialect = engine.dialect.name if engine is not None else ""
+        self._sql = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+                     "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)"),
+                     "mariadb": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)")}.get(dialect)
+
+    def acquire(self) -> None:
+        if self._sql is None or self._connection is not None:
+            return
+        connection = self.engine.connect()
+        connection.execute(sqlalchemy.text(self._sql[0]), {"key": self.key, "name": self.name})
+        connection.commit()  # the lock is the session's: it outlives the transaction
+        self._connection = connection
+
+    def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.execute(sqlalchemy.text(self._sql[1]), {"key": self.key, "name": self.name})
+            connection.commit()
+        except Exception:  # the server went away: the lock went with the session; never pool that session
+            connection.invalidate()
+        finally:
+            connection.close()
+
+    def __enter__(self) -> ServerLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
@@ -247,20 +298,21 @@ _DRIVER_PACKAGES = {
     "psycopg": "psycopg[binary]",
     "pymysql": "pymysql",
     "MySQLdb": "mysqlclient",
-}
-# SQLAlchemy's default driver of each dialect, for a URL that names none (postgresql://, mysql://)
-_DIALECT_DRIVERS = {
-    "postgresql": "psycopg2",
-    "postgres": "psycopg2",
-    "mysql": "MySQLdb",
-    "mariadb": "MySQLdb",
+    "mysqldb": "mysqlclient",
 }
 
 
 def _default_driver(url: str) -> str:
+    """The driver a URL names, or the one this SQLAlchemy picks for its dialect (postgresql:// is psycopg2
+    before SQLAlchemy 2.1 and psycopg from 2.1 on)."""
     scheme = url.split("://", 1)[0]
     dialect, _, driver = scheme.partition("+")
-    return driver or _DIALECT_DRIVERS.get(dialect, dialect)
+    if driver:
+        return driver
+    try:
+        return sqlalchemy.engine.make_url(url).get_dialect().driver
+    except Exception:  # an unknown dialect: its name is all there is
+        return dialect
 
 
 def storage_error(url: str, exc: BaseException) -> AllocatorError:
