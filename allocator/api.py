@@ -35,6 +35,7 @@ from allocator.output.export import check_alpha_ratio, to_lora_config
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
 from allocator.reference import DEFAULT_MODEL, reference_model_path
+from allocator.scoring.evidence import family_evidence
 from allocator.scoring.utility import UtilitySettings, compute_utilities
 from allocator.solver.budget import Budget, params_per_uniform_rank
 from allocator.solver.settings import SolverSettings
@@ -274,8 +275,11 @@ def solve_plan(
     if table.risk is not None:
         risk = {n: float(table.risk[row[n], col[r]]) for n, r in ranks.items() if n in row}
     provenance = dict(provenance or {})
+    offered = [c for c in components if c.name in row]
     provenance.update(
-        utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings)
+        utility_settings=_settings_dict(utility_settings),
+        solver_settings=_settings_dict(solver_settings),
+        capacity_evidence=[e.to_dict() for e in family_evidence(table.demand, offered, ranks)],
     )
     return Plan(
         model_id=model_id,

@@ -125,3 +125,37 @@ def test_capacity_moves_budget_to_the_family_whose_gradient_energy_lies_beyond_t
 
 def test_capacity_is_a_registered_signal():
     assert "capacity" in SIGNALS
+
+
+def test_family_demand_and_its_layer_halves_flag_evidence_that_only_one_half_shows():
+    from allocator.scoring.evidence import family_demand, family_evidence
+
+    flat = np.concatenate([np.full(4, 10.0), np.ones(12)])
+    deep = np.concatenate([np.full(4, 10.0), np.full(12, 3.0)])
+    comps = [
+        Component(f"l{layer}.{f}", layer, f, "x", 64, 64, "Linear")
+        for layer in range(4)
+        for f in ("attention", "recurrent")
+    ]
+    # both halves agree: recurrent deep in every layer
+    agree = [_Stats(deep if c.family == "recurrent" else flat) for c in comps]
+    demand = family_demand(agree, comps, 4)
+    assert demand["recurrent"] == pytest.approx((1.8, 1.8, 1.8)) and demand["attention"][0] == pytest.approx(
+        0.2
+    )
+    ranks = {c.name: 8 if c.family == "recurrent" else 0 for c in comps}
+    rows = {e.family: e for e in family_evidence(demand, comps, ranks)}
+    assert rows["recurrent"].plan_share == 1.0 and rows["recurrent"].uniform_share == 0.5
+    assert rows["recurrent"].agrees and rows["attention"].agrees
+    # recurrent deep only in the even layers: the odd half is flat, which contradicts nothing
+    huge = np.concatenate([np.full(4, 10.0), np.full(12, 9.0)])
+    split = [_Stats(huge if c.family == "recurrent" and c.layer % 2 == 0 else flat) for c in comps]
+    whole, even, odd = family_demand(split, comps, 4)["recurrent"]
+    assert whole > 1.1 and even > 1.1 and odd == pytest.approx(1.0)  # odd half: recurrent == attention
+    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
+    assert rows["recurrent"].agrees  # a flat half does not contradict
+    # ... and attention deep in one odd layer: the odd half now puts recurrent below average, the whole above
+    split[comps.index(next(c for c in comps if c.layer == 1 and c.family == "attention"))] = _Stats(huge)
+    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
+    assert rows["recurrent"].demand > 1.1 and rows["recurrent"].demand_odd < 0.9
+    assert not rows["recurrent"].agrees

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.errors import AllocatorError
+from allocator.scoring.evidence import capacity_weights, family_tails
 
 if TYPE_CHECKING:
     from allocator.discovery.component import Component
@@ -331,20 +332,12 @@ class CapacitySignal(Signal):
         settings: UtilitySettings,
     ) -> np.ndarray:
         phi = prior_curves(components, ranks)
-        r0 = max(1, int(settings.capacity_start))
-        tail: dict[str, float] = {}
-        params: dict[str, float] = {}
         for s, c in zip(stats, components, strict=True):
-            sigma = np.sort(np.abs(_vector(s, "grad_singular_values", c.name)))[::-1]
-            tail[c.family] = tail.get(c.family, 0.0) + float((sigma[r0 : 4 * r0] ** 2).sum())
-            params[c.family] = params.get(c.family, 0.0) + c.n_params_per_rank
-        if not any(v > 0 for v in tail.values()):
+            _vector(s, "grad_singular_values", c.name)  # a non-finite spectrum is a probe bug, not evidence
+        tails = family_tails(stats, components, max(1, int(settings.capacity_start)))
+        weight = capacity_weights(tails, settings.capacity_exponent)
+        if not weight:
             return phi
-        mean = sum(tail.values()) / sum(params.values())
-        weight = {
-            f: (tail[f] / params[f] / mean) ** settings.capacity_exponent if tail[f] > 0 else 0.0
-            for f in tail
-        }
         clip = settings.capacity_clip
         w = np.array([min(max(weight[c.family], 1.0 / clip), clip) for c in components])
         return phi * w[:, None]
