@@ -238,8 +238,8 @@ def adalora_effective_params(peft_model: torch.nn.Module) -> int:
 def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Component],
                 train: Sequence[Mapping], validation: Sequence[Mapping], budget: int, *, lr: float,
                 steps: int, batch_size: int, seed: int, trials: int, n_calib: int, probe_settings: Any,
-                out_dir: Any,
-                init: str = "default") -> tuple[Ranks, int, dict]:
+                out_dir: Any, init: str = "default",
+                utility_settings: Any = None) -> tuple[Ranks, int, dict]:
     """``allocate tune`` (:func:`allocator.tuning.tune`) at the fixed budget, lr and alpha: Optuna chooses the
     placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver
     utility's family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored
@@ -257,7 +257,7 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
     init_data = [{k: v for k, v in b.items() if k != "labels"} for b in train] if init == "eva" else None
     result = tune(model, data=list(train), eval_data=list(validation), tokenizer=tokenizer, settings=settings,
                   out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings,
-                  init=init, init_data=init_data,
+                  init=init, init_data=init_data, utility_settings=utility_settings,
                   data_settings=DataSettings(seq_len=seq_len, samples=n_calib, batch_size=4))
     best, comps = result.best, {c.name: c for c in eligible}
     if best.placement in ("attention", "recurrent", "mlp"):  # a family baseline won: single_family's

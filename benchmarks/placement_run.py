@@ -35,7 +35,17 @@ from allocator.solver.settings import SolverSettings
 from allocator.tuning.finetune import FinetuneSettings, evaluate_loss, finetune, pool_rows
 from benchmarks import placement_conditions as pc
 from benchmarks import tasks
-from benchmarks.grid import FAMILIES, RETENTION_WEIGHT, SIGNALS, VARIANTS, WARM, Grid, run_key
+from benchmarks.grid import (
+    FAMILIES,
+    RETENTION_WEIGHT,
+    SIGNALS,
+    V1_TUNE_TRIALS,
+    V1_UTILITY,
+    VARIANTS,
+    WARM,
+    Grid,
+    run_key,
+)
 from benchmarks.log import log
 
 
@@ -224,16 +234,17 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         note = f"EVA rank units {info['eva_rank_units']} (PEFT would use {info['eva_rank_units_peft']})"
     elif condition.endswith("_eva_init"):  # a placement's ranks with EVA's data-driven lora_A (rho = 1)
         base = condition.removesuffix("_eva_init")
-        if base == "alloc_tuned":  # `allocate tune --init eva`: the pilots start from EVA's init too
-            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init="eva")
+        if base in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune --init eva`: pilots from EVA's init
+            v1 = base.endswith("v1")
+            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init="eva", v1=v1)
             config = to_lora_config(ranks, setup.components, alpha_ratio=2.0)
         else:
             config, _, _, ranks, added, note = plan_condition(setup, task, base, rank, budget, seed, steps)
         components = setup.eva_components(task, max(ranks.values()))
         init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
         return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
-    elif condition == "alloc_tuned":  # `allocate tune`: pilot fine-tunes choose placement and priors
-        ranks, added, note = _tuned(setup, task, rank, budget, seed, steps)
+    elif condition in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune`: pilots choose placement, priors
+        ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, v1=condition.endswith("v1"))
     elif condition in WARM:  # probes after a uniform-LoRA warm-up, read by the capacity signal
         u = UtilitySettings(**{"capacity_start": rank, **WARM[condition]})
         ranks, added, info = pc.allocator_ranks(
@@ -245,14 +256,14 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
         solver = SolverSettings()
-        u = UtilitySettings()
+        u = UtilitySettings(**V1_UTILITY)  # alloc_v1, and the base of every other step-0 condition
         if condition in VARIANTS:  # named settings: utility and solver overrides
-            u = UtilitySettings(**VARIANTS[condition][0])
+            u = UtilitySettings(**{**V1_UTILITY, **VARIANTS[condition][0]})
             solver = SolverSettings(**VARIANTS[condition][1])
         elif kind in SIGNALS:
-            u = UtilitySettings(signal=kind)
+            u = UtilitySettings(**{**V1_UTILITY, "signal": kind})
         elif kind == "retention":
-            u = UtilitySettings(retention_weight=RETENTION_WEIGHT)
+            u = UtilitySettings(**V1_UTILITY, retention_weight=RETENTION_WEIGHT)
         risk = setup.report("general") if kind == "retention" else None
         ranks, added, info = pc.allocator_ranks(
             setup.report(task), eligible, setup.components, budget, u, solver, risk_report=risk
@@ -265,10 +276,22 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
 
 
 def _tuned(
-    setup: ModelSetup, task: str, rank: int, budget: int, seed: int, steps: int, init: str = "default"
+    setup: ModelSetup,
+    task: str,
+    rank: int,
+    budget: int,
+    seed: int,
+    steps: int,
+    init: str = "default",
+    v1: bool = False,
 ) -> tuple[dict, int, str]:
-    """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note."""
+    """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note. ``v1``:
+    as before issue 14 (step-0 probes, the v1 utility, ``V1_TUNE_TRIALS`` pilots of half the fine-tune)."""
     g, pilot_steps = setup.grid, max(2, steps // 2)
+    trials, probe_settings, utility = g.tune_trials, setup.settings, None
+    if v1:
+        trials, utility = min(g.tune_trials, V1_TUNE_TRIALS), UtilitySettings(**V1_UTILITY)
+        probe_settings = replace(setup.settings, warmup_steps=0)
     with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
         warnings.simplefilter("ignore")
         ranks, added, info = pc.tuned_ranks(
@@ -282,9 +305,10 @@ def _tuned(
             steps=pilot_steps,
             batch_size=g.batch_size,
             seed=seed,
-            trials=g.tune_trials,
+            trials=trials,
             n_calib=g.n_calib,
-            probe_settings=setup.settings,
+            probe_settings=probe_settings,
+            utility_settings=utility,
             init=init,
             out_dir=setup.cache_dir
             / "tune"

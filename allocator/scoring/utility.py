@@ -124,13 +124,13 @@ class UtilitySettings:
     """How probe statistics become utilities. Defaults are a starting point for the placement benchmark to
     tune."""
 
-    signal: str = field(default="combined", metadata={"help": f"utility signal, one of {sorted(SIGNALS)}"})
+    signal: str = field(default="capacity", metadata={"help": f"utility signal, one of {sorted(SIGNALS)}"})
     weights: dict[str, float] = ranged(
         help="weights of the signals mixed by signal=combined, e.g. "
              "gradient_spectrum=0.5,heldout_capture=0.5",
         range=Range(0), default_factory=_default_weights)
     uniform_prior: float = ranged(
-        0.5, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the "
+        0.0, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the "
              "uniform plan", Range(0, 1))
     magnitude_exponent: float = ranged(
         0.25, "exponent compressing gradient/Fisher magnitudes across modules (0 ignores "
