@@ -205,8 +205,6 @@ def allocate(
     names = [c.name for c in eligible]
     rank0 = uniform_rank(components, budget_params)
     warmup = warmup_for(data, tokenizer, components, rank0, data_settings, probe_settings, alpha_ratio)
-    if utility_settings.capacity_start == 0:  # the capacity signal counts the energy beyond the budget's rank
-        utility_settings = replace(utility_settings, capacity_start=rank0)
     report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir,
                     warmup)
     risk_report = None
@@ -265,6 +263,8 @@ def solve_plan(
     The part of :func:`allocate` after probing; ``allocator.tune`` calls it once per trial on a cached report.
     """
 
+    if utility_settings.capacity_start == 0:  # the capacity signal counts the energy beyond the budget's rank
+        utility_settings = replace(utility_settings, capacity_start=uniform_rank(components, budget))
     table = compute_utilities(report, components, solver_settings.ranks, utility_settings,
                               risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
@@ -339,7 +339,7 @@ def uniform_rank(components: Sequence[Component], budget: int) -> int:
 
 
 def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component], rank: int,
-               data_settings: DataSettings, probe_settings: ProbeSettings, alpha_ratio: float
+               data_settings: DataSettings, probe_settings: ProbeSettings, alpha_ratio: float = 2.0
                ) -> probes.Warmup | None:
     """The probes' warm-up: uniform LoRA at ``rank`` over the probed modules, trained on ``warmup_steps x
     batch_size`` rows of ``data`` apart from the calibration rows (another seed; token batches: the rows after
@@ -352,9 +352,8 @@ def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component]
     token_rows = probes.is_token_source(data)  # taken in order: skip the calibration rows
     with as_input_error(ProbeError), warnings.catch_warnings():
         warnings.simplefilter("ignore", ProbeWarning)  # fewer rows than asked: the warm-up cycles them
-        batches = probes.load_batches(data, tokenizer, seq_len=d.seq_len, samples=n + d.samples * token_rows,
-                                      batch_size=d.batch_size, seed=d.seed + 1, text_field=d.text_field,
-                                      encoding=d.encoding)
+        kwargs = {**asdict(d), "samples": n + d.samples * token_rows, "seed": d.seed + 1}
+        batches = probes.load_batches(data, tokenizer, **kwargs)
     if token_rows and sum(len(b["input_ids"]) for b in batches) > d.samples:
         batches = batches[math.ceil(d.samples / d.batch_size):] or batches
     return probes.Warmup(config, batches)

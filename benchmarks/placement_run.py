@@ -288,9 +288,11 @@ def _tuned(
     """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note. ``v1``:
     as before issue 14 (step-0 probes, the v1 utility, ``V1_TUNE_TRIALS`` pilots of half the fine-tune)."""
     g, pilot_steps = setup.grid, max(2, steps // 2)
+    # pilots pruned by successive halving at every quarter of their length; the default and uniform run whole
     trials, probe_settings, utility = g.tune_trials, setup.settings, None
-    if v1:
-        trials, utility = min(g.tune_trials, V1_TUNE_TRIALS), UtilitySettings(**V1_UTILITY)
+    every, pruner = max(1, pilot_steps // 4), "halving"
+    if v1:  # every pilot whole, step-0 probes
+        trials, utility, every, pruner = V1_TUNE_TRIALS, UtilitySettings(**V1_UTILITY), 0, "none"
         probe_settings = replace(setup.settings, warmup_steps=0)
     with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
         warnings.simplefilter("ignore")
@@ -309,6 +311,8 @@ def _tuned(
             n_calib=g.n_calib,
             probe_settings=probe_settings,
             utility_settings=utility,
+            eval_every=every,
+            pruner=pruner,
             init=init,
             out_dir=setup.cache_dir
             / "tune"
@@ -320,7 +324,7 @@ def _tuned(
         added,
         (
             f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} "
-            f"pilots of {pilot_steps} steps, {info['pilot_s']:.0f} s"
+            f"pilots of {pilot_steps} steps, {info['pilot_steps']} steps in all, {info['pilot_s']:.0f} s"
         ),
     )
 
