@@ -3,8 +3,9 @@
 The capacity signal (:class:`allocator.scoring.signals.CapacitySignal`) weighs each family by the gradient
 energy its modules carry beyond the budget's uniform rank ``r0``, per LoRA parameter, measured after the
 probes' warm-up. This module computes those weights once, for the signal and for the plan's report: the report
-also recomputes them from the even and the odd decoder layers alone, so a user sees whether two halves of the
-model tell the same story (agreement) before trusting a plan that moved far from uniform. Pure: numpy only.
+also recomputes them from two halves of each family's modules (alternate layers), so a user sees whether two
+halves of the model tell the same story (agreement) before trusting a plan that moved far from uniform. Pure:
+numpy only.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ import numpy as np
 if TYPE_CHECKING:
     from allocator.discovery.component import Component
 
-# The capacity window: energy of singular directions r0+1 .. TAIL_SPAN * r0 (what a rank a few times the
-# uniform one would reach, and uniform's cannot).
-TAIL_SPAN = 4
+# The capacity window: energy of singular directions r0+1 .. max(TAIL_SPAN * r0, r0 + MIN_WINDOW) (what a
+# rank a few times the uniform one would reach, and uniform's cannot). At r0 = 1 three directions are too few
+# to tell families apart: on the fact task recurrent's demand is 1.19 over r2..r4 and 1.34 over r2..r9.
+TAIL_SPAN, MIN_WINDOW = 4, 8
+
+
+def window(r0: int) -> tuple[int, int]:
+    """Zero-based slice of the singular values in the capacity window of uniform rank ``r0``."""
+    return r0, max(TAIL_SPAN * r0, r0 + MIN_WINDOW)
 
 
 def family_tails(
@@ -36,7 +43,8 @@ def family_tails(
     for s, c in zip(stats, components, strict=True):
         sigma = np.sort(np.abs(np.asarray(getattr(s, "grad_singular_values", ()), dtype=float).ravel()))[::-1]
         tail, params = out.get(c.family, (0.0, 0.0))
-        out[c.family] = (tail + float((sigma[r0 : TAIL_SPAN * r0] ** 2).sum()), params + c.n_params_per_rank)
+        lo, hi = window(r0)
+        out[c.family] = (tail + float((sigma[lo:hi] ** 2).sum()), params + c.n_params_per_rank)
     return out
 
 
@@ -58,8 +66,8 @@ class FamilyEvidence:
 
     family: str
     demand: float  # window energy per parameter over the mean (1 = average; > 1 wants more rank)
-    demand_even: float  # the same from the even decoder layers only
-    demand_odd: float  # ... and from the odd ones
+    demand_even: float  # the same from half of each family's modules (its 1st, 3rd, ... by layer)
+    demand_odd: float  # ... and from the other half (2nd, 4th, ...)
     uniform_share: float  # the family's share of the budget under uniform ranks
     plan_share: float  # its share of the budget in the plan
 
@@ -84,15 +92,22 @@ def family_demand(
     stats: Sequence[Any], components: Sequence[Component], r0: int
 ) -> dict[str, tuple[float, float, float]]:
     """Per family: capacity demand (window energy per parameter over the mean; 1 when the evidence is flat)
-    from the whole model, its even decoder layers, and its odd ones. ``stats`` line up with ``components``."""
+    from the whole model and from each half of every family's modules (alternate ones by layer). ``stats``
+    line up with ``components``."""
 
     def demand(keep: Any) -> dict[str, float]:
         pairs = [(s, c) for s, c in zip(stats, components, strict=True) if keep(c)]
         return capacity_weights(family_tails([s for s, _ in pairs], [c for _, c in pairs], r0), 1.0)
 
+    # halves within each family (its modules by layer, alternately), so a family found only in odd layers
+    # (attention every fourth layer) is still in both
+    order: dict[str, list[str]] = {}
+    for c in sorted(components, key=lambda c: (c.layer if c.layer is not None else -1, c.name)):
+        order.setdefault(c.family, []).append(c.name)
+    first = {n for names in order.values() for n in names[::2]}
     whole = demand(lambda c: True)
-    even = demand(lambda c: c.layer is not None and c.layer % 2 == 0)
-    odd = demand(lambda c: c.layer is not None and c.layer % 2 == 1)
+    even = demand(lambda c: c.name in first)
+    odd = demand(lambda c: c.name not in first)
     return {
         f: (whole.get(f, 1.0), even.get(f, 1.0), odd.get(f, 1.0))
         for f in sorted({c.family for c in components})

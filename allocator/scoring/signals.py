@@ -59,6 +59,17 @@ def prior_curves(components: Sequence[Component], ranks: Sequence[int]) -> np.nd
     return np.sqrt(np.minimum(r[None, :], caps[:, None]) / r[-1])  # (n, R)
 
 
+def shifted_prior_curves(components: Sequence[Component], ranks: Sequence[int], shift: int) -> np.ndarray:
+    """``(sqrt(min(r, dmin_m) + s) - sqrt(s)) / (sqrt(R + s) - sqrt(s))``: the prior's concave shape, the same
+    for every module (flat evidence still gives uniform's plan), with a smaller premium on a module's first
+    ranks. Under ``sqrt(r)`` the first rank is worth 2.4x the second, so at a budget of rank 1 no evidence
+    short of that ratio moves any rank; shifted by the budget's rank ``s`` the ratio is 1.3 at ``s = 1``."""
+    r = np.asarray(ranks, dtype=float)
+    caps = np.array([dmin(c) for c in components], dtype=float)
+    top = np.sqrt(r[-1] + shift) - np.sqrt(shift)
+    return (np.sqrt(np.minimum(r[None, :], caps[:, None]) + shift) - np.sqrt(shift)) / top
+
+
 def spectral_curve(energies: np.ndarray | None, cap: int, ranks: np.ndarray) -> np.ndarray | None:
     """``sqrt(E(min(r, T)) / E(T) * T / R)`` with ``E`` the partial sums of ``energies``, ``T = min(R, cap)``.
 
@@ -331,10 +342,11 @@ class CapacitySignal(Signal):
         ranks: Sequence[int],
         settings: UtilitySettings,
     ) -> np.ndarray:
-        phi = prior_curves(components, ranks)
+        r0 = max(1, int(settings.capacity_start))
+        phi = shifted_prior_curves(components, ranks, 1)
         for s, c in zip(stats, components, strict=True):
             _vector(s, "grad_singular_values", c.name)  # a non-finite spectrum is a probe bug, not evidence
-        tails = family_tails(stats, components, max(1, int(settings.capacity_start)))
+        tails = family_tails(stats, components, r0)
         weight = capacity_weights(tails, settings.capacity_exponent)
         if not weight:
             return phi
