@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,15 +34,15 @@ from allocator.discovery.components import architecture_of, find_components
 from allocator.discovery.modelio import commit_of, count_base_params, load_model, locate
 from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
 from allocator.output import evidence
-from allocator.output.export import check_alpha_ratio
+from allocator.output.export import check_alpha_ratio, to_lora_config
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
 from allocator.reference import DEFAULT_MODEL, reference_model_path
 from allocator.scoring.utility import UtilitySettings, compute_utilities
-from allocator.solver.budget import Budget
+from allocator.solver.budget import Budget, params_per_uniform_rank
 from allocator.solver.settings import SolverSettings
 from allocator.solver.solve import check_budget, solve
-from probes.errors import ProbeError, ProbeRunError
+from probes.errors import ProbeError, ProbeRunError, ProbeWarning
 from probes.report import ProbeReport
 from probes.settings import DataSettings, ProbeSettings
 
@@ -208,12 +210,14 @@ def allocate(
     check_budget(components, budget_params, solver_settings)  # before minutes of probing
 
     names = [c.name for c in eligible]
-    report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir)
+    rank0 = uniform_rank(components, budget_params)
+    warmup = warmup_for(data, tokenizer, components, rank0, data_settings, probe_settings, alpha_ratio)
+    report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir,
+                    warmup)
     risk_report = None
     if retention_data is not None and getattr(utility_settings, "retention_weight", 0.0) > 0:
-        risk_report = _probe(
-            model_obj, model_id, retention_data, tokenizer, names, data_settings, probe_settings, cache_dir
-        )
+        risk_report = _probe(model_obj, model_id, retention_data, tokenizer, names, data_settings,
+                             replace(probe_settings, warmup_steps=0), cache_dir)
     provenance = {
         "model_id": model_id,
         "model_revision": model_commit(model_obj, model_id, revision,
@@ -267,6 +271,8 @@ def solve_plan(
     The part of :func:`allocate` after probing; ``allocator.tune`` calls it once per trial on a cached report.
     """
 
+    if utility_settings.capacity_start == 0:  # the capacity signal counts the energy beyond the budget's rank
+        utility_settings = replace(utility_settings, capacity_start=uniform_rank(components, budget))
     table = compute_utilities(report, components, solver_settings.ranks, utility_settings,
                               risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
@@ -278,7 +284,8 @@ def solve_plan(
         risk = {n: float(table.risk[row[n], col[r]]) for n, r in ranks.items() if n in row}
     provenance = dict(provenance or {})
     provenance.update(
-        utility_settings=_settings_dict(utility_settings), solver_settings=_settings_dict(solver_settings)
+        utility_settings=_settings_dict(utility_settings),
+        solver_settings=_settings_dict(solver_settings),
     )
     found = evidence.gather(report, components, budget, ranks, utility_settings, solver_settings, risk_report)
     return Plan(
@@ -371,7 +378,34 @@ def _load_tokenizer(model_id: str, trust_remote_code: bool, revision: str | None
         ) from None
 
 
-def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir):
+def uniform_rank(components: Sequence[Component], budget: int) -> int:
+    """The rank uniform LoRA over every eligible target would have at ``budget`` (at least 1)."""
+    per_rank = params_per_uniform_rank(components)
+    return max(1, budget // per_rank) if per_rank else 1
+
+
+def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component], rank: int,
+               data_settings: DataSettings, probe_settings: ProbeSettings, alpha_ratio: float = 2.0
+               ) -> probes.Warmup | None:
+    """The probes' warm-up: uniform LoRA at ``rank`` over the probed modules, trained on ``warmup_steps x
+    batch_size`` rows of ``data`` apart from the calibration rows (another seed; token batches: the rows after
+    them); None when ``probe_settings.warmup_steps`` is 0."""
+    if not probe_settings.warmup_steps:
+        return None
+    targets = {c.name: rank for c in components if c.eligible and not c.is_parameter}
+    config = to_lora_config(targets, components, alpha_ratio=alpha_ratio)
+    d, n = data_settings, probe_settings.warmup_steps * data_settings.batch_size
+    token_rows = probes.is_token_source(data)  # taken in order: skip the calibration rows
+    with as_input_error(ProbeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProbeWarning)  # fewer rows than asked: the warm-up cycles them
+        kwargs = {**asdict(d), "samples": n + d.samples * token_rows, "seed": d.seed + 1}
+        batches = probes.load_batches(data, tokenizer, **kwargs)
+    if token_rows and sum(len(b["input_ids"]) for b in batches) > d.samples:
+        batches = batches[math.ceil(d.samples / d.batch_size):] or batches
+    return probes.Warmup(config, batches)
+
+
+def _probe(model, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir, warmup=None):
 
     with as_input_error(ProbeError), as_failure(ProbeRunError):
         batches = probes.load_batches(data, tokenizer, **asdict(data_settings))
@@ -379,6 +413,10 @@ def _probe(model, model_id, data, tokenizer, names, data_settings, probe_setting
                 **asdict(data_settings)}
         if cache_dir is not None:
             return probes.run_cached(
-                model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta
+                model, batches, names, probe_settings, cache_dir=Path(cache_dir), key_meta=meta, warmup=warmup
+            )
+        if warmup is not None:
+            return probes.run_warm(
+                model, batches, names, probe_settings, warmup.lora_config, warmup.batches, meta=meta
             )
         return probes.run(model, batches, names, probe_settings, meta=meta)

@@ -26,12 +26,17 @@ CSV_NAME, MD_NAME, PNG_NAME = "placement_runs.csv", "placement.md", "placement.p
 FAMILIES = ("attention", "recurrent", "mlp")
 SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora",
-              "allocator", *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
+              "allocator", "alloc_v1", *(f"alloc_{s}" for s in SIGNALS), "alloc_retention", "full")
+# The allocator's default before issue 14 (alloc_v1): step-0 probes read by the combined signal with half the
+# uniform prior. Every step-0 condition (alloc_<signal>, VARIANTS, alloc_retention) keeps these settings, so
+# its rows stay what they were when the default changed; alloc_tuned_v1: `allocate tune` before issue 14.
+V1_UTILITY: dict[str, Any] = {"signal": "combined", "uniform_prior": 0.5}
+V1_TUNE_TRIALS = 10
 # alloc_coarse: the solver's earlier default grid (0, 4, 8, 16, 32, 64), replaced by the dense one on this
 # benchmark (at uniform's best lr the coarse plan was worse in mean at Falcon-H1 r1, the dense one beat
 # uniform on the qwen fact task; docs/method.md). alloc_tuned: `allocate tune`, pilot fine-tunes choosing the
 # placement and the priors.
-EXTRA = ("alloc_coarse", "alloc_evidence", "alloc_tuned")
+EXTRA = ("alloc_coarse", "alloc_evidence", "alloc_tuned", "alloc_tuned_v1")
 # Named allocator settings (utility overrides, solver overrides). alloc_ev: EVA's explained-variance criterion
 # (the `explained_variance` signal) on the dense grid per module, the allocator's version of EVA's placement.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -39,6 +44,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                  {"ranks": DENSE_RANKS, "granularity": "module"}),
     "alloc_coarse": ({}, {"ranks": COARSE_RANKS}),
     "alloc_evidence": ({"uniform_prior": 0.0}, {}),  # the probes' evidence alone, without the uniform prior
+}
+# Probes after the default warm-up (20 steps of uniform LoRA): "allocator" is `allocate`'s default (the
+# capacity signal, exponent e = 1); the others change e: a family's budget share grows like its capacity
+# demand per parameter to the power 2e (docs/utility.md)
+WARM: dict[str, dict[str, Any]] = {
+    "allocator": {},
+    "alloc_warm_e2": {"capacity_exponent": 2.0},
+    "alloc_warm_e05": {"capacity_exponent": 0.5},
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev",
@@ -72,7 +85,7 @@ class Grid:
     n_eval: int = 64
     n_calib: int = 32
     n_facts: int = 128  # fact_recall: facts to store (16 train rows of 8); scored on all of them elsewhere
-    tune_trials: int = 10  # alloc_tuned: trials of its study (5 enqueued baselines + searched ones)
+    tune_trials: int = 8  # alloc_tuned: trials of its study (5 enqueued baselines + searched ones)
     # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
     frontier: tuple[tuple[str, float, float, float], ...] = (
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),

@@ -238,8 +238,8 @@ def adalora_effective_params(peft_model: torch.nn.Module) -> int:
 def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Component],
                 train: Sequence[Mapping], validation: Sequence[Mapping], budget: int, *, lr: float,
                 steps: int, batch_size: int, seed: int, trials: int, n_calib: int, probe_settings: Any,
-                out_dir: Any,
-                init: str = "default") -> tuple[Ranks, int, dict]:
+                out_dir: Any, init: str = "default", utility_settings: Any = None, eval_every: int = 0,
+                pruner: str = "none") -> tuple[Ranks, int, dict]:
     """``allocate tune`` (:func:`allocator.tuning.tune`) at the fixed budget, lr and alpha: Optuna chooses the
     placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver
     utility's family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored
@@ -250,14 +250,15 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
     rows = sum(int(b["input_ids"].shape[0]) for b in train)
     seq_len = max(int(b["input_ids"].shape[1]) for b in (*train, *validation))
     settings = TuneSettings(
-        trials=trials, steps=steps, batch_size=batch_size, eval_every=0, pruner="none", train_samples=rows,
+        trials=trials, steps=steps, batch_size=batch_size, eval_every=eval_every, pruner=pruner,
+        train_samples=rows,
         eval_samples=sum(int(b["input_ids"].shape[0]) for b in validation), seed=seed, budget=str(budget),
         lr=f"{lr:g}", alpha_ratio="2", weights="", uniform_prior="0..1", family_priors="0.25..4",
         retention_weight="", granularity="", max_rank="")
     init_data = [{k: v for k, v in b.items() if k != "labels"} for b in train] if init == "eva" else None
     result = tune(model, data=list(train), eval_data=list(validation), tokenizer=tokenizer, settings=settings,
                   out_dir=out_dir, overwrite=True, fused_kernels=False, probe_settings=probe_settings,
-                  init=init, init_data=init_data,
+                  init=init, init_data=init_data, utility_settings=utility_settings,
                   data_settings=DataSettings(seq_len=seq_len, samples=n_calib, batch_size=4))
     best, comps = result.best, {c.name: c for c in eligible}
     if best.placement in ("attention", "recurrent", "mlp"):  # a family baseline won: single_family's
@@ -268,5 +269,6 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
         out, added = fill(ranks, comps, budget, order, cap=lambda c: min(c.d_in, c.d_out))
     info = {"placement": best.placement, "params": {k: round(v, 3) if isinstance(v, float) else v
                                                      for k, v in best.params.items()},
-            "pilots": len(result.trials), "pilot_s": sum(t.duration_s or 0.0 for t in result.trials)}
+            "pilots": len(result.trials), "pilot_s": sum(t.duration_s or 0.0 for t in result.trials),
+            "pilot_steps": sum(t.steps or 0 for t in result.trials)}
     return out, added, info

@@ -35,7 +35,17 @@ from allocator.solver.settings import SolverSettings
 from allocator.tuning.finetune import FinetuneSettings, evaluate_loss, finetune, pool_rows
 from benchmarks import placement_conditions as pc
 from benchmarks import tasks
-from benchmarks.grid import FAMILIES, RETENTION_WEIGHT, SIGNALS, VARIANTS, Grid, run_key
+from benchmarks.grid import (
+    FAMILIES,
+    RETENTION_WEIGHT,
+    SIGNALS,
+    V1_TUNE_TRIALS,
+    V1_UTILITY,
+    VARIANTS,
+    WARM,
+    Grid,
+    run_key,
+)
 from benchmarks.log import log
 
 
@@ -118,6 +128,32 @@ class ModelSetup:
             log(f"{self.name}: probes on {kind} ready ({time.perf_counter() - t0:.1f} s)")
         return self._reports[kind]
 
+    def warm_report(self, task: str, rank: int) -> Any:
+        """Probe report on the task's calibration rows after the probes' default warm-up (``allocate``'s
+        path): uniform LoRA at ``rank`` trained ``warmup_steps`` steps on the train rows after the
+        calibration rows."""
+        key = f"{task}-warm-r{rank}"
+        if key not in self._reports:
+            settings = probes.ProbeSettings(max_rank=64, progress=False)
+            pool = pool_rows(self.tasks[task].train_batches)
+            n, b = self.grid.n_calib, 4
+            rows = range(n, min(pool["input_ids"].shape[0], n + settings.warmup_steps * b), b)
+            warm = [{k: v[i:i + b] for k, v in pool.items()} for i in rows] or self.calib(task)
+            config = to_lora_config(pc.uniform(self.eligible, rank), self.components, alpha_ratio=2.0)
+            meta = {"model_id": self.name, "weights": self.weights_id, "calibration": task}
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._reports[key] = probes.run_cached(
+                    self.model, self.calib(task), [c.name for c in self.eligible], settings,
+                    cache_dir=self.cache_dir, key_meta=meta, warmup=probes.Warmup(config, warm))
+            log(f"{self.name}: warmed-up probes on {task} r{rank} ready ({time.perf_counter() - t0:.1f} s)")
+        return self._reports[key]
+
+    def warmup_record(self, task: str, rank: int) -> str:
+        w = self.warm_report(task, rank).meta.get("warmup", {})
+        return f"{w.get('steps')} steps at lr {w.get('lr', 0):.3g}, {w.get('seconds', 0):.1f} s"
+
     def eva_components(self, task: str, k: int) -> Any:
         """EVA's top ``k`` input directions per module (rho = 1), for EVA-initialised placements."""
         return self._eva_cached((task, "components", k), pc.eva_components, k)
@@ -198,30 +234,40 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         note = f"EVA rank units {info['eva_rank_units']} (PEFT would use {info['eva_rank_units_peft']})"
     elif condition.endswith("_eva_init"):  # a placement's ranks with EVA's data-driven lora_A (rho = 1)
         base = condition.removesuffix("_eva_init")
-        if base == "alloc_tuned":  # `allocate tune --init eva`: the pilots start from EVA's init too
-            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init="eva")
+        if base in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune --init eva`: pilots from EVA's init
+            v1 = base.endswith("v1")
+            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init="eva", v1=v1)
             config = to_lora_config(ranks, setup.components, alpha_ratio=2.0)
         else:
             config, _, _, ranks, added, note = plan_condition(setup, task, base, rank, budget, seed, steps)
         components = setup.eva_components(task, max(ranks.values()))
         init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
         return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
-    elif condition == "alloc_tuned":  # `allocate tune`: pilot fine-tunes choose placement and priors
-        ranks, added, note = _tuned(setup, task, rank, budget, seed, steps)
+    elif condition in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune`: pilots choose placement, priors
+        ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, v1=condition.endswith("v1"))
+    elif condition in WARM:  # probes after a uniform-LoRA warm-up, read by the capacity signal
+        u = UtilitySettings(**{"capacity_start": rank, **WARM[condition]})
+        ranks, added, info = pc.allocator_ranks(
+            setup.warm_report(task, rank), eligible, setup.components, budget, u, SolverSettings()
+        )
+        note = (
+            f"solver cost {info['solver_cost']} ({info['status']}); warm-up {setup.warmup_record(task, rank)}"
+        )
     elif condition.startswith("alloc"):
         kind = condition.removeprefix("alloc").lstrip("_")
         solver = SolverSettings()
-        u = UtilitySettings()
+        u = UtilitySettings(**V1_UTILITY)  # alloc_v1, and the base of every other step-0 condition
         if condition in VARIANTS:  # named settings: utility and solver overrides
-            u = UtilitySettings(**VARIANTS[condition][0])
+            u = UtilitySettings(**{**V1_UTILITY, **VARIANTS[condition][0]})
             solver = SolverSettings(**VARIANTS[condition][1])
         elif kind in SIGNALS:
-            u = UtilitySettings(signal=kind)
+            u = UtilitySettings(**{**V1_UTILITY, "signal": kind})
         elif kind == "retention":
-            u = UtilitySettings(retention_weight=RETENTION_WEIGHT)
+            u = UtilitySettings(**V1_UTILITY, retention_weight=RETENTION_WEIGHT)
         risk = setup.report("general") if kind == "retention" else None
-        ranks, added, info = pc.allocator_ranks(setup.report(task), eligible, setup.components, budget, u,
-                                                solver, risk_report=risk)
+        ranks, added, info = pc.allocator_ranks(
+            setup.report(task), eligible, setup.components, budget, u, solver, risk_report=risk
+        )
         note = f"solver cost {info['solver_cost']} ({info['status']})"
     else:
         raise ValueError(f"unknown condition {condition!r}")
@@ -229,27 +275,74 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
     return config, init, target_bgt, ranks, added, note
 
 
-def _tuned(setup: ModelSetup, task: str, rank: int, budget: int, seed: int, steps: int,
-           init: str = "default") -> tuple[dict, int, str]:
-    """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note."""
+def _tuned(
+    setup: ModelSetup,
+    task: str,
+    rank: int,
+    budget: int,
+    seed: int,
+    steps: int,
+    init: str = "default",
+    v1: bool = False,
+) -> tuple[dict, int, str]:
+    """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note. ``v1``:
+    as before issue 14 (step-0 probes, the v1 utility, ``V1_TUNE_TRIALS`` pilots of half the fine-tune)."""
     g, pilot_steps = setup.grid, max(2, steps // 2)
+    # pilots pruned by successive halving at every quarter of their length; the default and uniform run whole
+    trials, probe_settings, utility = g.tune_trials, setup.settings, None
+    every, pruner = max(1, pilot_steps // 4), "halving"
+    if v1:  # every pilot whole, step-0 probes
+        trials, utility, every, pruner = V1_TUNE_TRIALS, UtilitySettings(**V1_UTILITY), 0, "none"
+        probe_settings = replace(setup.settings, warmup_steps=0)
     with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
         warnings.simplefilter("ignore")
         ranks, added, info = pc.tuned_ranks(
-            setup.model, setup.tokenizer, setup.eligible, setup.tasks[task].train_batches,
-            setup.validation_task(task).eval_batches, budget, lr=g.lr_for(setup.name, rank),
-            steps=pilot_steps, batch_size=g.batch_size, seed=seed, trials=g.tune_trials,
-            n_calib=g.n_calib, probe_settings=setup.settings, init=init,
-            out_dir=setup.cache_dir / "tune"
-            / f"{setup.name}-{task}-r{rank}-seed{seed}{'-eva' * (init == 'eva')}")
+            setup.model,
+            setup.tokenizer,
+            setup.eligible,
+            setup.tasks[task].train_batches,
+            setup.validation_task(task).eval_batches,
+            budget,
+            lr=g.lr_for(setup.name, rank),
+            steps=pilot_steps,
+            batch_size=g.batch_size,
+            seed=seed,
+            trials=trials,
+            n_calib=g.n_calib,
+            probe_settings=probe_settings,
+            utility_settings=utility,
+            eval_every=every,
+            pruner=pruner,
+            init=init,
+            out_dir=setup.cache_dir
+            / "tune"
+            / f"{setup.name}-{task}-r{rank}-seed{seed}{'-eva' * (init == 'eva')}",
+        )
     chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
-    return ranks, added, (f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} "
-                          f"pilots of {pilot_steps} steps, {info['pilot_s']:.0f} s")
+    return (
+        ranks,
+        added,
+        (
+            f"tuned: {info['placement']}{f' ({chosen})' if chosen else ''}; {info['pilots']} "
+            f"pilots of {pilot_steps} steps, {info['pilot_steps']} steps in all, {info['pilot_s']:.0f} s"
+        ),
+    )
 
 
-def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, *, frontier: str = "",
-            lr_factor: float = 1.0, steps_factor: float = 1.0, rank_factor: float = 1.0,
-            reuse: dict | None = None, _pilot: bool = False) -> dict:
+def run_one(
+    setup: ModelSetup,
+    task: str,
+    rank: int,
+    condition: str,
+    seed: int,
+    *,
+    frontier: str = "",
+    lr_factor: float = 1.0,
+    steps_factor: float = 1.0,
+    rank_factor: float = 1.0,
+    reuse: dict | None = None,
+    _pilot: bool = False,
+) -> dict:
     """Fine-tune one condition and return its CSV row (asserting the budget for exactly-matched conditions).
 
     ``reuse`` maps a plan key to a finished row: a plain-LoRA condition whose ranks equal an already trained
@@ -262,16 +355,23 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
     run_budget = run_rank * params_per_uniform_rank(setup.components)
     steps = max(2, round(g.steps * steps_factor))
     lr = g.lr_for(setup.name, rank, condition) * lr_factor
-    config, init, target_bgt, ranks, added, note = plan_condition(setup, task, condition, run_rank,
-                                                                  run_budget, seed, steps)
+    config, init, target_bgt, ranks, added, note = plan_condition(
+        setup, task, condition, run_rank, run_budget, seed, steps
+    )
     plan_hash = _plan_hash(condition, ranks, init)
     cond = condition if not frontier else f"{condition}[{frontier}]"
     key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size, setup.setup_ids[task])
     if plan_hash and reuse is not None and key in reuse:
         row = dict(reuse[key])
         reused = f"{note}; same plan as {row['condition']}: its deterministic result reused"
-        row.update(condition=cond, frontier=frontier, budget=f"r{rank}", fill_params=added, wall_s="0.0",
-                   note=reused.lstrip("; "))
+        row.update(
+            condition=cond,
+            frontier=frontier,
+            budget=f"r{rank}",
+            fill_params=added,
+            wall_s="0.0",
+            note=reused.lstrip("; "),
+        )
         row["run_id"] = run_key(row)
         return row
     res, state = _finetune(setup, task, condition, config, init, target_bgt, steps=steps, lr=lr, seed=seed)
@@ -282,17 +382,31 @@ def run_one(setup: ModelSetup, task: str, rank: int, condition: str, seed: int, 
         note = _check_budget(setup, condition, ranks, trainable, run_budget, note)
     shares = _shares(setup, ranks, state)
     row = {
-        "model": setup.name, "task": task, "budget": f"r{rank}", "condition": cond, "frontier": frontier,
-        "seed": seed, "steps": steps, "lr": f"{lr:g}", "batch_size": g.batch_size,
-        "budget_params": run_budget, "trainable_params": trainable, "effective_params": effective,
+        "model": setup.name,
+        "task": task,
+        "budget": f"r{rank}",
+        "condition": cond,
+        "frontier": frontier,
+        "seed": seed,
+        "steps": steps,
+        "lr": f"{lr:g}",
+        "batch_size": g.batch_size,
+        "budget_params": run_budget,
+        "trainable_params": trainable,
+        "effective_params": effective,
         "budget_ratio": f"{effective / run_budget:.4f}" if condition != "full" else "",
-        "fill_params": added, "target_loss": f"{res.eval_loss:.5f}",
+        "fill_params": added,
+        "target_loss": f"{res.eval_loss:.5f}",
         "initial_target_loss": f"{res.initial_eval_loss:.5f}",
         "retention_loss": f"{extra['retention_loss']:.5f}",
         "base_retention_loss": f"{setup.base_retention:.5f}",
-        "target_accuracy": extra.get("target_accuracy", ""), "target_chance": extra.get("target_chance", ""),
-        **shares, "plan_hash": plan_hash, "setup_id": setup.setup_ids[task],
-        "wall_s": f"{res.wall_time_s:.1f}", "note": note,
+        "target_accuracy": extra.get("target_accuracy", ""),
+        "target_chance": extra.get("target_chance", ""),
+        **shares,
+        "plan_hash": plan_hash,
+        "setup_id": setup.setup_ids[task],
+        "wall_s": f"{res.wall_time_s:.1f}",
+        "note": note,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     row["run_id"] = run_key(row)
@@ -311,8 +425,18 @@ def _plan_hash(condition: str, ranks: dict, init: Any) -> str:
     return hashlib.sha256(json.dumps(sorted(ranks.items()) + tag).encode()).hexdigest()[:12]
 
 
-def _finetune(setup: ModelSetup, task: str, condition: str, config: Any, init: Any, target_bgt: int | None, *,
-              steps: int, lr: float, seed: int) -> tuple[Any, dict]:
+def _finetune(
+    setup: ModelSetup,
+    task: str,
+    condition: str,
+    config: Any,
+    init: Any,
+    target_bgt: int | None,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> tuple[Any, dict]:
     """:func:`allocator.tuning.finetune.finetune` of one planned run, scored on the task's eval rows and on
     retention (accuracy tasks: their scorer's accuracy and chance; AdaLoRA: its final unmasked parameters).
     Returns the result and the state :func:`_prepared` kept (the PEFT model)."""
@@ -323,8 +447,14 @@ def _finetune(setup: ModelSetup, task: str, condition: str, config: Any, init: A
         out = {"retention_loss": evaluate_loss(model, ret)}
         if task != "text_domain":  # accuracy tasks: their scorer's accuracy and chance level
             scores = t.evaluate(model)
-            out.update({f"target_{kind}": v for k, v in scores.items() for kind in ("accuracy", "chance")
-                        if k.endswith(f"_{kind}")})
+            out.update(
+                {
+                    f"target_{kind}": v
+                    for k, v in scores.items()
+                    for kind in ("accuracy", "chance")
+                    if k.endswith(f"_{kind}")
+                }
+            )
         if condition == "adalora":
             out["effective_params"] = pc.adalora_effective_params(model)
         return out
@@ -332,14 +462,20 @@ def _finetune(setup: ModelSetup, task: str, condition: str, config: Any, init: A
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = stack.enter_context(_prepared(init, target_bgt))
-        res = finetune(setup.model, config, t.train_batches, t.eval_batches,
-                       FinetuneSettings(steps=steps, lr=lr, seed=seed, batch_size=setup.grid.batch_size),
-                       metrics_fn=metrics)
+        res = finetune(
+            setup.model,
+            config,
+            t.train_batches,
+            t.eval_batches,
+            FinetuneSettings(steps=steps, lr=lr, seed=seed, batch_size=setup.grid.batch_size),
+            metrics_fn=metrics,
+        )
     return res, state
 
 
-def _check_budget(setup: ModelSetup, condition: str, ranks: dict, trainable: int, run_budget: int,
-                  note: str) -> str:
+def _check_budget(
+    setup: ModelSetup, condition: str, ranks: dict, trainable: int, run_budget: int, note: str
+) -> str:
     """Assert PEFT's trainable count equals the placement's cost and lies within 1% of ``run_budget`` (one
     family alone: within one rank step below it, the note saying so when over 1% short); returns the note."""
     expected = pc.cost(ranks, setup.comps)
@@ -350,14 +486,18 @@ def _check_budget(setup: ModelSetup, condition: str, ranks: dict, trainable: int
     if len(adapted) == 1 and condition != "uniform":
         (family,) = adapted
         step = min(c.n_params_per_rank for c in setup.comps.values() if c.family == family and c.eligible)
-        assert 0 <= run_budget - trainable < step, \
+        assert 0 <= run_budget - trainable < step, (
             f"{condition}: {trainable} trainable vs budget {run_budget}"
+        )
         if run_budget - trainable > 0.01 * run_budget:
-            note = (f"{note}; {trainable / run_budget:.1%} of the budget: the closest integer ranks on "
-                    f"{family} alone come").lstrip("; ")
+            note = (
+                f"{note}; {trainable / run_budget:.1%} of the budget: the closest integer ranks on "
+                f"{family} alone come"
+            ).lstrip("; ")
     else:
-        assert abs(trainable - run_budget) <= 0.01 * run_budget, \
+        assert abs(trainable - run_budget) <= 0.01 * run_budget, (
             f"{condition}: {trainable} trainable vs budget {run_budget} (more than 1% apart)"
+        )
     return note
 
 
@@ -370,8 +510,10 @@ def _adalora_pilot(setup: ModelSetup, task: str, rank: int, seed: int, steps_fac
     row = run_one(setup, task, rank, "adalora", 0, steps_factor=steps_factor, _pilot=True)
     units = int(row["note"].split("final rank budget ")[1].split()[0])
     setup.adalora_pilot[(task, rank, steps)] = (units, int(row["effective_params"]))
-    log(f"{setup.name}: AdaLoRA pilot: {units} rank units end at {row['effective_params']} parameters "
-         f"(budget {row['budget_params']})")
+    log(
+        f"{setup.name}: AdaLoRA pilot: {units} rank units end at {row['effective_params']} parameters "
+        f"(budget {row['budget_params']})"
+    )
 
 
 def _shares(setup: ModelSetup, ranks: dict, state: dict) -> dict:

@@ -36,6 +36,8 @@ _LAZY = {
     "check_device": "probes.runner",
     "check_token_ids": "probes.runner",
     "run_cached": "probes.cache",
+    "Warmup": "probes.warmup",
+    "run_warm": "probes.warmup",
     "check_cache_dir": "probes.cache",
 }
 

@@ -28,6 +28,7 @@ from probes.folders import FolderError, write_folder
 from probes.report import ARRAYS_NAME, FORMAT, JSON_NAME, ProbeReport
 from probes.runner import run
 from probes.settings import ProbeSettings
+from probes.warmup import Warmup, run_warm
 
 
 def cache_key(
@@ -52,8 +53,10 @@ def run_cached(
     *,
     cache_dir: str | os.PathLike,
     key_meta: Mapping[str, Any] | None = None,
+    warmup: Warmup | None = None,
 ) -> ProbeReport:
-    """:func:`probes.run` with a disk cache in ``cache_dir``.
+    """:func:`probes.run` (or :func:`probes.warmup.run_warm` after ``warmup``) with a disk cache in
+    ``cache_dir``.
 
     ``key_meta`` identifies the weights, e.g. ``{"model_id": "Qwen/Qwen3.5-0.8B", "model_revision":
     "<sha>"}``;
@@ -69,12 +72,18 @@ def run_cached(
             "model_id": getattr(config, "name_or_path", None),
             "model_revision": getattr(config, "_commit_hash", None),
         }
+    if warmup is not None and settings.warmup_steps:
+        key_meta = {**dict(key_meta), "warmup": warmup.key()}
     key = cache_key(key_meta, data_fingerprint(batches), modules, settings)
     folder = Path(cache_dir) / f"probe-{key[:32]}"
     cached = _load(folder, key)
     if _all_ranks(cached is not None, settings):
         return cached
-    report = run(model, batches, modules, settings, meta={**dict(key_meta), "cache_key": key})
+    meta = {**dict(key_meta), "cache_key": key}
+    if warmup is not None and settings.warmup_steps:
+        report = run_warm(model, batches, modules, settings, warmup.lora_config, warmup.batches, meta=meta)
+    else:
+        report = run(model, batches, modules, settings, meta=meta)
     if _rank(settings) == 0:
         _save_atomic(report, folder)
     return report

@@ -184,6 +184,19 @@ class ProbeSettings:
             "'model': never move. Any torch device string ('cpu', 'cuda:1'): move there for the run."
         },
     )
+    warmup_steps: int = ranged(
+        20,
+        "AdamW steps of uniform LoRA (at the budget's uniform rank) before the statistics are taken, so "
+        "they show where the adapter's capacity binds rather than the task's easy first step (0: probe the "
+        "base model)",
+        Range(0, integer=True),
+    )
+    warmup_lr: float = ranged(
+        0.0,
+        "learning rate of the warm-up; 0 = auto: 2 * sqrt(4 / r) / hidden size, about twice the LoRA lr that "
+        "trains such a model at rank r",
+        Range(0),
+    )
     distributed: bool = field(
         default=True,
         metadata={

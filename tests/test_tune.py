@@ -86,19 +86,23 @@ def test_settings_round_trip_through_dict_and_reject_unknown_keys():
 
 def test_pruning_callback_reports_every_eval_and_spares_baselines():
     reports = []
-    trial = SimpleNamespace(report=lambda v, s: reports.append((s, v)), should_prune=lambda: True)
+    attrs = {}
+    trial = SimpleNamespace(report=lambda v, s: reports.append((s, v)), should_prune=lambda: True,
+                            set_user_attr=attrs.__setitem__)
     _reporter(trial, prunable=False)(5, 1.25)
-    assert reports == [(5, 1.25)]
+    assert reports == [(5, 1.25)] and attrs == {}
     with pytest.raises(Pruned, match="step 10"):
         _reporter(trial, prunable=True)(10, 2.0)
+    assert attrs == {"steps": 10}  # the pilot's cost: the steps it ran before the pruner stopped it
 
 
 def test_single_study_runs_baselines_first_probes_once_and_resumes(tiny, texts, tmp_path, monkeypatch):
     import probes.cache
 
     calls = []
-    real = probes.cache.run
-    monkeypatch.setattr(probes.cache, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("run", "run_warm"):  # the probes, with or without their warm-up
+        real = getattr(probes.cache, name)
+        monkeypatch.setattr(probes.cache, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     out = tmp_path / "study"
     result = _tune(tiny, texts, out, TuneSettings(trials=6, **FAST))
     rows = result.trials

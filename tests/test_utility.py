@@ -295,7 +295,7 @@ def test_utility_table_validates_and_round_trips():
         ({"signal": "magic"}, "unknown utility signal"),
         ({"weights": {"magic": 1.0}}, "unknown signals"),
         ({"weights": {"combined": 1.0}}, "unknown signals"),
-        ({"weights": {"fisher": 0.0}}, "needs a positive weight"),
+        ({"weights": {"fisher": 0.0}, "signal": "combined"}, "needs a positive weight"),
         ({"weights": {"fisher": -1.0}, "signal": "fisher"}, ">= 0"),
         ({"family_priors": {"transformer": 1.0}}, "unknown families"),
         ({"family_priors": {"mlp": 0.0}}, "> 0"),

@@ -8,7 +8,8 @@
 - :func:`gather`: how much of the budget the plan places differently from uniform (:func:`moved_share`), the
   same with each lever switched off in turn (the probe signals, family priors, share bounds, the retention
   risk, include/exclude; each mixed signal alone), and how consistent the gradients were across the two
-  calibration halves (the probes' held-out capture). Re-solving is cheap (milliseconds on the reference
+  calibration halves (the probes' held-out capture), and each family's capacity demand (:func:`capacity`),
+  with whether two halves of its modules agree on it. Re-solving is cheap (milliseconds on the reference
   models) next to the probes.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, InputError
+from allocator.scoring.evidence import family_demand, family_evidence, window
 from allocator.scoring.utility import UtilitySettings, UtilityTable, compute_utilities
 from allocator.solver.settings import SolverSettings
 from allocator.solver.solve import solve
@@ -117,7 +119,24 @@ def gather(
             flat, dataclasses.replace(solver, share_bounds={}, required=(), include=(), exclude=())
         )
     evidence["consistency"] = consistency(report, [c for c in components if c.name in ranks], budget)
+    evidence["capacity"] = capacity(report, [c for c in components if c.name in ranks], ranks, utility)
     return evidence
+
+
+def capacity(
+    report: Any, eligible: Sequence[Component], ranks: Mapping[str, int], utility: UtilitySettings
+) -> dict[str, Any]:
+    """Per family: capacity demand (gradient energy beyond the budget's uniform rank per parameter, 1 =
+    average; :mod:`allocator.scoring.evidence`) from all its modules and from each half of them, whether the
+    halves agree, and its budget share under uniform and in the plan."""
+    ok = [c for c in eligible if str(getattr(report.modules.get(c.name), "status", "")) == "ok"]
+    r0 = max(1, int(utility.capacity_start))
+    demand = family_demand([report.modules[c.name] for c in ok], ok, r0)
+    rows = {
+        e.family: {k: round(v, PLACES) if isinstance(v, float) else v for k, v in e.to_dict().items()}
+        for e in family_evidence(demand, ok, ranks)
+    }
+    return {"rank": r0, "window": list(window(r0)), "families": rows}
 
 
 def consistency(report: Any, eligible: Sequence[Component], budget: int) -> dict[str, Any]:

@@ -208,6 +208,30 @@ def _consistency_text(evidence: dict[str, Any], order: list[str]) -> str | None:
     )
 
 
+def _capacity_text(evidence: dict[str, Any]) -> str | None:
+    found = evidence.get("capacity") or {}
+    rows = found.get("families") or {}
+    if evidence.get("signal") != "capacity" or not rows:
+        return None
+    order = sorted(rows, key=lambda f: -rows[f]["demand"])
+    values = ", ".join(
+        f"{f} {rows[f]['demand']:.2f} (halves {rows[f]['demand_even']:.2f} / {rows[f]['demand_odd']:.2f})"
+        for f in order
+    )
+    lo, hi = found.get("window", (0, 0))
+    split = [f for f in order if not rows[f]["agrees"]]
+    trust = (
+        "the halves agree"
+        if not split
+        else f"the halves disagree on {', '.join(split)}: weak evidence there; `allocate tune` checks it "
+        "with pilot fine-tunes"
+    )
+    return (
+        f"capacity demand (gradient energy in directions {lo + 1}..{hi} per parameter after the warm-up, "
+        f"1 = average): {values}; {trust}"
+    )
+
+
 def _headline(plan: Plan, uniform: UniformComparison, ranks: set[int]) -> str:
     status = str(plan.solver.get("status", ""))
     if uniform.below_r1:
@@ -344,5 +368,6 @@ def verdict_lines(plan: Plan) -> list[str]:
     lever = None if identical or uniform.below_r1 else driver(dict(plan.evidence))
     lines.append(_driver_text(plan, lever) or "")
     lines.append(_consistency_text(dict(plan.evidence), [f for f, _, _ in family_shifts(plan)]) or "")
+    lines.append(_capacity_text(dict(plan.evidence)) or "")
     lines.append(_next_text(plan, uniform, identical, lever))
     return [line for line in lines if line]

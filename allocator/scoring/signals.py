@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.errors import AllocatorError
+from allocator.scoring.evidence import capacity_weights, family_tails
 
 if TYPE_CHECKING:
     from allocator.discovery.component import Component
@@ -56,6 +57,17 @@ def prior_curves(components: Sequence[Component], ranks: Sequence[int]) -> np.nd
     r = np.asarray(ranks, dtype=float)  # (R,)
     caps = np.array([dmin(c) for c in components], dtype=float)  # (n,)
     return np.sqrt(np.minimum(r[None, :], caps[:, None]) / r[-1])  # (n, R)
+
+
+def shifted_prior_curves(components: Sequence[Component], ranks: Sequence[int], shift: int) -> np.ndarray:
+    """``(sqrt(min(r, dmin_m) + s) - sqrt(s)) / (sqrt(R + s) - sqrt(s))``: the prior's concave shape, the same
+    for every module (flat evidence still gives uniform's plan), with a smaller premium on a module's first
+    ranks. Under ``sqrt(r)`` the first rank is worth 2.4x the second, so at a budget of rank 1 no evidence
+    short of that ratio moves any rank; shifted by the budget's rank ``s`` the ratio is 1.3 at ``s = 1``."""
+    r = np.asarray(ranks, dtype=float)
+    caps = np.array([dmin(c) for c in components], dtype=float)
+    top = np.sqrt(r[-1] + shift) - np.sqrt(shift)
+    return (np.sqrt(np.minimum(r[None, :], caps[:, None]) + shift) - np.sqrt(shift)) / top
 
 
 def spectral_curve(energies: np.ndarray | None, cap: int, ranks: np.ndarray) -> np.ndarray | None:
@@ -304,6 +316,45 @@ class HeldoutCaptureSignal(Signal):
         return float(h[t - 1] * dmin(c) / t)
 
 
+class CapacitySignal(Signal):
+    """Where a LoRA's capacity binds: gradient energy beyond the rank the budget gives every module, per
+    parameter,
+    pooled over each family, measured at a warmed-up point (``probes.warmup``).
+
+    For family ``F`` with modules ``m``, ``t_F = sum_m sum_{r0 < i <= 4 r0} sigma_i^2 / sum_m p_m``, ``r0``
+    the
+    uniform rank of the budget (``UtilitySettings.capacity_start``; the warm-up's LoRA rank). The family
+    weight is
+    ``w_F = (t_F / tbar) ** capacity_exponent`` (``tbar`` the parameter-weighted mean, bounded by
+    ``capacity_clip``), on the prior's shape: with ``u = p w sqrt(r)`` the solver gives family ``F`` ranks
+    ``~ w_F^2``, so its budget share is ``~ P_F t_F^(2 e)``. Within a family the plan stays uniform. Flat
+    evidence
+    (equal ``t_F``) is the prior, hence uniform's plan. A module whose spectrum is shorter than ``r0`` counts
+    0.
+    """
+
+    name = "capacity"
+
+    def curves(
+        self,
+        stats: Sequence[Any],
+        components: Sequence[Component],
+        ranks: Sequence[int],
+        settings: UtilitySettings,
+    ) -> np.ndarray:
+        r0 = max(1, int(settings.capacity_start))
+        phi = shifted_prior_curves(components, ranks, 1)
+        for s, c in zip(stats, components, strict=True):
+            _vector(s, "grad_singular_values", c.name)  # a non-finite spectrum is a probe bug, not evidence
+        tails = family_tails(stats, components, r0)
+        weight = capacity_weights(tails, settings.capacity_exponent)
+        if not weight:
+            return phi
+        clip = settings.capacity_clip
+        w = np.array([min(max(weight[c.family], 1.0 / clip), clip) for c in components])
+        return phi * w[:, None]
+
+
 class CombinedSignal(Signal):
     """Weighted mean of other signals' curves; weights from ``UtilitySettings.weights`` (normalised to sum
     1)."""
@@ -334,6 +385,7 @@ SIGNALS: Mapping[str, type[Signal]] = {
         ActivationRankSignal,
         ExplainedVarianceSignal,
         HeldoutCaptureSignal,
+        CapacitySignal,
         CombinedSignal,
     )
 }

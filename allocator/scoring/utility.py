@@ -27,6 +27,7 @@ import numpy as np
 
 from allocator.discovery.component import FAMILIES, Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
+from allocator.scoring.evidence import family_demand
 from allocator.scoring.signals import SIGNALS, check_curves, n_entries, prior_curves, scale_weights
 from probes.settings import Range, check_ranges, ranged
 
@@ -67,6 +68,8 @@ class UtilityTable:
     risk: np.ndarray | None = None  # same shape and contract; retention cost of moving the module
     risk_weight: float = 0.0  # lambda in  max sum u - lambda * sum risk
     signal: str = ""  # name of the signal that produced ``values``
+    # family -> capacity demand (whole model, even layers, odd layers): allocator.scoring.evidence
+    demand: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = tuple(str(n) for n in self.names)
@@ -121,13 +124,13 @@ class UtilitySettings:
     """How probe statistics become utilities. Defaults are a starting point for the placement benchmark to
     tune."""
 
-    signal: str = field(default="combined", metadata={"help": f"utility signal, one of {sorted(SIGNALS)}"})
+    signal: str = field(default="capacity", metadata={"help": f"utility signal, one of {sorted(SIGNALS)}"})
     weights: dict[str, float] = ranged(
         help="weights of the signals mixed by signal=combined, e.g. "
              "gradient_spectrum=0.5,heldout_capture=0.5",
         range=Range(0), default_factory=_default_weights)
     uniform_prior: float = ranged(
-        0.5, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the "
+        0.0, "weight in [0, 1] of the uniform prior blended into the signal; 1 reproduces the "
              "uniform plan", Range(0, 1))
     magnitude_exponent: float = ranged(
         0.25, "exponent compressing gradient/Fisher magnitudes across modules (0 ignores "
@@ -144,6 +147,14 @@ class UtilitySettings:
              "risk", Range(0))
     risk_exponent: float = ranged(
         0.5, "exponent compressing general-text Fisher into the retention risk weight", Range(0, 4))
+    capacity_start: int = ranged(
+        0, "signal capacity: first rank whose gradient energy counts as capacity "
+           "demand (0: the budget's uniform rank, set by allocate)", Range(0, integer=True))
+    capacity_exponent: float = ranged(
+        1.0, "signal capacity: exponent e of the family weights; a family's budget share grows "
+             "like its capacity demand per parameter to the power 2e", Range(0, 8))
+    capacity_clip: float = ranged(
+        64.0, "signal capacity: bound (>= 1) on a family's weight: each lies in [1/clip, clip]", Range(1))
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
@@ -174,6 +185,8 @@ class UtilitySettings:
             "risk_exponent",
             "scale_clip",
             "retention_weight",
+            "capacity_exponent",
+            "capacity_clip",
         ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -245,7 +258,8 @@ def compute_utilities(
     phi = alpha * prior_curves(rows, grid) + (1.0 - alpha) * phi  # (n, R)
     values = _per_parameter(rows, settings.family_priors) * phi
     check_curves(settings.signal, names, values, shape)
-    table = UtilityTable(names=names, ranks=grid, values=values, signal=settings.signal)
+    demand = family_demand(stats, rows, max(1, int(settings.capacity_start)))
+    table = UtilityTable(names=names, ranks=grid, values=values, signal=settings.signal, demand=demand)
     if risk_report is not None:
         table = with_risk(table, risk_report, settings.retention_weight, components=rows, settings=settings)
     return table

@@ -30,7 +30,7 @@ from allocator.output.lora_init import eva_components, eva_targets, init_lora_a
 from allocator.output.plan import Plan
 from allocator.tuning.finetune import FinetuneSettings, finetune
 from allocator.tuning.search import BaseTrial, FixedParams, Search, grid_up_to
-from allocator.tuning.settings import TuneSettings
+from allocator.tuning.settings import PROTECTED_BASELINES, TuneSettings
 
 
 class Pruned(Exception):
@@ -180,7 +180,8 @@ class Objective:
             work = time.perf_counter() - started - setup
         else:
             single = s.mode == "single"
-            prunable = single and s.pruner != "none" and "baseline" not in trial.user_attrs
+            protected = trial.user_attrs.get("baseline") in PROTECTED_BASELINES
+            prunable = single and s.pruner != "none" and not protected
             run = FinetuneSettings(
                 steps=s.steps,
                 lr=cfg["lr"],
@@ -199,6 +200,7 @@ class Objective:
                 init=self.eva_init(plan) if plan.init == "eva" else None,
             )
             value, work = result.eval_loss, result.wall_time_s
+            trial.set_user_attr("steps", s.steps)
             trial.set_user_attr("initial_eval_loss", result.initial_eval_loss)
         trial.set_user_attr("timing", {"setup_s": setup, "objective_s": work})
         return value if s.mode == "single" else (value, float(plan.cost))
@@ -211,6 +213,7 @@ def _reporter(trial: Any, prunable: bool) -> Callable[[int, float], None]:
     def callback(step: int, loss: float) -> None:
         trial.report(loss, step)
         if prunable and trial.should_prune():
+            trial.set_user_attr("steps", step)
             raise Pruned(f"eval loss {loss:.4f} at step {step} lags the other trials")
 
     return callback

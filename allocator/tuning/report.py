@@ -51,6 +51,7 @@ class TrialRow:
     params: Mapping[str, Any]
     duration_s: float | None
     note: str = ""
+    steps: int | None = None  # optimizer steps its pilot fine-tune ran (fewer when pruned)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def _row(t: Any) -> TrialRow:
         params={k: v for k, v in sorted(t.params.items()) if k != "placement"},
         duration_s=None if t.duration is None else t.duration.total_seconds(),
         note=t.user_attrs.get("note", ""),
+        steps=t.user_attrs.get("steps"),
     )
 
 

@@ -40,7 +40,9 @@ from allocator.api import (
     settings_or_default,
     template_record,
     tokenizer_for,
+    uniform_rank,
     unprobed_experts_off,
+    warmup_for,
 )
 from allocator.discovery.components import architecture_of, find_components
 from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
@@ -317,28 +319,24 @@ class Worker:
         names = [c.name for c in self.eligible if not c.is_parameter]
         meta = {"model_id": self.model_id, "model_revision": self.provenance["model_revision"]}
 
-        def report(batches: list) -> Any:
+        def report(batches: list, warmup: Any = None) -> Any:
             with as_input_error(ProbeError), as_failure(ProbeRunError):
-                return probes.run_cached(
-                    self.model,
-                    batches,
-                    names,
-                    self.probe_settings,
-                    cache_dir=self.out / "probes",
-                    key_meta=meta,
-                )
+                return probes.run_cached(self.model, batches, names, self.probe_settings,
+                                         cache_dir=self.out / "probes", key_meta=meta, warmup=warmup)
 
         def calibration(source: Any) -> list:
             return self._batches(source, d.samples, d.batch_size, d.seed)
 
         batches = calibration(data)
-        main = report(batches)
+        n_base, budget = sum(p.numel() for p in self.model.parameters()), self.settings.spaces["budget"]
+        spec = budget.base if budget.base is not None else budget.values[0]  # warm up at its uniform rank
+        rank, c = uniform_rank(self.components, spec.resolve(self.components, n_base)), self.components
+        main = report(batches, warmup_for(data, self.tokenizer, c, rank, d, self.probe_settings))
         eva_data = (batches if init_data is None else calibration(init_data)) if self.init == "eva" else []
         risk = None if retention_data is None else report(calibration(retention_data))
         self.provenance["data_hash"] = main.meta.get("data_fingerprint")
         self.probe_seconds = time.perf_counter() - started
         families = sorted({c.family for c in self.eligible if c.name in main.modules})
-        n_base = sum(p.numel() for p in self.model.parameters())
         search = Search(
             self.settings,
             self.utility,

@@ -29,7 +29,10 @@ __all__ = ["BASELINES", "PLACEMENTS", "Space", "TuneSettings", "parse_space"]
 FAMILY_BASELINES = ("attention", "recurrent", "mlp")
 BASELINES = ("default", "uniform", *FAMILY_BASELINES)
 PLACEMENTS = ("solver", "uniform", *FAMILY_BASELINES)  # the categorical `placement` parameter
-MODES, PRUNERS = ("single", "pareto"), ("median", "hyperband", "none")
+MODES, PRUNERS = ("single", "pareto"), ("halving", "median", "hyperband", "none")
+# Baselines no pruner stops: the probes' plan (where the search starts) and uniform (what it must beat). The
+# single-family baselines are pruned like searched trials: most lag early, and their pilots are the cost.
+PROTECTED_BASELINES = ("default", "uniform")
 WEIGHTED_SIGNALS = ("activation_rank", "fisher", "gradient_spectrum", "heldout_capture")
 # part -> (value type, log scale, lowest allowed value, highest allowed value, strict lower bound)
 _PARTS: dict[str, tuple[type, bool, float, float, bool]] = {
@@ -141,8 +144,11 @@ class TuneSettings:
                              "workers together", Range(1, integer=True))
     mode: str = field(default="single", metadata={"help": "single: min eval loss at one budget | pareto: "
                                                           "min (eval loss, trainable params)"})
-    pruner: str = field(default="median", metadata={"help": "median | hyperband | none (single mode; "
-                                                            "baselines are never pruned)"})
+    pruner: str = field(
+        default="halving",
+        metadata={"help": "halving (successive halving over the pilot's eval steps) | median | hyperband | "
+                          "none (single mode; never the default and uniform baselines)"},
+    )
     baselines: tuple[str, ...] = field(default=BASELINES, metadata={"help": "trials enqueued first, once "
                                                                             f"per study: any of {BASELINES}"})
     steps: int = ranged(60, "optimizer steps of every trial's LoRA fine-tune", Range(1, integer=True))

@@ -35,6 +35,7 @@ SQLITE_TIMEOUT_S = 60  # a worker waits this long for another's write lock befor
 # The study's Optuna set-up, each number with its reason:
 # the median pruner compares against at least this many finished trials (Optuna's default)
 MEDIAN_MIN_STARTUP = 5
+HALVING_FACTOR = 2  # successive halving keeps the best half of the trials at each eval step
 MEDIAN_WARMUP_DIVISOR = 3  # no pruning in the first steps // 3: early eval losses rank runs poorly
 TPE_MIN_RANDOM = 3  # TPE draws at least this many searched trials at random before it models the space...
 TPE_RANDOM_SHARE = 3  # ...or a third of the searched trials, so small studies still explore
@@ -382,14 +383,19 @@ def _fast_sqlite(storage: RDBStorage) -> None:
 
 
 def pruner(s: TuneSettings, n_enqueued: int) -> optuna.pruners.BasePruner:
-    """Baselines are never pruned (their trials say so); the others by the median or Hyperband (single
-    mode)."""
+    """Single mode: successive halving (a trial goes on past each eval step only while it is among the best
+    ``1 / HALVING_FACTOR`` of the trials that reached it), the median, or Hyperband; the default and uniform
+    baselines are never pruned (``PROTECTED_BASELINES``)."""
     if s.mode != "single" or s.pruner == "none":
         return optuna.pruners.NopPruner()
     if s.pruner == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=max(MEDIAN_MIN_STARTUP, n_enqueued),
             n_warmup_steps=s.steps // MEDIAN_WARMUP_DIVISOR,
+        )
+    if s.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, s.eval_every), reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0
         )
     return optuna.pruners.HyperbandPruner(min_resource=max(1, s.eval_every), max_resource=s.steps)
 

@@ -1,0 +1,161 @@
+"""The probes' warm-up (probes.warmup) and the capacity signal that reads it (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+
+import probes
+from allocator.discovery.component import Component
+from allocator.scoring.signals import SIGNALS, prior_curves
+from allocator.scoring.utility import UtilitySettings, compute_utilities
+from probes.testing import linear_names, random_batches, tiny_model
+from probes.warmup import auto_lr, warmed_up
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _config(names, rank=2):
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names)
+
+
+def _state(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+        [type(m).__name__ for m in model.modules()],
+    )
+
+
+def test_warm_up_trains_then_leaves_the_model_exactly_as_it_came():
+    model = tiny_model("qwen3_5", hidden=32, layers=2).train()
+    names = linear_names(model)
+    before = _state(model)
+    batches = random_batches(4, batch=2, seq=16)
+    with warmed_up(model, _config(names), batches, steps=12, lr=3e-2) as (peft_model, record):
+        after_steps = float(torch.stack([peft_model(**b).loss for b in batches]).mean())
+        lora_b = sum(float(p.abs().sum()) for n, p in peft_model.named_parameters() if "lora_B" in n)
+    base_loss = float(torch.stack([model(**b).loss for b in batches]).mean())
+    assert lora_b > 0 and after_steps < base_loss  # it trained on these batches
+    assert len(record["losses"]) == 12 and record["lr"] == 3e-2
+    state, flags, modes, types = _state(model)
+    assert all(torch.equal(state[k], v) for k, v in before[0].items()) and state.keys() == before[0].keys()
+    assert (flags, modes, types) == before[1:] and not hasattr(model, "peft_config")
+
+
+def test_a_failed_warm_up_restores_the_model_too():
+    model = tiny_model("qwen3_5", hidden=32, layers=2)
+    before = _state(model)
+    with pytest.raises(probes.ProbeError, match="lr > 0"):
+        with warmed_up(model, _config(linear_names(model)), random_batches(2), steps=2, lr=0.0):
+            pass
+    with pytest.raises(ZeroDivisionError):
+        with warmed_up(model, _config(linear_names(model)), random_batches(1), steps=1, lr=1e-3):
+            raise ZeroDivisionError  # any failure inside the block
+    assert [type(m).__name__ for m in model.modules()] == before[3]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before[0].items())
+
+
+def test_warmed_up_report_differs_from_the_base_and_records_the_warm_up():
+    model = tiny_model("qwen3_5", hidden=32, layers=2)
+    names = linear_names(model)
+    batches = random_batches(4, batch=2, seq=16)
+    settings = probes.ProbeSettings(max_rank=4, progress=False, warmup_steps=8, warmup_lr=3e-2)
+    base = probes.run(model, batches, names, settings)
+    warm = probes.run_warm(model, batches, names, settings, _config(names), batches)
+    assert set(warm.names) == set(names) and warm.meta["warmup"]["steps"] == 8
+    assert warm.meta["warmup"]["rank"] == 2
+    moved = [n for n in names if not np.allclose(warm[n].grad_singular_values, base[n].grad_singular_values)]
+    assert len(moved) == len(names)  # the gradient is taken at the warmed-up point
+    again = probes.run(model, batches, names, settings)
+    assert all(np.array_equal(again[n].grad_singular_values, base[n].grad_singular_values) for n in names)
+
+
+def test_auto_lr_follows_width_and_rank():
+    model = tiny_model("qwen3_5", hidden=32, layers=2)
+    assert auto_lr(model, 4) == pytest.approx(2 / 32)
+    assert auto_lr(model, 16) == pytest.approx(auto_lr(model, 4) / 2)
+
+
+class _Stats:
+    status = "ok"
+
+    def __init__(self, sigma):
+        self.grad_singular_values = np.asarray(sigma, dtype=float)
+
+
+def _comp(name, family, d=64):
+    return Component(name, 0, family, "dense" if family == "mlp" else "x", d, d, "Linear")
+
+
+def test_capacity_moves_budget_to_the_family_whose_gradient_energy_lies_beyond_the_budget_rank():
+    comps = [_comp(f"a{i}", "attention") for i in range(2)] + [_comp(f"r{i}", "recurrent") for i in range(2)]
+    # the same top-4 energy; beyond rank 4 the recurrent gradient keeps 9x the energy: capacity demand
+    flat = np.concatenate([np.full(4, 10.0), np.ones(12)])
+    deep = np.concatenate([np.full(4, 10.0), np.full(12, 3.0)])
+    report = type(
+        "R", (), {"modules": {"a0": _Stats(flat), "a1": _Stats(flat), "r0": _Stats(deep), "r1": _Stats(deep)}}
+    )()
+    grid = (0, 2, 4, 8, 16)
+    table = compute_utilities(
+        report, comps, grid, UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4)
+    )
+    prior = prior_curves(comps, grid)
+    row = table.index()
+    ratio = [table.values[row[c.name], -1] / prior[i, -1] for i, c in enumerate(comps)]
+    assert ratio[2] == ratio[3] > ratio[0] == ratio[1]  # per family, and toward the deep spectrum
+    # tail energy (ranks 5..16) per parameter: 12 vs 108 per module, mean 60: weights 0.2 and 1.8, ratio 9
+    assert ratio[2] / ratio[0] == pytest.approx(9.0)
+    squared = compute_utilities(
+        report,
+        comps,
+        grid,
+        UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4, capacity_exponent=2.0),
+    )
+    assert squared.values[row["r0"], -1] / squared.values[row["a0"], -1] == pytest.approx(81.0)
+    flat_report = type("R", (), {"modules": {c.name: _Stats(flat) for c in comps}})()
+    flat_table = compute_utilities(
+        flat_report, comps, grid, UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4)
+    )
+    assert np.allclose(flat_table.values / flat_table.values[:, -1:], prior / prior[:, -1:])
+
+
+def test_capacity_is_a_registered_signal():
+    assert "capacity" in SIGNALS
+
+
+def test_family_demand_and_its_layer_halves_flag_evidence_that_only_one_half_shows():
+    from allocator.scoring.evidence import family_demand, family_evidence
+
+    flat = np.concatenate([np.full(4, 10.0), np.ones(12)])
+    deep = np.concatenate([np.full(4, 10.0), np.full(12, 3.0)])
+    comps = [
+        Component(f"l{layer}.{f}", layer, f, "x", 64, 64, "Linear")
+        for layer in range(4)
+        for f in ("attention", "recurrent")
+    ]
+    # both halves agree: recurrent deep in every layer
+    agree = [_Stats(deep if c.family == "recurrent" else flat) for c in comps]
+    demand = family_demand(agree, comps, 4)
+    assert demand["recurrent"] == pytest.approx((1.8, 1.8, 1.8)) and demand["attention"][0] == pytest.approx(
+        0.2
+    )
+    ranks = {c.name: 8 if c.family == "recurrent" else 0 for c in comps}
+    rows = {e.family: e for e in family_evidence(demand, comps, ranks)}
+    assert rows["recurrent"].plan_share == 1.0 and rows["recurrent"].uniform_share == 0.5
+    assert rows["recurrent"].agrees and rows["attention"].agrees
+    # recurrent deep only in the even layers: the odd half is flat, which contradicts nothing
+    huge = np.concatenate([np.full(4, 10.0), np.full(12, 9.0)])
+    split = [_Stats(huge if c.family == "recurrent" and c.layer % 2 == 0 else flat) for c in comps]
+    whole, even, odd = family_demand(split, comps, 4)["recurrent"]
+    assert whole > 1.1 and even > 1.1 and odd == pytest.approx(1.0)  # odd half: recurrent == attention
+    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
+    assert rows["recurrent"].agrees  # a flat half does not contradict
+    # ... and attention deep in one odd layer: the odd half now puts recurrent below average, the whole above
+    split[comps.index(next(c for c in comps if c.layer == 1 and c.family == "attention"))] = _Stats(huge)
+    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
+    assert rows["recurrent"].demand > 1.1 and rows["recurrent"].demand_odd < 0.9
+    assert not rows["recurrent"].agrees
