@@ -151,7 +151,8 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
     "smoke": (Grid(("qwen3_5_tiny",), ("text_domain", "fact_recall"), (4,), (0,), steps=3, batch_size=2,
                    n_train=8, n_eval=4, n_calib=4, n_facts=16, tune_trials=6,
                    frontier=(("lr/4", 1, 0.25, 1),),
-                   conditions=CONDITIONS + EXTRA + INIT + TUNED_EVA + GRADIENT + ("pissa@lr", "gora_keep_output"),
+                   conditions=(*CONDITIONS, *EXTRA, *INIT, *TUNED_EVA, *GRADIENT, "pissa@lr",
+                               "gora_keep_output"),
                    own_lrs=(("pissa", "qwen3_5_tiny", 4, 2e-3),)),),
     "core": (CORE,),
     # in order of what the claims need most: the tight budget and the deep model before r16 and the lr part
