@@ -58,6 +58,13 @@ INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_in
         "alloc_ev_eva_init")
 # `allocate tune --init eva` (pilots from EVA's init too), then EVA's init: core and fact cells
 TUNED_EVA = ("alloc_tuned_eva_init",)
+# Gradient- and weight-driven inits as baselines (benchmarks/gradient_inits.py): GoRA (its ranks and init),
+# PEFT LoRA-GA and PiSSA at uniform's ranks; each at the cell's lr (uniform's) and, as X@lr, at its own best
+# lr on the validation split (`own_lrs`, chosen by `python -m benchmarks.lr_sweep --condition X` as uniform's)
+OWN_LR = "@lr"
+GRADIENT = ("gora", "loraga", "pissa")
+# gora_keep_output: GoRA with its init subtracted from the base weights (output unchanged at init); cell lr
+GRADIENT_CONDITIONS = GRADIENT + tuple(f"{c}{OWN_LR}" for c in GRADIENT) + ("gora_keep_output",)
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params",
@@ -91,12 +98,21 @@ class Grid:
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),
         ("lr*2", 1, 2, 1))
     varied: tuple[str, ...] = ("uniform",)  # the conditions the frontier variants are run for
+    # (condition, model, budget, lr): a condition's own best lr on validation, for its `X@lr` runs
+    own_lrs: tuple[tuple[str, str, int, float], ...] = ()
 
     def lr_for(self, model: str, budget: int, condition: str = "") -> float:
-        """The lr of a run of ``model`` at uniform-rank ``budget`` (full fine-tuning: ``full_lr``); ``lr``
-        where ``lrs`` has no entry."""
+        """The lr of a run of ``model`` at uniform-rank ``budget`` (full fine-tuning: ``full_lr``; ``X@lr``:
+        X's own lr from ``own_lrs``, an error where it has none); ``lr`` where ``lrs`` has no entry."""
         if condition == "full":
             return self.full_lr
+        if condition.endswith(OWN_LR):
+            base = condition.removesuffix(OWN_LR)
+            own = {(c, m, b): lr for c, m, b, lr in self.own_lrs}
+            if (base, model, budget) not in own:
+                raise ValueError(f"{condition}: no own lr for {model} r{budget} in this grid's own_lrs "
+                                 f"(sweep it: python -m benchmarks.lr_sweep --condition {base})")
+            return own[(base, model, budget)]
         return {(m, b): lr for m, b, lr in self.lrs}.get((model, budget), self.lr)
 
 
@@ -131,18 +147,33 @@ FACT_TIGHT = replace(FACT_PART, models=("qwen3_5_tiny",), budgets=(1,),
 # EVA's data-driven lora_A acts like a larger step (docs/method.md): is its best lr lower than uniform's?
 LR_CONDITIONS = ("uniform", "uniform_eva_init", "allocator_eva_init", "eva")
 LR_PART = replace(CORE, conditions=LR_CONDITIONS, frontier=(("lr/2", 1, 0.5, 1),), varied=LR_CONDITIONS)
+# The gradient baselines' own lrs: their lowest mean validation loss over the lr sweep's grid (text), the
+# fact task's rule for the fact cells (docs/results/lr_sweep.md, lr_sweep_fact_recall.md)
+OWN_LRS: tuple[tuple[str, str, int, float], ...] = ()
+FACT_OWN_LRS: tuple[tuple[str, str, int, float], ...] = ()
+# Every cell of the full grid, at 3 seeds: text r1/r4/r16 on the tiny models, the 12-layer model at r4, the
+# fact task at r4 and (qwen) r1
+GRADIENT_PARTS = (
+    replace(CORE, budgets=(1, 4, 16), conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=OWN_LRS),
+    replace(CORE, models=("qwen3_5_deep",), conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=OWN_LRS),
+    replace(FACT_PART, conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=FACT_OWN_LRS),
+    replace(FACT_TIGHT, conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=FACT_OWN_LRS))
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x
 # seed)
 GRIDS: dict[str, tuple[Grid, ...]] = {
     "smoke": (Grid(("qwen3_5_tiny",), ("text_domain", "fact_recall"), (4,), (0,), steps=3, batch_size=2,
                    n_train=8, n_eval=4, n_calib=4, n_facts=16, tune_trials=6,
-                   frontier=(("lr/4", 1, 0.25, 1),), conditions=CONDITIONS + EXTRA + INIT + TUNED_EVA),),
+                   frontier=(("lr/4", 1, 0.25, 1),),
+                   conditions=(*CONDITIONS, *EXTRA, *INIT, *TUNED_EVA, *GRADIENT, "pissa@lr",
+                               "gora_keep_output"),
+                   own_lrs=(("pissa", "qwen3_5_tiny", 4, 2e-3),)),),
     "core": (CORE,),
     # in order of what the claims need most: the tight budget and the deep model before r16 and the lr part
     "full": (CORE, FACT_PART, replace(BUDGET_PART, budgets=(1,)),
              replace(CORE, models=("qwen3_5_deep",), conditions=DEEP_CONDITIONS, frontier=()),
              replace(BUDGET_PART, budgets=(16,)), LR_PART, FACT_TIGHT,
-             replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=())),
+             replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=()),
+             *GRADIENT_PARTS),
 }
 
 

@@ -6,7 +6,8 @@ batch; the seed sets LoRA init and data order), on a reference model of ``alloca
 target task and retention (loss on held-out pretraining text). Conditions
 (``benchmarks/placement_conditions.py``): uniform, attention-/recurrent-/MLP-only, random (a new draw per
 seed), PEFT EVA (rho 2), AdaLoRA, the allocator with default settings, each probe signal alone, the
-retention-aware allocator, and full fine-tuning (the ceiling); plus uniform at smaller budget / lower lr /
+retention-aware allocator, full fine-tuning (the ceiling), and GoRA, PEFT LoRA-GA and PEFT PiSSA (each at
+the cell's lr and at its own, ``X@lr``); plus uniform at smaller budget / lower lr /
 fewer steps to trace its target-vs-retention frontier.
 
 Outputs (``--out``, default ``docs/results``): ``placement_runs.csv`` (one row per run, appended as each
@@ -33,6 +34,7 @@ from benchmarks.grid import (
     CONDITIONS,
     CSV_NAME,
     EXTRA,
+    GRADIENT_CONDITIONS,
     GRIDS,
     INIT,
     MD_NAME,
@@ -141,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budgets", default=None, help="comma-separated uniform-rank budgets (e.g. 1,16), "
                         "replacing the grid's")
     parser.add_argument("--conditions", default=None, help="comma-separated subset of the grid's conditions "
-                        f"(known: {', '.join(CONDITIONS + EXTRA + INIT + TUNED_EVA)})")
+                        f"(known: {', '.join(CONDITIONS + EXTRA + INIT + TUNED_EVA + GRADIENT_CONDITIONS)})")
     parser.add_argument("--no-frontier", action="store_true",
                         help="skip the frontier runs (lr/steps/rank variants)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")

@@ -33,10 +33,12 @@ from allocator.scoring.utility import UtilitySettings
 from allocator.solver.budget import params_per_uniform_rank
 from allocator.solver.settings import SolverSettings
 from allocator.tuning.finetune import FinetuneSettings, evaluate_loss, finetune, pool_rows
+from benchmarks import gradient_inits as gi
 from benchmarks import placement_conditions as pc
 from benchmarks import tasks
 from benchmarks.grid import (
     FAMILIES,
+    OWN_LR,
     RETENTION_WEIGHT,
     SIGNALS,
     V1_TUNE_TRIALS,
@@ -156,13 +158,14 @@ class ModelSetup:
 
     def eva_components(self, task: str, k: int) -> Any:
         """EVA's top ``k`` input directions per module (rho = 1), for EVA-initialised placements."""
-        return self._eva_cached((task, "components", k), pc.eva_components, k)
+        return self._cached((task, "components", k), pc.eva_components, k)
 
     def eva(self, task: str, rank: int, budget: int) -> Any:
         """EVA's parameter-matched ranks and lora_A init at ``budget`` (rho 2)."""
-        return self._eva_cached((task, rank), pc.eva_ranks, budget, rank)
+        return self._cached((task, rank), pc.eva_ranks, budget, rank)
 
-    def _eva_cached(self, key: tuple, fn: Any, *args: Any) -> Any:
+    def _cached(self, key: tuple, fn: Any, *args: Any) -> Any:
+        """``fn(model, eligible, calibration rows of task key[0], *args)``, computed once per key."""
         if key not in self._eva:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -200,10 +203,13 @@ def _setup_id(weights_id: str, grid: Grid, by_name: dict, retention: Any) -> str
 
 
 def _file_id(path: Path) -> str:
-    st = path.stat()
+    """The weights file's identity: its size and the sha256 of its whole content. No modification time, so a
+    fresh checkout (or a byte-identical rebuild) of the same weights keeps its setup ids."""
+    h = hashlib.sha256()
     with path.open("rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-    return f"{st.st_size}:{int(st.st_mtime)}:{head}"
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{path.stat().st_size}:{h.hexdigest()[:16]}"
 
 
 def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budget: int, seed: int,
@@ -243,6 +249,13 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         components = setup.eva_components(task, max(ranks.values()))
         init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
         return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
+    elif condition in gi.BASELINES:  # GoRA (its ranks and init), PEFT LoRA-GA and PiSSA at uniform's ranks
+        config, init, ranks, added, note = gi.plan(
+            condition, eligible, setup.components, rank, budget,
+            lambda: setup._cached((task, "gradients"), gi.calibration_gradients),
+            lambda: setup._cached((task, "loraga"), gi.loraga_gradients),
+            {c.name: setup.model.get_submodule(c.name).weight.detach() for c in eligible})
+        return config, init, None, ranks, added, note
     elif condition in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune`: pilots choose placement, priors
         ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, v1=condition.endswith("v1"))
     elif condition in WARM:  # probes after a uniform-LoRA warm-up, read by the capacity signal
@@ -356,7 +369,7 @@ def run_one(
     steps = max(2, round(g.steps * steps_factor))
     lr = g.lr_for(setup.name, rank, condition) * lr_factor
     config, init, target_bgt, ranks, added, note = plan_condition(
-        setup, task, condition, run_rank, run_budget, seed, steps
+        setup, task, condition.split(OWN_LR)[0], run_rank, run_budget, seed, steps
     )
     plan_hash = _plan_hash(condition, ranks, init)
     cond = condition if not frontier else f"{condition}[{frontier}]"
@@ -416,12 +429,12 @@ def run_one(
 
 
 def _plan_hash(condition: str, ranks: dict, init: Any) -> str:
-    """The plan's identity for ``reuse``: its ranks and whether EVA's lora_A starts it ("" for full and
-    AdaLoRA). An init is deterministic given the ranks: EVA's own (rho 2) or EVA components at the plan's
-    ranks."""
+    """The plan's identity for ``reuse``: its ranks and what starts it ("" for full and AdaLoRA). An init is
+    deterministic given the ranks: EVA's own (rho 2), EVA components at the plan's ranks, or a gradient
+    baseline's (``gradient_inits.Init.tag``)."""
     if not ranks:
         return ""
-    tag = [] if init is None else ["eva-rho2" if condition == "eva" else "eva-init"]
+    tag = [] if init is None else [getattr(init, "tag", "eva-rho2" if condition == "eva" else "eva-init")]
     return hashlib.sha256(json.dumps(sorted(ranks.items()) + tag).encode()).hexdigest()[:12]
 
 
@@ -545,7 +558,9 @@ def _prepared(init, target_bgt):
         original, state = ft._trainable, {}
 
         def trainable(model, lora_config, seed):
-            m, n = original(model, lora_config, seed)
+            attach = getattr(init, "attach", None)  # LoRA-GA: its gradients on the modules while PEFT builds
+            with attach(model) if attach is not None else contextlib.nullcontext():
+                m, n = original(model, lora_config, seed)
             if init is not None:
                 init(m)
             if target_bgt is not None:

@@ -10,7 +10,7 @@ import pytest
 from allocator.errors import AllocatorError
 from allocator.reference import reference_model_path
 from benchmarks import placement, stats
-from benchmarks.grid import CONDITIONS, CSV_NAME, GRIDS, LRS, check_setup, planned_runs, subset
+from benchmarks.grid import CONDITIONS, CSV_NAME, GRADIENT, GRIDS, LRS, check_setup, planned_runs, subset
 from benchmarks.placement_report import write_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,6 +59,17 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
     tuned_eva = [r for r in rows if r["condition"] == "alloc_tuned_eva_init"]  # `allocate tune --init eva`
     assert len(tuned_eva) == 2
     assert all("pilots of" in r["note"] and "EVA init" in r["note"] for r in tuned_eva)
+    for task in ("text_domain", "fact_recall"):  # GoRA, PEFT LoRA-GA / PiSSA (+ one at its own lr) at B
+        new = {r["condition"]: r for r in rows if r["task"] == task}
+        assert {*GRADIENT, "pissa@lr", "gora_keep_output"} <= set(new)
+        for c in (*GRADIENT, "pissa@lr", "gora_keep_output"):
+            assert abs(int(new[c]["trainable_params"]) - b) <= 0.01 * b, c
+        assert float(new["pissa@lr"]["lr"]) == 2e-3 != float(new["pissa"]["lr"])  # its own lr (own_lrs)
+        start = float(new["uniform"]["initial_target_loss"])
+        for c in ("loraga", "pissa", "gora_keep_output"):  # base weights offset: the output unchanged at init
+            assert float(new[c]["initial_target_loss"]) == pytest.approx(start, abs=2e-5), c
+        assert float(new["gora"]["initial_target_loss"]) < start - 1e-4  # GoRA starts one gradient step on
+        assert len({new[c]["plan_hash"] for c in ("uniform", "gora", "loraga", "pissa")}) == 4  # never reused
     summary = stats.summarize(rows, ["target_loss", "retention_loss"])
     assert {s["condition"] for s in summary} >= set(CONDITIONS)
     assert stats.compare(rows, "target_loss", "allocator", ["uniform", "random"])
