@@ -35,16 +35,19 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("verdict")
     done: dict[str, tuple[str, Path]] = {}
 
-    def call(budget: str = "r8", **utility) -> tuple[str, Path]:
-        key = repr((budget, sorted(utility.items())))
+    def call(budget: str = "r8", default: bool = False, **utility) -> tuple[str, Path]:
+        """``default``: allocate's default settings (warm-up, capacity signal); else the step-0 probes and the
+        combined signal at half the uniform prior, whose plan on this model and data is uniform's."""
+        key = repr((budget, default, sorted(utility.items())))
         if key not in done:
+            base = {} if default else {"signal": "combined", "uniform_prior": 0.5}
             plan = allocator.allocate(
                 None,
                 "builtin",
                 budget,
                 data_settings=DataSettings(samples=4, seq_len=32, batch_size=2),
-                probe_settings=ProbeSettings(progress=False),
-                utility_settings=UtilitySettings(**utility),
+                probe_settings=ProbeSettings(progress=False, warmup_steps=20 if default else 0),
+                utility_settings=UtilitySettings(**{**base, **utility}),
                 cache_dir=root / "cache",
             )
             out = plan.save(root / f"plan{len(done)}")
@@ -194,7 +197,7 @@ def test_quiet_silences_weight_loading_bars_and_kernel_fallback_notices(run, cap
 
 
 def test_tune_splits_the_gain_into_placement_and_training_settings(tmp_path):
-    """The base lr is far too low, so a searched lr wins with the uniform ranks the flat evidence gives: the
+    """The base lr is far too low, so a searched lr wins with the uniform ranks the uniform prior gives: the
     whole gain over uniform is the lr's, and the last trial slot scores uniform at the winner's lr to show
     it."""
     from allocator.commands.tune import format_summary as tune_summary
@@ -229,7 +232,8 @@ def test_tune_splits_the_gain_into_placement_and_training_settings(tmp_path):
             settings=settings,
             out_dir=tmp_path / "study",
             data_settings=DataSettings(samples=4, seq_len=32, batch_size=2),
-            probe_settings=ProbeSettings(progress=False),
+            probe_settings=ProbeSettings(progress=False, warmup_steps=0),
+            utility_settings=UtilitySettings(uniform_prior=1.0),  # flat evidence: uniform's ranks
         )
 
     result = study()
@@ -254,3 +258,18 @@ def test_tune_splits_the_gain_into_placement_and_training_settings(tmp_path):
 
     again = study()  # resumed with the same settings: nothing to run, uniform@winner not enqueued twice
     assert len(again.trials) == 3 and again.attribution == a
+
+
+def test_default_plan_reports_capacity_demand_and_moves_budget_toward_the_most_demanding_family(run):
+    printed, out = run(default=True)
+    plan = Plan.load(out)
+    rows = plan.evidence["capacity"]["families"]
+    text = _verdict(printed)
+    assert plan.evidence["signal"] == "capacity" and "capacity demand (gradient energy in directions" in text
+    top = max(rows, key=lambda f: rows[f]["demand"])
+    low = min(rows, key=lambda f: rows[f]["demand"])
+    assert rows[top]["demand"] > 1 > rows[low]["demand"]
+    # the solver follows the evidence: the most demanding family gains share, the least loses it
+    assert rows[top]["plan_share"] > rows[top]["uniform_share"]
+    assert rows[low]["plan_share"] < rows[low]["uniform_share"]
+    assert ("the halves agree" in text) == all(r["agrees"] for r in rows.values())
