@@ -162,3 +162,30 @@ def test_family_demand_and_its_layer_halves_flag_evidence_that_only_one_half_sho
     rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
     assert rows["recurrent"].demand > 1.1 and rows["recurrent"].demand_odd < 0.9
     assert not rows["recurrent"].agrees
+
+
+def test_a_budget_of_rank_one_moves_when_one_family_demands_half_again_as_much():
+    """Under sqrt(r) a first rank is worth 2.4x a second, so at a budget of rank 1 moderate evidence moved
+    nothing (the fact task stayed uniform's plan); the capacity signal's shifted prior lets it move, while flat
+    evidence still gives every module rank 1."""
+    from allocator.solver.settings import SolverSettings
+    from allocator.solver.solve import solve
+
+    comps = [Component(f"l{layer}.{f}", layer, f, "x", 64, 64, "Linear")
+             for layer in range(4) for f in ("mlp", "recurrent")]
+    flat = np.concatenate([np.full(1, 10.0), np.ones(15)])
+    deep = np.concatenate([np.full(1, 10.0), np.full(15, 1.25)])  # window energy 1.56x flat's
+    budget = sum(c.n_params_per_rank for c in comps)  # uniform rank 1
+    settings = UtilitySettings(capacity_start=1)
+    solver = SolverSettings(granularity="module")
+
+    def ranks(spectra):
+        report = type("R", (), {"modules": {c.name: _Stats(spectra(c)) for c in comps}})()
+        table = compute_utilities(report, comps, solver.ranks, settings)
+        return solve(comps, table, budget, solver).ranks
+
+    assert set(ranks(lambda c: flat).values()) == {1}
+    moved = ranks(lambda c: deep if c.family == "recurrent" else flat)
+    rec = sum(r for n, r in moved.items() if "recurrent" in n)
+    mlp = sum(r for n, r in moved.items() if "mlp" in n)
+    assert rec > 4 > mlp and rec + mlp <= 8
