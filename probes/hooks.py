@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from probes.accumulators import ActAccumulator, GradAccumulator, SketchedGradAccumulator
-from probes.sketch import corange_matrix, test_matrix
+from probes.sketch import corange_matrix, range_matrix
 
 
 class ModuleProbe:
@@ -257,7 +257,7 @@ class Prober:
         columns of a wider seeded matrix are a valid narrower one: QR keeps the leading columns' span)."""
         key = (dim, str(device))
         if key not in self._omegas:
-            self._omegas[key] = test_matrix(dim, min(self.width, dim), self.seed, device, self.dtype)
+            self._omegas[key] = range_matrix(dim, min(self.width, dim), self.seed, device, self.dtype)
         return self._omegas[key]
 
     def _psi(self, dim: int, width: int, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 _CORANGE_SALT = 7_368_787
 
 
-def test_matrix(dim: int, width: int, seed: int, device, dtype, *, salt: int = 0) -> torch.Tensor:
+def range_matrix(dim: int, width: int, seed: int, device, dtype, *, salt: int = 0) -> torch.Tensor:
     """(dim, width) Gaussian matrix from ``seed`` (a CPU generator: identical on every rank and device), its
     columns orthonormalised. Sketches depend only on its range, which orthonormalising keeps."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + dim + salt)
@@ -34,8 +34,8 @@ def test_matrix(dim: int, width: int, seed: int, device, dtype, *, salt: int = 0
 
 
 def corange_matrix(dim: int, width: int, seed: int, device, dtype) -> torch.Tensor:
-    """Ψ (dim, width): like :func:`test_matrix`, from an independent stream."""
-    return test_matrix(dim, width, seed, device, dtype, salt=_CORANGE_SALT)
+    """Ψ (dim, width): like :func:`range_matrix`, from an independent stream."""
+    return range_matrix(dim, width, seed, device, dtype, salt=_CORANGE_SALT)
 
 
 class TwoSidedSketch:
