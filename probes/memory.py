@@ -1,5 +1,4 @@
-"""What the probes hold: per-module probe state from shapes alone (the meta device is enough), and a peak-memory
-model for a probe pass and for a LoRA step.
+"""What the probes hold: per-module probe state from shapes alone (the meta device is enough).
 
 ``probe_state(model, modules, settings)`` counts, at the given settings, every tensor the probes keep across
 batches: the gradient halves or their sketches (:mod:`probes.sketch`), the input-moment accumulators (exact or
@@ -9,8 +8,10 @@ Nystrom) and the shared test matrices. It takes the same decisions as :class:`pr
 against the tensors a real run allocates).
 
 Inputs shared by several modules (q/k/v, gate/up) are only known once the model runs; here modules with the
-same parent module and the same ``in_features`` are taken to read one input (what the hooks find in every
-transformers hybrid we ship), ``shared_inputs=False`` counts one per module (an upper bound).
+same parent module and the same ``in_features`` are taken to read one input, except the parent's last
+``nn.Linear`` (``o_proj``, ``out_proj``, ``down_proj``: it reads the block's inner result). That is what the
+hooks find in the transformers hybrids we ship; ``shared_inputs=False`` counts one per module (an upper
+bound).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def probe_state(
     *,
     shared_inputs: bool = True,
 ) -> ProbeState:
-    """Probe state of ``modules`` (``nn.Linear`` names of ``model``; any device, meta included) at ``settings``."""
+    """Probe state of ``modules`` (``nn.Linear`` names of ``model``, on any device, meta included)."""
     settings = settings or ProbeSettings()
     size = _BYTES[settings.dtype]
     table = dict(model.named_modules(remove_duplicate=False))
@@ -66,6 +67,10 @@ def probe_state(
     width = max(settings.sketch_dim, settings.max_rank + settings.sketch_oversample)
     corange = settings.max_rank + settings.sketch_oversample + settings.corange_oversample
     grad = act = n_sketched = 0
+    last: dict[str, str] = {}  # parent -> name of its last nn.Linear child, in registration order
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "." in name:
+            last[name.rsplit(".", 1)[0]] = name
     for name in sorted(set(modules)):
         module = table[name]
         if id(module) in seen:  # aliases share one probe
@@ -79,7 +84,8 @@ def probe_state(
             long, short = max(d_in, d_out), min(d_in, d_out)
             omegas[(short,)] = short * min(width, short)
             psis[(long,)] = long * min(corange, long)
-        key = (name.rsplit(".", 1)[0], d_in) if shared_inputs else (name,)
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        key = (parent, d_in) if shared_inputs and name != last.get(parent) else (name,)
         if key in inputs:
             continue
         inputs.add(key)
