@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,7 +29,8 @@ import probes
 from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
 from allocator.discovery.modelio import commit_of, count_base_params, load_model, locate
-from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
+from allocator.errors import AllocatorError, AllocatorWarning, InputError, as_failure, as_input_error
+from allocator.memory import check_fits
 from allocator.output.export import check_alpha_ratio
 from allocator.output.lora_init import check_init
 from allocator.output.plan import Plan
@@ -200,6 +202,11 @@ def allocate(
     check_budget(components, budget_params, solver_settings)  # before minutes of probing
 
     names = [c.name for c in eligible]
+    with as_input_error(ProbeError):  # before minutes of probing: does the pass fit its device's free memory?
+        message = check_fits(model_obj, eligible, probe_settings, batch_size=data_settings.batch_size,
+                             seq_len=data_settings.seq_len)
+    if message:
+        warnings.warn(message, AllocatorWarning, stacklevel=2)
     report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir)
     risk_report = None
     if retention_data is not None and getattr(utility_settings, "retention_weight", 0.0) > 0:
