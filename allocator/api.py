@@ -32,7 +32,8 @@ import probes
 from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
 from allocator.discovery.modelio import commit_of, count_base_params, load_model, locate
-from allocator.errors import AllocatorError, InputError, as_failure, as_input_error
+from allocator.errors import AllocatorError, AllocatorWarning, InputError, as_failure, as_input_error
+from allocator.memory import check_fits
 from allocator.output import evidence
 from allocator.output.export import check_alpha_ratio, to_lora_config
 from allocator.output.lora_init import check_init
@@ -211,6 +212,11 @@ def allocate(
 
     names = [c.name for c in eligible]
     rank0 = uniform_rank(components, budget_params)
+    with as_input_error(ProbeError):  # before minutes of probing: does the pass fit its device's free memory?
+        message = check_fits(model_obj, eligible, probe_settings, batch_size=data_settings.batch_size,
+                             seq_len=data_settings.seq_len)
+    if message:
+        warnings.warn(message, AllocatorWarning, stacklevel=2)
     warmup = warmup_for(data, tokenizer, components, rank0, data_settings, probe_settings, alpha_ratio)
     report = _probe(model_obj, model_id, data, tokenizer, names, data_settings, probe_settings, cache_dir,
                     warmup)

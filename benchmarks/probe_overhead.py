@@ -6,11 +6,15 @@
 Each phase runs in a fresh Python process (so peak memory is the phase's own), alternating plain / probes
 ``--repeats`` times; ratios are medians over repeats of the within-repeat ratio probes / plain.
 
+- lora: PEFT LoRA r16 (dropout 0) on every probed module, only the adapters require grad,
+  ``model(**batch).loss.backward()`` per micro-batch, no optimizer step: the step a user can afford.
 - plain: every weight requires grad, ``model(**batch).loss.backward()`` per micro-batch (standard autograd,
-  weight gradients accumulated in ``.grad``), no optimizer step.
+  weight gradients accumulated in ``.grad``), no optimizer step: the full-gradient comparison.
 - probes: ``probes.run(model, batches, modules)`` over the same batches with default settings (weights frozen,
-  all statistics on, spectra computed at the end), modules = every ``nn.Linear`` except the LM head.
-- probes-ckpt (full size only): the same with ``gradient_checkpointing=True``, the setting for tight memory.
+  all statistics on, gradient sketches where ``grad_sketch="auto"`` sketches, spectra computed at the end),
+  modules = every ``nn.Linear`` except the LM head.
+- probes-exact: the same with ``grad_sketch="exact"`` (full gradient halves: the test oracle).
+- probes-ckpt (full size only): ``probes`` with ``gradient_checkpointing=True``, the setting for tight memory.
 
 Wall time: ``time.perf_counter`` around the phase, after one untimed forward + backward on a slice of the
 first batch (lazy kernel and autograd set-up; its gradients are dropped). CPU time (``time.process_time``, all
@@ -116,13 +120,25 @@ def measure(phase: str, name: str, specs: dict) -> dict:
     for p in model.parameters():
         p.grad = None
         p.requires_grad_(phase == "plain")
+    if phase == "lora":
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+        # PEFT refuses LoRA on the Mamba mixers' out_proj (_check_lora_target_modules_mamba): those are
+        # left out of the LoRA step, as `allocate` leaves them out of a plan
+        from allocator.discovery.components import find_components  # noqa: PLC0415
+
+        offered = {c.name for c in find_components(model) if c.lora_effective}
+        targets = [n for n in modules if n in offered]
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=targets))
     with PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
-        if phase == "plain":
+        if phase in ("plain", "lora"):
             for batch in batches:
                 model(**batch, use_cache=False).loss.backward()
         else:
-            settings = probes.ProbeSettings(progress=False, gradient_checkpointing=phase == "probes-ckpt")
+            settings = probes.ProbeSettings(progress=False, gradient_checkpointing=phase == "probes-ckpt",
+                                            grad_sketch="exact" if phase == "probes-exact" else "auto")
             probes.run(model, batches, modules, settings)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -148,7 +164,7 @@ def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = Fa
     specs = _spec_sets()[spec_set]
     rows = []
     for name in names:
-        runs = {phase: [] for phase in ("plain", "probes", *extra)}
+        runs = {phase: [] for phase in ("lora", "probes", "plain", "probes-exact", *extra)}
         for _ in range(repeats):
             for phase in runs:
                 result = (measure(phase, name, specs) if in_process
@@ -171,11 +187,22 @@ def compare(names: list[str], spec_set: str, repeats: int, in_process: bool = Fa
         def paired_delta(pairs=pairs):
             return statistics.median((b["rss_peak"] - b["rss_before"])
                                      / max(a["rss_peak"] - a["rss_before"], 1) for a, b in pairs)
+
+        def versus(base, phase, key, runs=runs):  # median over repeats of phase / base within a repeat
+            return statistics.median(b[key] / a[key] for a, b in zip(runs[base], runs[phase], strict=True))
+
+        lora_rows = {ph: {"wall_ratio": versus("lora", ph, "wall_s"),
+                          "cpu_ratio": versus("lora", ph, "cpu_s"),
+                          "peak_ratio": versus("lora", ph, "rss_peak"), **med[ph]}
+                     for ph in runs if ph != "lora"}
         rows.append({
+            "lora": med["lora"], "versus_lora": lora_rows,
             "model": name, "n_params": runs["plain"][0]["n_params"],
             "n_modules": runs["plain"][0]["n_modules"], "tokens": runs["plain"][0]["tokens"],
             "n_batches": runs["plain"][0]["n_batches"], "repeats": repeats,
             "extra": {ph: med[ph] for ph in extra},
+            "exact": med["probes-exact"], "exact_wall_ratio": versus("plain", "probes-exact", "wall_s"),
+            "exact_peak_ratio": versus("plain", "probes-exact", "rss_peak"),
             "plain": p, "probes": q, "wall_ratio": paired("wall_s"), "cpu_ratio": paired("cpu_s"),
             "peak_ratio": paired("rss_peak"), "delta_ratio": paired_delta(),
             "min_wall_ratio": (min(r["wall_s"] for r in runs["probes"])
@@ -212,8 +239,10 @@ def machine() -> dict:
 HEADER = (
     "# Probe overhead\n\n"
     "Method (see `benchmarks/probe_overhead.py`): each phase in a fresh process, after an untimed warm-up "
-    "forward + backward; *plain* = all weights require grad, `loss.backward()` per micro-batch; *probes* = "
-    "`probes.run` with default settings on every `nn.Linear` but the LM head (spectra included). Memory = "
+    "forward + backward; *plain* = all weights require grad, `loss.backward()` per micro-batch; *lora* = "
+    "PEFT LoRA r16 on the probed modules, `loss.backward()` per micro-batch; *probes* = `probes.run` with "
+    "default settings (gradient sketches) on every `nn.Linear` but the LM head (spectra included); "
+    "*probes-exact* = the same with `grad_sketch=\"exact\"`. Memory = "
     "process RSS sampled every 5 ms (psutil) during the phase; *delta* = peak minus RSS before the phase; "
     "CPU time = `time.process_time` (all threads). Phase columns are medians over the repeats; each ratio is "
     "the median over repeats of probes / plain within a repeat (the two phases ran back to back under "
@@ -241,8 +270,22 @@ def render_section(title: str, rows: list[dict], command: str, info: dict) -> st
             f"{r['tokens'] // r['n_batches']} | {p['wall_s']:.2f} | {q['wall_s']:.2f} | "
             f"**{r['wall_ratio']:.2f}** | {r['cpu_ratio']:.2f} | {p['rss_peak'] / mib:.0f} | "
             f"{q['rss_peak'] / mib:.0f} | **{r['peak_ratio']:.2f}** | {r['delta_ratio']:.2f} |")
+    lines += ["", "Against a LoRA r16 forward + backward over the same batches (the step the user can "
+              "afford; ratios: median over repeats of phase / lora within a repeat):", "",
+              "| model | lora wall s | lora peak MiB | phase | wall s | wall ratio | CPU-time ratio "
+              "| peak MiB | peak ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo = r["lora"]
+        for phase, v in r["versus_lora"].items():
+            bold = "**" if phase == "probes" else ""
+            lines.append(
+                f"| {r['model']} | {lo['wall_s']:.2f} | {lo['rss_peak'] / mib:.0f} | {phase} | "
+                f"{v['wall_s']:.2f} | {bold}{v['wall_ratio']:.2f}{bold} | {v['cpu_ratio']:.2f} | "
+                f"{v['rss_peak'] / mib:.0f} | {bold}{v['peak_ratio']:.2f}{bold} |")
     lines.append("")
     for r in rows:
+        lines.append(f"- {r['model']}, probes-exact (`grad_sketch=\"exact\"`, full gradient halves) against "
+                     f"plain: wall {r['exact_wall_ratio']:.2f}x, peak {r['exact_peak_ratio']:.2f}x.")
         for phase, m in r.get("extra", {}).items():
             lines.append(f"- {r['model']}, {phase} (probes with `gradient_checkpointing=True`): wall "
                          f"{m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s, peak RSS "
@@ -275,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a seconds-long in-process run (tests)")
     parser.add_argument("--repeats", type=int, default=3, help="alternations per small model (full: 1)")
     parser.add_argument("--out", default=str(ROOT / "docs/results/probes.md"), help="markdown report path")
-    parser.add_argument("--phase", choices=["plain", "probes", "probes-ckpt"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["lora", "plain", "probes", "probes-exact", "probes-ckpt"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--spec-set", default="small", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,12 +1,15 @@
 """Streaming accumulators of the probe statistics; memory is independent of the number of batches.
 
 ``GradAccumulator`` sums G_b = δ_bᵀ X_b into an even-batch and an odd-batch half (by GLOBAL batch index, so a
-sharded run splits the same way as one process) plus Σ‖G_b‖_F and Σ‖G_b‖_F². ``ActAccumulator`` sums the input
-second moment C = Σ XᵀX, or its Nystrom sketch C Ω when d_in is above ``sketch_threshold``.
+sharded run splits the same way as one process) plus Σ‖G_b‖_F and Σ‖G_b‖_F²: 2·d_out·d_in numbers, the exact
+path (the test oracle, and narrow modules). ``SketchedGradAccumulator`` keeps the same statistics as one
+two-sided sketch per half (:mod:`probes.sketch`): k·max(d_in, d_out) + l·min(d_in, d_out) numbers per half,
+never a weight gradient.
+``ActAccumulator`` sums the input second moment C = Σ XᵀX, or its Nystrom sketch C Ω when d_in is above
+``sketch_threshold``.
 
-Both have ``update`` (one micro-batch), ``merge`` (another accumulator, same shapes) and ``all_reduce`` (sum
-over
-torch.distributed ranks); sums are associative, so merged shards equal one pass up to float rounding.
+All have ``update`` (one micro-batch), ``merge`` (another accumulator, same shapes) and ``all_reduce`` (sum
+over torch.distributed ranks); sums are associative, so merged shards equal one pass up to float rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from probes import spectra
+from probes.sketch import TwoSidedSketch, sketched_capture
 
 
 def _all_reduce(tensor: torch.Tensor) -> None:
@@ -42,6 +46,16 @@ class GradAccumulator:
         self.norm_sum += norm
         self.sq_sum += norm.square()
         self.n_batches += 1
+
+    def contribution(self, delta: torch.Tensor, x: torch.Tensor, x_omega: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """One call site's share of G_b: δᵀX (d_out, d_in) from δ (T, d_out) and X (T, d_in)."""
+        return delta.T @ x
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes held across batches once both halves exist."""
+        return 2 * self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
 
     def half(self, index: int) -> torch.Tensor:
         out = self.halves[index]
@@ -92,6 +106,93 @@ class GradAccumulator:
         }
 
 
+class SketchedGradAccumulator:
+    """The statistics of :class:`GradAccumulator` from one :class:`TwoSidedSketch` per calibration half.
+
+    The sketch is of G (d_out, d_in) when d_out ≥ d_in and of Gᵀ otherwise (``transposed``), so the wider
+    co-range always lies along the shorter side: memory k·max(d_in, d_out) + l·min(d_in, d_out) per half.
+    ``omega`` (long side, ≥ k columns) and ``psi`` (short side, l columns) are shared by every module of the
+    same widths on a device and by every rank (seeded). Per micro-batch, ‖G_b‖_F² is the sketches' unbiased
+    estimate (:meth:`TwoSidedSketch.frobenius_sq_of`), so ``grad_norm_sum``/``grad_sq_sum`` are estimates.
+    """
+
+    def __init__(self, omega: torch.Tensor, psi: torch.Tensor, k: int, transposed: bool = False) -> None:
+        self.transposed = transposed
+        self.device, self.dtype, self.k = omega.device, omega.dtype, k
+        self.halves = [TwoSidedSketch(omega, psi, k), TwoSidedSketch(omega, psi, k)]  # [even, odd]
+        self.shape = (self.halves[0].m, self.halves[0].n)  # of the sketched matrix (G or Gᵀ)
+        self.norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sq_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n_batches = 0
+
+    def contribution(self, delta: torch.Tensor, x: torch.Tensor, x_omega: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call site's share of the sketches of G_b (or G_bᵀ): (range (m, k), co-range (l, n)).
+
+        ``x_omega``: X Ω, reused when G itself is sketched (Ω then acts on the input side)."""
+        if self.transposed:
+            return self.halves[0].project(x, delta)  # Gᵀ = Xᵀδ
+        return self.halves[0].project(delta, x, x_omega)
+
+    def update(self, parts: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
+        """Add one micro-batch's sketches (summed over call sites) to its half."""
+        y, w = parts
+        self.halves[batch_index % 2].add(y, w)
+        sq = TwoSidedSketch.frobenius_sq_of(y, w, *self.shape)
+        self.norm_sum += sq.sqrt()
+        self.sq_sum += sq
+        self.n_batches += 1
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(h.n_bytes for h in self.halves)
+
+    def merge(self, other: SketchedGradAccumulator) -> None:
+        for mine, theirs in zip(self.halves, other.halves, strict=True):
+            mine.merge(theirs)
+        self.norm_sum += other.norm_sum.to(self.device)
+        self.sq_sum += other.sq_sum.to(self.device)
+        self.n_batches += other.n_batches
+
+    def all_reduce(self) -> None:
+        for half in self.halves:
+            half.all_reduce()
+        scalars = torch.stack([self.norm_sum, self.sq_sum,
+                               torch.tensor(float(self.n_batches), dtype=torch.float64, device=self.device)])
+        _all_reduce(scalars)
+        self.norm_sum, self.sq_sum, self.n_batches = scalars[0], scalars[1], int(scalars[2].item())
+
+    def finite(self) -> bool:
+        return all(h.finite() for h in self.halves) and bool(torch.isfinite(self.norm_sum + self.sq_sum))
+
+    def finalize(self, k: int, method: str = "exact", **options) -> dict:
+        """As :meth:`GradAccumulator.finalize`, from the sketches (``method``/``options`` unused: every
+        factorisation here is of a k-row matrix). ‖Σ G_b‖_F² is the sketch estimate, raised to Σ_{i≤k} σ̂_i²
+        where that is larger, so the energy curve stays ≤ 1."""
+        even, odd = self.halves
+        total = even.summed(odd)
+        sigma = total.top(k)[1]
+        energy = max(total.frobenius_sq(), float(sigma.square().sum()))
+        return {
+            "grad_norm_sum": float(self.norm_sum),
+            "grad_sq_sum": float(self.sq_sum),
+            "fisher_trace": float(self.sq_sum) / self.n_batches,
+            "grad_total_sq": energy,
+            "grad_singular_values": sigma.cpu().numpy(),
+            "heldout_capture": self._capture(k).cpu().numpy(),
+        }
+
+    def _capture(self, k: int) -> torch.Tensor:
+        """Symmetric held-out capture from the two halves' sketches (see :func:`sketched_capture`)."""
+        energies = [h.frobenius_sq() for h in self.halves]
+        if not all(e > 0 for e in energies):
+            return torch.zeros(0, dtype=torch.float64)
+        recovered = [h.low_rank() for h in self.halves]
+        tops = [h.top(k, lr) for h, lr in zip(self.halves, recovered, strict=True)]
+        return 0.5 * (sketched_capture(tops[0], recovered[1], energies[1])
+                      + sketched_capture(tops[1], recovered[0], energies[0]))
+
+
 class ActAccumulator:
     """Σ XᵀX (d_in, d_in), or the sketch Σ XᵀX Ω (d_in, s) plus tr(Σ XᵀX), for one or several modules.
 
@@ -110,14 +211,21 @@ class ActAccumulator:
     def sketched(self) -> bool:
         return self.omega is not None
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add the rows of x (tokens, d_in), in place (no d_in x d_in temporary for the exact moment)."""
+    def update(self, x: torch.Tensor, x_omega: torch.Tensor | None = None) -> None:
+        """Add the rows of x (tokens, d_in), in place (no d_in x d_in temporary for the exact moment).
+
+        ``x_omega`` (tokens, ≥ s): x Ω when the caller has it already (the gradient sketch shares it)."""
         x = x.to(self.dtype)
         if self.omega is None:
             self.moment.addmm_(x.T, x)  # tr(C) is read off the diagonal at the end
         else:
-            self.moment.addmm_(x.T, x @ self.omega)  # (d_in, s)
+            xo = x @ self.omega if x_omega is None else x_omega[:, : self.omega.shape[1]]
+            self.moment.addmm_(x.T, xo)  # (d_in, s)
             self.trace += x.square().sum(dtype=torch.float64)
+
+    @property
+    def n_bytes(self) -> int:
+        return self.moment.numel() * self.moment.element_size()
 
     def add(self, moment: torch.Tensor, trace: torch.Tensor) -> None:
         self.moment.add_(moment)

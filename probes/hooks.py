@@ -1,14 +1,15 @@
 """Per-call-site hooks: pair each call's input X with the gradient δ of that call's output.
 
 A forward hook on every probed ``nn.Linear`` keeps a reference to the input X (no copy) and registers a tensor
-hook on the call's output Y. In backward that hook receives δ = ∂loss/∂Y for exactly this call, forms
-δᵀX (d_out, d_in) over the real tokens and adds it to the module's micro-batch gradient G_b; G_b goes to the
-accumulator once every call of the module has reported (or at the end of the batch). No ``.grad`` is ever
-read:
-all weights stay frozen.
+hook on the call's output Y. In backward that hook receives δ = ∂loss/∂Y for exactly this call and adds the
+call's share of the module's micro-batch statistics: δᵀX (d_out, d_in) on the exact path, or the sketches
+δᵀ(XΩ) (d_out, k) and (δΨ)ᵀX (l, d_in) on the sketched path (:mod:`probes.sketch`; no d_out × d_in product is
+formed). They go to the accumulator once every call of the module has reported (or at the end of the batch).
+No ``.grad`` is ever read: all weights stay frozen.
 
 Input second moments are added once per distinct input tensor after the forward (q/k/v read one tensor, so
-XᵀX is formed once and, while they keep reading the same tensor, they share one accumulator).
+XᵀX, or X Ω, is formed once and, while they keep reading the same tensor, they share one accumulator). The
+projection X Ω of that step is kept until the backward, where the gradient range sketches reuse it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from probes.accumulators import ActAccumulator, GradAccumulator
-from probes.spectra import gaussian_test_matrix
+from probes.accumulators import ActAccumulator, GradAccumulator, SketchedGradAccumulator
+from probes.sketch import corange_matrix, range_matrix
 
 
 class ModuleProbe:
@@ -30,19 +31,41 @@ class ModuleProbe:
         self.names, self.module = names, module
         self.d_in, self.d_out = module.in_features, module.out_features
         self.device = module.weight.device
-        self.grad = GradAccumulator(self.d_out, self.d_in, self.device, dtype)
+        # exact until the Prober decides (allocates nothing before the first batch)
+        self.grad: GradAccumulator | SketchedGradAccumulator = GradAccumulator(
+            self.d_out, self.d_in, self.device, dtype
+        )
         self.act: ActAccumulator | None = None
         self.n_calls = self.n_tokens = 0
         self.keys: list[tuple] = []  # input keys of this batch's calls, in call order
         self.pending = 0  # calls of this batch whose δ has not arrived
-        self.partial: torch.Tensor | None = None  # G_b summed over the calls that reported so far
+        self.partial = None  # G_b (or its sketches) summed over the calls that reported so far
+
+    @property
+    def sketched(self) -> bool:
+        return isinstance(self.grad, SketchedGradAccumulator)
+
+    @property
+    def reuses_projection(self) -> bool:
+        """Its gradient range sketch is G Ω with Ω on the input side: X Ω from the input moments serves it."""
+        return self.sketched and not self.grad.transposed
 
 
 class _Slot:
-    __slots__ = ("x",)
+    __slots__ = ("x", "key")
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, key: tuple) -> None:
         self.x: torch.Tensor | None = x
+        self.key = key
+
+
+def _add(total, part):
+    """Sum of two micro-batch contributions: tensors, or tuples of tensors (sketches), in place."""
+    if total is None:
+        return part
+    if isinstance(total, tuple):
+        return tuple(a.add_(b) for a, b in zip(total, part, strict=True))
+    return total.add_(part)
 
 
 def _key(x: torch.Tensor) -> tuple:
@@ -54,9 +77,12 @@ class Prober:
     """Installs the hooks and turns one forward/backward into accumulator updates."""
 
     def __init__(self, probes: list[ModuleProbe], dtype: torch.dtype, sketch_threshold: int, sketch_dim: int,
-                 seed: int) -> None:
+                 seed: int, settings=None) -> None:
+        """``settings`` (a ``ProbeSettings``) decides which modules keep gradient sketches; without it every
+        module keeps the exact gradient halves."""
         self.probes, self.dtype = probes, dtype
         self.sketch_threshold, self.sketch_dim, self.seed = sketch_threshold, sketch_dim, seed
+        self.width = sketch_dim  # columns of the shared Ω per input width: the widest any user needs
         self.handles: list = []
         self.in_backward = False
         self.serial = 0  # bumps every batch; stale tensor hooks compare against it
@@ -66,6 +92,20 @@ class Prober:
         self._masks: dict[str, torch.Tensor] = {}
         self._inputs: dict[tuple, torch.Tensor] = {}
         self._omegas: dict[tuple, torch.Tensor] = {}
+        self._psis: dict[tuple, torch.Tensor] = {}
+        self._projected: dict[tuple, torch.Tensor] = {}  # input key -> X Ω (real tokens, width) this batch
+        self.corange_width = 0
+        if settings is not None:
+            self.width = max(sketch_dim, settings.max_rank + settings.sketch_oversample)
+            self.corange_width = settings.max_rank + settings.sketch_oversample + settings.corange_oversample
+            for probe in probes:
+                if settings.sketches_gradient(probe.d_in, probe.d_out):
+                    k, width = settings.sketch_widths(probe.d_in, probe.d_out)
+                    transposed = probe.d_in > probe.d_out  # range along the long side (less memory)
+                    long, short = (probe.d_in, probe.d_out) if transposed else (probe.d_out, probe.d_in)
+                    omega = self._full_omega(short, probe.device)  # range test matrix on the short side
+                    psi = self._psi(long, width, probe.device)  # co-range test matrix on the long side
+                    probe.grad = SketchedGradAccumulator(omega, psi, k, transposed)
 
     # --- installation -------------------------------------------------------------------------------------
 
@@ -126,7 +166,7 @@ class Prober:
             replaced = output = output.detach().requires_grad_(True).clone()
         if output.requires_grad:
             probe.pending += 1
-            output.register_hook(partial(self._on_grad, probe, _Slot(x), self.serial))
+            output.register_hook(partial(self._on_grad, probe, _Slot(x, key), self.serial))
         return replaced
 
     def _on_grad(self, probe: ModuleProbe, slot: _Slot, serial: int, delta: torch.Tensor) -> None:
@@ -135,8 +175,9 @@ class Prober:
         x, slot.x = slot.x, None
         d2 = self._rows(delta).to(self.dtype)  # (tokens, d_out)
         x2 = self._rows(x).to(self.dtype)  # (tokens, d_in)
-        grad = d2.T @ x2  # (d_out, d_in): this call's share of the weight gradient
-        probe.partial = grad if probe.partial is None else probe.partial.add_(grad)
+        x_omega = self._projected.get(slot.key) if probe.reuses_projection else None  # (tokens, width)
+        # this call's share: δᵀX (d_out, d_in), or its sketches (δᵀXΩ (d_out, k), (δΨ)ᵀX (l, d_in))
+        probe.partial = _add(probe.partial, probe.grad.contribution(d2, x2, x_omega))
         probe.pending -= 1
         if probe.pending == 0:
             self._flush(probe)
@@ -167,13 +208,19 @@ class Prober:
                 probe.act = acc
             for key in keys:
                 uses[key].append(acc)
+        sketched_keys = {key for probe in self.probes if probe.reuses_projection for key in probe.keys}
         rows = {}
         for key, accs in uses.items():
             x2 = self._rows(self._inputs[key]).to(self.dtype)  # (tokens, d_in)
             rows[key] = x2.shape[0]
+            x_omega = None
+            if key in sketched_keys or any(acc.sketched for acc in accs):
+                x_omega = x2 @ self._omegas[(x2.shape[1], str(x2.device))]  # (tokens, width), once per input
+                if key in sketched_keys:
+                    self._projected[key] = x_omega  # for the gradient range sketches in backward
             for acc in accs:  # one accumulator per key, except right after a split
-                acc.update(x2)
-            del x2
+                acc.update(x2, x_omega)
+            del x2, x_omega
         for probe in self.probes:
             probe.n_calls += len(probe.keys)
             probe.n_tokens += sum(rows[k] for k in probe.keys)
@@ -186,25 +233,43 @@ class Prober:
         for probe in self.probes:
             self._flush(probe)
             probe.pending = 0
-        self._masks = {}
+        self._masks, self._projected = {}, {}
 
     def discard_batch(self) -> None:
         """Forget a skipped batch (non-finite loss): nothing of it reaches the accumulators."""
         self.serial += 1
         for probe in self.probes:
             probe.keys, probe.pending, probe.partial = [], 0, None
-        self._inputs, self._masks = {}, {}
+        self._inputs, self._masks, self._projected = {}, {}, {}
 
     def new_act(self, probe: ModuleProbe) -> ActAccumulator:
         """An empty input-moment accumulator for ``probe`` (sketched when d_in > sketch_threshold)."""
         return ActAccumulator(probe.d_in, probe.device, self.dtype, self._omega(probe))
 
     def _omega(self, probe: ModuleProbe) -> torch.Tensor | None:
+        """The Nystrom test matrix (d_in, s): the first s columns of the shared Ω, or None (exact moment)."""
         if probe.d_in <= self.sketch_threshold:
             return None
-        key = (probe.d_in, str(probe.device))
+        return self._full_omega(probe.d_in, probe.device)[:, : min(self.sketch_dim, probe.d_in)]
+
+    def _full_omega(self, dim: int, device: torch.device) -> torch.Tensor:
+        """Ω (dim, width) shared by every sketch acting on a side of this width on this device (the first
+        columns of a wider seeded matrix are a valid narrower one: QR keeps the leading columns' span)."""
+        key = (dim, str(device))
         if key not in self._omegas:
-            self._omegas[key] = gaussian_test_matrix(
-                probe.d_in, self.sketch_dim, self.seed, probe.device, self.dtype
-            )
+            self._omegas[key] = range_matrix(dim, min(self.width, dim), self.seed, device, self.dtype)
         return self._omegas[key]
+
+    def _psi(self, dim: int, width: int, device: torch.device) -> torch.Tensor:
+        """Ψ (dim, l) shared by every co-range sketch on a side of this width on this device."""
+        key = (dim, str(device))
+        if key not in self._psis:  # one width per dim, whatever order the modules come in
+            full = min(max(self.corange_width, width), dim)
+            self._psis[key] = corange_matrix(dim, full, self.seed, device, self.dtype)
+        return self._psis[key][:, :width]
+
+    @property
+    def n_test_matrix_bytes(self) -> int:
+        """Bytes of the shared test matrices (held for the whole run)."""
+        mats = list(self._omegas.values()) + list(self._psis.values())
+        return sum(m.numel() * m.element_size() for m in mats)

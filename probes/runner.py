@@ -62,7 +62,7 @@ def run(
     check_token_ids(model, batches)
     world, rank = _world(settings)
     mine = [i for i in range(len(batches)) if i % world == rank]
-    prober = Prober(probes, dtype, settings.sketch_threshold, settings.sketch_dim, settings.seed)
+    prober = Prober(probes, dtype, settings.sketch_threshold, settings.sketch_dim, settings.seed, settings)
     n_skipped = n_tokens = 0
     with _probing_state(model, settings) as device:
         accepts_cache = _accepts(model, "use_cache")

@@ -88,6 +88,7 @@ def check_ranges(settings: Any, error: type[Exception]) -> None:
 
 DTYPES = ("float32", "float64")
 SVD_METHODS = ("auto", "exact", "randomized")
+GRAD_SKETCH_MODES = ("auto", "exact", "sketch")
 
 
 @dataclass(frozen=True)
@@ -104,19 +105,46 @@ class ProbeSettings:
         },
     )
     sketch_threshold: int = field(
-        default=4096,
+        default=512,
         metadata={
-            "help": "Modules whose input width d_in exceeds this "
-            "keep a Nystrom sketch of the input second "
-            "moment instead of the exact d_in x d_in matrix.",
+            "help": "Width above which statistics are sketched: modules with d_in above it keep a Nystrom "
+            "sketch of the input second moment instead of the exact d_in x d_in matrix, and (grad_sketch "
+            "'auto') modules with d_in or d_out above it keep gradient sketches instead of the gradient.",
             "range": Range(2, integer=True),
         },
     )
     sketch_dim: int = field(
-        default=512,
+        default=48,
         metadata={
-            "help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept.",
+            "help": "Columns s of the Nystrom sketch (memory d_in x s); eigenvalues beyond s are not kept. "
+            "Its test matrix is the first s columns of the gradient sketch's (max_rank + sketch_oversample "
+            "wide), so one projection X Omega serves both sketches.",
             "range": Range(2, integer=True),
+        },
+    )
+    grad_sketch: str = field(
+        default="auto",
+        metadata={
+            "help": f"How the calibration gradient is kept, one of {GRAD_SKETCH_MODES}: 'sketch' (two-sided "
+            "random sketches per calibration half, never a full weight gradient), 'exact' (the full "
+            "gradient halves: 8 bytes per weight in float32; the test oracle), 'auto' (sketch where d_in or "
+            "d_out exceeds sketch_threshold and the sketch is smaller than the gradient, exact elsewhere)."
+        },
+    )
+    sketch_oversample: int = field(
+        default=8,
+        metadata={
+            "help": "Range width of the gradient sketch beyond max_rank: k = max_rank + sketch_oversample "
+            "columns (capped by min(d_in, d_out)).",
+            "range": Range(0, integer=True),
+        },
+    )
+    corange_oversample: int = field(
+        default=48,
+        metadata={
+            "help": "Co-range width of the gradient sketch beyond its range width: l = k + "
+            "corange_oversample (capped by max(d_in, d_out)); larger l makes the recovery more accurate.",
+            "range": Range(0, integer=True),
         },
     )
     svd: str = field(
@@ -165,7 +193,7 @@ class ProbeSettings:
     seed: int = field(
         default=0,
         metadata={
-            "help": "Seed of the Gaussian test matrix of the Nystrom sketch (same on every rank).",
+            "help": "Seed of the Gaussian test matrices of the sketches (same on every rank).",
             "range": Range(0, integer=True),
         },
     )
@@ -209,6 +237,10 @@ class ProbeSettings:
         check_ranges(self, ProbeError)
         if self.svd not in SVD_METHODS:
             raise ProbeError(f"ProbeSettings.svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        if self.grad_sketch not in GRAD_SKETCH_MODES:
+            raise ProbeError(
+                f"ProbeSettings.grad_sketch must be one of {GRAD_SKETCH_MODES}, got {self.grad_sketch!r}"
+            )
         if self.sketch_threshold < self.sketch_dim:
             raise ProbeError(
                 f"ProbeSettings.sketch_threshold ({self.sketch_threshold}) must be >= sketch_dim "
@@ -226,6 +258,19 @@ class ProbeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def sketch_widths(self, d_in: int, d_out: int) -> tuple[int, int]:
+        """(k, l): range and co-range widths of a module's gradient sketch, capped by its shape."""
+        k = min(self.max_rank + self.sketch_oversample, d_in, d_out)
+        return k, min(k + self.corange_oversample, max(d_in, d_out))
+
+    def sketches_gradient(self, d_in: int, d_out: int) -> bool:
+        """Whether a module of this shape keeps gradient sketches (True) or the exact gradient halves."""
+        if self.grad_sketch != "auto":
+            return self.grad_sketch == "sketch"
+        k, width = self.sketch_widths(d_in, d_out)
+        long, short = max(d_in, d_out), min(d_in, d_out)
+        return long > self.sketch_threshold and k * long + width * short < d_in * d_out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeSettings:

@@ -798,7 +798,7 @@ ALLOCATE = [
         "probe-sketch-dim-above-threshold",
         lambda c: c.alloc("--probe-sketch-dim", "8192"),
         2,
-        r"--probe-sketch-threshold \(4096\) must be >= sketch_dim \(8192\)",
+        r"--probe-sketch-threshold \(512\) must be >= sketch_dim \(8192\)",
     ),
     row(
         "ranks-not-from-zero",

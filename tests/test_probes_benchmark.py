@@ -37,8 +37,14 @@ def test_probe_overhead_benchmark_smoke(tmp_path):
                                                                      for b in batches)
     plain, probes = row["plain"], row["probes"]
     # one repeat: each phase's median is its one run, each ratio the quotient of the two runs
-    assert row["walls"] == {"plain": [plain["wall_s"]], "probes": [probes["wall_s"]]}
-    assert row["cpus"] == {"plain": [plain["cpu_s"]], "probes": [probes["cpu_s"]]}
+    assert {k: v for k, v in row["walls"].items() if k in ("plain", "probes")} == {
+        "plain": [plain["wall_s"]], "probes": [probes["wall_s"]]}
+    assert row["cpus"]["plain"] == [plain["cpu_s"]] and row["cpus"]["probes"] == [probes["cpu_s"]]
+    # the LoRA r16 comparison: each phase against the LoRA run of the same repeat
+    lora = row["lora"]
+    assert set(row["versus_lora"]) == {"probes", "plain", "probes-exact"}
+    assert row["versus_lora"]["probes"]["wall_ratio"] == probes["wall_s"] / lora["wall_s"]
+    assert row["versus_lora"]["probes"]["peak_ratio"] == probes["rss_peak"] / lora["rss_peak"]
     assert row["wall_ratio"] == probes["wall_s"] / plain["wall_s"] == row["min_wall_ratio"]
     assert row["cpu_ratio"] == probes["cpu_s"] / plain["cpu_s"]
     assert row["peak_ratio"] == probes["rss_peak"] / plain["rss_peak"]
@@ -49,7 +55,8 @@ def test_probe_overhead_benchmark_smoke(tmp_path):
         assert phase["ru_maxrss"] >= 0.9 * phase["rss_peak"]  # the kernel's lifetime peak, in bytes too
     text = out.read_text()
     assert "nproc" in text and "--smoke" in text and f"## {title}" in text
-    (line,) = [line for line in text.splitlines() if line.startswith("| qwen3_5-smoke |")]
+    line, *lora_lines = [line for line in text.splitlines() if line.startswith("| qwen3_5-smoke |")]
+    assert [row.split("|")[4].strip() for row in lora_lines] == ["probes", "plain", "probes-exact"]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells == [
         "qwen3_5-smoke", f"{row['n_params'] / 1e6:.1f}M", str(len(linears)),

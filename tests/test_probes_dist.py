@@ -7,8 +7,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 import probes
@@ -36,7 +38,7 @@ WORKER = textwrap.dedent("""
         def refuse(*args):
             raise AssertionError("only rank 0 may write the cache")
         probes.cache._save_atomic = refuse
-    settings = ProbeSettings(progress=False, max_rank=6)
+    settings = ProbeSettings(progress=False, max_rank=6, grad_sketch=sys.argv[2])
     report = probes.run_cached(model, batches, linear_names(model), settings,
                                cache_dir=os.path.join(out, "cache"),
                                key_meta={{"model_id": "t", "model_revision": "0"}})
@@ -51,7 +53,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("grad_sketch", ["exact", "sketch"])
+def test_two_gloo_ranks_equal_one_process(tmp_path, grad_sketch):
     torch.manual_seed(0)
     # pure torch: the two workers start in seconds (the hybrid models: test_probes_stats)
     model = ToyCausalLM()
@@ -72,7 +75,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path)],
+                [sys.executable, str(script), str(tmp_path), grad_sketch],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -83,7 +86,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-3000:]
 
     batches = random_batches(N_BATCHES, pad_last=4, seed=5)
-    single = probes.run(model, batches, linear_names(model), SETTINGS)
+    single = probes.run(model, batches, linear_names(model), replace(SETTINGS, grad_sketch=grad_sketch))
     rank0, rank1 = ProbeReport.load(tmp_path / "rank0"), ProbeReport.load(tmp_path / "rank1")
     assert rank0 == rank1  # the all-reduced sums are the same bits on every rank
     assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -166,8 +166,8 @@ def test_family_demand_and_its_layer_halves_flag_evidence_that_only_one_half_sho
 
 def test_a_budget_of_rank_one_moves_when_one_family_demands_half_again_as_much():
     """Under sqrt(r) a first rank is worth 2.4x a second, so at a budget of rank 1 moderate evidence moved
-    nothing (the fact task stayed uniform's plan); the capacity signal's shifted prior lets it move, while flat
-    evidence still gives every module rank 1."""
+    nothing (the fact task stayed uniform's plan); the capacity signal's shifted prior lets it move, while
+    flat evidence still gives every module rank 1."""
     from allocator.solver.settings import SolverSettings
     from allocator.solver.solve import solve
 

@@ -27,6 +27,8 @@ examples:
       a hub id (HF cache first); count Mamba-2 out_proj as adaptable, as on a CPU-only or kernel-free run
   allocate inspect ./my-model --json > components.json
       machine-readable: totals, per-kind and per-layer groups, and every component
+  allocate inspect Qwen/Qwen3.5-0.8B --probe-memory --data-batch-size 2 --data-seq-len 1024 --dtype bfloat16
+      predicted peak memory per device of probing and of a LoRA step (traced on the meta device)
 
 columns: modules / LoRA parameters per rank unit (Σ d_in + d_out, times experts). Multiply by a rank
 to get a cost: "at r=16" does it for you. "not effective" modules are never offered: their forward
@@ -45,24 +47,84 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("model", nargs="?", default=None,
-                        help="hub id, model folder or path to a config.json (default: the built-in "
-                             "Qwen3.5-0.8B config, allocator/data/qwen3_5-0.8b.config.json)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, model folder or path to a config.json (default: the built-in "
+        "Qwen3.5-0.8B config, allocator/data/qwen3_5-0.8b.config.json)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--revision", default=None, help=REVISION.help)
-    parser.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=True,
-                        help="training runs with fused Mamba kernels (default); --no-fused-kernels: "
-                             "without them (CPU, no mamba_ssm), adapters only those kernels bypass count as "
-                             "effective")
-    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                        help="allow a model folder's own modeling code (transformers trust_remote_code; "
-                             "default: off)")
-    parser.add_argument("--rank", type=int, default=16, help="rank used for the 'at r=R' column (default: "
-                                                             "16)")
+    parser.add_argument(
+        "--fused-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="training runs with fused Mamba kernels (default); --no-fused-kernels: "
+        "without them (CPU, no mamba_ssm), adapters only those kernels bypass count as "
+        "effective",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="allow a model folder's own modeling code (transformers trust_remote_code; default: off)",
+    )
+    parser.add_argument(
+        "--rank", type=int, default=16, help="rank used for the 'at r=R' column (default: 16)"
+    )
     parser.add_argument("--modules", action="store_true", help="also list every component, one per line")
-    parser.add_argument("--version", action="version", version=f"allocate {allocator.__version__}",
-                        help="print the version and exit")
+    _add_memory_flags(parser.add_argument_group("memory (--probe-memory)"))
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"allocate {allocator.__version__}",
+        help="print the version and exit",
+    )
     return parser
+
+
+def _add_memory_flags(memory) -> None:
+    """--probe-memory and the settings it predicts for (the names `allocate` gives the same settings)."""
+    memory.add_argument(
+        "--probe-memory",
+        action="store_true",
+        help="predict peak memory per device of probing (weights, activations, probe state) "
+        "and of a LoRA step at --rank (weights, adapters + AdamW, activations)",
+    )
+    memory.add_argument(
+        "--data-batch-size",
+        type=int,
+        default=4,
+        metavar="BATCH_SIZE",
+        help="sequences per micro-batch, as allocate's --data-batch-size (default: 4)",
+    )
+    memory.add_argument(
+        "--data-seq-len",
+        type=int,
+        default=256,
+        metavar="SEQ_LEN",
+        help="tokens per sequence, as allocate's --data-seq-len (default: 256)",
+    )
+    memory.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="model dtype (default: the config's torch_dtype, else float32)",
+    )
+    memory.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="devices the model is split over (device_map placement; default: 1)",
+    )
+    memory.add_argument(
+        "--probe-gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="probe with gradient checkpointing, as in allocate (default: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,15 +136,88 @@ def run(args: argparse.Namespace) -> int:
     if ref is None:
         ref = str(resources.files("allocator") / "data" / DEFAULT_CONFIG)
         name = f"{DEFAULT_CONFIG} (built-in)"
-    report = inspect_model(ref, fused_kernels=args.fused_kernels, trust_remote_code=args.trust_remote_code,
-                           name=name, revision=args.revision)
+    report = inspect_model(
+        ref,
+        fused_kernels=args.fused_kernels,
+        trust_remote_code=args.trust_remote_code,
+        name=name,
+        revision=args.revision,
+    )
     for message in report.warnings:
         print(f"warning: {message}", file=sys.stderr)
+    estimate = _memory(ref, args) if args.probe_memory else None
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+        data = report.to_dict() | ({"memory": memory_dict(estimate)} if estimate else {})
+        print(json.dumps(data, indent=1, sort_keys=True))
     else:
         print(format_report(report, rank=args.rank, modules=args.modules))
+        if estimate is not None:
+            print("\n" + "\n".join(format_memory(estimate)))
     return 0
+
+
+def _memory(ref: str, args: argparse.Namespace):
+    import torch  # noqa: PLC0415
+
+    from allocator.discovery.components import find_components  # noqa: PLC0415
+    from allocator.discovery.modelio import load_skeleton  # noqa: PLC0415
+    from allocator.memory import estimate  # noqa: PLC0415
+    from probes.settings import ProbeSettings  # noqa: PLC0415
+
+    for flag, value, low in (
+        ("--data-batch-size", args.data_batch_size, 1),
+        ("--data-seq-len", args.data_seq_len, 2),
+        ("--devices", args.devices, 1),
+    ):
+        if value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    skeleton = load_skeleton(ref, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    named = args.dtype or str(getattr(skeleton.config, "dtype", None) or "float32").removeprefix("torch.")
+    dtype = getattr(torch, named) if named in ("float32", "bfloat16", "float16") else torch.float32
+    settings = ProbeSettings(gradient_checkpointing=args.probe_gradient_checkpointing, progress=False)
+    return estimate(
+        skeleton,
+        find_components(skeleton, fused_kernels=args.fused_kernels),
+        settings,
+        batch_size=args.data_batch_size,
+        seq_len=args.data_seq_len,
+        dtype=dtype,
+        devices=args.devices,
+        rank=args.rank,
+    )
+
+
+def memory_dict(e) -> dict:
+    return {
+        "batch_size": e.batch_size,
+        "seq_len": e.seq_len,
+        "dtype": e.dtype,
+        "devices": e.devices,
+        "gradient_checkpointing": e.gradient_checkpointing,
+        "weights_bytes": e.weights,
+        "probe_increase_bytes": e.probe_increase,
+        "probe_state_bytes": e.probe_state,
+        "probe_peak_per_device_bytes": e.probe_peak,
+        "lora_rank": e.rank,
+        "lora_params": e.lora_params,
+        "lora_increase_bytes": e.lora_increase,
+        "lora_peak_per_device_bytes": e.lora_peak,
+    }
+
+
+def format_memory(e) -> list[str]:
+    from allocator.memory import gib  # noqa: PLC0415
+
+    where = "one device" if e.devices == 1 else f"the busiest of {e.devices} devices (device_map)"
+    return [
+        f"predicted peak memory on {where}: micro-batch {e.batch_size} x {e.seq_len} tokens, {e.dtype}, "
+        f"gradient checkpointing {'on' if e.gradient_checkpointing else 'off'} (traced on the meta device; "
+        "allocator overhead and the CUDA context not included)",
+        f"  probing        {gib(e.probe_peak):>10}  = weights {gib(e.weights)} + activations and probe state "
+        f"{gib(e.probe_increase)} (probe state {gib(e.probe_state)})",
+        f"  LoRA r{e.rank} step  {gib(e.lora_peak):>10}  = weights {gib(e.weights)} + adapters, AdamW and "
+        f"activations {gib(e.lora_increase)} ({e.lora_params:,} adapter parameters)",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,11 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def format_report(report, rank: int = 16, modules: bool = False) -> str:
     totals = report.totals()
-    lines = [f"{report.model}: {report.architecture} (model_type {report.model_type})",
-             f"{report.n_layers} decoder layers, typed by "
-             f"{('config field ' + report.layer_field) if report.layer_field else 'module classes'}; "
-             f"{report.n_base_params:,} base parameters; fused kernels "
-             f"{'assumed' if report.fused_kernels else 'not assumed (--no-fused-kernels)'}", ""]
+    lines = [
+        f"{report.model}: {report.architecture} (model_type {report.model_type})",
+        f"{report.n_layers} decoder layers, typed by "
+        f"{('config field ' + report.layer_field) if report.layer_field else 'module classes'}; "
+        f"{report.n_base_params:,} base parameters; fused kernels "
+        f"{'assumed' if report.fused_kernels else 'not assumed (--no-fused-kernels)'}",
+        "",
+    ]
     lines += _layer_table(report) + [""] + _kind_table(report, rank, totals) + [""]
     lines += _group_lines("not effective, never offered", report.not_effective())
     lines += _group_lines("tied call sites (adapt the first)", report.tied())
@@ -105,7 +243,8 @@ def format_report(report, rank: int = 16, modules: bool = False) -> str:
             f"  {c.name}  layer={c.layer} {c.family}/{c.kind} {c.d_in}->{c.d_out}"
             f"{' x' + str(c.n_experts) if c.n_experts > 1 else ''}"
             f"{'' if c.eligible else '  [' + (c.note or 'not targeted by default') + ']'}"
-            for c in report.components]
+            for c in report.components
+        ]
     return "\n".join(lines)
 
 
@@ -115,8 +254,10 @@ def _layer_table(report) -> list[str]:
     rows: list[tuple[str, list[str]]] = []
     start = None
     for row in report.per_layer():
-        cells = ["-" if col not in row["cells"] else f"{row['cells'][col][0]} / {row['cells'][col][1]:,}"
-                 for col in columns]
+        cells = [
+            "-" if col not in row["cells"] else f"{row['cells'][col][0]} / {row['cells'][col][1]:,}"
+            for col in columns
+        ]
         if rows and rows[-1][1] == cells and start is not None:
             rows[-1] = (f"{start}-{row['layer']}", cells)
         else:
@@ -131,14 +272,23 @@ def _layer_table(report) -> list[str]:
 def _kind_table(report, rank: int, totals: dict) -> list[str]:
     table = [["family/kind", "layers", "modules", "params/rank", f"at r={rank}"]]
     for row in report.per_kind():
-        table.append([f"{row['family']}/{row['kind']}", str(row["n_layers"]), str(row["n_modules"]),
-                      f"{row['params_per_rank']:,}", f"{row['params_per_rank'] * rank:,}"])
+        table.append(
+            [
+                f"{row['family']}/{row['kind']}",
+                str(row["n_layers"]),
+                str(row["n_modules"]),
+                f"{row['params_per_rank']:,}",
+                f"{row['params_per_rank'] * rank:,}",
+            ]
+        )
     per_rank = totals["params_per_rank"]
     table.append(["total offered", "", str(totals["n_eligible"]), f"{per_rank:,}", f"{per_rank * rank:,}"])
     lines = ["per kind"] + _align(table)
     if report.n_base_params:
-        lines.append(f"uniform rank {rank} on every offered module: "
-                     f"{100 * per_rank * rank / report.n_base_params:.2f}% of the base parameters")
+        lines.append(
+            f"uniform rank {rank} on every offered module: "
+            f"{100 * per_rank * rank / report.n_base_params:.2f}% of the base parameters"
+        )
     return lines
 
 
