@@ -68,14 +68,23 @@ def check_layout(module: nn.Module, name: str, model: nn.Module) -> None:
             f"{name} is a {type(module).__name__} (model_type {model_type!r}) without the expert layout of "
             f"transformers' use_experts_implementation (missing {missing or ['down_proj']}); its experts "
             "cannot be probed: leave them out with SolverSettings(exclude=('experts',)) (--solver-exclude "
-            "experts), or load the model with transformers >= 5 so its experts are 3-D parameters")
+            "experts), or load the model with transformers >= 5 so its experts are 3-D parameters"
+        )
 
 
 class _ParamState:
     """Sketches and counts of one 3-D expert parameter (all its experts pooled)."""
 
-    def __init__(self, name: str, param: nn.Parameter, d_in: int, d_out: int, dtype: torch.dtype,
-                 settings: Any, index: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        param: nn.Parameter,
+        d_in: int,
+        d_out: int,
+        dtype: torch.dtype,
+        settings: Any,
+        index: int,
+    ) -> None:
         self.name, self.d_in, self.d_out, self.dtype = name, d_in, d_out, dtype
         self.n_experts, self.device = int(param.shape[0]), param.device
         self.k = min(settings.max_rank, d_in, d_out)
@@ -87,9 +96,12 @@ class _ParamState:
         self.batch_sq: torch.Tensor | None = None
         self.n_batches = self.n_calls = 0
         sketch = d_in > settings.sketch_threshold
-        self.omega = _gaussian(d_in, settings.sketch_dim, self.seed + 1, self.device, dtype) if sketch else None
-        self.moment = torch.zeros((d_in, d_in if self.omega is None else self.omega.shape[1]), dtype=dtype,
-                                  device=self.device)
+        self.omega = (
+            _gaussian(d_in, settings.sketch_dim, self.seed + 1, self.device, dtype) if sketch else None
+        )
+        self.moment = torch.zeros(
+            (d_in, d_in if self.omega is None else self.omega.shape[1]), dtype=dtype, device=self.device
+        )
         self.trace = 0.0
 
     def psi(self, expert: int) -> torch.Tensor:
@@ -123,8 +135,11 @@ class _ParamState:
         self.batch_sq = None
 
     def all_reduce(self) -> None:
-        scalars = torch.tensor([self.norm_sum, self.sq_sum, self.n_batches, self.n_calls, self.trace],
-                               dtype=torch.float64, device=self.device)
+        scalars = torch.tensor(
+            [self.norm_sum, self.sq_sum, self.n_batches, self.n_calls, self.trace],
+            dtype=torch.float64,
+            device=self.device,
+        )
         for tensor in (self.halves, self.tokens, self.moment, scalars):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         self.norm_sum, self.sq_sum, n_batches, n_calls, self.trace = scalars.tolist()
@@ -134,28 +149,46 @@ class _ParamState:
         n_tokens = int(self.tokens.sum())
         unrouted = int((self.tokens == 0).sum())
         out: dict[str, Any] = {
-            "status": "ok", "n_tokens": n_tokens, "n_batches": self.n_batches, "d_in": self.d_in,
-            "d_out": self.d_out, "n_calls": self.n_calls, "grad_norm_sum": math.nan, "grad_sq_sum": math.nan,
-            "fisher_trace": math.nan, "grad_total_sq": math.nan, "grad_singular_values": [],
-            "heldout_capture": [], "act_eigenvalues": [], "act_trace": math.nan, "act_sketched": False,
-            "n_experts": self.n_experts, "n_unrouted": unrouted,
+            "status": "ok",
+            "n_tokens": n_tokens,
+            "n_batches": self.n_batches,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "n_calls": self.n_calls,
+            "grad_norm_sum": math.nan,
+            "grad_sq_sum": math.nan,
+            "fisher_trace": math.nan,
+            "grad_total_sq": math.nan,
+            "grad_singular_values": [],
+            "heldout_capture": [],
+            "act_eigenvalues": [],
+            "act_trace": math.nan,
+            "act_sketched": False,
+            "n_experts": self.n_experts,
+            "n_unrouted": unrouted,
         }
         if n_tokens == 0:
             return ModuleStats(**{**out, "status": "no_input"})
         finite = all(bool(torch.isfinite(t).all()) for t in (self.halves, self.moment))
         if not (finite and math.isfinite(self.sq_sum)):
             return ModuleStats(**{**out, "status": "nonfinite"})
-        out.update(act_eigenvalues=(_eigenvalues(self.moment, self.omega) / n_tokens).cpu().numpy(),
-                   act_trace=self.trace / n_tokens, act_sketched=self.omega is not None)
+        out.update(
+            act_eigenvalues=(_eigenvalues(self.moment, self.omega) / n_tokens).cpu().numpy(),
+            act_trace=self.trace / n_tokens,
+            act_sketched=self.omega is not None,
+        )
         if self.n_batches == 0:
             return ModuleStats(**{**out, "status": "no_gradient"})
         even, odd = self.halves.to(torch.float64)
         total = even + odd
-        out.update(grad_norm_sum=self.norm_sum, grad_sq_sum=self.sq_sum,
-                   fisher_trace=self.sq_sum / self.n_batches,
-                   grad_total_sq=float(total.square().sum()),
-                   grad_singular_values=torch.linalg.svdvals(total)[: self.k].cpu().numpy(),
-                   heldout_capture=_heldout(even, odd, self.k).cpu().numpy())
+        out.update(
+            grad_norm_sum=self.norm_sum,
+            grad_sq_sum=self.sq_sum,
+            fisher_trace=self.sq_sum / self.n_batches,
+            grad_total_sq=float(total.square().sum()),
+            grad_singular_values=torch.linalg.svdvals(total)[: self.k].cpu().numpy(),
+            heldout_capture=_heldout(even, odd, self.k).cpu().numpy(),
+        )
         return ModuleStats(**out)
 
 
@@ -175,8 +208,9 @@ class ExpertProber:
             check_layout(owner, owner_name, model)
             param = getattr(owner, leaf)
             if param.device.type == "meta":
-                raise ProbeError(f"{name} has no weights in memory (meta device); load the model without "
-                                 "disk/CPU offload")
+                raise ProbeError(
+                    f"{name} has no weights in memory (meta device); load the model without disk/CPU offload"
+                )
             e, a, b = (int(v) for v in param.shape)
             d_in, d_out = (a, b) if owner.is_transposed else (b, a)
             self.states[name] = _ParamState(name, param, d_in, d_out, dtype, settings, index)
@@ -225,8 +259,9 @@ class ExpertProber:
             return None
         return self.mask.to(device)
 
-    def capture(self, state: _ParamState, expert: int, x: torch.Tensor, y: torch.Tensor,
-                real: torch.Tensor | None) -> None:
+    def capture(
+        self, state: _ParamState, expert: int, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor | None
+    ) -> None:
         """Count x's rows, and pair x with the gradient of y when it arrives (real tokens only)."""
         if state is None or self.in_backward:
             return
