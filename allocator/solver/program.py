@@ -64,6 +64,7 @@ def candidates(components: Sequence[Component], allowed: Collection[str] | None,
         )
     inc = [re.compile(p) for p in settings.include]
     exc = [re.compile(p) for p in settings.exclude]
+    allowed = None if allowed is None else frozenset(allowed)  # a tuple made this O(n^2): 330 s at 100k
     return sorted(
         (
             c
