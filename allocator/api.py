@@ -31,6 +31,7 @@ import allocator
 import probes
 from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, find_components
+from allocator.discovery.experts import idle_family_warning
 from allocator.discovery.modelio import commit_of, count_base_params, load_model, locate
 from allocator.errors import AllocatorError, AllocatorWarning, InputError, as_failure, as_input_error
 from allocator.memory import check_fits
@@ -282,6 +283,10 @@ def solve_plan(
     table = compute_utilities(report, components, solver_settings.ranks, utility_settings,
                               risk_report=risk_report)
     allocation = solve(components, table, budget, solver_settings)
+    statuses = {name: str(stats.status) for name, stats in report.modules.items()}
+    idle = idle_family_warning(components, allocation.ranks, budget, statuses, solver_settings.ranks)
+    if idle:
+        warnings.warn(idle, AllocatorWarning, stacklevel=2)
     row, col = table.index(), {r: j for j, r in enumerate(table.ranks)}
     ranks = allocation.ranks
     utility = {n: float(table.values[row[n], col[r]]) for n, r in ranks.items() if n in row}
@@ -318,12 +323,14 @@ def solve_plan(
 
 
 def unprobed_experts_off(component: Any) -> Any:
-    """3-D expert parameters are not probed (the hooks see modules, not parameter slices), so they are left
-    out
-    of the budget and the program rather than counted in ``rN`` and never bought."""
-    if not component.is_parameter or not component.default_target:
+    """2-D parameters of router classes that are not ``nn.Linear`` are not probed (the probes see linears and
+    3-D routed-expert parameters, ``probes.experts``), so they stay out of the budget and the program even
+    when asked for; routed experts are components like any other."""
+    if not component.is_parameter or component.n_experts > 1 or component.kind == "expert":
         return component
-    note = "3-D expert weights are not probed yet; add them by hand with LoraConfig(target_parameters=...)"
+    if not component.default_target:
+        return component
+    note = "a 2-D router parameter is not probed; add it by hand with LoraConfig(target_parameters=...)"
     return replace(
         component, default_target=False, note=(component.note + "; " if component.note else "") + note
     )

@@ -58,6 +58,8 @@ class ModuleStats:
     grad_total_sq: float = math.nan  # ‖Σ_b G_b‖_F²: denominator of grad_energy_curve
     act_trace: float = math.nan  # tr(C) / n_tokens, exact even when the eigenvalues are sketched
     act_sketched: bool = False  # act_eigenvalues come from a Nystrom sketch (lower bounds, see docs)
+    n_experts: int = 1  # experts pooled in these statistics (a 3-D routed-expert parameter, probes.experts)
+    n_unrouted: int = 0  # of those, experts the calibration never routed a token to
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from probes.data import data_fingerprint
 from probes.errors import ProbeError, ProbeRunError
+from probes.experts import ExpertProber, split_names
 from probes.finalize import finalize_all, reduce_counts
 from probes.hooks import ModuleProbe, Prober
 from probes.records import IGNORE_INDEX
@@ -57,7 +58,9 @@ def run(
     settings = settings or ProbeSettings()
     check_device(settings.device)
     dtype = getattr(torch, settings.dtype)
-    probes, by_name = _resolve(model, modules, dtype)
+    expert_names, modules = split_names(model, modules)  # 3-D routed-expert parameters: probes.experts
+    probes, by_name = _resolve(model, modules, dtype) if modules or not expert_names else ([], {})
+    experts = ExpertProber(model, expert_names, dtype, settings)
     _check_batches(batches)
     check_token_ids(model, batches)
     world, rank = _world(settings)
@@ -67,6 +70,7 @@ def run(
     with _probing_state(model, settings) as device:
         accepts_cache = _accepts(model, "use_cache")
         prober.attach(model)
+        experts.attach()
         try:
             bar = _progress(len(mine), settings.progress and rank == 0)
             start = time.perf_counter()
@@ -76,12 +80,14 @@ def run(
                 if accepts_cache:
                     batch["use_cache"] = False
                 prober.begin_batch(i, batch["attention_mask"])
+                experts.begin_batch(i, batch["attention_mask"])
                 with torch.enable_grad():
                     loss = _loss(model(**batch))
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     del loss
                     prober.discard_batch()
+                    experts.discard_batch()
                     if not settings.skip_nonfinite:
                         raise ProbeRunError(
                             f"loss is {value} on batch {i}; check that batch and the model dtype, or set "
@@ -90,19 +96,21 @@ def run(
                     n_skipped += 1
                     continue
                 prober.end_forward()
-                prober.in_backward = True
+                prober.in_backward = experts.in_backward = True
                 try:
                     loss.backward()
                 finally:
-                    prober.in_backward = False
+                    prober.in_backward = experts.in_backward = False
                 del loss
                 prober.end_batch()
+                experts.end_batch()
                 n_tokens += int(batch["attention_mask"].sum())
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
             bar.close()
         finally:
             prober.detach()
+            experts.detach()
         counts = reduce_counts(probes, [n_skipped, n_tokens], world)
         if counts["run"][0] == len(batches):
             raise ProbeRunError(f"every calibration batch ({len(batches)}) had a non-finite loss and was "
@@ -111,7 +119,8 @@ def run(
         per_probe = finalize_all(probes, prober, settings, world, counts["probes"])
     info = _meta(model, batches, settings, world, counts["run"], device)
     info.update(meta or {})
-    return ProbeReport({name: per_probe[id(probe)] for name, probe in by_name.items()}, info)
+    stats = {name: per_probe[id(probe)] for name, probe in by_name.items()}
+    return ProbeReport({**stats, **experts.finalize(world)}, info)
 
 
 # --- setup

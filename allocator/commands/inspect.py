@@ -235,6 +235,7 @@ def format_report(report, rank: int = 16, modules: bool = False) -> str:
         "",
     ]
     lines += _layer_table(report) + [""] + _kind_table(report, rank, totals) + [""]
+    lines += _expert_lines(report, rank, totals)
     lines += _group_lines("not effective, never offered", report.not_effective())
     lines += _group_lines("tied call sites (adapt the first)", report.tied())
     lines += _group_lines("left out unless asked for", report.not_default())
@@ -290,6 +291,26 @@ def _kind_table(report, rank: int, totals: dict) -> list[str]:
             f"{100 * per_rank * rank / report.n_base_params:.2f}% of the base parameters"
         )
     return lines
+
+
+def _expert_lines(report, rank: int, totals: dict) -> list[str]:
+    """Routed experts per layer: each 3-D parameter's experts, shape and LoRA cost per rank unit (PEFT's
+    target_parameters: every expert its own rank-r pair)."""
+    rows = report.experts()
+    if not rows:
+        return []
+    table = [["parameter", "layers", "experts", "d_in -> d_out", "params/rank/layer", "params/rank",
+              f"at r={rank}"]]
+    for row in rows:
+        shape = f"{row['d_in']} -> {row['d_out']}"
+        table.append([row["leaf"], str(row["n_layers"]), str(row["n_experts"]), shape,
+                      f"{row['per_layer']:,}",
+                      f"{row['params_per_rank']:,}",
+                      f"{row['params_per_rank'] * rank:,}"])
+    share = sum(r["params_per_rank"] for r in rows) / max(totals["params_per_rank"], 1)
+    title = "routed experts (target_parameters; params/rank/layer = experts x (d_in + d_out))"
+    held = f"routed experts hold {share:.1%} of the offered LoRA parameters per rank"
+    return [title, *_align(table), held, ""]
 
 
 def _group_lines(title: str, groups: list[dict]) -> list[str]:

@@ -171,7 +171,8 @@ def _refine(layer, family, kind, rule, chain, below, layer_module, is_param) -> 
             rule,
             cls,
             default_target=False,
-            note="router/gate: excluded unless asked for",
+            note="router/gate: excluded unless asked for (it picks each token's experts: a LoRA here "
+            "moves tokens between experts and unsettles the load balance the model was trained with)",
         )
     if family == "attention" and kind == "softmax" and _has_leaf(block, A.MLA_LEAVES):
         kind = "mla"

@@ -70,6 +70,18 @@ class InspectReport:
                 "n_not_default": sum(c.lora_effective and c.tied_to is None and not c.default_target
                                      for c in self.components)}
 
+    def experts(self) -> list[dict[str, Any]]:
+        """Routed 3-D expert parameters grouped by leaf and shape: layers, experts, d_in, d_out, LoRA
+        parameters per rank unit in one layer (n_experts * (d_in + d_out)) and over all its layers."""
+        groups: dict[tuple, list[Component]] = defaultdict(list)
+        for c in self.eligible:
+            if c.is_parameter and c.kind == "expert":
+                groups[(c.name.rsplit(".", 1)[-1], c.n_experts, c.d_in, c.d_out)].append(c)
+        return [{"leaf": leaf, "n_layers": len(group), "n_experts": e, "d_in": d_in, "d_out": d_out,
+                 "per_layer": group[0].n_params_per_rank,
+                 "params_per_rank": sum(c.n_params_per_rank for c in group)}
+                for (leaf, e, d_in, d_out), group in sorted(groups.items())]
+
     def not_effective(self) -> list[dict[str, Any]]:
         """Not-effective modules grouped by name pattern (layer numbers as *) and reason."""
         return _grouped([c for c in self.components if not c.lora_effective])
@@ -95,6 +107,7 @@ class InspectReport:
             "totals": self.totals(),
             "per_kind": self.per_kind(),
             "per_layer": self.per_layer(),
+            "experts": self.experts(),
             "not_effective": self.not_effective(),
             "tied": self.tied(),
             "not_default": self.not_default(),

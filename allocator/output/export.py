@@ -159,6 +159,9 @@ def get_peft_model_quietly(model: Any, config: Any) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
+        if getattr(config, "target_parameters", None):  # PEFT 0.21 checks pattern keys against
+            # target_modules only, yet applies them to target_parameters (lora_A has r * n_experts rows)
+            warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         return get_peft_model(model, config)
 
 

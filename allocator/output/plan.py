@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from allocator.discovery.component import Component
 from allocator.discovery.components import architecture_of, peft_exports
+from allocator.discovery.experts import check_expert_targets
 from allocator.errors import AllocatorError, InputError, as_input_error
 from allocator.output.export import (
     adapted_shape,
@@ -258,6 +259,9 @@ class Plan:
                     + ", the plan has "
                     f"{c.d_in}->{c.d_out}" + (f" x{c.n_experts}" if c.n_experts > 1 else "")
                 )
+        storage = check_expert_targets(model, missing, {n: by_name[n].is_parameter for n in missing})
+        if storage is not None:
+            raise InputError(storage)
         if differ or missing or wrong:
             detail = "; ".join(
                 differ

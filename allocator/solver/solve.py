@@ -27,9 +27,9 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
 from allocator.scoring.utility import UtilityTable
-from allocator.solver.budget import describe_params, lora_params
+from allocator.solver.budget import describe_params
 from allocator.solver.program import Program, build_program, group_candidates
-from allocator.solver.reduction import Reduction, reduce_program
+from allocator.solver.reduction import Reduction, polish, reduce_program
 from allocator.solver.settings import COARSE_RANKS, DEFAULT_RANKS, DENSE_RANKS, SolverSettings
 
 __all__ = [
@@ -101,7 +101,7 @@ def solve(
     reduction = reduce_program(program) if settings.reduce else None
     b_u = (program.b_u if reduction is None else reduction.b_u).copy()
     # one-hot rows come first
-    budget_row = program.row_labels.index("budget") - (program.A.shape[0] - len(b_u))
+    budget_row = len(program.group_labels) - (program.A.shape[0] - len(b_u))
     for _ in range(3):  # a tolerance slip past B is re-solved with a tighter row; in practice never
         x, status, gap = _run_milp(program, reduction, b_u, settings, components)
         allocation = decode(program, x, status=status, mip_gap=gap)
@@ -137,8 +137,11 @@ def _run_milp(
         c, A, b_l, rel_gap = program.c, program.A, program.b_l, settings.mip_rel_gap
     else:
         # every group fixed: the incumbent is the proven optimum, nothing to ask HiGHS
-        if reduction.c.size == 0:
+        if reduction.cols.size == 0:
             return reduction.incumbent_x, "optimal", 0.0
+        # the Lagrangian bound already proves the incumbent within mip_rel_gap: what HiGHS would stop at
+        if reduction.gap <= settings.mip_rel_gap:
+            return reduction.incumbent_x, "optimal", reduction.gap
         c, A, b_l = reduction.c, reduction.A, reduction.b_l
         # HiGHS measures its gap against the residual objective, a small part of the whole: rescale the
         # tolerance
@@ -165,8 +168,9 @@ def _run_milp(
         _raise_failure(program, settings, status, res.message, components)
     bound = -res.mip_dual_bound if res.mip_dual_bound is not None else np.nan  # upper bound, maximise sense
     if reduction is None:
-        return res.x, status, _gap(bound, -float(res.fun))
-    x = reduction.expand(res.x)
+        x = polish(program, res.x)
+        return x, status, _gap(bound, -float(program.c @ x))
+    x = polish(program, reduction.expand(res.x))
     bound = float(np.fmin(bound - float(program.c @ reduction.fixed), reduction.bound))
     if -float(program.c @ x) < reduction.incumbent:  # HiGHS stopped, within its gap, below our incumbent
         x = reduction.incumbent_x
@@ -198,14 +202,15 @@ def decode(
     option = np.zeros(n_g, dtype=np.int64)
     option[program.col_group[chosen]] = program.col_option[chosen]
     member_rank = program.member_ranks(option)
-    ranks = dict.fromkeys(program.eligible_names, 0)
-    cost = 0
-    for c, r in zip(program.members, member_rank.tolist()):
-        ranks[c.name] = int(r)
-        cost += lora_params(c.d_in, c.d_out, r, c.n_experts)
+    if program.member_names == program.eligible_names:  # every eligible component is a candidate
+        ranks = dict(zip(program.member_names, member_rank.tolist()))
+    else:
+        ranks = dict.fromkeys(program.eligible_names, 0)
+        ranks.update(zip(program.member_names, member_rank.tolist()))
+    cost = int(member_rank @ program.member_params)  # lora_params of every member, exact int64
     return Allocation(
         ranks=ranks,
-        cost=int(cost),
+        cost=cost,
         utility=float(program.col_utility[chosen].sum()),
         risk=float(program.col_risk[chosen].sum()),
         budget=program.budget,

@@ -316,7 +316,7 @@ class Worker:
         """Probe reports from ``OUT_DIR/probes`` (run once per study; the caller holds the lock), then the
         trial objective and the up-front feasibility check."""
         started, d = time.perf_counter(), self.data_settings
-        names = [c.name for c in self.eligible if not c.is_parameter]
+        names = [c.name for c in self.eligible]
         meta = {"model_id": self.model_id, "model_revision": self.provenance["model_revision"]}
 
         def report(batches: list, warmup: Any = None) -> Any:
