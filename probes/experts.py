@@ -72,6 +72,15 @@ def check_layout(module: nn.Module, name: str, model: nn.Module) -> None:
         )
 
 
+def check_layouts(model: nn.Module, names: Any) -> None:
+    """:func:`check_layout` for the owner of every 3-D expert parameter among ``names`` (before any pass that
+    would fail inside the model's own forward, as a warm-up does)."""
+    table = dict(model.named_modules(remove_duplicate=False))
+    for name in split_names(model, names)[0]:
+        owner = name.rpartition(".")[0]
+        check_layout(table[owner], owner, model)
+
+
 class _ParamState:
     """Sketches and counts of one 3-D expert parameter (all its experts pooled)."""
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from probes.data import data_fingerprint
 from probes.errors import ProbeError
+from probes.experts import check_layouts
 from probes.report import ProbeReport
 from probes.runner import run
 from probes.settings import ProbeSettings
@@ -153,6 +154,7 @@ def run_warm(
     """:func:`probes.run` on ``modules`` after a warm-up of ``settings.warmup_steps`` steps of ``lora_config``
     on ``warmup_batches``; the report is keyed by the original module names and its meta records the
     warm-up."""
+    check_layouts(model, modules)  # an unknown expert layout: the probes' own message, not the forward's
     with warmed_up(
         model,
         lora_config,
