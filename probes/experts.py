@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from probes.errors import ProbeError
-from probes.report import ModuleStats
+from probes.report import UNMEASURED, ModuleStats
 
 LAYOUT_ATTRS = ("has_gate", "has_bias", "is_transposed")  # set by use_experts_implementation
 
@@ -158,21 +158,13 @@ class _ParamState:
         n_tokens = int(self.tokens.sum())
         unrouted = int((self.tokens == 0).sum())
         out: dict[str, Any] = {
+            **UNMEASURED,
             "status": "ok",
             "n_tokens": n_tokens,
             "n_batches": self.n_batches,
             "d_in": self.d_in,
             "d_out": self.d_out,
             "n_calls": self.n_calls,
-            "grad_norm_sum": math.nan,
-            "grad_sq_sum": math.nan,
-            "fisher_trace": math.nan,
-            "grad_total_sq": math.nan,
-            "grad_singular_values": [],
-            "heldout_capture": [],
-            "act_eigenvalues": [],
-            "act_trace": math.nan,
-            "act_sketched": False,
             "n_experts": self.n_experts,
             "n_unrouted": unrouted,
         }

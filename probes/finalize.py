@@ -13,7 +13,6 @@ instead of threads over one matrix. CUDA accumulators are finalised in turn on t
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from probes.accumulators import ActAccumulator
 from probes.hooks import ModuleProbe, Prober
-from probes.report import ModuleStats
+from probes.report import UNMEASURED, ModuleStats
 from probes.settings import ProbeSettings
 
 
@@ -103,21 +102,13 @@ def _finalize(probe: ModuleProbe, act: ActAccumulator | None, shared: Future | N
               n_batches: int) -> ModuleStats:
     k = min(settings.max_rank, probe.d_in, probe.d_out)
     out: dict[str, Any] = {
+        **UNMEASURED,
         "status": "ok",
         "n_tokens": probe.n_tokens,
         "n_batches": n_batches,
         "d_in": probe.d_in,
         "d_out": probe.d_out,
         "n_calls": probe.n_calls,
-        "grad_norm_sum": math.nan,
-        "grad_sq_sum": math.nan,
-        "fisher_trace": math.nan,
-        "grad_total_sq": math.nan,
-        "grad_singular_values": [],
-        "heldout_capture": [],
-        "act_eigenvalues": [],
-        "act_trace": math.nan,
-        "act_sketched": False,
     }
     if probe.n_calls == 0:
         return ModuleStats(**{**out, "status": "no_input"})

@@ -32,6 +32,20 @@ def _frozen_array(values: Any) -> np.ndarray:
     return array
 
 
+# ModuleStats' statistics before any is measured (a module that never ran, or ran without a gradient)
+UNMEASURED: dict[str, Any] = {
+    "grad_norm_sum": math.nan,
+    "grad_sq_sum": math.nan,
+    "fisher_trace": math.nan,
+    "grad_total_sq": math.nan,
+    "grad_singular_values": [],
+    "heldout_capture": [],
+    "act_eigenvalues": [],
+    "act_trace": math.nan,
+    "act_sketched": False,
+}
+
+
 @dataclass(frozen=True, eq=False)
 class ModuleStats:
     """Statistics of one ``nn.Linear`` (all its call sites summed) over the calibration batches.
