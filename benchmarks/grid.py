@@ -92,7 +92,7 @@ class Grid:
     n_eval: int = 64
     n_calib: int = 32
     n_facts: int = 128  # fact_recall: facts to store (16 train rows of 8); scored on all of them elsewhere
-    tune_trials: int = 8  # alloc_tuned: trials of its study (5 enqueued baselines + searched ones)
+    tune_trials: int = 6  # alloc_tuned: trials of its study (5 enqueued baselines + searched ones)
     # lr*2: whether a larger effective step (EVA init's unit-norm lora_A) explains a gain
     frontier: tuple[tuple[str, float, float, float], ...] = (
         ("lr/4", 1, 0.25, 1), ("lr/16", 1, 0.0625, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1),

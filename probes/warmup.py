@@ -32,7 +32,7 @@ from probes.data import data_fingerprint
 from probes.errors import ProbeError
 from probes.experts import check_layouts
 from probes.report import ProbeReport
-from probes.runner import run
+from probes.runner import _accepts, run
 from probes.settings import ProbeSettings
 
 BASE_PREFIX = "base_model.model."
@@ -111,10 +111,12 @@ def warmed_up(
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        losses = []
+        losses, accepts_cache = [], _accepts(model, "use_cache")
         peft_model.train()
         for batch in itertools.islice(itertools.cycle(batches), steps):
             inputs = {k: v.to(device) for k, v in batch.items()}
+            if accepts_cache:  # as the probe pass: no KV cache to build (some linear-attention caches break)
+                inputs["use_cache"] = False
             loss = peft_model(**inputs).loss
             if not torch.isfinite(loss):
                 raise ProbeError(

@@ -6,7 +6,6 @@ exact norm sums), PEFT's own trainable-parameter count and a plain ``LoraConfig.
 """
 
 from __future__ import annotations
-
 import warnings
 
 import pytest
@@ -38,6 +37,10 @@ FAMILIES = sorted(
     + [t for t in TINY if t in ("lfm2_moe", "minimax", "kimi_linear", "bailing_hybrid")]
 )
 QUIET = probes.ProbeSettings(progress=False, max_rank=8)
+# transformers' MLA attention in kimi_linear and bailing_hybrid raises a shape error inside sdpa on allocate's
+# padded batches (rows of 16 tokens padded to seq_len with an attention mask); their experts are still tested
+# through probes.run above (unpadded batches). docs/moe.md
+PADDED_MASK_FAILS = ("kimi_linear", "bailing_hybrid")
 
 
 def _model(model_type: str, **overrides) -> torch.nn.Module:
@@ -126,7 +129,7 @@ def test_inspect_and_allocate_count_experts_identically():
     assert inspect_model(model).totals()["params_per_rank"] == per_rank
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_next", "nemotron_h"])
+@pytest.mark.parametrize("model_type", [f for f in FAMILIES if f not in PADDED_MASK_FAILS])
 def test_allocate_adapts_experts_and_peft_counts_the_plan(model_type, tiny_tokenizer, tmp_path):
     """At a generous budget the plan adapts routed experts; PEFT's trainable count equals plan.cost after
     plan.apply and after a plain LoraConfig.from_pretrained reload; one step changes expert LoRA weights."""
