@@ -6,6 +6,7 @@ exact norm sums), PEFT's own trainable-parameter count and a plain ``LoraConfig.
 """
 
 from __future__ import annotations
+
 import warnings
 
 import pytest
