@@ -32,6 +32,8 @@ CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random
 # its rows stay what they were when the default changed; alloc_tuned_v1: `allocate tune` before issue 14.
 V1_UTILITY: dict[str, Any] = {"signal": "combined", "uniform_prior": 0.5}
 V1_TUNE_TRIALS = 10
+# alloc_tuned's pilot length, a fraction of the fine-tune's steps (6 pilots pruned at quarters: <= 2x it)
+PILOT_FRACTION = 0.4
 # alloc_coarse: the solver's earlier default grid (0, 4, 8, 16, 32, 64), replaced by the dense one on this
 # benchmark (at uniform's best lr the coarse plan was worse in mean at Falcon-H1 r1, the dense one beat
 # uniform on the qwen fact task; docs/method.md). alloc_tuned: `allocate tune`, pilot fine-tunes choosing the

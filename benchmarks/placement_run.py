@@ -39,6 +39,7 @@ from benchmarks import tasks
 from benchmarks.grid import (
     FAMILIES,
     OWN_LR,
+    PILOT_FRACTION,
     RETENTION_WEIGHT,
     SIGNALS,
     V1_TUNE_TRIALS,
@@ -300,13 +301,13 @@ def _tuned(
 ) -> tuple[dict, int, str]:
     """``allocate tune`` at the cell's budget and lr (``pc.tuned_ranks``): its ranks, fill and note. ``v1``:
     as before issue 14 (step-0 probes, the v1 utility, ``V1_TUNE_TRIALS`` pilots of half the fine-tune)."""
-    g, pilot_steps = setup.grid, max(2, steps // 2)
+    g, pilot_steps = setup.grid, max(2, round(steps * PILOT_FRACTION))
     # pilots pruned by successive halving at every quarter of their length; the default and uniform run whole
     trials, probe_settings, utility = g.tune_trials, setup.settings, None
     every, pruner = max(1, pilot_steps // 4), "halving"
-    if v1:  # every pilot whole, step-0 probes
+    if v1:  # half-length pilots, every one whole, step-0 probes
         trials, utility, every, pruner = V1_TUNE_TRIALS, UtilitySettings(**V1_UTILITY), 0, "none"
-        probe_settings = replace(setup.settings, warmup_steps=0)
+        probe_settings, pilot_steps = replace(setup.settings, warmup_steps=0), max(2, steps // 2)
     with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
         warnings.simplefilter("ignore")
         ranks, added, info = pc.tuned_ranks(

@@ -29,10 +29,10 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from probes.data import data_fingerprint
-from probes.errors import ProbeError
+from probes.errors import ProbeError, ProbeRunError
 from probes.experts import check_layouts
 from probes.report import ProbeReport
-from probes.runner import _accepts, run
+from probes.runner import _accepts, check_token_ids, run
 from probes.settings import ProbeSettings
 
 BASE_PREFIX = "base_model.model."
@@ -91,11 +91,12 @@ def warmed_up(
     steps: int,
     lr: float,
     seed: int = 0,
+    skip_nonfinite: bool = False,
 ) -> Iterator[tuple[PeftModel, dict[str, Any]]]:
     """``model`` wrapped with ``lora_config`` and trained ``steps`` AdamW steps (constant ``lr``, one
-    micro-batch
-    per step, cycling ``batches``); yields the PEFT model and a record of the warm-up (steps, lr, losses,
-    seconds). On exit the adapters are removed and the model is exactly as it came."""
+    micro-batch per step, cycling ``batches``); yields the PEFT model and a record of the warm-up (steps, lr,
+    losses, seconds). A non-finite loss is a :class:`ProbeRunError`, or with ``skip_nonfinite`` a skipped
+    step (NaN in ``losses``). On exit the adapters are removed and the model is exactly as it came."""
     if steps < 1 or not batches or not lr > 0:
         raise ProbeError(
             f"a warm-up needs steps >= 1, batches and lr > 0, got {steps} steps, {len(batches)} batches, lr "
@@ -119,9 +120,14 @@ def warmed_up(
                 inputs["use_cache"] = False
             loss = peft_model(**inputs).loss
             if not torch.isfinite(loss):
-                raise ProbeError(
-                    f"the warm-up's loss became {float(loss)} at step {len(losses)}; lower the "
-                    "warm-up lr (ProbeSettings.warmup_lr) or set warmup_steps=0"
+                if skip_nonfinite:  # as the probe pass: the batch is skipped, the run goes on
+                    losses.append(float("nan"))
+                    continue
+                raise ProbeRunError(
+                    f"the warm-up's loss is {float(loss)} at step {len(losses)}"
+                    + ("" if losses else " (before any update: the model or this batch)")
+                    + "; lower ProbeSettings.warmup_lr, set ProbeSettings.warmup_steps to 0, or set "
+                    "ProbeSettings.skip_nonfinite to skip such batches"
                 )
             loss.backward()
             optimizer.step()
@@ -157,6 +163,7 @@ def run_warm(
     on ``warmup_batches``; the report is keyed by the original module names and its meta records the
     warm-up."""
     check_layouts(model, modules)  # an unknown expert layout: the probes' own message, not the forward's
+    check_token_ids(model, [*batches, *warmup_batches])  # not an IndexError from the forward
     with warmed_up(
         model,
         lora_config,
@@ -164,6 +171,7 @@ def run_warm(
         steps=settings.warmup_steps,
         lr=settings.warmup_lr or auto_lr(model, int(getattr(lora_config, "r", 1))),
         seed=settings.seed,
+        skip_nonfinite=settings.skip_nonfinite,
     ) as (peft_model, record):
         table = dict(peft_model.named_modules())
         names = {}
