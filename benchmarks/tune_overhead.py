@@ -14,8 +14,8 @@ timestamps:
 - trial overhead: trial duration minus the fine-tune (setup, ``to_lora_config``, sampler, storage writes);
 - claim overhead: the gap between one trial's end and the next one's start (lock, stale check, count, ask).
 
-Probe runs are counted by wrapping ``probes.cache.run``: the study must run them once, and a resumed study
-never. Writes ``docs/results/tune.md`` (``--out``) with the command, the machine and the date.
+Probe runs are counted by wrapping ``probes.cache.run`` and ``run_warm``: the study must run them once, and a
+resumed study never. Writes ``docs/results/tune.md`` (``--out``) with the command, the machine and the date.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def model_and_tokenizer(smoke: bool) -> tuple[object, object, str]:
 
 def measure(smoke: bool, trials: int, steps: int) -> dict:
     calls: list[int] = []
-    real = probes.cache.run
-    probes.cache.run = lambda *a, **k: calls.append(1) or real(*a, **k)  # count probe runs, not cache hits
+    real = {name: getattr(probes.cache, name) for name in ("run", "run_warm")}  # with or without a warm-up
+    for name, fn in real.items():  # count probe runs, not cache hits
+        setattr(probes.cache, name, lambda *a, _fn=fn, **k: calls.append(1) or _fn(*a, **k))
     model, tokenizer, label = model_and_tokenizer(smoke)
     seq_len, samples, batch = (32, 4, 2) if smoke else (128, 32, 4)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +97,8 @@ def measure(smoke: bool, trials: int, steps: int) -> dict:
         study = optuna.load_study(study_name="tune",
                                   storage=f"sqlite:///{Path(tmp) / 'study' / 'study.db'}")
         frozen = [t for t in study.get_trials() if t.state.name == "COMPLETE"][:trials]
-    probes.cache.run = real
+    for name, fn in real.items():
+        setattr(probes.cache, name, fn)
     rows = []
     for prev, t in zip([None, *frozen], frozen):
         timing = t.user_attrs["timing"]
