@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
+from tqdm.auto import tqdm
 
 from probes.data import data_fingerprint
 from probes.errors import ProbeError, ProbeRunError
@@ -92,6 +93,7 @@ def warmed_up(
     lr: float,
     seed: int = 0,
     skip_nonfinite: bool = False,
+    progress: bool = False,
 ) -> Iterator[tuple[PeftModel, dict[str, Any]]]:
     """``model`` wrapped with ``lora_config`` and trained ``steps`` AdamW steps (constant ``lr``, one
     micro-batch per step, cycling ``batches``); yields the PEFT model and a record of the warm-up (steps, lr,
@@ -114,7 +116,9 @@ def warmed_up(
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         losses, accepts_cache = [], _accepts(model, "use_cache")
         peft_model.train()
+        bar = tqdm(total=steps, disable=not progress, unit="step", desc="warm-up", dynamic_ncols=True)
         for batch in itertools.islice(itertools.cycle(batches), steps):
+            bar.update()
             inputs = {k: v.to(device) for k, v in batch.items()}
             if accepts_cache:  # as the probe pass: no KV cache to build (some linear-attention caches break)
                 inputs["use_cache"] = False
@@ -133,6 +137,7 @@ def warmed_up(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+        bar.close()
         peft_model.eval()
         yield (
             peft_model,
@@ -172,6 +177,7 @@ def run_warm(
         lr=settings.warmup_lr or auto_lr(model, int(getattr(lora_config, "r", 1))),
         seed=settings.seed,
         skip_nonfinite=settings.skip_nonfinite,
+        progress=settings.progress,
     ) as (peft_model, record):
         table = dict(peft_model.named_modules())
         names = {}
