@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from allocator.discovery.component import Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
-from allocator.scoring.signals import SIGNALS, check_curves, prior_curves, scale_weights, shifted_prior_curves
+from allocator.scoring.signals import SIGNALS, check_curves, prior_curves, scale_weights
 from allocator.scoring.utility import UtilitySettings, UtilityTable, compute_utilities, risk_curves, with_risk
 
 GRID = (0, 4, 8, 16, 32)
@@ -109,7 +109,7 @@ def test_flat_evidence_gives_the_uniform_prior(signal):
     uniform = compute_utilities(report, comps, GRID, UtilitySettings(signal="uniform"))
     expected = uniform.values
     if signal == "capacity":  # its prior is shifted by one rank: the same curve for every module all the same
-        prior, shifted = prior_curves(comps, GRID), shifted_prior_curves(comps, GRID, 1)
+        prior, shifted = prior_curves(comps, GRID), prior_curves(comps, GRID, shift=1)
         expected = uniform.values * np.divide(shifted, prior, out=np.zeros_like(prior), where=prior > 0)
     np.testing.assert_allclose(table.values, expected, rtol=1e-12)
 

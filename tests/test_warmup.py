@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 import probes
 from allocator.discovery.component import Component
-from allocator.scoring.signals import SIGNALS, prior_curves, shifted_prior_curves
+from allocator.scoring.signals import SIGNALS, prior_curves
 from allocator.scoring.utility import UtilitySettings, compute_utilities
 from probes.testing import linear_names, random_batches, tiny_model
 from probes.warmup import auto_lr, warmed_up
@@ -121,7 +121,7 @@ def test_capacity_moves_budget_to_the_family_whose_gradient_energy_lies_beyond_t
         flat_report, comps, grid, UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4)
     )
     # flat evidence: every module the same concave curve (the prior shifted by one rank), hence uniform's plan
-    shifted = shifted_prior_curves(comps, grid, 1)
+    shifted = prior_curves(comps, grid, shift=1)
     assert np.allclose(flat_table.values / flat_table.values[:, -1:], shifted / shifted[:, -1:])
     assert shifted[0, 1] / shifted[0, 2] < prior[0, 1] / prior[0, 2]  # a smaller premium on the first ranks
 

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from allocator.discovery.component import Component
     from allocator.scoring.utility import UtilitySettings
 
+# the capacity signal's prior shift: at a budget of rank 1 the sqrt(r) prior's first-rank premium (2.4x the
+# second) kept every plan uniform's; shifted by one rank it is 1.3x
+CAPACITY_PRIOR_SHIFT = 1
 _CAPTURE_TOL = 1e-3  # held-out capture may dip by float noise; a larger dip is a probe bug
 
 
@@ -45,29 +48,21 @@ def dmin(c: Component) -> int:
     return min(int(c.d_in), int(c.d_out))
 
 
-def prior_curves(components: Sequence[Component], ranks: Sequence[int]) -> np.ndarray:
-    """The uniform prior ``phi_U[m, r] = sqrt(min(r, dmin_m) / R)``, ``R = max(ranks)``; shape (n, n_ranks).
+def prior_curves(components: Sequence[Component], ranks: Sequence[int], shift: int = 0) -> np.ndarray:
+    """The uniform prior ``phi_U[m, r] = (sqrt(min(r, dmin_m) + s) - sqrt(s)) / (sqrt(R + s) - sqrt(s))``,
+    ``R = max(ranks)``, ``s = shift``; shape (n, n_ranks). At ``s = 0`` (the default) it is
+    ``sqrt(min(r, dmin_m) / R)``.
 
     With ``u_m = p_m * phi_U`` the utility per parameter is the same concave function of rank for every
-    module, so
-    by Jensen's inequality the uniform rank is the optimum of ``max sum u s.t. sum cost <= B`` whenever ``B``
-    is a
-    uniform grid rank's cost: flat evidence reproduces the uniform plan.
+    module, so by Jensen's inequality the uniform rank is the optimum of ``max sum u s.t. sum cost <= B``
+    whenever ``B`` is a uniform grid rank's cost: flat evidence reproduces the uniform plan, for any shift. A
+    shift lowers the premium on a module's first ranks: under ``sqrt(r)`` the first rank is worth 2.4x the
+    second, at ``s = 1`` 1.3x (``CapacitySignal``).
     """
     r = np.asarray(ranks, dtype=float)  # (R,)
     caps = np.array([dmin(c) for c in components], dtype=float)  # (n,)
-    return np.sqrt(np.minimum(r[None, :], caps[:, None]) / r[-1])  # (n, R)
-
-
-def shifted_prior_curves(components: Sequence[Component], ranks: Sequence[int], shift: int) -> np.ndarray:
-    """``(sqrt(min(r, dmin_m) + s) - sqrt(s)) / (sqrt(R + s) - sqrt(s))``: the prior's concave shape, the same
-    for every module (flat evidence still gives uniform's plan), with a smaller premium on a module's first
-    ranks. Under ``sqrt(r)`` the first rank is worth 2.4x the second, so at a budget of rank 1 no evidence
-    short of that ratio moves any rank; shifted by the budget's rank ``s`` the ratio is 1.3 at ``s = 1``."""
-    r = np.asarray(ranks, dtype=float)
-    caps = np.array([dmin(c) for c in components], dtype=float)
     top = np.sqrt(r[-1] + shift) - np.sqrt(shift)
-    return (np.sqrt(np.minimum(r[None, :], caps[:, None]) + shift) - np.sqrt(shift)) / top
+    return (np.sqrt(np.minimum(r[None, :], caps[:, None]) + shift) - np.sqrt(shift)) / top  # (n, R)
 
 
 def spectral_curve(energies: np.ndarray | None, cap: int, ranks: np.ndarray) -> np.ndarray | None:
@@ -318,19 +313,16 @@ class HeldoutCaptureSignal(Signal):
 
 class CapacitySignal(Signal):
     """Where a LoRA's capacity binds: gradient energy beyond the rank the budget gives every module, per
-    parameter,
-    pooled over each family, measured at a warmed-up point (``probes.warmup``).
+    parameter, pooled over each family, measured at a warmed-up point (``probes.warmup``).
 
-    For family ``F`` with modules ``m``, ``t_F = sum_m sum_{r0 < i <= 4 r0} sigma_i^2 / sum_m p_m``, ``r0``
-    the
-    uniform rank of the budget (``UtilitySettings.capacity_start``; the warm-up's LoRA rank). The family
-    weight is
-    ``w_F = (t_F / tbar) ** capacity_exponent`` (``tbar`` the parameter-weighted mean, bounded by
-    ``capacity_clip``), on the prior's shape: with ``u = p w sqrt(r)`` the solver gives family ``F`` ranks
-    ``~ w_F^2``, so its budget share is ``~ P_F t_F^(2 e)``. Within a family the plan stays uniform. Flat
-    evidence
-    (equal ``t_F``) is the prior, hence uniform's plan. A module whose spectrum is shorter than ``r0`` counts
-    0.
+    For family ``F``, ``t_F`` = the energy of singular directions in ``allocator.scoring.evidence.window(r0)``
+    summed over its modules, divided by their LoRA parameters per rank; ``r0`` is the budget's uniform rank
+    (``UtilitySettings.capacity_start``; the warm-up's LoRA rank). The family weight is
+    ``w_F = (t_F / tbar) ** capacity_exponent`` (``tbar`` the parameter-weighted mean), bounded by
+    ``capacity_clip``, on the prior's shape shifted by ``CAPACITY_PRIOR_SHIFT``. With ``u ~ p w sqrt(r)``
+    (ranks above a few) the solver gives family ``F`` ranks ``~ w_F^2``, so its budget share is
+    ``~ P_F t_F^(2 e)``. Within a family the plan stays uniform. Flat evidence (equal ``t_F``) is the prior,
+    hence uniform's plan. A module whose spectrum ends before the window counts 0.
     """
 
     name = "capacity"
@@ -343,7 +335,7 @@ class CapacitySignal(Signal):
         settings: UtilitySettings,
     ) -> np.ndarray:
         r0 = max(1, int(settings.capacity_start))
-        phi = shifted_prior_curves(components, ranks, 1)
+        phi = prior_curves(components, ranks, shift=CAPACITY_PRIOR_SHIFT)
         for s, c in zip(stats, components, strict=True):
             _vector(s, "grad_singular_values", c.name)  # a non-finite spectrum is a probe bug, not evidence
         tails = family_tails(stats, components, r0)

@@ -27,7 +27,6 @@ import numpy as np
 
 from allocator.discovery.component import FAMILIES, Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
-from allocator.scoring.evidence import family_demand
 from allocator.scoring.signals import SIGNALS, check_curves, n_entries, prior_curves, scale_weights
 from probes.settings import Range, check_ranges, ranged
 
@@ -68,8 +67,6 @@ class UtilityTable:
     risk: np.ndarray | None = None  # same shape and contract; retention cost of moving the module
     risk_weight: float = 0.0  # lambda in  max sum u - lambda * sum risk
     signal: str = ""  # name of the signal that produced ``values``
-    # family -> capacity demand (whole model, even layers, odd layers): allocator.scoring.evidence
-    demand: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = tuple(str(n) for n in self.names)
@@ -258,8 +255,7 @@ def compute_utilities(
     phi = alpha * prior_curves(rows, grid) + (1.0 - alpha) * phi  # (n, R)
     values = _per_parameter(rows, settings.family_priors) * phi
     check_curves(settings.signal, names, values, shape)
-    demand = family_demand(stats, rows, max(1, int(settings.capacity_start)))
-    table = UtilityTable(names=names, ranks=grid, values=values, signal=settings.signal, demand=demand)
+    table = UtilityTable(names=names, ranks=grid, values=values, signal=settings.signal)
     if risk_report is not None:
         table = with_risk(table, risk_report, settings.retention_weight, components=rows, settings=settings)
     return table
