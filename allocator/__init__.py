@@ -9,10 +9,9 @@ Typical use, before training::
     model = plan.apply(model)          # a PeftModel whose trainable parameters == plan.cost
 
 Public names are imported lazily so that the pure-math stages (``allocator.scoring``, ``allocator.solver``)
-load
-without torch. The stages, in the order data flows: ``discovery`` (model -> components), ``probes`` (its own
-package), ``scoring`` (probe report -> utilities), ``solver`` (utilities x budget -> ranks), ``output`` (plan,
-PEFT export, report), ``tuning`` (Optuna studies over all of it); ``commands`` is the CLI.
+load without torch. The stages, in the order data flows: ``discovery`` (model -> components), ``probes`` (its
+own package), ``scoring`` (probe report -> utilities), ``solver`` (utilities x budget -> ranks), ``output``
+(plan, PEFT export, report), ``tuning`` (Optuna studies over all of it); ``commands`` is the CLI.
 """
 
 from __future__ import annotations

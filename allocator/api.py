@@ -154,13 +154,10 @@ def allocate(
 
     Args:
         model: a hub id, a local folder, or a loaded ``PreTrainedModel``; ``None`` takes the built-in
-        reference
-            model (a small pretrained Qwen3.5-architecture model shipped with the package).
+            reference model (a small pretrained Qwen3.5-architecture model shipped with the package).
         data: calibration data: a ``.txt``/``.jsonl`` file, a ``datasets`` folder, ``"builtin"``, or token
-        batches
-            you have tokenised already (mappings of ``input_ids``, optionally ``labels`` and
-            ``attention_mask``;
-            taken in order, see :func:`probes.load_batches`).
+            batches you have tokenised already (mappings of ``input_ids``, optionally ``labels`` and
+            ``attention_mask``; taken in order, see :func:`probes.load_batches`).
         budget: trainable LoRA parameters: ``"2.5M"``, ``"0.5%"`` of the base model, or ``"r16"`` (what
             uniform rank 16 on every eligible target costs).
         retention_data: general text whose probes give each module a retention risk (used when the utility

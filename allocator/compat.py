@@ -1,7 +1,7 @@
 """Every use of a third-party library's private internals, in one place, each with the version it was written
 against: when a new PEFT or transformers changes one of them, this module is where the project breaks and
-where it
-is mended. The architecture tables (``allocator.discovery.architectures``) read PEFT's own rules through it.
+where it is mended. The architecture tables (``allocator.discovery.architectures``) read PEFT's own rules
+through it.
 
 - :func:`peft_refuses`: PEFT 0.21, ``peft.tuners.tuners_utils._check_lora_target_modules_mamba`` (private).
 - :func:`peft_rewrites`: PEFT 0.21 with transformers 5.24, ``peft.utils.transformers_weight_conversion.

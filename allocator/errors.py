@@ -28,8 +28,7 @@ class AllocatorWarning(UserWarning):
 @contextlib.contextmanager
 def as_input_error(*types: type[BaseException]) -> Iterator[None]:
     """Re-raise ``types`` (e.g. ``probes.ProbeError``, ``probes.folders.FolderError``) as :class:`InputError`
-    with
-    the same one-line message: the layers below ``allocator`` have their own exceptions."""
+    with the same one-line message: the layers below ``allocator`` have their own exceptions."""
     try:
         yield
     except types as exc:
@@ -38,9 +37,8 @@ def as_input_error(*types: type[BaseException]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def as_failure(*types: type[BaseException]) -> Iterator[None]:
-    """Re-raise ``types`` (e.g. ``probes.errors.ProbeRunError``) as :class:`AllocatorError`: a run that
-    failed for
-    a stated reason (CLI exit 1), not bad input."""
+    """Re-raise ``types`` (e.g. ``probes.errors.ProbeRunError``) as :class:`AllocatorError`: a run that failed
+    for a stated reason (CLI exit 1), not bad input."""
     try:
         yield
     except types as exc:

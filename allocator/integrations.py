@@ -93,10 +93,10 @@ def axolotl_config(plan: Plan) -> dict[str, Any]:
 
     axolotl builds ``LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=lora_target_modules,
     target_parameters=lora_target_parameters, rank_pattern=lora_rank_pattern, alpha_pattern=
-    lora_alpha_pattern, use_rslora=peft_use_rslora, ...)`` (``axolotl/loaders/adapter.py``); releases whose
-    config schema lacks ``lora_rank_pattern`` cannot take per-module ranks: point their ``lora_model_dir`` at
-    a saved initialised adapter instead (docs/integrations.md). An EVA plan's init is not a config key: save
-    its initialised adapter the same way.
+    lora_alpha_pattern, use_rslora=peft_use_rslora,
+    ...)`` (``axolotl/loaders/adapter.py``); releases whose config schema lacks ``lora_rank_pattern`` cannot
+    take per-module ranks: point their ``lora_model_dir`` at a saved initialised adapter instead
+    (docs/integrations.md). An EVA plan's init is not a config key: save its initialised adapter the same way.
     """
     config = plan.to_lora_config()
     out: dict[str, Any] = {

@@ -1,6 +1,5 @@
 """Built-in reference models: small hybrids with the exact transformers architectures, pretrained on the
-Python
-standard library and shipped in ``allocator/zoo/<name>/`` (rebuilt by ``python -m benchmarks.zoo``).
+Python standard library and shipped in ``allocator/zoo/<name>/`` (rebuilt by ``python -m benchmarks.zoo``).
 
 Torch-free at import. Each folder loads with ``AutoModelForCausalLM.from_pretrained(path)`` and
 ``AutoTokenizer.from_pretrained(path)``, the same path a hub id takes; see ``docs/reference-models.md``.

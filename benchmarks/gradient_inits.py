@@ -6,15 +6,15 @@
   module's importance is ``mean(|W ⊙ G|)`` (the paper's default score), ``G`` the calibration gradient of the
   module's base weight accumulated over the calibration micro-batches; importances are normalised to shares
   ``a_i``, and module ``i`` gets ``a_i * B`` parameters, i.e. rank ``round(a_i * B / (d_in + d_out))``,
-  clipped to ``[r // 2, 4 r]`` (the authors' r_min = r_ref / 2, r_max = 4 r_ref; also at most ``min(d_in,
-  d_out)``). Rounding and clipping leave the total off ``B``; the shares are rescaled by the largest factor
-  that keeps it ``<= B`` and the rest closed with ``placement_conditions.fill`` (rank + 1 where the rounded
-  rank falls furthest below its share). Its **init** (the paper's gradient compression): lora_A keeps PEFT's
-  random (Kaiming) draw, lora_B is the least-squares solution that makes the adapter's product a descent step
-  along the gradient compressed into lora_A's row space, ``s B0 A0 = -xi sqrt(d_in / r) G A0^T (A0 A0^T)^-1
-  A0`` (``s`` = alpha / r; ``sqrt(d_in / r)`` restores the norm a random r-dimensional projection removes, as
-  the authors' "scale by lr" option; ``xi`` = :data:`GORA_STEP`, their ``--gora-lr``). As in the paper, the
-  base weights are left alone, so the model starts one small gradient step from the base model;
+  clipped to ``[r // 2, 4 r]`` (the authors' r_min = r_ref / 2, r_max = 4 r_ref; also at most
+  ``min(d_in, d_out)``). Rounding and clipping leave the total off ``B``; the shares are rescaled by the
+  largest factor that keeps it ``<= B`` and the rest closed with ``placement_conditions.fill`` (rank + 1 where
+  the rounded rank falls furthest below its share). Its **init** (the paper's gradient compression): lora_A
+  keeps PEFT's random (Kaiming) draw, lora_B is the least-squares solution that makes the adapter's product a
+  descent step along the gradient compressed into lora_A's row space, ``s B0 A0 = -xi sqrt(d_in / r) G A0^T
+  (A0 A0^T)^-1 A0`` (``s`` = alpha / r; ``sqrt(d_in / r)`` restores the norm a random r-dimensional projection
+  removes, as the authors' "scale by lr" option; ``xi`` = :data:`GORA_STEP`, their ``--gora-lr``). As in the
+  paper, the base weights are left alone, so the model starts one small gradient step from the base model;
   ``gora_keep_output`` (``keep_output=True``) subtracts ``s B0 A0`` from them instead (output unchanged at
   init, LoRA-GA's way).
 - ``loraga``: PEFT's LoRA-GA (Wang et al. 2024, arXiv 2407.05000; ``init_lora_weights="lora_ga"``, PEFT's

@@ -133,8 +133,8 @@ class ModelSetup:
 
     def warm_report(self, task: str, rank: int) -> Any:
         """Probe report on the task's calibration rows after the probes' default warm-up (``allocate``'s
-        path): uniform LoRA at ``rank`` trained ``warmup_steps`` steps on the train rows after the
-        calibration rows."""
+        path): uniform LoRA at ``rank`` trained ``warmup_steps`` steps on the train rows after the calibration
+        rows."""
         key = f"{task}-warm-r{rank}"
         if key not in self._reports:
             settings = probes.ProbeSettings(max_rank=64, progress=False)

@@ -4,9 +4,8 @@
 sharded run splits the same way as one process) plus Σ‖G_b‖_F and Σ‖G_b‖_F²: 2·d_out·d_in numbers, the exact
 path (the test oracle, and narrow modules). ``SketchedGradAccumulator`` keeps the same statistics as one
 two-sided sketch per half (:mod:`probes.sketch`): k·max(d_in, d_out) + l·min(d_in, d_out) numbers per half,
-never a weight gradient.
-``ActAccumulator`` sums the input second moment C = Σ XᵀX, or its Nystrom sketch C Ω when d_in is above
-``sketch_threshold``.
+never a weight gradient. ``ActAccumulator`` sums the input second moment C = Σ XᵀX, or its Nystrom sketch C Ω
+when d_in is above ``sketch_threshold``.
 
 All have ``update`` (one micro-batch), ``merge`` (another accumulator, same shapes) and ``all_reduce`` (sum
 over torch.distributed ranks); sums are associative, so merged shards equal one pass up to float rounding.

@@ -1,12 +1,10 @@
 """Reuse a saved ``ProbeReport`` when nothing that shapes it has changed.
 
 The key is a sha256 over: model id and revision (``key_meta``), the data fingerprint of the batches, the
-sorted
-module names, the result-relevant settings (all but ``progress``) and the report format. A hit loads
+sorted module names, the result-relevant settings (all but ``progress``) and the report format. A hit loads
 ``<cache_dir>/probe-<key>/`` and runs nothing; a miss runs :func:`probes.run` and rank 0 writes the folder
-through the safe folder writer (:mod:`probes.folders`: atomic, marked as ours). A cached report that cannot
-be read
-(truncated, edited) is probed again and replaced, with a warning.
+through the safe folder writer (:mod:`probes.folders`: atomic, marked as ours). A cached report that cannot be
+read (truncated, edited) is probed again and replaced, with a warning.
 """
 
 from __future__ import annotations
@@ -59,10 +57,9 @@ def run_cached(
     ``cache_dir``.
 
     ``key_meta`` identifies the weights, e.g. ``{"model_id": "Qwen/Qwen3.5-0.8B", "model_revision":
-    "<sha>"}``;
-    by default ``model.config.name_or_path`` and ``model.config._commit_hash``. Under torch.distributed every
-    rank
-    reads its own cache and the run is reused only if all ranks hit, so the collectives stay in step.
+    "<sha>"}``; by default ``model.config.name_or_path`` and ``model.config._commit_hash``. Under
+    torch.distributed every rank reads its own cache and the run is reused only if all ranks hit, so the
+    collectives stay in step.
     """
     settings = settings or ProbeSettings()
     check_cache_dir(cache_dir)

@@ -92,8 +92,8 @@ def load_batches(
 
     Raises:
         ProbeError: missing file, undecodable or binary file, empty data, text shorter than one sequence,
-            every label masked, a record or dataset of no known form, a conversation without an assistant
-            turn under ``assistant_only_loss``.
+            every label masked, a record or dataset of no known form, a conversation without an assistant turn
+            under ``assistant_only_loss``.
     """
     for name, value in (("seq_len", seq_len), ("samples", samples), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:

@@ -12,18 +12,18 @@ seen by hooks, and the weights stay frozen: no expert gradient is ever formed.
 
 Per 3-D parameter (its E experts pooled) the state is O(s · d_in), s = k + oversample, independent of E:
 
-- the stacked gradient S = [G_1; ...; G_E] (E·d_out, d_in), G_e = Σ_b δ_eᵀ X_e, is kept as the co-range
-  sketch W = Ψᵀ S = Σ_e (δ_e Ψ_e)ᵀ X_e (s, d_in), Ψ_e Gaussian (d_out, s) regenerated from a seed per
-  expert, per calibration half (even/odd batch). ``grad_singular_values`` are the top σ of W, which estimate
-  those of S. By Ky Fan, Σ_{i<=r} σ_i(S)² <= Σ_e Σ_{i<=r} σ_i(G_e)²: the pooled curve is what rank-r adapters
-  sharing one input subspace reach, a lower bound of PEFT's per-expert rank-r adapters, with the same total
-  energy ‖S‖² = Σ_e ‖G_e‖²;
+- the stacked gradient S = [G_1; ...; G_E] (E·d_out, d_in), G_e = Σ_b δ_eᵀ X_e, is kept as the co-range sketch
+  W = Ψᵀ S = Σ_e (δ_e Ψ_e)ᵀ X_e (s, d_in), Ψ_e Gaussian (d_out, s) regenerated from a seed per expert, per
+  calibration half (even/odd batch). ``grad_singular_values`` are the top σ of W, which estimate those of S.
+  By Ky Fan, Σ_{i<=r} σ_i(S)² <= Σ_e Σ_{i<=r} σ_i(G_e)²: the pooled curve is what rank-r adapters sharing one
+  input subspace reach, a lower bound of PEFT's per-expert rank-r adapters, with the same total energy ‖S‖² =
+  Σ_e ‖G_e‖²;
 - ``heldout_capture``: the share of the odd half's sketch captured by the even half's top right singular
   subspace (and back), as for linears;
 - ``grad_norm_sum``/``grad_sq_sum``: exact, ‖G_b‖_F² = Σ_e ‖δ_eᵀX_e‖_F² from token Gram matrices
   (n_e × n_e) or the expert's d_out × d_in product, whichever is smaller, one expert at a time;
-- input second moment of the routed rows, pooled over experts (exact up to ``sketch_threshold``, Nyström
-  above it);
+- input second moment of the routed rows, pooled over experts (exact up to ``sketch_threshold``, Nyström above
+  it);
 - tokens routed per expert: experts the calibration never reached are counted in ``n_unrouted``; a
   parameter none of whose experts was reached has status ``no_input``.
 """

@@ -1,14 +1,11 @@
 """After the pass: sum the accumulators over ranks, then turn each module's into ``ModuleStats``.
 
 Collectives run on the calling thread in sorted-module order (every rank issues the same sequence). The
-spectra
-(Gram matrices, ``eigh``/``eigvalsh``) of CPU accumulators are computed by a pool of one-thread workers, one
-module
-each: LAPACK's tridiagonal reductions synchronise threads at every step, and with several OpenMP threads on a
-busy
-machine a single 1024 x 1024 ``eigh`` was measured 50x slower than on one thread, so modules are spread over
-cores
-instead of threads over one matrix. CUDA accumulators are finalised in turn on the caller's thread.
+spectra (Gram matrices, ``eigh``/``eigvalsh``) of CPU accumulators are computed by a pool of one-thread
+workers, one module each: LAPACK's tridiagonal reductions synchronise threads at every step, and with several
+OpenMP threads on a busy machine a single 1024 x 1024 ``eigh`` was measured 50x slower than on one thread, so
+modules are spread over cores instead of threads over one matrix. CUDA accumulators are finalised in turn on
+the caller's thread.
 """
 
 from __future__ import annotations

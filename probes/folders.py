@@ -6,29 +6,20 @@ benchmark's results) goes through :func:`write_folder`; single files (reports be
 :func:`write_file`. The rules, as ``git clean`` keeps them, the tool removes only what it wrote:
 
 - A folder the tool wrote holds a manifest, ``.allocator-files.json``, listing every file it wrote there. A
-folder
-  counts as *ours* when it holds that manifest, or (written before the manifest existed) when it holds
-  exactly one
-  of the file sets the caller names as ``legacy`` and nothing else.
+  folder counts as *ours* when it holds that manifest, or (written before the manifest existed) when it holds
+  exactly one of the file sets the caller names as ``legacy`` and nothing else.
 - A new or empty folder is written. A non-empty one needs ``overwrite``, and then it must be ours: the files
-the
-  manifest lists are replaced or removed, anything else in it is kept. A folder that is not ours is refused,
-  naming
-  what is in it. ``""``, ``/``, the home folder and symbolic links are refused as targets of an overwrite (a
-  link
-  is never followed to delete); the current folder only when it is ours.
+  the manifest lists are replaced or removed, anything else in it is kept. A folder that is not ours is
+  refused, naming what is in it. ``""``, ``/``, the home folder and symbolic links are refused as targets of
+  an overwrite (a link is never followed to delete); the current folder only when it is ours.
 - Files are written to a temporary sibling ``.NAME.tmp-PID-XXXX`` first, then moved into place: a folder that
-held
-  only our files is swapped whole (one rename), otherwise file by file (each rename atomic). A temporary
-  sibling
-  left by a killed run (its process gone) is removed by the next write to the same folder.
+  held only our files is swapped whole (one rename), otherwise file by file (each rename atomic). A temporary
+  sibling left by a killed run (its process gone) is removed by the next write to the same folder.
 - New folders get the permissions the umask allows (``tempfile.mkdtemp`` alone would make them 0700).
 
 It lives in ``probes`` because ``probes`` is the lowest layer: ``allocator`` imports it from here, and
-``probes``
-(the probe cache) may use it without importing ``allocator``. Errors are :class:`FolderError` (a
-``ValueError``);
-``allocator`` turns them into its ``InputError``.
+``probes`` (the probe cache) may use it without importing ``allocator``. Errors are :class:`FolderError` (a
+``ValueError``); ``allocator`` turns them into its ``InputError``.
 """
 
 from __future__ import annotations
@@ -148,8 +139,7 @@ def check_target(
 
     Raises:
         FolderError: the target is a file or a link, a non-empty folder without ``overwrite``, a folder the
-        tool
-            did not write (with ``overwrite``), ``/``, the home folder, or the current folder without our
+            tool did not write (with ``overwrite``), ``/``, the home folder, or the current folder without our
             mark.
     """
     out = resolve_target(target, flag=flag)
@@ -243,8 +233,7 @@ def write_folder(
     overwrite_flag: str = "--overwrite",
 ) -> Path:
     """Write a folder: ``fill(tmp)`` writes the files into a fresh temporary folder, which then takes
-    ``target``'s
-    place as the module docstring describes. Returns the absolute path written.
+    ``target``'s place as the module docstring describes. Returns the absolute path written.
 
     Args:
         target: the folder; created with its parents.

@@ -11,9 +11,9 @@ A record (a JSONL line, a row of a ``datasets`` split, a dict of a list) is read
   ``completion_only_loss`` (TRL's default for this form), else on every token.
 - ``messages`` (ShareGPT ``conversations`` with ``from``/``value`` renamed as TRL's
   ``maybe_convert_to_chatml`` does): ``tokenizer.apply_chat_template(messages, tokenize=True,
-  return_dict=True)``, loss on every token; with ``assistant_only_loss`` only on the tokens the template
-  marks with ``{% generation %}`` (for a known template without the markers, TRL's patched training
-  template, when TRL is installed).
+  return_dict=True)``, loss on every token; with ``assistant_only_loss`` only on the tokens the template marks
+  with ``{% generation %}`` (for a known template without the markers, TRL's patched training template, when
+  TRL is installed).
 - ``text_field`` text: the EOS token appended unless the text ends with it, tokenised with the tokenizer's
   special tokens; loss on every token.
 - ``input_ids`` (tokenised already): ``labels`` if given, else masked by ``assistant_masks`` and (with

@@ -178,8 +178,7 @@ def datasets_records(path: Path):
 
 def padded_row(ids: list[int], labels: list[int], mask: list[int], seq_len: int, pad_id: int):
     """One sequence truncated to ``seq_len`` and right-padded (``pad_id``, label -100, mask 0); None when no
-    label
-    is left to predict."""
+    label is left to predict."""
     ids, labels, mask = ids[:seq_len], labels[:seq_len], mask[:seq_len]
     if sum(lab != IGNORE_INDEX for lab in labels[1:]) == 0:  # labels[0] is never predicted
         return None

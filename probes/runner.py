@@ -1,9 +1,8 @@
 """Stage 2b: ``run(model, batches, modules, settings) -> ProbeReport``.
 
 One forward + backward of the model's own causal-LM loss per micro-batch, weights frozen, statistics gathered
-by
-the hooks of :mod:`probes.hooks`; then (under torch.distributed) an all-reduce, then the spectra. The model is
-returned exactly as it came: same weights bit for bit, same ``requires_grad`` flags, mode and device.
+by the hooks of :mod:`probes.hooks`; then (under torch.distributed) an all-reduce, then the spectra. The model
+is returned exactly as it came: same weights bit for bit, same ``requires_grad`` flags, mode and device.
 """
 
 from __future__ import annotations

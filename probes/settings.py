@@ -24,8 +24,8 @@ from probes.formats import RecordFormat
 @dataclass(frozen=True)
 class Range:
     """The values a numeric settings field accepts: finite numbers from ``lo`` to ``hi`` (ends open or
-    closed),
-    whole numbers only when ``integer``. A mapping or tuple field's range applies to each of its values."""
+    closed), whole numbers only when ``integer``. A mapping or tuple field's range applies to each of its
+    values."""
 
     lo: float = -math.inf
     hi: float = math.inf

@@ -23,9 +23,9 @@ _DATASETS = {"Dataset": "dataset", "DatasetDict": "dataset", "IterableDataset": 
 
 
 def source_kind(source: Any, fmt: RecordFormat | None = None) -> str | None:
-    """One of :data:`KINDS`, or None for anything calibration data cannot be. A list is records when its
-    first item has a field of a record form (``fmt``'s text field, messages, prompt + completion), else
-    token batches."""
+    """One of :data:`KINDS`, or None for anything calibration data cannot be. A list is records when its first
+    item has a field of a record form (``fmt``'s text field, messages, prompt + completion), else token
+    batches."""
     if isinstance(source, (str, os.PathLike)):
         return "builtin" if str(source) == "builtin" else "path"
     cls = type(source)

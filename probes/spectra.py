@@ -5,10 +5,8 @@ accumulator's device.
 
 References: Halko, Martinsson & Tropp 2011 (randomized range finders, Alg. 4.4, Thm 10.5); Gu 2015, "Subspace
 iteration randomization and singular value problems" (accuracy of the singular values); Tropp, Yurtsever,
-Udell &
-Cevher 2017, "Fixed-rank approximation of a positive-semidefinite matrix from streaming data" (Alg. 3, the
-stable
-Nystrom approximation used here).
+Udell & Cevher 2017, "Fixed-rank approximation of a positive-semidefinite matrix from streaming data" (Alg. 3,
+the stable Nystrom approximation used here).
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ import torch
 
 
 def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k (U (m, k), σ (k,), V (n, k)) of ``matrix`` (m, n), σ descending, via the Gram matrix of the
-    short side.
+    """Top-k (U (m, k), σ (k,), V (n, k)) of ``matrix`` (m, n), σ descending, via the Gram matrix of the short
+    side.
 
     Exact up to float64 rounding of σ² (σ_i is accurate while σ_i² ≫ 1e-16·σ_1²); cheaper than a full SVD when
     k ≪ min(m, n). Columns whose σ is 0 are returned as zeros (no direction is preferred there).
@@ -53,12 +51,10 @@ def randomized_singular(matrix: torch.Tensor, k: int, *, oversample: int, power_
     """Top-k (U, σ, V) like :func:`top_singular`, by randomized subspace iteration (HMT 2011, Alg. 4.4).
 
     A block of b = k + ``oversample`` Gaussian directions (from ``seed``, the same on every rank) is
-    multiplied
-    through ``matrix`` 2·``power_iters`` + 2 times with QR in between, in the matrix's dtype; the small b × n
-    projection is then decomposed exactly in float64. σ̂_j ≤ σ_j always, and the relative error of σ̂_j
-    decays like
-    (σ_{b+1}/σ_j)^{2q+1} (Gu 2015), so the leading values are exact to rounding on decaying spectra. Cost
-    O(m·n·b·q) instead of the Gram route's O(m·n² + n³).
+    multiplied through ``matrix`` 2·``power_iters`` + 2 times with QR in between, in the matrix's dtype; the
+    small b × n projection is then decomposed exactly in float64. σ̂_j ≤ σ_j always, and the relative error of
+    σ̂_j decays like (σ_{b+1}/σ_j)^{2q+1} (Gu 2015), so the leading values are exact to rounding on decaying
+    spectra. Cost O(m·n·b·q) instead of the Gram route's O(m·n² + n³).
     """
     a = matrix
     m, n = a.shape
@@ -78,8 +74,7 @@ def randomized_singular(matrix: torch.Tensor, k: int, *, oversample: int, power_
 def singular(matrix: torch.Tensor, k: int, method: str, *, oversample: int = 32, power_iters: int = 3,
              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatch: ``"exact"`` (Gram + eigh), ``"randomized"``, or ``"auto"`` (exact while the short side is at
-    most
-    2·(k + oversample), where the Gram route is as cheap; randomized above)."""
+    most 2·(k + oversample), where the Gram route is as cheap; randomized above)."""
     short = min(matrix.shape)
     if method == "exact" or (method == "auto" and short <= 2 * (k + oversample)):
         return top_singular(matrix, k)
@@ -91,8 +86,7 @@ def capture_curve(u: torch.Tensor, v: torch.Tensor, target: torch.Tensor) -> tor
     (n, k).
 
     With A = Uᵀ target V (k, k) and orthonormal columns, ‖P_U_r T P_V_r‖_F² = Σ_{i,j<=r} A_ij²: the diagonal
-    of
-    the 2-D cumulative sum of A². Non-decreasing in r, within [0, 1].
+    of the 2-D cumulative sum of A². Non-decreasing in r, within [0, 1].
     """
     t = target.to(torch.float64)
     energy = t.square().sum()
@@ -120,8 +114,7 @@ def eigenvalues_desc(second_moment: torch.Tensor) -> torch.Tensor:
     """All eigenvalues of a symmetric PSD matrix (d, d), descending, negatives from rounding clipped to 0.
 
     Solved in the matrix's own dtype: a float32 accumulator is only accurate to ~1e-7·λ_max anyway, and
-    float64
-    would double the cost of the largest solves (d = 3584 in Qwen3.5-0.8B).
+    float64 would double the cost of the largest solves (d = 3584 in Qwen3.5-0.8B).
     """
     c = second_moment
     c = 0.5 * (c + c.T)

@@ -135,8 +135,7 @@ class ToyCausalLM(nn.Module):
     """A pure-torch causal LM (no transformers import): fast to build in subprocesses.
 
     ``shared`` is applied after every block (one weight, ``layers`` call sites), ``dead_end`` runs but its
-    output
-    is dropped (no gradient), ``unused`` never runs.
+    output is dropped (no gradient), ``unused`` never runs.
     """
 
     def __init__(self, vocab: int = 260, dim: int = 16, layers: int = 2) -> None:

@@ -2,16 +2,14 @@
 layers of the adapted model, then the adapters removed again.
 
 Why (docs/probes.md, "Warm-up"): at step 0 the gradient says which modules respond to the task's easy part
-(format, frequent tokens); after a few steps of uniform LoRA that part is learned and the gradient shows
-where a
-LoRA's capacity binds, e.g. how much gradient energy lies beyond the current rank (many independent facts give
-high-rank gradients, a style shift low-rank ones). Measured on the placement benchmark (docs/results/).
+(format, frequent tokens); after a few steps of uniform LoRA that part is learned and the gradient shows where
+a LoRA's capacity binds, e.g. how much gradient energy lies beyond the current rank (many independent facts
+give high-rank gradients, a style shift low-rank ones). Measured on the placement benchmark (docs/results/).
 
 The model is adapted in place (no copy: probing must fit wherever a LoRA fine-tune fits) with PEFT, trained,
-probed
-and unwrapped with ``PeftModel.unload()``: its weights, ``requires_grad`` flags and mode are as they came,
-also on
-failure. Only the caller's LoRA config says what is adapted, so ``probes`` stays free of ``allocator``.
+probed and unwrapped with ``PeftModel.unload()``: its weights, ``requires_grad`` flags and mode are as they
+came, also on failure. Only the caller's LoRA config says what is adapted, so ``probes`` stays free of
+``allocator``.
 """
 
 from __future__ import annotations
@@ -69,8 +67,7 @@ class Warmup:
 def auto_lr(model: nn.Module, rank: int) -> float:
     """``2 * sqrt(4 / rank) / hidden``: about twice the LoRA lr that trains a model of this width at this rank
     (the placement benchmark's validated lrs follow ``sqrt(4 / r) / hidden`` on its reference models, and
-    common
-    LoRA lrs for 4096-wide models, 1e-4 to 2e-4 at rank 16, sit close to it)."""
+    common LoRA lrs for 4096-wide models, 1e-4 to 2e-4 at rank 16, sit close to it)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hidden = getattr(embeddings, "embedding_dim", None) or getattr(
         getattr(model, "config", None), "hidden_size", 0

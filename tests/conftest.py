@@ -64,8 +64,7 @@ def saved_tiny_model(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
-    shared
-    CPU, two threads spin on every tiny op and run up to ~50x slower."""
+    shared CPU, two threads spin on every tiny op and run up to ~50x slower."""
     import torch
 
     n = torch.get_num_threads()

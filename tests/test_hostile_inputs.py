@@ -1,12 +1,10 @@
 """Hostile input, table-driven (issue 12): every row asserts the exit code (or the exact exception type), the
-one
-line's key words, and that nothing but what the row expects the tool to write changed on disk.
+one line's key words, and that nothing but what the row expects the tool to write changed on disk.
 
 Four tables: the ``allocate`` command, ``allocate inspect``, ``allocate tune`` and the Python API. CLI rows
-run
-``main(argv)`` in-process; the disk check hashes (sha256 of path + bytes, links recorded, never followed) the
-test's
-tmp folder, the tiny model folder, the calibration file and any folder the row names, before and after.
+run ``main(argv)`` in-process; the disk check hashes (sha256 of path + bytes, links recorded, never followed)
+the test's tmp folder, the tiny model folder, the calibration file and any folder the row names, before and
+after.
 
 A row the product fails is kept, marked ``xfail(strict=True)`` with what the product does wrong.
 """
@@ -60,8 +58,8 @@ EXIT_CODE_LINES = (
 
 
 # What the product does wrong, found by the rows below. Each: (the stages of the row that fail, what is
-# observed).
-# A row with ``bug=KEY`` is xfail(strict): it must fail in exactly those stages and pass every other one.
+# observed). A row with ``bug=KEY`` is xfail(strict): it must fail in exactly those stages and pass every
+# other one.
 BUGS: dict[str, tuple[str, str]] = {}  # name -> (stages it fails, what the product does wrong); none open
 
 
@@ -209,12 +207,9 @@ def _config(c: Ctx, text: str, name: str = "plan.yaml") -> list[str]:
 class Row:
     """One hostile input. ``setup(ctx)`` prepares the disk and returns the argv (CLI) or a thunk (API);
     ``code`` the exit code (CLI) or ``exc`` the exact exception type (API); ``needle`` a case-insensitive
-    regex the
-    one ``error:`` line (or, for a success, stdout + stderr + warnings) must hold; ``writes`` fnmatch
-    patterns, relative
-    to the tmp folder, of what the tool may change; ``check(ctx)`` anything more (``ctx.data["error"]`` holds
-    the
-    error line or the exception's message)."""
+    regex the one ``error:`` line (or, for a success, stdout + stderr + warnings) must hold; ``writes``
+    fnmatch patterns, relative to the tmp folder, of what the tool may change; ``check(ctx)`` anything more
+    (``ctx.data["error"]`` holds the error line or the exception's message)."""
 
     setup: Callable[[Ctx], Any]
     code: int | None = None
@@ -230,8 +225,7 @@ class Row:
 
 def row(id: str, setup, code=None, needle=None, *, bug: str | None = None, **kw) -> Any:  # noqa: A002
     """A table row; ``bug`` names an entry of BUGS: the row is then xfail(strict) on exactly the stages it
-    names
-    (CLI: traceback code lines message disk check; API: type lines message model disk check)."""
+    names (CLI: traceback code lines message disk check; API: type lines message model disk check)."""
     fails, reason = BUGS[bug] if bug else ("", "")
     marks = [pytest.mark.xfail(strict=True, raises=ExpectedFailure, reason=f"{bug}: {reason}")] if bug else []
     return pytest.param(Row(setup, code, needle, fails=tuple(fails.split()), **kw), id=id, marks=marks)
@@ -255,9 +249,9 @@ class ExpectedFailure(AssertionError):
 
 class Verdict:
     """Every stage of a row is checked, and all failures reported together. A row marked xfail names the
-    stages
-    the product fails (``fails``); its xfail accepts only :class:`ExpectedFailure`, raised when exactly those
-    stages fail. Any other stage failing is a plain AssertionError, a real failure even on an xfail row."""
+    stages the product fails (``fails``); its xfail accepts only :class:`ExpectedFailure`, raised when exactly
+    those stages fail. Any other stage failing is a plain AssertionError, a real failure even on an xfail
+    row."""
 
     def __init__(self, r: Row) -> None:
         self.r, self.failed = r, {}

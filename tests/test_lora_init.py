@@ -124,8 +124,7 @@ def test_eva_with_too_few_labelled_tokens_per_batch_names_the_fix_instead_of_loo
     saved_tiny_model, corpus_file
 ):
     """PEFT skips batches with fewer counted tokens than components and cycles the data until convergence:
-    with
-    every batch too small that never ends. Labels on 2 tokens per row, 2 rows a batch: 4 < rank 8."""
+    with every batch too small that never ends. Labels on 2 tokens per row, 2 rows a batch: 4 < rank 8."""
     model, batches, plan = _setup(saved_tiny_model, corpus_file)
     plan = Plan(
         model_id=plan.model_id,

@@ -53,8 +53,7 @@ def test_plain_text_file_is_packed_into_windows(tok, tmp_path):
 
 def test_a_file_longer_than_the_tokenizer_maximum_loads_without_its_indexing_warning(tmp_path, capfd):
     """transformers warns that a text longer than ``model_max_length`` "will result in indexing errors"; the
-    text
-    is cut into ``seq_len`` windows, so the warning is wrong here and must not reach the user."""
+    text is cut into ``seq_len`` windows, so the warning is wrong here and must not reach the user."""
     short = byte_tokenizer()
     short.model_max_length = 64
     path = tmp_path / "long.txt"

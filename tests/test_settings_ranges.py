@@ -1,6 +1,6 @@
 """Every numeric settings field declares the values it accepts, and NaN, inf and out-of-range values are
-refused
-at construction, before any work (issue 12: --alpha-ratio nan once wrote NaN into adapter_config.json)."""
+refused at construction, before any work (issue 12: --alpha-ratio nan once wrote NaN into
+adapter_config.json)."""
 
 from __future__ import annotations
 

@@ -124,8 +124,8 @@ def test_study_killed_mid_trial_resumes_and_finishes(setup, tmp_path):
 
 def test_trial_orphaned_before_its_first_heartbeat_is_failed_and_rerun(setup, tmp_path):
     """A worker killed between claiming a trial and its first heartbeat leaves a RUNNING trial Optuna never
-    calls
-    stale (it has no heartbeat to age); the next worker must fail and rerun it, not wait for it forever."""
+    calls stale (it has no heartbeat to age); the next worker must fail and rerun it, not wait for it
+    forever."""
     import optuna
 
     out = tmp_path / "study"

@@ -337,8 +337,8 @@ def test_pure_modules_do_not_import_torch():
 
 def test_explained_variance_is_evas_ranking_counted_in_parameters():
     # a concentrated input explains more per direction than an isotropic one, so it wins the budget (EVA), and
-    # a
-    # module's i-th direction is worth its explained-variance ratio per parameter: the solver's plan is EVA's
+    # a module's i-th direction is worth its explained-variance ratio per parameter: the solver's plan is
+    # EVA's
     from allocator.solver.settings import SolverSettings
     from allocator.solver.solve import solve
 
@@ -361,6 +361,5 @@ def test_explained_variance_is_evas_ranking_counted_in_parameters():
         SolverSettings(granularity="module", ranks=(0, 1, 2, 4, 8), mip_rel_gap=0.0),
     )
     # EVA's greedy: the 4 concentrated directions (ratio 0.24 each) beat every isotropic one (1/64), then the
-    # 0.1s
-    # (0.0024) lose to the isotropic 1/64 = 0.0156: concentrated 4, spread 4
+    # 0.1s (0.0024) lose to the isotropic 1/64 = 0.0156: concentrated 4, spread 4
     assert plan.ranks == {"concentrated": 4, "spread": 4}

@@ -1,5 +1,5 @@
-"""Tiny configs (hidden 64, 2-4 layers) for every hybrid family, each with a layer pattern holding every
-block type.
+"""Tiny configs (hidden 64, 2-4 layers) for every hybrid family, each with a layer pattern holding every block
+type.
 
 ``TINY[model_type]`` are the keyword overrides for ``AutoConfig.for_model``; ``EXPECTED[model_type]`` is the
 per-layer set of (family, kind) that ``find_components`` must report for decoder-layer modules.

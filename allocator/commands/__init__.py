@@ -30,8 +30,7 @@ def run_guarded(
     run: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, interrupted: str
 ) -> int:
     """Run a command; every outcome is one ``error:`` line and its exit code, never a traceback (see the
-    module
-    docstring). Messages name command-line flags where the library names settings fields. With ``-q``
+    module docstring). Messages name command-line flags where the library names settings fields. With ``-q``
     (``args.quiet``) the libraries' own progress bars and notices are silenced too
     (:func:`quiet_libraries`)."""
     try:

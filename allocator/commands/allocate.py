@@ -30,8 +30,8 @@ from allocator.errors import InputError
 EXAMPLES = """\
 examples:
   allocate
-      the built-in demo: the shipped Qwen3.5-architecture reference model, built-in calibration text,
-      budget r8, written to ./lora-plan
+      the built-in demo: the shipped Qwen3.5-architecture reference model, built-in calibration text, budget
+      r8, written to ./lora-plan
   allocate Qwen/Qwen3.5-0.8B --data train.jsonl --budget r16 -o plans/qwen-r16
       ranks for your data at the cost of uniform rank 16 over all eligible targets
   allocate ./my-model --data chat.jsonl --data-assistant-only-loss --budget 0.5% -o out

@@ -19,8 +19,8 @@ DEFAULT_CONFIG = "qwen3_5-0.8b.config.json"  # allocator/data: the Qwen3.5-0.8B 
 EXAMPLES = """\
 examples:
   allocate inspect
-      the built-in Qwen3.5-0.8B config (allocator/data/qwen3_5-0.8b.config.json): 18 GatedDeltaNet
-      layers, 6 attention layers, 24 MLPs
+      the built-in Qwen3.5-0.8B config (allocator/data/qwen3_5-0.8b.config.json): 18 GatedDeltaNet layers, 6
+      attention layers, 24 MLPs
   allocate inspect ./Falcon-H1-0.5B/config.json --rank 16
       any config.json: built on the meta device in seconds, no weights needed
   allocate inspect tiiuae/Falcon-H1-0.5B-Instruct --no-fused-kernels

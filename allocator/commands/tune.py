@@ -39,8 +39,8 @@ examples:
       every trial starts lora_A on EVA's input principal directions at its ranks; out/best records init 'eva'
   allocate tune --config study.yaml --storage postgresql+psycopg://host/db --study-name qwen-r8
       settings from a file; workers given the same --storage and --study-name share one study (several
-      machines); on one machine, start the same command several times with the same -o (the default
-      storage is sqlite:///OUT_DIR/study.db)
+      machines); on one machine, start the same command several times with the same -o (the default storage is
+      sqlite:///OUT_DIR/study.db)
 
 search parts (--tune-lr, --tune-granularity, ...): lo..hi (a range), a,b,c (a list), v (fixed), '' (keep the
 base --utility-*/--solver-* value); append @v to set the base point the baselines use. --tune-granularity

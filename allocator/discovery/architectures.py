@@ -1,12 +1,10 @@
 """Stage 1 rule tables: what each architecture's layers are, and which adapters its forward bypasses.
 
 Data only, plus the small pure functions that read it. ``allocator.discovery.classify`` applies the rules in
-order
-(config layer-type fields, then module class, then structure); ``allocator.discovery.components`` applies the
-bypass and
-refusal tables. Every entry cites the transformers 5.24 code it was read from; ``docs/architectures.md``
-explains
-each family. Reference: transformers ``models/<family>/modeling_<family>.py``.
+order (config layer-type fields, then module class, then structure); ``allocator.discovery.components``
+applies the bypass and refusal tables. Every entry cites the transformers 5.24 code it was read from;
+``docs/architectures.md`` explains each family. Reference: transformers
+``models/<family>/modeling_<family>.py``.
 """
 
 from __future__ import annotations

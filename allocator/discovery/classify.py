@@ -4,11 +4,11 @@ Input: the model's module table, its decoder stack and the per-layer labels from
 :class:`Placement`. Rules, first match wins (tables in ``allocator.discovery.architectures``):
 
 1. **config**: the layer's label (``layers_block_type``, ``layer_types``, ``hybrid_override_pattern``, ...)
-names
-   the token mixer of that layer (for nemotron_h, the whole block). The architecture table gives its kind.
+   names the token mixer of that layer (for nemotron_h, the whole block). The architecture table gives its
+   kind.
 2. **class**: the class of the enclosing block (``Qwen3_5GatedDeltaNet``, ``FalconH1Mixer``,
-``...SparseMoeBlock``),
-   or of the experts it holds, decides channel mixers and everything rule 1 leaves open.
+   ``...SparseMoeBlock``), or of the experts it holds, decides channel mixers and everything rule 1 leaves
+   open.
 3. **structure**: attribute names along the path (``q_proj``, ``mlp``, ``in_proj``, ...). Each such guess is
    reported back so that ``find_components`` can warn about it. Anything still unplaced is family ``other``.
 """

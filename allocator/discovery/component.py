@@ -24,8 +24,7 @@ class Component:
     layer: int | None  # decoder-layer index, None outside the stack
     family: str  # one of FAMILIES
     # finer label: softmax, mla, gated_deltanet, kda, lightning, mamba, mamba2, rglru, short_conv, dense,
-    # expert,
-    # shared_expert, router, ...
+    # expert, shared_expert, router, ...
     kind: str
     d_in: int
     d_out: int

@@ -6,8 +6,7 @@ that could carry a LoRA adapter, labelled by decoder layer, family and kind.
 Adaptable call sites: every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 style; PEFT adapts it with
 ``fan_in_fan_out``), every 3-D expert parameter (PEFT ``target_parameters``) and the 2-D weight of router
 classes that are not ``nn.Linear``. Placement rules live in ``allocator.discovery.classify``; bypass and
-refusal tables in
-``allocator.discovery.architectures``; ``docs/architectures.md`` explains them per family.
+refusal tables in ``allocator.discovery.architectures``; ``docs/architectures.md`` explains them per family.
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
         model: a transformers causal LM, on any device (the meta device is enough).
         fused_kernels: assume training runs the fused CUDA kernels (``mamba_ssm``), so that adapters the fused
             path bypasses (Mamba-2 ``out_proj``, Mamba-1 ``x_proj``/``out_proj``) are not effective. False
-            relaxes
-            only those; adapters bypassed on every path or refused by PEFT stay not effective.
+            relaxes only those; adapters bypassed on every path or refused by PEFT stay not effective.
 
     Warns:
         AllocatorWarning: once, naming every class whose modules were placed by the structural fallback.
@@ -85,10 +83,9 @@ def find_components(model: nn.Module, *, fused_kernels: bool = True) -> list[Com
 def peft_exports(components: Sequence[Component], model_type: str | None) -> list[Component]:
     """``export_as_parameter`` on every ``nn.Linear`` whose ``target_modules`` entry PEFT would rewrite on
     this model type (``allocator.compat.peft_rewrites``: shared-expert and dense-MLP
-    ``gate_proj``/``up_proj``/
-    ``down_proj`` of qwen3_next, qwen3_moe, ...). PEFT adapts ``<name>.weight`` in ``target_parameters`` with
-    a ``ParamWrapper``: the same ``lora_A``/``lora_B`` shapes and count, and a saved adapter reloads onto the
-    same module."""
+    ``gate_proj``/``up_proj``/ ``down_proj`` of qwen3_next, qwen3_moe, ...). PEFT adapts ``<name>.weight`` in
+    ``target_parameters`` with a ``ParamWrapper``: the same ``lora_A``/``lora_B`` shapes and count, and a
+    saved adapter reloads onto the same module."""
     return [replace(c, export_as_parameter=True)
             if not (c.is_parameter or c.export_as_parameter or c.module_class == "Conv1D")
             and compat.peft_rewrites(model_type, c.name.rsplit(".", 1)[-1]) else c

@@ -1,10 +1,10 @@
 """`allocate inspect`, the gathering half: model -> :class:`InspectReport` (rows of numbers, no formatting).
 
-Builds the model on the meta device (``allocator.discovery.modelio.load_skeleton``) unless a model object is
-given, runs
-``find_components`` and groups the result: per decoder layer x (family, kind), per (family, kind), what is not
-effective and why, which call sites are tied. ``allocator.commands.inspect`` only prints it.
-Cost of one rank unit of a group: Σ n_params_per_rank = Σ n_experts·(d_in + d_out) over its eligible modules.
+Builds the model on the meta device
+(``allocator.discovery.modelio.load_skeleton``) unless a model object is given, runs ``find_components`` and
+groups the result: per decoder layer x (family, kind), per (family, kind), what is not effective and why,
+which call sites are tied. ``allocator.commands.inspect`` only prints it. Cost of one rank unit of a group: Σ
+n_params_per_rank = Σ n_experts·(d_in + d_out) over its eligible modules.
 """
 
 from __future__ import annotations

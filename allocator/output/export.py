@@ -1,14 +1,10 @@
 """Stage 5: ranks -> a PEFT ``LoraConfig`` that ``get_peft_model`` takes unchanged.
 
 PEFT matches ``target_modules`` (as a list) by exact name or ``.suffix``, and
-``rank_pattern``/``alpha_pattern``
-keys as the regex ``(.*\\.)?(KEY)$``, first match wins (``peft.utils.other.get_pattern_key``). We therefore
-list
-exactly the modules with rank > 0 by their full names and key both patterns by the escaped full name, so no
-key
-can match another module (``model.layers.1.`` never matches ``model.layers.11.``). :func:`check_matching`
-replays
-PEFT's own matching to prove it.
+``rank_pattern``/``alpha_pattern`` keys as the regex ``(.*\\.)?(KEY)$``, first match wins
+(``peft.utils.other.get_pattern_key``). We therefore list exactly the modules with rank > 0 by their full
+names and key both patterns by the escaped full name, so no key can match another module (``model.layers.1.``
+never matches ``model.layers.11.``). :func:`check_matching` replays PEFT's own matching to prove it.
 """
 
 from __future__ import annotations
@@ -98,8 +94,7 @@ def lora_config_kwargs(
 
 def to_lora_config(ranks: Mapping[str, int], components: Sequence[Component], **options: Any):
     """Build the ``peft.LoraConfig``; ``options`` are those of :func:`lora_config_kwargs` plus any LoraConfig
-    field
-    (``lora_dropout``, ``init_lora_weights``, ...) passed through unchanged."""
+    field (``lora_dropout``, ``init_lora_weights``, ...) passed through unchanged."""
 
     own = {k: options.pop(k) for k in list(options) if k in _OWN_OPTIONS}
     kwargs = lora_config_kwargs(ranks, components, **own)
@@ -150,10 +145,8 @@ def check_matching(config: Any, ranks: Mapping[str, int], all_module_names: Sequ
 
 def get_peft_model_quietly(model: Any, config: Any) -> Any:
     """``peft.get_peft_model`` without two warnings that say nothing about the user's run: transformers'
-    rename of
-    ``is_gradient_checkpointing`` (PEFT reads the old name), and PEFT's memory advice for its own EVA pass (a
-    plan
-    with ``init="eva"`` records EVA in the config, but its directions come from
+    rename of ``is_gradient_checkpointing`` (PEFT reads the old name), and PEFT's memory advice for its own
+    EVA pass (a plan with ``init="eva"`` records EVA in the config, but its directions come from
     ``allocator.output.lora_init``)."""
 
     with warnings.catch_warnings():
@@ -200,8 +193,8 @@ def snapshot_base_model(model: Any) -> dict[str, Any]:
 
 def restore_base_model(model: Any, snapshot: dict[str, Any]) -> None:
     """Undo a (possibly half-done) ``get_peft_model`` on ``model``: every LoRA layer PEFT swapped in is
-    replaced by
-    the module it wrapped, attributes PEFT added are removed and ``requires_grad`` flags restored."""
+    replaced by the module it wrapped, attributes PEFT added are removed and ``requires_grad`` flags
+    restored."""
 
     swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     # innermost first (nested wrappers)

@@ -1,20 +1,16 @@
 """Data-driven lora_A initialisation at a plan's ranks: PEFT's EVA components, sliced per module.
 
 PEFT's EVA (``init_lora_weights="eva"``) starts lora_A on the top principal directions of each target's input
-and
-lora_B at zero, so the adapted model starts equal to the base model. EVA also *redistributes* ranks (``rho >
-1``),
-and even at ``rho = 1`` it equalises the candidates of modules that read the same input, so it can move a
-plan's
-ranks. Here EVA's components are computed once at the plan's largest rank for every target (every candidate
-kept:
-no redistribution) and each module takes its first ``r`` rows, so the plan's ranks and budget are exact.
+and lora_B at zero, so the adapted model starts equal to the base model. EVA also *redistributes* ranks
+(``rho > 1``), and even at ``rho = 1`` it equalises the candidates of modules that read the same input, so it
+can move a plan's ranks. Here EVA's components are computed once at the plan's largest rank for every target
+(every candidate kept: no redistribution) and each module takes its first ``r`` rows, so the plan's ranks and
+budget are exact.
 
 On the placement benchmark (``docs/method.md``), at uniform's best lr, this init tied uniform on text and
-forgot
-more; on the fact-storing task, whose lr forgetting caps, it lowered the loss a lot, most with a placement
-chosen
-under it (``allocate tune --init eva``). It is an option: ``Plan(init="eva")`` / ``allocate --init eva``.
+forgot more; on the fact-storing task, whose lr forgetting caps, it lowered the loss a lot, most with a
+placement chosen under it (``allocate tune --init eva``). It is an option: ``Plan(init="eva")`` /
+``allocate --init eva``.
 """
 
 from __future__ import annotations
@@ -44,8 +40,8 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
 
     ``batches`` are the calibration micro-batches (dicts with ``input_ids``, ``attention_mask`` and, for
     ``use_label_mask``, ``labels``: only tokens that carry a loss count, as in PEFT's EVA). A module whose
-    input
-    has fewer than ``k`` usable directions raises :class:`InputError` (more calibration tokens are needed).
+    input has fewer than ``k`` usable directions raises :class:`InputError` (more calibration tokens are
+    needed).
     """
 
     if k < 1 or not names:
@@ -92,8 +88,8 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
 
 def _token_mask(batch: Mapping[str, Any], use_label_mask: bool) -> Any:
     """``(batch, seq)`` bool: the tokens EVA's PCA sees, attended ones and with ``use_label_mask`` only
-    labelled
-    ones (as PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled token)."""
+    labelled ones (as PEFT's ``prepare_model_inputs_fn_language_modeling``; -100 marks an unlabelled
+    token)."""
 
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     if use_label_mask and "labels" in batch:
@@ -103,8 +99,7 @@ def _token_mask(batch: Mapping[str, Any], use_label_mask: bool) -> Any:
 
 def _counted_rows(layer_input: Any, mask: Any, layer_name: str) -> Any:
     """A module's input rows at the counted tokens. PEFT's own version indexes ``(batch, seq, d)`` inputs
-    only;
-    MoE blocks flatten tokens to ``(batch * seq, d)`` before their shared expert, in the same order."""
+    only; MoE blocks flatten tokens to ``(batch * seq, d)`` before their shared expert, in the same order."""
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
     if x.dim() == mask.dim() + 1 and x.shape[:-1] == mask.shape:
         return x[mask]

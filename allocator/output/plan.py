@@ -1,8 +1,7 @@
 """Stage 4: the allocation as a plan the user keeps: ranks, cost, utility and provenance.
 
 ``Plan`` is what :func:`allocator.allocate` returns. It exports to PEFT (``to_lora_config``), applies itself
-to a
-model (``apply``: trainable parameters == ``cost``), and saves a folder (``save``)::
+to a model (``apply``: trainable parameters == ``cost``), and saves a folder (``save``)::
 
     OUT_DIR/adapter_config.json   written by PEFT, so ``LoraConfig.from_pretrained(OUT_DIR)`` loads it
     OUT_DIR/allocation.json       budget, cost, every rank/cost/utility, provenance
@@ -183,15 +182,12 @@ class Plan:
         """Wrap ``model`` with ``peft.get_peft_model``; its trainable parameters equal ``self.cost``.
 
         The model is checked first against what the plan was made for (:meth:`check_model`); on any failure
-        the
-        model is left exactly as it was (no adapter injected, ``requires_grad`` flags untouched).
+        the model is left exactly as it was (no adapter injected, ``requires_grad`` flags untouched).
 
         With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
         ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the
-        top
-        principal directions of each module's input at exactly the plan's ranks
-        (``allocator.output.lora_init``; MoE
-        expert weights adapted as parameters keep PEFT's init).
+        top principal directions of each module's input at exactly the plan's ranks
+        (``allocator.output.lora_init``; MoE expert weights adapted as parameters keep PEFT's init).
         """
         self.check_model(model)
         if self.init == "eva" and init_data is None:
@@ -387,8 +383,8 @@ class Plan:
 
     def save(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, report: bool = True) -> Path:
         """Write the plan folder atomically (:mod:`probes.folders`): a new or empty folder, or with
-        ``overwrite``
-        one this tool wrote, whose plan files are replaced (files of the user's beside them are kept)."""
+        ``overwrite`` one this tool wrote, whose plan files are replaced (files of the user's beside them are
+        kept)."""
 
         def fill(tmp: Path) -> None:
             self.to_lora_config().save_pretrained(str(tmp))

@@ -3,8 +3,8 @@ how consistent the evidence was, and what to do next. ``allocate`` prints it fir
 study's ``study.md`` open with it.
 
 Reads only the plan (its ranks, components and the ``evidence`` recorded at solve time by
-:mod:`allocator.output.evidence`); a plan without evidence (made by hand, a tune baseline, an older file)
-gets the parts its ranks alone support.
+:mod:`allocator.output.evidence`); a plan without evidence (made by hand, a tune baseline, an older file) gets
+the parts its ranks alone support.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ grid.
 Stage 3a. Input: per-module probe stats (see ``docs/design.md``: ``grad_singular_values``,
 ``act_eigenvalues``,
 ``heldout_capture``, ``fisher_trace``, ...) and :class:`~allocator.discovery.components.Component` shapes.
-Output: an
-``(n_modules, n_ranks)`` array ``phi``; :func:`allocator.scoring.utility.compute_utilities` turns it into
-utilities
-``u_m(r) = p_m * prior_family * phi_m(r)`` with ``p_m`` the LoRA parameters per rank (``docs/utility.md``).
+Output: an ``(n_modules, n_ranks)`` array ``phi``; :func:`allocator.scoring.utility.compute_utilities` turns
+it into utilities ``u_m(r) = p_m * prior_family * phi_m(r)`` with ``p_m`` the LoRA parameters per rank
+(``docs/utility.md``).
 
 Every signal is built from two primitives (both optional):
 
@@ -16,9 +15,9 @@ Every signal is built from two primitives (both optional):
   reaches. ``None`` means no rank information, and the prior shape is used.
 - ``scale(stats, c)``: a shape-normalised module-level sensitivity; ``None`` means no magnitude information.
 
-References: LoRA-GA (Wang et al. 2024) and GoRA (He et al. 2025) for the gradient-spectrum view; EVA
-(Paischer et
-al. 2024) for explained activation variance; the empirical Fisher (Kirkpatrick et al. 2017) for sensitivity.
+References: LoRA-GA (Wang et al. 2024) and GoRA (He et al. 2025) for the gradient-spectrum view; EVA (Paischer
+et al. 2024) for explained activation variance; the empirical Fisher (Kirkpatrick et al. 2017) for
+sensitivity.
 Pure: numpy only.
 """
 
@@ -69,10 +68,8 @@ def spectral_curve(energies: np.ndarray | None, cap: int, ranks: np.ndarray) -> 
     """``sqrt(E(min(r, T)) / E(T) * T / R)`` with ``E`` the partial sums of ``energies``, ``T = min(R, cap)``.
 
     Directions past the measured ``k`` are assumed as strong as the ``k``-th (a flat tail: the optimistic
-    bound for
-    a descending spectrum, which leans toward the prior). A flat spectrum gives exactly the prior curve.
-    Returns
-    ``None`` (use the prior) when there is nothing to normalise by.
+    bound for a descending spectrum, which leans toward the prior). A flat spectrum gives exactly the prior
+    curve. Returns ``None`` (use the prior) when there is nothing to normalise by.
     """
     top = int(min(ranks[-1], cap))
     if energies is None or energies.size == 0 or top <= 0:
@@ -90,9 +87,8 @@ def scale_weights(q: np.ndarray, exponent: float, clip: float) -> np.ndarray:
     """``clip((q / geomean(q))**exponent, 1/clip, clip)``: a compressed, bounded sensitivity weight, mean ~1.
 
     Magnitudes vary by orders across layers (layer 0 gradients dominate); measured on tiny models,
-    uncompressed
-    magnitude put 40-68% of the budget in layer 0 and lost to uniform, so the exponent is small and the range
-    bounded. ``q <= 0`` gets the floor ``1/clip``; ``NaN`` (no information) gets the neutral 1.
+    uncompressed magnitude put 40-68% of the budget in layer 0 and lost to uniform, so the exponent is small
+    and the range bounded. ``q <= 0`` gets the floor ``1/clip``; ``NaN`` (no information) gets the neutral 1.
     """
     q = np.asarray(q, dtype=float)
     known = ~np.isnan(q)
@@ -132,15 +128,12 @@ class Signal:
     Contract (checked for every signal by ``tests/test_utility.py``, and on every call by
     :func:`check_curves`): ``curves`` returns a finite ``(n, n_ranks)`` array ``phi`` with ``phi[:, 0] == 0``,
     non-decreasing along ranks, normalised across shapes: ``p_m * phi_m(r)`` is utility *per LoRA parameter
-    spent*
-    comparable between modules of any shape, flat evidence (isotropic spectrum, equal sensitivity) gives the
-    prior
-    :func:`prior_curves`, and a module can never look more valuable than its usable rank ``min(d_in, d_out)``
-    allows (a 4-output projection saturates at ``phi = sqrt(4 / R)``, as its prior does).
+    spent* comparable between modules of any shape, flat evidence (isotropic spectrum, equal sensitivity)
+    gives the prior :func:`prior_curves`, and a module can never look more valuable than its usable rank
+    ``min(d_in, d_out)`` allows (a 4-output projection saturates at ``phi = sqrt(4 / R)``, as its prior does).
 
     Subclasses override ``spectrum`` and/or ``scale`` (both default to "no information"); ``curves`` is
-    written once
-    here on top of them. ``scale_kind`` picks the exponent: ``"magnitude"`` (gradient, Fisher) or
+    written once here on top of them. ``scale_kind`` picks the exponent: ``"magnitude"`` (gradient, Fisher) or
     ``"consistency"``.
     """
 
@@ -193,9 +186,8 @@ class UniformSignal(Signal):
 class GradientSpectrumSignal(Signal):
     """First-order loss decrease reachable by a rank-r update: ``sqrt(sum_{i<=r} sigma_i^2)`` (LoRA-GA, GoRA).
 
-    Shape: sigma_i^2 of the accumulated gradient. Scale: gradient energy per direction per LoRA parameter
-    over the
-    measured usable directions, ``sqrt(E(t) / (t * p_m))``, ``t = min(k, dmin)``.
+    Shape: sigma_i^2 of the accumulated gradient. Scale: gradient energy per direction per LoRA parameter over
+    the measured usable directions, ``sqrt(E(t) / (t * p_m))``, ``t = min(k, dmin)``.
     """
 
     name = "gradient_spectrum"
@@ -243,12 +235,10 @@ class ExplainedVarianceSignal(Signal):
     With ``u_m = p_m * phi_m`` the solver's value per parameter of a module's i-th direction is its
     explained-variance ratio ``lambda_i / tr(C)``: EVA's global ranking of components, counted in parameters
     (``docs/utility.md``). Unlike the other signals, flat evidence is not the prior: an isotropic input
-    explains
-    ``r / d_in`` (every direction equally little), so a concentrated input wins budget from a spread one,
-    which is
-    EVA's point. Capped at ``scale_clip`` times the prior's top value, like every signal, so a narrow
-    projection
-    cannot look cheap and valuable. Directions past the measured ``k`` add nothing (a lower bound).
+    explains ``r / d_in`` (every direction equally little), so a concentrated input wins budget from a spread
+    one, which is EVA's point. Capped at ``scale_clip`` times the prior's top value, like every signal, so a
+    narrow projection cannot look cheap and valuable. Directions past the measured ``k`` add nothing (a lower
+    bound).
     """
 
     name = "explained_variance"
@@ -280,9 +270,9 @@ class HeldoutCaptureSignal(Signal):
     """Adam-aware: how much held-out gradient energy a rank-r subspace chosen on other batches captures.
 
     Adam normalises step sizes, so direction consistency matters more than gradient magnitude. Shape:
-    increments of
-    the capture curve. Scale (``consistency`` exponent): lift over a random subspace, ``h(t) * dmin / t`` at
-    ``t = min(k, dmin)``; 1 for noise, about ``dmin / t`` for a gradient that keeps its direction.
+    increments of the capture curve. Scale (``consistency`` exponent): lift over a random subspace,
+    ``h(t) * dmin / t`` at ``t = min(k, dmin)``; 1 for noise, about ``dmin / t`` for a gradient that keeps its
+    direction.
     """
 
     name = "heldout_capture"

@@ -1,10 +1,9 @@
 """Stage 3: probe report x components -> :class:`UtilityTable` (utility of every module at every grid rank).
 
 ``compute_utilities(report, components, ranks, settings, risk_report=None)`` reads the probe statistics
-through a
-signal from :data:`SIGNALS` (``allocator/signals.py``), blends it with the uniform prior, weights families,
-and
-scales by LoRA parameters per rank, so that utility per parameter spent is comparable across shapes::
+through a signal from :data:`SIGNALS` (``allocator/signals.py``), blends it with the uniform prior, weights
+families, and scales by LoRA parameters per rank, so that utility per parameter spent is comparable across
+shapes::
 
     u_m(r) = p_m / P * pi_family(m) * [ alpha * phi_U,m(r) + (1 - alpha) * phi_signal,m(r) ]
     risk_m(r) = p_m / P * rho_m * min(r, dmin_m) / R              (only with a risk report)
@@ -276,9 +275,8 @@ def risk_curves(
 
     ``rho_m`` is the general-text Fisher per weight entry, compressed by ``risk_exponent`` and bounded by
     ``scale_clip`` (mean ~1); modules general ability leans on are costly to move. Linear in rank: the
-    quadratic
-    loss change ``1/2 F ||dW||^2`` of an Adam-trained LoRA grows with the parameters it moves, ``r * p_m``.
-    Modules without ``ok`` stats in the risk report get the neutral ``rho = 1``.
+    quadratic loss change ``1/2 F ||dW||^2`` of an Adam-trained LoRA grows with the parameters it moves,
+    ``r * p_m``. Modules without ``ok`` stats in the risk report get the neutral ``rho = 1``.
     """
     settings = settings or UtilitySettings()
     q = np.full(len(rows), np.nan)
@@ -300,12 +298,11 @@ def with_risk(
     components: Sequence[Component] | None = None,
     settings: UtilitySettings | None = None,
 ) -> UtilityTable:
-    """A copy of ``table`` with retention risk and its weight ``lam``; the objective is ``sum u - lam sum
-    risk``.
+    """A copy of ``table`` with retention risk and its weight ``lam``; the objective is
+    ``sum u - lam sum risk``.
 
     ``risk`` is an ``(n, n_ranks)`` array aligned with ``table.names``, a :class:`UtilityTable` whose rows
-    cover
-    ``table.names``, or a probe report of general text (then ``components`` gives the shapes; see
+    cover ``table.names``, or a probe report of general text (then ``components`` gives the shapes; see
     :func:`risk_curves`).
     """
     if hasattr(risk, "modules"):

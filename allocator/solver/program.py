@@ -3,11 +3,10 @@
 
 Stage 4a. Input: components, a :class:`~allocator.scoring.utility.UtilityTable`, a budget in parameters and
 :class:`~allocator.solver.solve.SolverSettings`. Output: a :class:`Program` holding ``c``, sparse ``A``, row
-bounds,
-variable bounds and integrality for ``scipy.optimize.milp``, a label for every row and column, and what
-:func:`allocator.solver.solve.decode` needs to map a solution back to ranks. Construction is vectorised
-(numpy and one
-``scipy.sparse`` matrix); a 100,000-group program builds in about a second. Pure: numpy/scipy only.
+bounds, variable bounds and integrality for ``scipy.optimize.milp``, a label for every row and column, and
+what :func:`allocator.solver.solve.decode` needs to map a solution back to ranks. Construction is vectorised
+(numpy and one ``scipy.sparse`` matrix); a 100,000-group program builds in about a second. Pure: numpy/scipy
+only.
 """
 
 from __future__ import annotations

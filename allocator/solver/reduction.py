@@ -186,11 +186,11 @@ def reduce_program(program: Program) -> Reduction | None:
     """Drop options no optimal solution can use; ``None`` if no feasible Lagrangian solution is at hand.
 
     For any price ``lam >= 0`` on the budget row, ``L(lam) = lam*B + sum_g max_j (v[g,j] - lam*cost[g,j])``
-    bounds every feasible value from above (the other rows only shrink the feasible set). The greedy choice
-    at the best ``lam`` (:func:`lagrangian`), its leftover budget filled (:func:`_fill`), is an incumbent of
-    value ``LB`` if it meets every row. An option with deficit ``d[g,j] = max_j' (v - lam*cost)[g,j'] -
-    (v - lam*cost)[g,j] > L - LB`` is then in no solution worth ``>= LB``, so in no optimal one: dropping it
-    is exact.
+    bounds every feasible value from above (the other rows only shrink the feasible set). The greedy choice at
+    the best ``lam`` (:func:`lagrangian`), its leftover budget filled (:func:`_fill`), is an incumbent of
+    value ``LB`` if it meets every row. An option with deficit ``d[g,j] = max_j' (v - lam*cost)[g,j'] - (v -
+    lam*cost)[g,j] > L - LB`` is then in no solution worth ``>= LB``, so in no optimal one: dropping it is
+    exact.
     """
     n_g = len(program.group_labels)
     g, j = program.col_group, program.col_option

@@ -2,8 +2,7 @@
 even).
 
 Stage 4's settings, kept apart from the solver so that the CLI, the tuner and the scoring stage read them
-without
-loading scipy.
+without loading scipy.
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ from probes.settings import Range, check_ranges, ranged
 GRANULARITIES = ("module", "layer-type", "type")
 
 # Dense at the low end so that budget can move in small steps: on the placement benchmark (each cell at
-# uniform's
-# best lr) the coarse grid's plan at a uniform-r1 budget (rank 4 on a quarter of the modules) was worse in
-# mean than
-# uniform on Falcon-H1, while the dense grid was never worse in mean and beat uniform on the fact task
-# (docs/method.md). COARSE_RANKS is the earlier default, kept as a named alternative.
+# uniform's best lr) the coarse grid's plan at a uniform-r1 budget (rank 4 on a quarter of the modules) was
+# worse in mean than uniform on Falcon-H1, while the dense grid was never worse in mean and beat uniform on
+# the fact task (docs/method.md). COARSE_RANKS is the earlier default, kept as a named alternative.
 DENSE_RANKS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 COARSE_RANKS = (0, 4, 8, 16, 32, 64)
 DEFAULT_RANKS = DENSE_RANKS

@@ -1,14 +1,12 @@
 """Stage 4: utilities x budget -> ranks. Build, solve (one ``scipy.optimize.milp`` call, HiGHS), decode.
 
 ``solve(components, table, budget, settings) -> Allocation`` maximises total utility minus weighted retention
-risk
-over one rank per group, with total LoRA cost <= budget, optional per-family budget shares and required
-families.
-The program is written out in ``docs/solver.md``; ``build_program`` (``allocator/program.py``) makes its
-arrays and
-``reduce_program`` (``allocator/reduction.py``) drops options a Lagrangian bound proves useless before HiGHS.
-Infeasible or degenerate requests are :class:`InputError` naming the feasible range and the setting to change.
-HiGHS is deterministic: the same inputs give the same allocation. The relaxation is never rounded.
+risk over one rank per group, with total LoRA cost <= budget, optional per-family budget shares and required
+families. The program is written out in ``docs/solver.md``; ``build_program`` (``allocator/program.py``) makes
+its arrays and ``reduce_program`` (``allocator/reduction.py``) drops options a Lagrangian bound proves useless
+before HiGHS. Infeasible or degenerate requests are :class:`InputError` naming the feasible range and the
+setting to change. HiGHS is deterministic: the same inputs give the same allocation. The relaxation is never
+rounded.
 Pure: numpy/scipy only.
 """
 
@@ -86,8 +84,7 @@ def solve(
 
     Raises:
         InputError: the budget is outside the feasible range (the message gives it, in parameters and as a
-        uniform
-            rank), a share bound or required family cannot be met, or nothing can be adapted.
+            uniform rank), a share bound or required family cannot be met, or nothing can be adapted.
         AllocatorError: HiGHS failed or found no allocation within ``time_limit``.
     """
     settings = settings or SolverSettings()
@@ -229,8 +226,7 @@ def check_budget(
     probing.
 
     Computed from costs alone (:func:`~allocator.solver.program.group_candidates`). Probing may still leave
-    modules
-    out (no gradient), which can only narrow the range; :func:`solve` checks again.
+    modules out (no gradient), which can only narrow the range; :func:`solve` checks again.
     """
     settings = settings or SolverSettings()
     if not any(c.eligible for c in components):

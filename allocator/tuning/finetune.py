@@ -6,11 +6,10 @@ frozen :class:`FinetuneResult`.
 
 Why a plain loop and not ``transformers.Trainer``: the runs are a few hundred steps on a tiny model, so the
 Trainer's setup (accelerate state, logging, callbacks, output dirs) costs as much as the training; the step
-count
-is fixed rather than epoch-derived; every random draw (LoRA init, data order, dropout) comes from one explicit
-seed inside a forked RNG, so two calls with the same arguments give the same numbers and the caller's RNG is
-left
-alone; and the intermediate eval feeds a ``callback`` that an Optuna objective uses to report and prune.
+count is fixed rather than epoch-derived; every random draw (LoRA init, data order, dropout) comes from one
+explicit seed inside a forked RNG, so two calls with the same arguments give the same numbers and the caller's
+RNG is left alone; and the intermediate eval feeds a ``callback`` that an Optuna objective uses to report and
+prune.
 
 The caller's model is never mutated: the loop trains a deep copy.
 """

@@ -1,12 +1,10 @@
 """The study folder of `allocate tune`: one study per folder, its record, and the lock its workers share.
 
-``OUT_DIR/tune.json`` (the record) names the study and its storage (``"default"``: this folder's
-``study.db``, so
-a moved folder resumes); ``OUT_DIR/.tune.lock`` is the file lock workers sharing the folder serialise on.
+``OUT_DIR/tune.json`` (the record) names the study and its storage (``"default"``: this folder's ``study.db``,
+so a moved folder resumes); ``OUT_DIR/.tune.lock`` is the file lock workers sharing the folder serialise on.
 :func:`check_out_dir` refuses, without side effects, a folder that holds anything else;
-:func:`prepare_out_dir`
-implements ``--overwrite``: it removes only what tune writes there and deletes only the study its record
-names.
+:func:`prepare_out_dir` implements ``--overwrite``: it removes only what tune writes there and deletes only
+the study its record names.
 """
 
 from __future__ import annotations
@@ -117,8 +115,8 @@ def default_storage(out: Path) -> str:
 
 
 def read_record(out: Path) -> dict[str, str] | None:
-    """The folder's record (``tune.json``: study name and storage), or None when it has none (or an
-    unreadable one)."""
+    """The folder's record (``tune.json``: study name and storage), or None when it has none (or an unreadable
+    one)."""
     try:
         data = json.loads((out / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -142,8 +140,7 @@ def _record_of(out: Path, study_name: str, url: str) -> dict[str, str]:
 
 def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None:
     """Refuse, without side effects, a folder that holds anything but this study (``overwrite``: anything but
-    a
-    study of this tool's), a file, or a link."""
+    a study of this tool's), a file, or a link."""
     if out.is_symlink():
         raise InputError(
             f"-o {out} is a symbolic link (to {os.path.realpath(out)}); give the folder "
@@ -177,11 +174,9 @@ def check_out_dir(out: Path, study_name: str, url: str, overwrite: bool) -> None
 def prepare_out_dir(
     out: Path, study_name: str, url: str, overwrite: bool, delete_study: Callable[[str, str], bool]
 ) -> list[str]:
-    """Check again under the lock; ``overwrite`` removes what tune wrote in ``out`` (nothing else) and
-    deletes the
-    study that the folder's own record names from the storage it names (``delete_study(url, name)``). Returns
-    what
-    was done, for the user."""
+    """Check again under the lock; ``overwrite`` removes what tune wrote in ``out`` (nothing else) and deletes
+    the study that the folder's own record names from the storage it names (``delete_study(url, name)``).
+    Returns what was done, for the user."""
     check_out_dir(out, study_name, url, overwrite)
     record = read_record(out)
     if not overwrite or record is None:

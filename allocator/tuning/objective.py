@@ -6,11 +6,9 @@
                 -> finetune(fixed steps) on the training rows -> eval loss on the eval rows
 
 :class:`Objective` holds what every trial of one worker shares (model, components, probe reports, batches,
-EVA's
-directions as trials need them). It talks to its trial only through ``suggest_*``, ``set_user_attr``,
+EVA's directions as trials need them). It talks to its trial only through ``suggest_*``, ``set_user_attr``,
 ``report``/``should_prune`` and ``number``; a pruned or infeasible trial raises :class:`Pruned`, which the
-worker
-(:mod:`allocator.tuning.run`) turns into Optuna's own exception. No Optuna import here.
+worker (:mod:`allocator.tuning.run`) turns into Optuna's own exception. No Optuna import here.
 """
 
 from __future__ import annotations
@@ -131,8 +129,7 @@ class Objective:
 
     def check_feasible(self) -> None:
         """The smallest and the largest budget must solve at the smallest grid top, and with EVA's init its
-        data
-        must hold the uniform baseline's ranks; else InputError before any trial runs."""
+        data must hold the uniform baseline's ranks; else InputError before any trial runs."""
         sp, base = self.search.spaces, self.search.suggest(BaseTrial("solver"))
         top = min(sp["max_rank"].values) if sp["max_rank"].searched else base["solver"].ranks[-1]
         base["solver"] = dataclasses.replace(base["solver"], ranks=grid_up_to(self.search.solver.ranks, top))
@@ -151,10 +148,8 @@ class Objective:
 
     def eva_init(self, plan: Plan) -> Callable[[Any], None]:
         """The fine-tune's ``init``: EVA's components copied into lora_A at ``plan``'s ranks, as
-        ``Plan.apply``
-        does. Components are kept per module; one EVA pass computes those a plan needs beyond what earlier
-        trials
-        asked for, at its largest such rank, and a module takes their first ``r`` rows."""
+        ``Plan.apply`` does. Components are kept per module; one EVA pass computes those a plan needs beyond
+        what earlier trials asked for, at its largest such rank, and a module takes their first ``r`` rows."""
         targets, cache = eva_targets(plan.components, plan.targets), self._eva
         need = {n: r for n, r in targets.items() if n not in cache or cache[n].shape[0] < r}
         if need:

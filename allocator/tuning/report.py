@@ -10,12 +10,10 @@ format them; ``write_outputs`` writes, each file atomically::
     OUT_DIR/study.md     trials, baselines vs winner, Pareto front, parameter importances
     OUT_DIR/study.png    history (single mode) or Pareto front (pareto mode); study.json: TuneResult.to_dict()
 
-``check_out_dir`` / ``prepare_out_dir`` keep one study per folder (``tune.json`` names it) and ``FileLock``
-is the
-lock file the workers sharing the folder serialise on. The winner is the lowest-loss complete trial. Against
-each baseline it is compared with the best trial that costs
-no more than that baseline's budget (in single mode every trial shares the budget), so every difference is <=
-0.
+``check_out_dir`` / ``prepare_out_dir`` keep one study per folder (``tune.json`` names it) and ``FileLock`` is
+the lock file the workers sharing the folder serialise on. The winner is the lowest-loss complete trial.
+Against each baseline it is compared with the best trial that costs no more than that baseline's budget (in
+single mode every trial shares the budget), so every difference is <= 0.
 """
 
 from __future__ import annotations
@@ -120,11 +118,9 @@ def summarize(
 ) -> TuneResult:
     """Rows, winner, Pareto front, baselines and importances of ``study`` (anything with ``get_trials``,
     ``best_trials`` and ``study_name``, such as an Optuna study); ``rebuild(params, number)`` remakes a
-    trial's
-    plan (solving is deterministic, so plans are not stored in the database); ``importances(searched rows,
-    shared
-    params)`` gives the parameter importances and a note on their method; ``training`` (steps, batch size,
-    sequence length of the built-in fine-tune) completes the winner's recipe."""
+    trial's plan (solving is deterministic, so plans are not stored in the database); ``importances(searched
+    rows, shared params)`` gives the parameter importances and a note on their method; ``training`` (steps,
+    batch size, sequence length of the built-in fine-tune) completes the winner's recipe."""
     trials = study.get_trials(deepcopy=False)
     rows = tuple(_row(t) for t in trials)
     done = [r for r in rows if r.state == "complete" and r.value is not None and math.isfinite(r.value)]
@@ -367,8 +363,8 @@ def write_plot(result: TuneResult, path: Path) -> None:
 
 def write_outputs(result: TuneResult, out: Path) -> TuneResult:
     """Write ``best/``, ``pareto/``, ``study.md``, ``study.png`` and ``study.json`` (the caller holds the
-    lock), each
-    through the safe writer of :mod:`probes.folders` (atomic; only the tool's own files are replaced)."""
+    lock), each through the safe writer of :mod:`probes.folders` (atomic; only the tool's own files are
+    replaced)."""
     if result.best_plan is not None:
         result.best_plan.save(out / "best", overwrite=True)
     if result.pareto_plans:

@@ -9,9 +9,9 @@ Output: :class:`~allocator.tuning.report.TuneResult`, and in ``out_dir`` the bes
 Probes run once per study (``probes.run_cached`` in ``out_dir/probes``, under the folder's lock so that
 workers sharing ``out_dir`` wait for the first). Baselines (uniform, attention-/recurrent-/mlp-only at the
 same budget, lr and alpha, and the allocator's defaults) are enqueued first, once per study, and are never
-pruned; the last trial slot scores uniform at the winner's settings (:mod:`allocator.tuning.attribution`).
-The search and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that
-imports Optuna.
+pruned; the last trial slot scores uniform at the winner's settings (:mod:`allocator.tuning.attribution`). The
+search and its reasons: ``docs/tuning.md``. With :mod:`allocator.tuning.storage`, the only module that imports
+Optuna.
 """
 
 from __future__ import annotations

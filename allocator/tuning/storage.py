@@ -2,11 +2,9 @@
 that imports Optuna).
 
 Opening a database URL (sqlite by default, PostgreSQL and the like for many machines), creating or loading a
-study and checking its signature, failing stale and orphaned trials so they are retried, deleting a study,
-and the
-parameter importances. Errors come out as one line naming the fix (:func:`storage_error`). The trial loop
-itself
-lives in :mod:`allocator.tuning.run`; everything else in the package is Optuna-free.
+study and checking its signature, failing stale and orphaned trials so they are retried, deleting a study, and
+the parameter importances. Errors come out as one line naming the fix (:func:`storage_error`). The trial loop
+itself lives in :mod:`allocator.tuning.run`; everything else in the package is Optuna-free.
 """
 
 from __future__ import annotations
@@ -128,19 +126,15 @@ class Storage:
         """Fail RUNNING trials that never recorded a heartbeat for ``grace_period`` of this worker's clock.
 
         A worker killed between claiming a trial (``ask``) and its first heartbeat leaves a trial that
-        Optuna's
-        ``fail_stale_trials`` never fails: it only ages heartbeats, and a trial without one is left alone (a
-        user's ask-and-tell trial may legitimately have none). Every trial of this study runs with
-        heartbeats, so
-        one without any after the grace period is an orphan. ``first_seen`` (trial id -> when first seen so)
-        keeps
-        the clock this worker's own, so clock skew between hosts cannot fail a live trial.
+        Optuna's ``fail_stale_trials`` never fails: it only ages heartbeats, and a trial without one is left
+        alone (a user's ask-and-tell trial may legitimately have none). Every trial of this study runs with
+        heartbeats, so one without any after the grace period is an orphan. ``first_seen`` (trial id -> when
+        first seen so) keeps the clock this worker's own, so clock skew between hosts cannot fail a live
+        trial.
 
         Optuna has no public call for "trials without a heartbeat", so this reads its schema (tables
-        ``trials`` and
-        ``trial_heartbeats``, Optuna 4-5) and sets the state through ``study._storage``: the one place either
-        is
-        done.
+        ``trials`` and ``trial_heartbeats``, Optuna 4-5) and sets the state through ``study._storage``: the
+        one place either is done.
         """
         query = sqlalchemy.text(
             "SELECT trial_id FROM trials WHERE study_id = :study AND state = 'RUNNING' "
@@ -239,8 +233,8 @@ def importances(
     study: optuna.Study, searched: Sequence[Any], params: Sequence[str]
 ) -> tuple[dict[str, float], str]:
     """Importances of ``params`` for the eval loss over the complete ``searched`` trials: fANOVA (seeded;
-    needs
-    scikit-learn), else PED-ANOVA (numpy/scipy only). The note names the method, or why there are none."""
+    needs scikit-learn), else PED-ANOVA (numpy/scipy only). The note names the method, or why there are
+    none."""
     if len(searched) < MIN_IMPORTANCE_TRIALS:
         return (
             {},
@@ -269,8 +263,7 @@ def importances(
 def check_sqlite_writable(url: str) -> None:
     """A sqlite study file (or its folder) that cannot be written fails later inside Optuna with a misleading
     message ("invalid data in the commit"); say what it is now. An in-memory database is refused: its study
-    would
-    vanish with this process, so no other worker could join it and no run could resume it."""
+    would vanish with this process, so no other worker could join it and no run could resume it."""
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
     if path is None or str(path) in ("", ":memory:", "%3Amemory%3A") or url.rstrip("/") == "sqlite:":
         raise InputError(
@@ -364,8 +357,7 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
 
 def _fast_sqlite(storage: RDBStorage) -> None:
     """WAL journal, ``synchronous=NORMAL``: a commit stops waiting for fsync (17 ms -> 0.01 ms on the
-    benchmark
-    machine; a trial makes ~20). Still safe across processes of one host; only an OS crash can lose
+    benchmark machine; a trial makes ~20). Still safe across processes of one host; only an OS crash can lose
     commits."""
 
     def pragmas(connection: Any, _record: Any) -> None:
@@ -407,8 +399,8 @@ def n_random_trials(trials: int, n_enqueued: int) -> int:
 
 class Sampler(optuna.samplers.BaseSampler):
     """TPE seeded by ``seed`` and the trial number, so workers never repeat each other's draws and a
-    one-worker
-    study is reproducible; ``placement`` is always ``solver`` unless the trial was enqueued (a baseline)."""
+    one-worker study is reproducible; ``placement`` is always ``solver`` unless the trial was enqueued (a
+    baseline)."""
 
     def __init__(self, seed: int, n_startup_trials: int) -> None:
         self.seed, self.n_startup_trials, self._tpe = seed, n_startup_trials, (-1, None)
