@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/allocate -o out/demo --overwrite
+	$(VENV)/bin/allocate --data builtin-facts -o out/demo --overwrite
 
 test: install
 	$(PY) -m pytest -q

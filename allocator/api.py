@@ -161,7 +161,8 @@ def allocate(
         budget: trainable LoRA parameters: ``"2.5M"``, ``"0.5%"`` of the base model, or ``"r16"`` (what
             uniform rank 16 on every eligible target costs).
         retention_data: general text whose probes give each module a retention risk (used when the utility
-            settings' retention weight is > 0); ``"builtin"`` is the package's general corpus.
+            settings' retention weight is > 0); ``"builtin"`` is the package's general corpus,
+            ``"builtin-facts"`` the demo task (:mod:`probes.facts`).
         fused_kernels: assume fused Mamba kernels (GPU training): modules they bypass get no adapter.
         init: lora_A initialisation recorded in the plan: ``"default"`` (PEFT's) or ``"eva"`` (top principal
             directions of each module's input at the plan's ranks; ``plan.apply(model, init_data=batches)``).

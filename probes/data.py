@@ -7,6 +7,7 @@ Sources, chosen by what ``source`` is (:func:`probes.sources.source_kind`):
 
 - ``"builtin"``: the Python standard library's own source (``sysconfig.get_paths()["stdlib"]``), present on
   every machine; a fixed sorted file list, shuffled by ``seed``.
+- ``"builtin-facts"``: the demo task, synthetic facts to store (:mod:`probes.facts`).
 - a folder: a Hugging Face ``datasets`` folder written by ``save_to_disk`` (needs ``pip install datasets``).
 - ``*.jsonl`` / ``*.json``: one record per line (or a JSON list of records).
 - any other file: plain text, packed into windows of ``seq_len`` tokens.
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from probes import facts
 from probes.errors import ProbeError
 from probes.formats import RecordFormat
 from probes.records import (
@@ -110,6 +112,8 @@ def load_batches(
     elif kind in ("records", "dataset", "iterable"):
         label = "(records)" if kind == "records" else f"(the {type(split_of(source)).__name__})"
         rows = record_rows(split_of(source), tokenizer, label, seq_len, samples, rng, fmt)
+    elif kind == "builtin" and str(source) == facts.NAME:
+        rows = facts.fact_rows(tokenizer, seq_len, samples, rng)
     elif kind == "builtin":
         rows = _packed_rows(_builtin_chunks(rng), tokenizer, "builtin", seq_len, samples, rng)
     else:
@@ -156,7 +160,7 @@ def describe_source(source: Any, fmt: RecordFormat | None = None) -> str:
         fingerprint = getattr(split, "_fingerprint", None)
         return (f"<datasets.{type(split).__name__}: {rows}columns {sorted(split.column_names or [])}"
                 f"{', fingerprint ' + str(fingerprint) if fingerprint else ''}>")
-    return str(source)
+    return facts.DESCRIPTION if str(source) == facts.NAME else str(source)
 
 
 def _describe_token_batches(source: Any) -> str:

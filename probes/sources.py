@@ -17,6 +17,7 @@ from typing import Any
 from probes.errors import ProbeError
 from probes.formats import RecordFormat, has_usable_columns, usable_keys
 
+BUILTIN = ("builtin", "builtin-facts")  # the package's general text, and the demo task (probes.facts)
 KINDS = ("builtin", "path", "tokens", "records", "dataset", "iterable", "loader")
 _DATASETS = {"Dataset": "dataset", "DatasetDict": "dataset", "IterableDataset": "iterable",
              "IterableDatasetDict": "iterable"}
@@ -27,7 +28,7 @@ def source_kind(source: Any, fmt: RecordFormat | None = None) -> str | None:
     item has a field of a record form (``fmt``'s text field, messages, prompt + completion), else token
     batches."""
     if isinstance(source, (str, os.PathLike)):
-        return "builtin" if str(source) == "builtin" else "path"
+        return "builtin" if str(source) in BUILTIN else "path"
     cls = type(source)
     if cls.__module__.split(".")[0] == "datasets" and cls.__name__ in _DATASETS:
         return _DATASETS[cls.__name__]

@@ -82,6 +82,7 @@ def test_uniform_plan_says_so_first_in_terminal_and_report(run):
     )
     assert printed.splitlines()[0] == "verdict " + headline
     assert "next: train with it (it is uniform LoRA at rank 8)" in printed
+    assert "\ndata    builtin\n" in printed  # what the plan was measured on, under the model
     report = (out / "report.md").read_text()
     assert report.index("## Verdict") < report.index("## By family")
     assert "- " + headline[0].upper() + headline[1:] in report

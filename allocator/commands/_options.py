@@ -94,7 +94,7 @@ QUIET = Arg("quiet", ("-q", "--quiet"), "no progress bars: neither ours nor the 
 CHAT_TEMPLATE = Arg("chat_template", ("--chat-template",), "a Jinja chat template file for chat (messages) "
                     "records when the model's tokenizer has none, or to replace its own", metavar="FILE")
 DATA_FORMS = (".txt, .jsonl (text, chat messages, prompt + completion or response records), a datasets "
-              "folder, or 'builtin'")
+              "folder, 'builtin' (general text) or 'builtin-facts' (the demo task: facts to store)")
 # what the library says to an API user -> what a command-line user types (cli_message)
 _PHRASES = {"set tokenizer.chat_template": "give --chat-template FILE"}
 OVERWRITE = Arg("overwrite", ("--overwrite",), "replace the files this tool wrote in the output folder "

@@ -149,6 +149,8 @@ def format_summary(plan, folder: Path, seconds: float) -> str:
     lines += [
         "",
         f"model   {plan.model_id}",
+        *textwrap.wrap(f"data    {plan.provenance.get('data', 'not recorded')}", 110,
+                       subsequent_indent="          "),
         f"budget  {plan.budget:,} parameters; plan cost {plan.cost:,} "
         f"({plan.cost / max(plan.budget, 1):.1%})",
         f"        {compare}",
