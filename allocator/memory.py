@@ -98,8 +98,11 @@ def estimate(
     dtype = next(model.parameters()).dtype
     size = torch.finfo(dtype).bits // 8
     names = [c.name for c in components if c.eligible and not c.is_parameter]
-    probe = probe_pass_peak(model, names, settings, batch_size=batch_size, seq_len=seq_len)
-    state = probe_state(model, names, settings).total
+    per_pass = settings.modules_per_pass or len(names) or 1  # probes.run's passes: consecutive names
+    passes = [names[i : i + per_pass] for i in range(0, len(names), per_pass)] or [names]
+    probe = max((max(probe_pass_peak(model, chunk, settings, batch_size=batch_size, seq_len=seq_len).values(),
+                     default=0) for chunk in passes), default=0)
+    state = max(probe_state(model, chunk, settings).total for chunk in passes)
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     outer = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     head = sum(weight_bytes(m, size) for m in {id(m): m for m in outer}.values())
@@ -116,7 +119,7 @@ def estimate(
         settings.gradient_checkpointing,
         weight_bytes(model, size),
         head,
-        max(probe.values(), default=0),
+        probe,
         state,
         n_lora,
         lora_increase,
@@ -186,7 +189,8 @@ def fitting(
     devices: int = 1,
 ) -> tuple[MemoryEstimate, list[str]]:
     """(the estimate at these settings, the changes that would fit in ``free`` bytes, cheapest first):
-    gradient checkpointing, then halved micro-batches down to 1."""
+    gradient checkpointing, then halved micro-batches down to 1; or, keeping the micro-batch, fewer modules
+    per pass (down to an eighth of them: each pass is one more forward + backward)."""
     base = estimate(
         skeleton, components, settings, batch_size=batch_size, seq_len=seq_len, devices=devices, lora=False
     )
@@ -209,6 +213,16 @@ def fitting(
         if b == 1:
             break
         b = max(1, b // 2)
+    n = len([c for c in components if c.eligible and not c.is_parameter])
+    per = n
+    while per > max(1, n // 8):
+        per = -(-per // 2)
+        trial = estimate(skeleton, components, replace(settings, modules_per_pass=per), batch_size=batch_size,
+                         seq_len=seq_len, devices=devices, lora=False)
+        if trial.probe_increase <= free:
+            options.append(" ".join([*flags, f"--probe-modules-per-pass {per}"])
+                           + f" ({-(-n // per)} passes, needs {gib(trial.probe_increase)})")
+            break
     return base, options
 
 

@@ -200,10 +200,15 @@ class ExpertProber:
     ``begin_batch`` / ``end_batch`` (or ``discard_batch``), ``detach``, ``finalize``.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], dtype: torch.dtype, settings: Any) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], dtype: torch.dtype, settings: Any,
+                 seed_order: Sequence[str] | None = None) -> None:
+        """``seed_order``: every expert parameter probed over all passes (default ``names``): a parameter's
+        test matrices are seeded by its place there, so splitting the probing into passes changes nothing."""
         table = dict(model.named_modules(remove_duplicate=False))
         self.model, self.states, self.owners = model, {}, {}
-        for index, name in enumerate(sorted(set(names))):
+        place = {name: i for i, name in enumerate(sorted(set(seed_order or names)))}
+        for name in sorted(set(names)):
+            index = place[name]
             owner_name, _, leaf = name.rpartition(".")
             owner = table[owner_name]
             check_layout(owner, owner_name, model)

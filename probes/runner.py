@@ -56,10 +56,25 @@ def run(
     """
     settings = settings or ProbeSettings()
     check_device(settings.device)
+    every_expert, _ = split_names(model, modules)
+    size = settings.modules_per_pass
+    if not size or isinstance(modules, str) or len(modules) <= size:
+        return _run_pass(model, batches, modules, settings, meta, every_expert)
+    passes = [list(modules[i : i + size]) for i in range(0, len(modules), size)]
+    reports = [_run_pass(model, batches, names, settings, meta, every_expert, (k, len(passes)))
+               for k, names in enumerate(passes)]
+    info = {**reports[0].meta, "n_passes": len(passes)}
+    return ProbeReport({name: s for r in reports for name, s in r.modules.items()}, info)
+
+
+def _run_pass(model, batches, modules, settings: ProbeSettings, meta, every_expert, pass_of=(0, 1)):
+    """One forward + backward per micro-batch over ``batches``, probing ``modules`` (:func:`run`'s
+    arguments; ``every_expert``: the routed-expert parameters of all passes; ``pass_of``: (this pass, of how
+    many), for the progress bar)."""
     dtype = getattr(torch, settings.dtype)
     expert_names, modules = split_names(model, modules)  # 3-D routed-expert parameters: probes.experts
     probes, by_name = _resolve(model, modules, dtype) if modules or not expert_names else ([], {})
-    experts = ExpertProber(model, expert_names, dtype, settings)
+    experts = ExpertProber(model, expert_names, dtype, settings, seed_order=every_expert)
     _check_batches(batches)
     check_token_ids(model, batches)
     world, rank = _world(settings)
@@ -71,7 +86,7 @@ def run(
         prober.attach(model)
         experts.attach()
         try:
-            bar = _progress(len(mine), settings.progress and rank == 0)
+            bar = _progress(len(mine), settings.progress and rank == 0, pass_of)
             start = time.perf_counter()
             for i in mine:
                 batch = {k: v.to(device) for k, v in batches[i].items()}
@@ -310,9 +325,9 @@ def _world(settings: ProbeSettings) -> tuple[int, int]:
     return 1, 0
 
 
-def _progress(total: int, enabled: bool):
-
-    return tqdm(total=total, disable=not enabled, unit="batch", desc="probing", dynamic_ncols=True)
+def _progress(total: int, enabled: bool, pass_of: tuple[int, int] = (0, 1)):
+    desc = "probing" if pass_of[1] == 1 else f"probing (pass {pass_of[0] + 1}/{pass_of[1]})"
+    return tqdm(total=total, disable=not enabled, unit="batch", desc=desc, dynamic_ncols=True)
 
 
 # --- finish

@@ -66,8 +66,9 @@ def test_allocate_warns_or_refuses_before_probing(saved_tiny_model, corpus_file,
         data_settings=probes.DataSettings(**DATA),
         probe_settings=probes.ProbeSettings(progress=False, max_rank=8),
     )
-    with pytest.warns(AllocatorWarning, match="would fit: --probe-gradient-checkpointing"):
+    with pytest.warns(AllocatorWarning, match="would fit: --probe-gradient-checkpointing") as caught:
         plan = allocator.allocate(str(folder), **kwargs)
+    assert "--probe-modules-per-pass" in str(caught[0].message)  # the option that keeps the micro-batch
     assert plan.cost <= plan.budget
     monkeypatch.setenv(FREE_MEMORY_ENV, "1KiB")
     calls = []
@@ -93,6 +94,11 @@ def test_inspect_prints_the_memory_model(saved_tiny_model, capsys):
     assert two["probe_peak_per_device_bytes"] < one["probe_peak_per_device_bytes"]
     assert runs["--probe-gradient-checkpointing"]["probe_increase_bytes"] < one["probe_increase_bytes"]
     assert runs["--dtype bfloat16"]["weights_bytes"] * 2 == one["weights_bytes"]
+    assert main(["inspect", folder, "--probe-memory", "--json", "--data-seq-len", "64",
+                 "--probe-modules-per-pass", "4"]) == 0
+    split = json.loads(capsys.readouterr().out)["memory"]
+    assert split["probe_state_bytes"] < one["probe_state_bytes"] / 2
+    assert split["probe_increase_bytes"] < one["probe_increase_bytes"]
     assert one["lora_params"] > 0 and one["lora_increase_bytes"] > one["lora_params"] * 12
     assert main(["inspect", folder, "--probe-memory", "--devices", "0"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0

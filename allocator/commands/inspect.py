@@ -125,6 +125,13 @@ def _add_memory_flags(memory) -> None:
         default=False,
         help="probe with gradient checkpointing, as in allocate (default: off)",
     )
+    memory.add_argument(
+        "--probe-modules-per-pass",
+        type=int,
+        default=0,
+        metavar="N",
+        help="probe at most N modules per pass over the data, as in allocate (default: 0, all in one pass)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,13 +175,15 @@ def _memory(ref: str, args: argparse.Namespace):
         ("--data-batch-size", args.data_batch_size, 1),
         ("--data-seq-len", args.data_seq_len, 2),
         ("--devices", args.devices, 1),
+        ("--probe-modules-per-pass", args.probe_modules_per_pass, 0),
     ):
         if value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
     skeleton = load_skeleton(ref, trust_remote_code=args.trust_remote_code, revision=args.revision)
     named = args.dtype or str(getattr(skeleton.config, "dtype", None) or "float32").removeprefix("torch.")
     dtype = getattr(torch, named) if named in ("float32", "bfloat16", "float16") else torch.float32
-    settings = ProbeSettings(gradient_checkpointing=args.probe_gradient_checkpointing, progress=False)
+    settings = ProbeSettings(gradient_checkpointing=args.probe_gradient_checkpointing, progress=False,
+                             modules_per_pass=args.probe_modules_per_pass)
     return estimate(
         skeleton,
         find_components(skeleton, fused_kernels=args.fused_kernels),
