@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from probes.data import data_fingerprint
 from probes.errors import ProbeError, ProbeRunError
 from probes.experts import check_layouts
+from probes.padding import model_inputs
 from probes.report import ProbeReport
 from probes.runner import _accepts, check_token_ids, run
 from probes.settings import ProbeSettings
@@ -116,7 +117,7 @@ def warmed_up(
         bar = tqdm(total=steps, disable=not progress, unit="step", desc="warm-up", dynamic_ncols=True)
         for batch in itertools.islice(itertools.cycle(batches), steps):
             bar.update()
-            inputs = {k: v.to(device) for k, v in batch.items()}
+            inputs = model_inputs(model, {k: v.to(device) for k, v in batch.items()})
             if accepts_cache:  # as the probe pass: no KV cache to build (some linear-attention caches break)
                 inputs["use_cache"] = False
             loss = peft_model(**inputs).loss
