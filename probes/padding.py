@@ -12,8 +12,9 @@ mask is given, a shape error on configs where the two differ.
 
 Kept: a mask with a pad before a real token (left padding, holes), and any mask on models whose loss adds a
 router auxiliary loss (``config.output_router_logits``): transformers' load-balancing loss reads the mask to
-leave pads out. Verified equal (probe statistics, ``tests/test_padding.py``) on qwen3_5 and falcon_h1; tested
-end to end on kimi_linear and bailing_hybrid (``tests/test_moe_experts.py``).
+leave pads out. Probe statistics with the mask dropped equal those with it kept on every tiny model family
+of the tests (docs/moe.md; ``tests/test_padding.py`` checks qwen3_5, falcon_h1, qwen3_5_moe); ``allocate``
+runs end to end on kimi_linear and bailing_hybrid on padded rows (``tests/test_moe_experts.py``).
 """
 
 from __future__ import annotations
