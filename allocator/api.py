@@ -398,12 +398,13 @@ def uniform_rank(components: Sequence[Component], budget: int) -> int:
 def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component], rank: int,
                data_settings: DataSettings, probe_settings: ProbeSettings, alpha_ratio: float = 2.0
                ) -> probes.Warmup | None:
-    """The probes' warm-up: uniform LoRA at ``rank`` over the probed modules, trained on ``warmup_steps x
-    batch_size`` rows of ``data`` apart from the calibration rows (another seed; token batches: the rows after
-    them); None when ``probe_settings.warmup_steps`` is 0."""
+    """The probes' warm-up: uniform LoRA at ``rank`` over the probed modules and routed experts (PEFT's
+    ``target_parameters``), trained on ``warmup_steps x batch_size`` rows of ``data`` apart from the
+    calibration rows (another seed; token batches: the rows after them); None when
+    ``probe_settings.warmup_steps`` is 0."""
     if not probe_settings.warmup_steps:
         return None
-    targets = {c.name: rank for c in components if c.eligible and not c.is_parameter}
+    targets = {c.name: rank for c in components if c.eligible and (not c.is_parameter or c.kind == "expert")}
     config = to_lora_config(targets, components, alpha_ratio=alpha_ratio)
     d, n = data_settings, probe_settings.warmup_steps * data_settings.batch_size
     token_rows = probes.is_token_source(data)  # taken in order: skip the calibration rows

@@ -138,12 +138,13 @@ class Prober:
         self._masks = {}
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """(…, d) -> (real tokens, d): flatten, and drop padding when the leading dims are the batch's (B,
-        T)."""
+        """(…, d) -> (real tokens, d): flatten, and drop padding when the leading dims are the batch's (B, T),
+        also with singleton dims between (MLA's latent, (B, 1, T, d), deepseek_v3's kv_b_proj)."""
         flat = t.reshape(-1, t.shape[-1])
         if self.mask is None:
             return flat
-        if tuple(t.shape[:-1]) == self.shape or (t.dim() == 2 and t.shape[0] == self.mask.numel()):
+        batch_like = [n for n in t.shape[:-1] if n != 1] == [n for n in self.shape if n != 1]
+        if batch_like or (t.dim() == 2 and t.shape[0] == self.mask.numel()):
             key = str(t.device)
             if key not in self._masks:
                 self._masks[key] = self.mask.reshape(-1).to(t.device)

@@ -27,6 +27,7 @@ from probes.errors import ProbeError, ProbeRunError
 from probes.experts import ExpertProber, split_names
 from probes.finalize import finalize_all, reduce_counts
 from probes.hooks import ModuleProbe, Prober
+from probes.padding import model_inputs
 from probes.records import IGNORE_INDEX
 from probes.report import ProbeReport
 from probes.settings import ProbeSettings
@@ -95,8 +96,8 @@ def _run_pass(model, batches, modules, settings: ProbeSettings, meta, every_expe
                     batch["use_cache"] = False
                 prober.begin_batch(i, batch["attention_mask"])
                 experts.begin_batch(i, batch["attention_mask"])
-                with torch.enable_grad():
-                    loss = _loss(model(**batch))
+                with torch.enable_grad():  # the hooks select tokens by the mask; the model may go without
+                    loss = _loss(model(**model_inputs(model, batch)))
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     del loss

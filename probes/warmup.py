@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from probes.data import data_fingerprint
 from probes.errors import ProbeError, ProbeRunError
 from probes.experts import check_layouts
+from probes.padding import model_inputs
 from probes.report import ProbeReport
 from probes.runner import _accepts, check_token_ids, run
 from probes.settings import ProbeSettings
@@ -107,7 +109,10 @@ def warmed_up(
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, lora_config)
+        with warnings.catch_warnings():  # PEFT 0.21 checks pattern keys against target_modules only, yet
+            # applies them to target_parameters (routed experts)
+            warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
+            peft_model = get_peft_model(model, lora_config)
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -116,7 +121,7 @@ def warmed_up(
         bar = tqdm(total=steps, disable=not progress, unit="step", desc="warm-up", dynamic_ncols=True)
         for batch in itertools.islice(itertools.cycle(batches), steps):
             bar.update()
-            inputs = {k: v.to(device) for k, v in batch.items()}
+            inputs = model_inputs(model, {k: v.to(device) for k, v in batch.items()})
             if accepts_cache:  # as the probe pass: no KV cache to build (some linear-attention caches break)
                 inputs["use_cache"] = False
             loss = peft_model(**inputs).loss
@@ -151,6 +156,19 @@ def warmed_up(
             m.training = training
 
 
+def base_name(table: Mapping[str, nn.Module], name: str) -> str:
+    """The name under which the probes see ``name`` (a module or a 3-D expert parameter of the PEFT model)
+    without its adapter: a LoRA layer's ``base_layer``, or the parameter on the innermost base layer of PEFT's
+    nested ``ParamWrapper``s (one per adapted parameter of a module), whose forward PEFT runs with the weight
+    parametrized as W + ΔW, so the probes measure the gradient at the warmed-up point."""
+    if name in table:
+        return f"{name}.base_layer" if f"{name}.base_layer" in table else name
+    owner, _, leaf = name.rpartition(".")
+    while f"{owner}.base_layer" in table:
+        owner = f"{owner}.base_layer"
+    return f"{owner}.{leaf}"
+
+
 def run_warm(
     model: nn.Module,
     batches: Sequence[Mapping[str, torch.Tensor]],
@@ -177,10 +195,7 @@ def run_warm(
         progress=settings.progress,
     ) as (peft_model, record):
         table = dict(peft_model.named_modules())
-        names = {}
-        for name in modules:
-            inner = f"{BASE_PREFIX}{name}"
-            names[f"{inner}.base_layer" if f"{inner}.base_layer" in table else inner] = name
+        names = {base_name(table, f"{BASE_PREFIX}{name}"): name for name in modules}
         report = run(peft_model, batches, list(names), settings, meta=meta)
     record["rank"] = int(getattr(lora_config, "r", 0))
     return ProbeReport(

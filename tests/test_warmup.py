@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
+from tiny_models import build
 
 import probes
+from allocator.api import warmup_for
 from allocator.discovery.component import Component
+from allocator.discovery.components import find_components
 from allocator.scoring.signals import SIGNALS, prior_curves
 from allocator.scoring.utility import UtilitySettings, compute_utilities
+from probes.experts import ExpertProber
+from probes.settings import DataSettings
 from probes.testing import linear_names, random_batches, tiny_model
-from probes.warmup import auto_lr, warmed_up
+from probes.warmup import BASE_PREFIX, auto_lr, base_name, warmed_up
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,6 +77,49 @@ def test_warmed_up_report_differs_from_the_base_and_records_the_warm_up():
     assert len(moved) == len(names)  # the gradient is taken at the warmed-up point
     again = probes.run(model, batches, names, settings)
     assert all(np.array_equal(again[n].grad_singular_values, base[n].grad_singular_values) for n in names)
+
+
+def test_warm_up_adapts_routed_experts_and_restores_an_moe_model_exactly(tiny_tokenizer):
+    """qwen3_5_moe: allocate's warm-up covers the routed experts (target_parameters) at the uniform rank; the
+    probes' expert-by-expert forward runs with PEFT's W + ΔW (the PEFT model's logits, which the experts'
+    adapters change); afterwards the model is exactly as it came."""
+    model = build("qwen3_5_moe").float().train()
+    comps = [c for c in find_components(model) if c.eligible]
+    experts = [c.name for c in comps if c.kind == "expert"]
+    batches = random_batches(4, batch=2, seq=16, vocab=128, pad_last=5)
+    warmup = warmup_for(batches, tiny_tokenizer, comps, 2, DataSettings(seq_len=16, samples=8),
+                        probes.ProbeSettings(warmup_steps=6))
+    config = warmup.lora_config
+    assert sorted(config.target_parameters) == sorted(experts) and config.target_modules
+    before = _state(model)
+    with warmed_up(model, config, batches, steps=6, lr=3e-2) as (peft_model, _):
+        lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n and ".experts." in n}
+        assert len(lora_b) == len(experts) and all(float(p.abs().sum()) > 0 for p in lora_b.values())
+        table = dict(peft_model.named_modules())
+        inner = [base_name(table, f"{BASE_PREFIX}{n}") for n in experts]
+        ids = batches[0]["input_ids"]
+        prober = ExpertProber(peft_model, inner, torch.float32, probes.ProbeSettings(max_rank=4))
+        with torch.no_grad():
+            adapted = peft_model(input_ids=ids).logits
+            prober.attach()
+            try:
+                probed = peft_model(input_ids=ids).logits
+            finally:
+                prober.detach()
+            saved = {n: p.clone() for n, p in lora_b.items()}
+            for p in lora_b.values():
+                p.zero_()
+            without_experts = peft_model(input_ids=ids).logits
+            for n, p in lora_b.items():
+                p.copy_(saved[n])
+        torch.testing.assert_close(probed, adapted, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(without_experts, adapted, atol=1e-4)
+    state, flags, modes, types = _state(model)
+    assert all(torch.equal(state[k], v) for k, v in before[0].items()) and state.keys() == before[0].keys()
+    assert (flags, modes, types) == before[1:] and not hasattr(model, "peft_config")
+    warm = probes.run_warm(model, batches, experts, probes.ProbeSettings(max_rank=4, progress=False,
+                           warmup_steps=6, warmup_lr=3e-2), config, batches)
+    assert all(warm[n].status == "ok" and warm[n].n_experts == 4 for n in experts)
 
 
 def test_auto_lr_follows_width_and_rank():

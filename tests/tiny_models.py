@@ -2,7 +2,8 @@
 type.
 
 ``TINY[model_type]`` are the keyword overrides for ``AutoConfig.for_model``; ``EXPECTED[model_type]`` is the
-per-layer set of (family, kind) that ``find_components`` must report for decoder-layer modules.
+per-layer set of (family, kind) that ``find_components`` must report for decoder-layer modules. ``PURE_MOE``:
+the same for MoE families without a recurrent mixer (mixtral, qwen3_moe, deepseek_v3, gpt_oss).
 """
 
 from __future__ import annotations
@@ -179,6 +180,37 @@ TINY: dict[str, dict] = {
     ),
 }
 
+# MoE families without a recurrent mixer (not hybrids): overrides for ``build``
+PURE_MOE: dict[str, dict] = {
+    "mixtral": dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "qwen3_moe": dict(
+        num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16
+    ),
+    # MLA attention as DeepSeek-V3 ships it (num_key_value_heads == num_attention_heads); layer 0 dense
+    "deepseek_v3": dict(
+        MLA,
+        num_hidden_layers=2,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    ),
+    # transposed (E, d_in, d_out) experts with biases, gate and up interleaved in gate_up_proj
+    "gpt_oss": dict(
+        num_hidden_layers=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
 A, R = "attention", "recurrent"
 MLP = ("mlp", "dense")
 EXPERT, SHARED, ROUTER = ("moe", "expert"), ("moe", "shared_expert"), ("moe", "router")
@@ -228,8 +260,9 @@ EXPECTED: dict[str, list[set]] = {
 
 
 def tiny_config(model_type: str, **overrides):
-    """The tiny config; composite model types (qwen3_5) get the overrides on their text config."""
-    kwargs = dict(COMMON, **TINY.get(model_type, {}))
+    """The tiny config (``TINY`` or ``PURE_MOE``); composite model types (qwen3_5) get the overrides on their
+    text config."""
+    kwargs = dict(COMMON, **TINY.get(model_type, PURE_MOE.get(model_type, {})))
     kwargs.update(overrides)
     text_type = f"{model_type}_text"
     return AutoConfig.for_model(text_type if text_type in CONFIG_MAPPING else model_type, **kwargs)

@@ -24,6 +24,7 @@ from peft.tuners.lora.eva import get_eva_state_dict
 
 from allocator.errors import AllocatorError, InputError
 from allocator.output.settings import INITS
+from probes.padding import model_inputs
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -73,6 +74,7 @@ def eva_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[s
             show_progress_bar=show_progress,
             prepare_model_inputs_fn=lambda batch, _config: _token_mask(batch, use_label_mask),
             prepare_layer_inputs_fn=_counted_rows,
+            forward_fn=lambda model, inputs: model(**model_inputs(model, inputs)),  # tokens: _token_mask
         )
     except ValueError as exc:  # PEFT: too few tokens for the components, non-converged layers
         raise InputError(f"EVA init failed: {exc}; use more calibration samples or a lower rank") from None

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from allocator.errors import InputError
 from allocator.output.export import get_peft_model_quietly
+from probes.padding import model_mask
 from probes.settings import Range, check_ranges, ranged
 
 Batch = Mapping[str, torch.Tensor]
@@ -86,7 +87,7 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     device = _device(model)
     input_ids = batch["input_ids"].to(device)
     labels = batch.get("labels", batch["input_ids"]).to(device)
-    mask = batch.get("attention_mask")
+    mask = model_mask(model, batch.get("attention_mask"))  # None on right-padded batches: probes.padding
     logits = model(input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)).logits
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     n_tokens = int((targets != -100).sum())
