@@ -131,7 +131,7 @@ def test_gradient_plan_without_data_names_the_fix(saved_tiny_model, corpus_file)
 def test_cli_records_gradient_init(saved_tiny_model, corpus_file, tmp_path, capsys):
     out = tmp_path / "plan"
     args = [str(saved_tiny_model("qwen3_5")), "--data", str(corpus_file), "--budget", "r2"]
-    assert main([*args, "--init", "gradient", "-o", str(out), *FAST]) == 0
+    assert main([*args, "--init", "gradient", "--probe-warmup-steps", "0", "-o", str(out), *FAST]) == 0
     assert "calibration-gradient init of lora_A" in capsys.readouterr().out
     assert Plan.load(out).init == "gradient" and json.loads((out / "allocation.json").read_text())[
         "init"] == "gradient"
