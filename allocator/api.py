@@ -164,8 +164,10 @@ def allocate(
             settings' retention weight is > 0); ``"builtin"`` is the package's general corpus,
             ``"builtin-facts"`` the demo task (:mod:`probes.facts`).
         fused_kernels: assume fused Mamba kernels (GPU training): modules they bypass get no adapter.
-        init: lora_A initialisation recorded in the plan: ``"default"`` (PEFT's) or ``"eva"`` (top principal
-            directions of each module's input at the plan's ranks; ``plan.apply(model, init_data=batches)``).
+        init: lora_A initialisation recorded in the plan: ``"default"`` (PEFT's), ``"eva"`` (top principal
+            directions of each module's input at the plan's ranks) or ``"gradient"`` (top right singular
+            vectors of each module's calibration-loss gradient at its rank); apply either with
+            ``plan.apply(model, init_data=batches)``.
         cache_dir: reuse probe reports whose model, data and settings match.
         revision: a hub model's branch, tag or commit hash (default: its main branch); the plan records the
             commit the weights came from (``provenance["model_revision"]``).

@@ -67,6 +67,9 @@ OWN_LR = "@lr"
 GRADIENT = ("gora", "loraga", "pissa")
 # gora_keep_output: GoRA with its init subtracted from the base weights (output unchanged at init); cell lr
 GRADIENT_CONDITIONS = GRADIENT + tuple(f"{c}{OWN_LR}" for c in GRADIENT) + ("gora_keep_output",)
+# The allocator's own gradient init (`--init gradient`: lora_A on the top right singular vectors of each
+# module's calibration gradient, lora_B = 0, Kaiming's row norm), on uniform's and the allocator's ranks
+GRADIENT_INIT = ("uniform_gradient_init", "allocator_gradient_init")
 RETENTION_WEIGHT = 1.0  # lambda of the retention-aware condition
 COLUMNS = ("run_id", "model", "task", "budget", "condition", "frontier", "seed", "steps", "lr", "batch_size",
            "budget_params", "trainable_params", "effective_params", "budget_ratio", "fill_params",
@@ -175,7 +178,9 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
              replace(CORE, models=("qwen3_5_deep",), conditions=DEEP_CONDITIONS, frontier=()),
              replace(BUDGET_PART, budgets=(16,)), LR_PART, FACT_TIGHT,
              replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=()),
-             *GRADIENT_PARTS),
+             *GRADIENT_PARTS,
+             replace(CORE, conditions=GRADIENT_INIT, frontier=()),
+             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=())),
 }
 
 

@@ -162,6 +162,14 @@ def eva_components(model: torch.nn.Module, eligible: Sequence[Component], batche
     return lora_init.eva_components(model, [c.name for c in eligible], batches, k, use_label_mask=False)
 
 
+def gradient_components(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping],
+                        k: int) -> dict[str, torch.Tensor]:
+    """The gradient init's top ``k`` lora_A rows of every target (``allocator.output.lora_init``): right
+    singular vectors of its calibration-loss gradient at PEFT's default row norm; the rows' own labels decide
+    which tokens carry the loss (recall rows: the answers, as in training)."""
+    return lora_init.gradient_components(model, [c.name for c in eligible], batches, k)
+
+
 def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Sequence[Mapping], budget: int,
               rank: int, rho: float = 2.0) -> tuple[Ranks, dict[str, torch.Tensor], dict]:
     """PEFT EVA (``get_eva_state_dict``) with its rank budget counted in parameters.
@@ -197,7 +205,8 @@ def eva_ranks(model: torch.nn.Module, eligible: Sequence[Component], batches: Se
 
 
 def eva_init(init: Mapping[str, torch.Tensor]) -> Callable[[torch.nn.Module], None]:
-    """Copy EVA's components into lora_A of a PeftModel built from the same ranks (lora_B stays zero)."""
+    """Copy lora_A rows (EVA's components, or the gradient init's) into a PeftModel built from the same ranks
+    (lora_B stays zero)."""
 
     def apply(peft_model: torch.nn.Module) -> None:
         lora_init.init_lora_a(peft_model, init, {n: a.shape[0] for n, a in init.items()})
@@ -246,7 +255,8 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
     on ``validation`` (never the eval rows). The best trial's ranks: a family baseline as the benchmark's own
     ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first.
     ``init="eva"``: every pilot starts from EVA's lora_A (``allocate tune --init eva``), every token of the
-    calibration rows counted as in :func:`eva_components` (``init_data`` without labels)."""
+    calibration rows counted as in :func:`eva_components` (``init_data`` without labels); ``init="gradient"``:
+    from the gradient init's, on the calibration rows with their labels."""
     rows = sum(int(b["input_ids"].shape[0]) for b in train)
     seq_len = max(int(b["input_ids"].shape[1]) for b in (*train, *validation))
     settings = TuneSettings(

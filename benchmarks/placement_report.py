@@ -29,6 +29,9 @@ INIT_PAIRS = (("allocator_eva_init", ("uniform_eva_init", "uniform", "eva")),
               ("alloc_tuned_eva_init",
                ("uniform_eva_init", "allocator_eva_init", "eva", "alloc_tuned", "uniform")),
               ("eva", ("uniform_eva_init",)), ("eva_ranks_eva_init", ("uniform_eva_init",)))
+# The gradient init (`--init gradient`) against the same ranks under PEFT's init, and placements under it
+GRADIENT_INIT_PAIRS = (("uniform_gradient_init", ("uniform",)),
+                       ("allocator_gradient_init", ("allocator", "uniform_gradient_init", "uniform")))
 
 
 def machine() -> str:
@@ -327,6 +330,11 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
         if init_lines:
             md += ["", "With EVA's lora_A init (placement effects at equal init; target loss):", "",
                    *init_lines]
+        gradient_lines = [f"- {c['verdict']}: Δ {c['diff'].fmt(4)} (n={c['diff'].n})"
+                          for ours, bases in GRADIENT_INIT_PAIRS
+                          for c in stats.compare(sub, "target_loss", ours, bases)]
+        if gradient_lines:
+            md += ["", "With the gradient lora_A init (`--init gradient`; target loss):", "", *gradient_lines]
         md += accuracy_lines(sub)
         md += ["", *frontier_lines(sub), ""]
     out.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,10 @@ class ModelSetup:
         """EVA's top ``k`` input directions per module (rho = 1), for EVA-initialised placements."""
         return self._cached((task, "components", k), pc.eva_components, k)
 
+    def gradient_components(self, task: str, k: int) -> Any:
+        """The gradient init's top ``k`` lora_A rows per module, for gradient-initialised placements."""
+        return self._cached((task, "gradient", k), pc.gradient_components, k)
+
     def eva(self, task: str, rank: int, budget: int) -> Any:
         """EVA's parameter-matched ranks and lora_A init at ``budget`` (rho 2)."""
         return self._cached((task, rank), pc.eva_ranks, budget, rank)
@@ -239,17 +243,22 @@ def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budg
         ranks, a_init, info = setup.eva(task, rank, budget)
         init = pc.eva_init(a_init) if condition == "eva" else None
         note = f"EVA rank units {info['eva_rank_units']} (PEFT would use {info['eva_rank_units_peft']})"
-    elif condition.endswith("_eva_init"):  # a placement's ranks with EVA's data-driven lora_A (rho = 1)
-        base = condition.removesuffix("_eva_init")
-        if base in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune --init eva`: pilots from EVA's init
+    elif condition.endswith(("_eva_init", "_gradient_init")):  # a placement's ranks, a data-driven lora_A
+        kind = "eva" if condition.endswith("_eva_init") else "gradient"  # EVA's (rho = 1), the gradient's
+        base = condition.removesuffix(f"_{kind}_init")
+        if base in ("alloc_tuned", "alloc_tuned_v1"):  # `allocate tune --init X`: pilots from that init
             v1 = base.endswith("v1")
-            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init="eva", v1=v1)
+            ranks, added, note = _tuned(setup, task, rank, budget, seed, steps, init=kind, v1=v1)
             config = to_lora_config(ranks, setup.components, alpha_ratio=2.0)
         else:
             config, _, _, ranks, added, note = plan_condition(setup, task, base, rank, budget, seed, steps)
-        components = setup.eva_components(task, max(ranks.values()))
-        init = pc.eva_init({n: components[n][:r] for n, r in ranks.items() if r > 0})
-        return config, init, None, ranks, added, f"{note}; EVA init (rho 1)".lstrip("; ")
+        directions = setup.eva_components if kind == "eva" else setup.gradient_components
+        rows = directions(task, max(ranks.values()))
+        init = pc.eva_init({n: rows[n][:r] for n, r in ranks.items() if r > 0})
+        if kind == "gradient":  # its own tag: a plan of the same ranks under EVA's init is another run
+            init = gi.Init(tag="gradient-init", apply=init)
+        what = "EVA init (rho 1)" if kind == "eva" else "gradient init"
+        return config, init, None, ranks, added, f"{note}; {what}".lstrip("; ")
     elif condition in gi.BASELINES:  # GoRA (its ranks and init), PEFT LoRA-GA and PiSSA at uniform's ranks
         config, init, ranks, added, note = gi.plan(
             condition, eligible, setup.components, rank, budget,
@@ -330,7 +339,7 @@ def _tuned(
             init=init,
             out_dir=setup.cache_dir
             / "tune"
-            / f"{setup.name}-{task}-r{rank}-seed{seed}{'-eva' * (init == 'eva')}",
+            / f"{setup.name}-{task}-r{rank}-seed{seed}{'' if init == 'default' else f'-{init}'}",
         )
     chosen = ", ".join(f"{k} {v}" for k, v in info["params"].items() if k not in ("lr", "alpha_ratio"))
     return (
@@ -432,7 +441,7 @@ def run_one(
 def _plan_hash(condition: str, ranks: dict, init: Any) -> str:
     """The plan's identity for ``reuse``: its ranks and what starts it ("" for full and AdaLoRA). An init is
     deterministic given the ranks: EVA's own (rho 2), EVA components at the plan's ranks, or a gradient
-    baseline's (``gradient_inits.Init.tag``)."""
+    baseline's or the gradient init's (``gradient_inits.Init.tag``)."""
     if not ranks:
         return ""
     tag = [] if init is None else [getattr(init, "tag", "eva-rho2" if condition == "eva" else "eva-init")]

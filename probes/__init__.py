@@ -36,6 +36,7 @@ _LAZY = {
     "check_device": "probes.runner",
     "check_token_ids": "probes.runner",
     "run_cached": "probes.cache",
+    "gradient_subspaces": "probes.gradient_subspace",
     "Warmup": "probes.warmup",
     "run_warm": "probes.warmup",
     "check_cache_dir": "probes.cache",

@@ -281,3 +281,34 @@ def test_eva_init_study_starts_every_trial_from_eva_and_records_it_in_the_plans(
     with pytest.raises(InputError, match="pass init='eva'"):
         _tune(tiny, texts, tmp_path / "other", settings, init_data=texts[0])
     assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
+def test_gradient_init_study_starts_every_trial_from_the_gradient_directions(tiny, texts, tmp_path):
+    """``init="gradient"``: each trial's fine-tune is the one ``Plan.apply(model, init_data=calibration)``
+    would start, and the plans record the init."""
+    import probes
+    from allocator.output.lora_init import gradient_components, init_lora_a
+    from allocator.tuning.finetune import FinetuneSettings, finetune
+
+    model, tokenizer = tiny
+    out = tmp_path / "gradient"
+    result = _tune(tiny, texts, out, TuneSettings(trials=2, baselines=("uniform",), **FAST),
+                   init="gradient")
+    assert result.best_plan.init == "gradient" and Plan.load(out / "best").init == "gradient"
+    assert "lora_A init of every trial: the gradient's" in (out / "study.md").read_text()
+    components = find_components(model)
+    budget = Budget.parse("r8").resolve(components)
+    rank = budget // params_per_uniform_rank(components)
+    ranks = {c.name: rank for c in components if c.eligible}
+    calibration = probes.load_batches(texts[0], tokenizer, seq_len=32, samples=4, batch_size=2)
+    directions = gradient_components(model, sorted(ranks), calibration, rank)
+    plan = Plan(model_id="tiny", components=components, budget=budget, init="gradient", ranks=ranks)
+    again = finetune(
+        model,
+        plan.to_lora_config(base_model_name_or_path=None),
+        probes.load_batches(texts[0], tokenizer, seq_len=32, samples=8, batch_size=2),
+        probes.load_batches(texts[1], tokenizer, seq_len=32, samples=4, batch_size=2),
+        FinetuneSettings(steps=3, lr=result.trials[0].params["lr"], seed=0, batch_size=2),
+        init=lambda m: init_lora_a(m, directions, plan.targets),
+    )
+    assert again.eval_loss == pytest.approx(result.trials[0].value, abs=1e-6)

@@ -93,11 +93,12 @@ def quiet_libraries(enabled: bool = True) -> Iterator[None]:
 
 
 def usage_line(folder: object, init: str) -> str:
-    """How to apply a plan written to ``folder``: PEFT alone, or ``Plan.apply`` where lora_A takes EVA's
-    init."""
-    if init == "eva":
+    """How to apply a plan written to ``folder``: PEFT alone, or ``Plan.apply`` where lora_A takes a
+    data-driven init (EVA's or the gradient's)."""
+    if init != "default":
+        what = "EVA" if init == "eva" else "calibration-gradient"
         return (
             f"use:  Plan.load({str(folder)!r}).apply(model, init_data=probes.load_batches(DATA, "
-            "tokenizer))  (EVA init of lora_A at these ranks)"
+            f"tokenizer))  ({what} init of lora_A at these ranks)"
         )
     return f"use:  get_peft_model(model, LoraConfig.from_pretrained({str(folder)!r}))"

@@ -37,6 +37,7 @@ examples:
       fix the learning rate and the solver granularity, search the rest
   allocate tune ./my-model --data d.txt --eval-data e.txt --init eva -o out
       every trial starts lora_A on EVA's input principal directions at its ranks; out/best records init 'eva'
+      (--init gradient: on the top right singular vectors of each module's calibration-loss gradient)
   allocate tune --config study.yaml --storage postgresql+psycopg://host/db --study-name qwen-r8
       settings from a file; workers given the same --storage and --study-name share one study (several
       machines); on one machine, start the same command several times with the same -o (the default storage is
@@ -67,8 +68,8 @@ ARGS = (
     REVISION,
     Arg("data.retention_source", ("--retention-data",), "general text for the retention risk; enables the "
         "lambda search", api="retention_data", metavar="DATA"),
-    Arg("data.init_source", ("--init-data",), "EVA's calibration data (default: --data); PEFT's EVA counts "
-        "only labelled tokens, so data labelled on answers only may need its own", api="init_data",
+    Arg("data.init_source", ("--init-data",), "calibration data of --init eva or gradient (default: --data); "
+        "both count only labelled tokens, so data labelled on answers only may need its own", api="init_data",
         metavar="DATA"),
     CHAT_TEMPLATE,
     FUSED,

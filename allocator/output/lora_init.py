@@ -1,20 +1,29 @@
-"""Data-driven lora_A initialisation at a plan's ranks: PEFT's EVA components, sliced per module.
+"""Data-driven lora_A initialisation at a plan's ranks: EVA's or the gradient's directions, sliced per module.
 
-PEFT's EVA (``init_lora_weights="eva"``) starts lora_A on the top principal directions of each target's input
-and lora_B at zero, so the adapted model starts equal to the base model. EVA also *redistributes* ranks
-(``rho > 1``), and even at ``rho = 1`` it equalises the candidates of modules that read the same input, so it
-can move a plan's ranks. Here EVA's components are computed once at the plan's largest rank for every target
-(every candidate kept: no redistribution) and each module takes its first ``r`` rows, so the plan's ranks and
-budget are exact.
+Both start lora_A on directions measured once on calibration data at the plan's largest rank for every
+target (no redistribution), each module taking its first ``r`` rows, and lora_B at zero, so the plan's ranks
+and budget are exact and the adapted model starts equal to the base model. Expert weights adapted as
+parameters (PEFT's ``target_parameters``, 3-D routed experts) keep PEFT's init under both: each expert reads
+its own token subset, and no one input or gradient serves them.
 
-On the placement benchmark (``docs/method.md``), at uniform's best lr, this init tied uniform on text and
-forgot more; on the fact-storing task, whose lr forgetting caps, it lowered the loss a lot, most with a
-placement chosen under it (``allocate tune --init eva``). It is an option: ``Plan(init="eva")`` /
-``allocate --init eva``.
+- ``init="eva"``: PEFT's EVA components (``init_lora_weights="eva"``), the top principal directions of each
+  target's input. EVA itself *redistributes* ranks (``rho > 1``), and even at ``rho = 1`` it equalises the
+  candidates of modules that read the same input, so it can move a plan's ranks: here every candidate is kept.
+  On the placement benchmark (``docs/method.md``), at uniform's best lr, it tied uniform on text and forgot
+  more; on the fact-storing task, whose lr forgetting caps, it lowered the loss a lot, most with a placement
+  chosen under it (``allocate tune --init eva``).
+- ``init="gradient"``: the top right singular vectors of each module's calibration-loss weight gradient G
+  (:func:`probes.gradient_subspace.gradient_subspaces`: one probe pass, sketched for wide modules, never a
+  full gradient there). With B = 0 the first step's gradient on B is s G Aᵀ, so the first (SGD) update s ΔB
+  A lies along U_r Σ_r V_rᵀ, the best rank-r approximation of full fine-tuning's first step: LoRA-GA's idea
+  without changing the base weights, so PEFT's saved adapter is a standard LoRA. The rows are scaled to the
+  row norm of PEFT's default (Kaiming-uniform) lora_A, so the effective step, and with it the lr, stays
+  comparable with default LoRA.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,8 +31,10 @@ import torch
 from peft import EvaConfig, LoraConfig
 from peft.tuners.lora.eva import get_eva_state_dict
 
-from allocator.errors import AllocatorError, InputError
+from allocator.errors import AllocatorError, InputError, as_input_error
 from allocator.output.settings import INITS
+from probes.errors import ProbeError
+from probes.gradient_subspace import gradient_subspaces
 from probes.padding import model_inputs
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -113,11 +124,45 @@ def _counted_rows(layer_input: Any, mask: Any, layer_name: str) -> Any:
     )
 
 
-def eva_targets(components: Sequence[Any], ranks: Mapping[str, int]) -> dict[str, int]:
-    """The planned modules EVA initialises: every adapted ``nn.Linear``. Expert weights adapted as parameters
-    (PEFT's ``target_parameters``) read a different token subset per expert; they keep PEFT's init."""
+def init_targets(components: Sequence[Any], ranks: Mapping[str, int]) -> dict[str, int]:
+    """The planned modules a data-driven init starts: every adapted ``nn.Linear``. Expert weights adapted as
+    parameters (PEFT's ``target_parameters``) read a different token subset per expert; they keep PEFT's
+    init."""
     parameters = {c.name for c in components if c.is_parameter}
     return {n: r for n, r in ranks.items() if r > 0 and n not in parameters}
+
+
+def kaiming_row_norm() -> float:
+    """The row norm of PEFT's default lora_A: ``kaiming_uniform_(a=sqrt(5))`` draws U(-b, b), b = gain
+    sqrt(3 / d_in) with gain = sqrt(2 / (1 + a²)) = sqrt(1/3), so E‖row‖² = d_in b² / 3 = gain², whatever
+    d_in."""
+    return torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+
+
+def gradient_components(model: Any, names: Sequence[str], batches: Iterable[Mapping[str, Any]], k: int,
+                        settings: Any = None) -> dict[str, Any]:
+    """``{name: (k, d_in) tensor}``: the top ``k`` right singular vectors of each module's calibration-loss
+    gradient (:func:`probes.gradient_subspace.gradient_subspaces`, ``settings`` its ``ProbeSettings``), each
+    row scaled to :func:`kaiming_row_norm`. ``batches`` carry ``labels`` where only some tokens count (without
+    them every attended token does)."""
+    if k < 1 or not names:
+        raise InputError("gradient init needs at least one target with rank >= 1")
+    batches = list(batches)
+    if not batches:
+        raise InputError("gradient init needs calibration batches; pass init_data=probes.load_batches(...)")
+    with as_input_error(ProbeError):
+        vectors = gradient_subspaces(model, batches, list(names), k, settings)
+    return {name: v * kaiming_row_norm() for name, v in vectors.items()}
+
+
+def init_components(init: str, model: Any, names: Sequence[str], batches: Iterable[Mapping[str, Any]],
+                    k: int) -> dict[str, Any]:
+    """lora_A rows of ``init`` ("eva" or "gradient") for ``names`` at rank ``k``: ``{name: (k, d_in)}``."""
+    if init == "eva":
+        return eva_components(model, names, batches, k)
+    if init == "gradient":
+        return gradient_components(model, names, batches, k)
+    raise InputError(f"init {init!r} takes no calibration data; use one of {list(INITS[1:])}")
 
 
 def init_lora_a(
@@ -136,5 +181,5 @@ def init_lora_a(
     missing = sorted(n for n, r in ranks.items() if r > 0 and n not in done)
     if missing:
         raise AllocatorError(
-            f"EVA init reached no lora_A for {missing[:3]}; the model lacks the planned modules"
+            f"the lora_A init reached no lora_A for {missing[:3]}; the model lacks the planned modules"
         )

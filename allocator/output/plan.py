@@ -36,7 +36,7 @@ from allocator.output.export import (
     snapshot_base_model,
     to_lora_config,
 )
-from allocator.output.lora_init import check_init, eva_components, eva_targets, init_lora_a
+from allocator.output.lora_init import check_init, init_components, init_lora_a, init_targets
 from allocator.output.report import write_report
 from allocator.solver.budget import lora_params
 from probes.errors import ProbeError
@@ -78,8 +78,9 @@ class Plan:
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) (rsLoRA) instead."})
     init: str = field(
         default="default",
-        metadata={"help": "lora_A init: 'default' (PEFT's) or 'eva' (top input principal directions at "
-                          "these ranks)."},
+        metadata={"help": "lora_A init: 'default' (PEFT's), 'eva' (top input principal directions at "
+                          "these ranks) or 'gradient' (top right singular vectors of the calibration "
+                          "gradient at these ranks)."},
     )
     architecture: Mapping[str, Any] = field(
         default_factory=dict,
@@ -170,6 +171,7 @@ class Plan:
         if self.init == "eva":  # recorded for the reader; rho = 1: PEFT's own EVA then keeps these ranks
             lora_kwargs.setdefault("init_lora_weights", "eva")
             lora_kwargs.setdefault("eva_config", EvaConfig(rho=1.0, adjust_scaling_factors=False))
+        # init "gradient" keeps PEFT's default here: lora_A comes from ``apply``, the adapter is plain LoRA
         return to_lora_config(self.targets, self.components, **lora_kwargs)
 
     def apply(
@@ -184,24 +186,27 @@ class Plan:
         The model is checked first against what the plan was made for (:meth:`check_model`); on any failure
         the model is left exactly as it was (no adapter injected, ``requires_grad`` flags untouched).
 
-        With ``init="eva"`` pass ``init_data``, calibration micro-batches (dicts of ``input_ids``,
-        ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A starts on the
-        top principal directions of each module's input at exactly the plan's ranks
-        (``allocator.output.lora_init``; MoE expert weights adapted as parameters keep PEFT's init).
+        With ``init="eva"`` or ``"gradient"`` pass ``init_data``, calibration micro-batches (dicts of
+        ``input_ids``, ``attention_mask``, ``labels``; e.g. ``probes.load_batches(path, tokenizer)``): lora_A
+        starts on the top principal directions of each module's input (EVA), or on the top right singular
+        vectors of each module's calibration-loss gradient scaled to PEFT's default row norm (gradient), at
+        exactly the plan's ranks; lora_B is zero (``allocator.output.lora_init``; MoE expert weights adapted
+        as parameters keep PEFT's init).
         """
         self.check_model(model)
-        if self.init == "eva" and init_data is None:
+        if self.init != "default" and init_data is None:
             raise InputError(
-                "this plan initialises lora_A with EVA (init='eva'): pass init_data=calibration "
-                "batches, e.g. probes.load_batches('train.jsonl', tokenizer)"
+                f"this plan initialises lora_A from calibration data (init={self.init!r}): pass "
+                "init_data=calibration batches, e.g. probes.load_batches('train.jsonl', tokenizer)"
             )
         snapshot = snapshot_base_model(model)
         try:
-            components, eva = None, {}
-            if self.init == "eva" and (eva := eva_targets(self.components, self.targets)):
+            components, started = None, {}
+            if self.init != "default" and (started := init_targets(self.components, self.targets)):
                 with as_input_error(ProbeError):
                     check_token_ids(model, init_data)
-                components = eva_components(model, list(eva), init_data, max(eva.values()))
+                components = init_components(self.init, model, list(started), init_data,
+                                             max(started.values()))
             # a plan saved before export_as_parameter existed lists such linears in target_modules: mark them
             # here
             model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -214,7 +219,7 @@ class Plan:
                     "was the model built from the same config the plan was made for?"
                 )
             if components is not None:
-                init_lora_a(peft_model, components, eva)
+                init_lora_a(peft_model, components, started)
         except BaseException:
             restore_base_model(model, snapshot)
             raise

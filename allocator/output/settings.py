@@ -14,7 +14,7 @@ from typing import Any
 from allocator.errors import InputError
 from probes.settings import Range, check_ranges, ranged
 
-INITS = ("default", "eva")
+INITS = ("default", "eva", "gradient")
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,10 @@ class LoraSettings:
                                                               "(PEFT's use_rslora)"})
     init: str = field(
         default="default",
-        metadata={"help": f"lora_A init recorded in the plan, one of {INITS}: PEFT's default, or 'eva' (top "
-                          "principal directions of each module's input at the plan's ranks; apply with "
-                          "Plan.apply(model, init_data=batches))"},
+        metadata={"help": f"lora_A init recorded in the plan, one of {INITS}: PEFT's default, 'eva' (top "
+                          "principal directions of each module's input at the plan's ranks) or 'gradient' "
+                          "(top right singular vectors of each module's calibration-loss gradient at its "
+                          "rank); apply either with Plan.apply(model, init_data=batches)"},
     )
 
     def __post_init__(self) -> None:

@@ -5,10 +5,11 @@
     suggestions -> Search.suggest -> plan (solved from the cached probe report, or a baseline's uniform ranks)
                 -> finetune(fixed steps) on the training rows -> eval loss on the eval rows
 
-:class:`Objective` holds what every trial of one worker shares (model, components, probe reports, batches,
-EVA's directions as trials need them). It talks to its trial only through ``suggest_*``, ``set_user_attr``,
-``report``/``should_prune`` and ``number``; a pruned or infeasible trial raises :class:`Pruned`, which the
-worker (:mod:`allocator.tuning.run`) turns into Optuna's own exception. No Optuna import here.
+:class:`Objective` holds what every trial of one worker shares (model, components, probe reports, batches, the
+init's lora_A directions as trials need them). It talks to its trial only through ``suggest_*``,
+``set_user_attr``, ``report``/``should_prune`` and ``number``; a pruned or infeasible trial raises
+:class:`Pruned`, which the worker (:mod:`allocator.tuning.run`) turns into Optuna's own exception. No Optuna
+import here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from allocator.api import solve_plan
 from allocator.discovery.component import Component
 from allocator.errors import InputError
-from allocator.output.lora_init import eva_components, eva_targets, init_lora_a
+from allocator.output.lora_init import init_components, init_lora_a, init_targets
 from allocator.output.plan import Plan
 from allocator.tuning.finetune import FinetuneSettings, finetune
 from allocator.tuning.search import BaseTrial, FixedParams, Search, grid_up_to
@@ -54,10 +55,10 @@ class Objective:
     init: str = "default"
     train: tuple = ()
     evals: tuple = ()
-    calibration: list = field(default_factory=list)  # EVA's data, with init "eva"
+    calibration: list = field(default_factory=list)  # the init's data, with init "eva" or "gradient"
     user_objective: Callable[[Plan, Any], float] | None = None
-    # EVA components per module, computed as trials need them
-    _eva: dict[str, Any] = field(default_factory=dict)
+    # lora_A directions per module (EVA's or the gradient's), computed as trials need them
+    _directions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def eligible(self) -> list[Component]:
@@ -128,8 +129,8 @@ class Objective:
         return base.params
 
     def check_feasible(self) -> None:
-        """The smallest and the largest budget must solve at the smallest grid top, and with EVA's init its
-        data must hold the uniform baseline's ranks; else InputError before any trial runs."""
+        """The smallest and the largest budget must solve at the smallest grid top, and with a data-driven
+        init its data must hold the uniform baseline's ranks; else InputError before any trial runs."""
         sp, base = self.search.spaces, self.search.suggest(BaseTrial("solver"))
         top = min(sp["max_rank"].values) if sp["max_rank"].searched else base["solver"].ranks[-1]
         base["solver"] = dataclasses.replace(base["solver"], ranks=grid_up_to(self.search.solver.ranks, top))
@@ -142,18 +143,20 @@ class Objective:
                     f"{budget:,}, max_rank {top}): {exc}; narrow TuneSettings.budget or raise "
                     "TuneSettings.max_rank"
                 ) from None
-        if self.init == "eva":
+        if self.init != "default":
             uniform = {**self.search.suggest(BaseTrial("uniform")), "budget": max(sp["budget"].values)}
-            self.eva_init(self.plan(uniform))
+            self.lora_a_init(self.plan(uniform))
 
-    def eva_init(self, plan: Plan) -> Callable[[Any], None]:
-        """The fine-tune's ``init``: EVA's components copied into lora_A at ``plan``'s ranks, as
-        ``Plan.apply`` does. Components are kept per module; one EVA pass computes those a plan needs beyond
-        what earlier trials asked for, at its largest such rank, and a module takes their first ``r`` rows."""
-        targets, cache = eva_targets(plan.components, plan.targets), self._eva
+    def lora_a_init(self, plan: Plan) -> Callable[[Any], None]:
+        """The fine-tune's ``init``: the init's directions (EVA's or the gradient's) copied into lora_A at
+        ``plan``'s ranks, as ``Plan.apply`` does. Directions are kept per module; one pass computes those a
+        plan needs beyond what earlier trials asked for, at its largest such rank, and a module takes their
+        first ``r`` rows (both inits order them by importance, so a prefix is the init at the lower rank)."""
+        targets, cache = init_targets(plan.components, plan.targets), self._directions
         need = {n: r for n, r in targets.items() if n not in cache or cache[n].shape[0] < r}
         if need:
-            cache.update(eva_components(self.model, sorted(need), self.calibration, max(need.values())))
+            cache.update(init_components(plan.init, self.model, sorted(need), self.calibration,
+                                         max(need.values())))
         return lambda peft_model: init_lora_a(peft_model, cache, targets)
 
     def __call__(self, trial: Any) -> float | tuple[float, float]:
@@ -192,7 +195,7 @@ class Objective:
                 self.evals,
                 run,
                 callback=_reporter(trial, prunable) if single else None,
-                init=self.eva_init(plan) if plan.init == "eva" else None,
+                init=self.lora_a_init(plan) if plan.init != "default" else None,
             )
             value, work = result.eval_loss, result.wall_time_s
             trial.set_user_attr("steps", s.steps)

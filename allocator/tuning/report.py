@@ -229,14 +229,14 @@ def recipe_text(result: TuneResult) -> str:
 def render_markdown(result: TuneResult, plot_name: str = "study.png") -> str:
     """``study.md``: summary, winner vs baselines, Pareto front, importances, every trial."""
     states = [r.state for r in result.trials]
-    init = result.best_plan.init if result.best_plan is not None else "default"
+    init = {"eva": "EVA's", "gradient": "the gradient's"}.get(getattr(result.best_plan, "init", 0))
     lines = [
         f"# Tune study `{result.study_name}` ({result.mode} mode)",
         "",
         f"- storage: `{result.storage}`",
         *(
-            ["- lora_A init of every trial: EVA's (apply `best/` with `Plan.apply(model, init_data=...)`)"]
-            if init == "eva"
+            [f"- lora_A init of every trial: {init} (apply `best/` with `Plan.apply(model, init_data=...)`)"]
+            if init
             else []
         ),
         f"- trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "

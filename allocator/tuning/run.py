@@ -119,13 +119,14 @@ def tune(
         overwrite: start over: remove what tune wrote in ``out_dir`` and delete the study its record names.
         data_settings, probe_settings, utility_settings, solver_settings: base settings (parts a space leaves
             at ``""`` keep their value; the ``default`` baseline uses them).
-        init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's) or
-            ``"eva"`` (EVA's top input principal directions at the trial's ranks, computed on the calibration
-            ``data`` by each worker as its trials need them; ``allocator.output.lora_init``). With ``"eva"``
-            the study picks the placement that does best under that init, and ``best/`` is a plan to apply
-            with ``Plan.apply(model, init_data=...)``.
-        init_data: EVA's calibration data in any form ``data`` takes (default: ``data``'s calibration rows);
-            PEFT's EVA counts only labelled tokens, so data whose labels mark few tokens (answers only) may
+        init: lora_A init of every trial's fine-tune, recorded in each plan: ``"default"`` (PEFT's),
+            ``"eva"`` (EVA's top input principal directions at the trial's ranks) or ``"gradient"`` (the top
+            right singular vectors of each module's calibration-loss gradient at its rank), computed on the
+            calibration ``data`` by each worker as its trials need them (``allocator.output.lora_init``). With
+            either the study picks the placement that does best under that init, and ``best/`` is a plan to
+            apply with ``Plan.apply(model, init_data=...)``.
+        init_data: the init's calibration data in any form ``data`` takes (default: ``data``'s calibration
+            rows); both count only labelled tokens, so data whose labels mark few tokens (answers only) may
             need its own.
         objective: ``objective(plan, trial) -> float`` (minimised) replaces the built-in fine-tune; read
             ``trial.params["lr"]``; ``trial.report``/``should_prune`` work in single mode.
@@ -143,9 +144,9 @@ def tune(
         raise InputError("the built-in fine-tune needs eval data; pass eval_data (--eval-data) or an "
                          "objective")
     init = check_init(init)
-    if init_data is not None and init != "eva":
-        raise InputError("init_data is EVA's calibration data; pass init='eva' (--init eva) with it, or "
-                         "drop it")
+    if init_data is not None and init == "default":
+        raise InputError("init_data is the lora_A init's calibration data; pass init='eva' or 'gradient' "
+                         "(--init eva, --init gradient) with it, or drop it")
     data_settings = settings_or_default(data_settings, DataSettings, "data_settings")
     probe_settings = settings_or_default(probe_settings, ProbeSettings, "probe_settings")
     utility_settings = settings_or_default(utility_settings, UtilitySettings, "utility_settings")
@@ -332,7 +333,7 @@ class Worker:
         spec = budget.base if budget.base is not None else budget.values[0]  # warm up at its uniform rank
         rank, c = uniform_rank(self.components, spec.resolve(self.components, n_base)), self.components
         main = report(batches, warmup_for(data, self.tokenizer, c, rank, d, self.probe_settings))
-        eva_data = (batches if init_data is None else calibration(init_data)) if self.init == "eva" else []
+        init_rows = [] if self.init == "default" else batches if init_data is None else calibration(init_data)
         risk = None if retention_data is None else report(calibration(retention_data))
         self.provenance["data_hash"] = main.meta.get("data_fingerprint")
         self.probe_seconds = time.perf_counter() - started
@@ -360,7 +361,7 @@ class Worker:
             init=self.init,
             train=self.train,
             evals=self.evals,
-            calibration=eva_data,
+            calibration=init_rows,
             user_objective=self.user_objective,
         )
         self.objective.check_feasible()
