@@ -74,15 +74,23 @@ def _run_pass(model, batches, modules, settings: ProbeSettings, meta, every_expe
     many), for the progress bar)."""
     dtype = getattr(torch, settings.dtype)
     expert_names, modules = split_names(model, modules)  # 3-D routed-expert parameters: probes.experts
-    probes, by_name = _resolve(model, modules, dtype) if modules or not expert_names else ([], {})
-    experts = ExpertProber(model, expert_names, dtype, settings, seed_order=every_expert)
+    linear = bool(modules) or not expert_names
+
+    def probers():  # the state is made on each module's device: call after any move of the model
+        probes, by_name = _resolve(model, modules, dtype) if linear else ([], {})
+        experts = ExpertProber(model, expert_names, dtype, settings, seed_order=every_expert)
+        return probes, by_name, experts
+
+    probers()  # bad names and expert layouts fail before the model is touched
     _check_batches(batches)
     check_token_ids(model, batches)
     world, rank = _world(settings)
     mine = [i for i in range(len(batches)) if i % world == rank]
-    prober = Prober(probes, dtype, settings.sketch_threshold, settings.sketch_dim, settings.seed, settings)
     n_skipped = n_tokens = 0
     with _probing_state(model, settings) as device:
+        probes, by_name, experts = probers()
+        prober = Prober(probes, dtype, settings.sketch_threshold, settings.sketch_dim, settings.seed,
+                        settings)
         accepts_cache = _accepts(model, "use_cache")
         prober.attach(model)
         experts.attach()
