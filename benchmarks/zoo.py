@@ -1,7 +1,8 @@
 """Build the reference models: ``python -m benchmarks.zoo [--only NAME] [--check]``.
 
-Each model is the exact transformers architecture (``Qwen3_5ForCausalLM`` / ``FalconH1ForCausalLM``) with
-the structure of the released config (layer-type pattern, head ratios, gates, multipliers) and small sizes. It
+Each model is the exact transformers architecture (``Qwen3_5ForCausalLM``, ``FalconH1ForCausalLM``,
+``GraniteMoeHybridForCausalLM``) with the structure of the released config (layer-type pattern, head ratios,
+gates, routed experts) and small sizes (``benchmarks.zoo_configs``). It
 is pretrained from a fixed seed for a fixed token budget on the Python standard library (``benchmarks.tasks``)
 with 10% associative-recall rows, then saved with its byte-level BPE tokenizer and a ``training.json``
 (recipe, loss curve, held-out loss of the stored weights) in ``allocator/zoo/<name>/``. ``--check`` reloads
