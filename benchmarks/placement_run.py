@@ -143,7 +143,10 @@ class ModelSetup:
             n, b = self.grid.n_calib, 4
             rows = range(n, min(pool["input_ids"].shape[0], n + settings.warmup_steps * b), b)
             warm = [{k: v[i:i + b] for k, v in pool.items()} for i in rows] or self.calib(task)
-            config = to_lora_config(pc.uniform(self.eligible, rank), self.components, alpha_ratio=2.0)
+            # the linear targets, as `allocate`'s warm-up (api.warmup_for): routed experts are probed at the
+            # warmed-up point without an adapter of their own (docs/moe.md)
+            linear = [c for c in self.eligible if not c.is_parameter]
+            config = to_lora_config(pc.uniform(linear, rank), self.components, alpha_ratio=2.0)
             meta = {"model_id": self.name, "weights": self.weights_id, "calibration": task}
             t0 = time.perf_counter()
             with warnings.catch_warnings():
