@@ -19,6 +19,8 @@ REFERENCE_MODELS: dict[str, str] = {
     "falcon_h1_tiny": "Falcon-H1 (falcon_h1): 4 layers, Mamba-2 beside attention in each, hidden 128",
     "qwen3_5_deep": "Qwen3.5 text (qwen3_5_text): 9 Gated DeltaNet + 3 gated softmax-attention layers, "
                     "hidden 128",
+    "granite_moe_tiny": "Granite-4.0-H (granitemoehybrid): 5 Mamba-2 + 1 attention layers, each with 8 "
+                        "routed experts (top-2) beside a shared MLP, hidden 128",
 }
 DEFAULT_MODEL = "qwen3_5_tiny"
 

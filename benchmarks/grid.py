@@ -163,6 +163,13 @@ GRADIENT_PARTS = (
     replace(CORE, models=("qwen3_5_deep",), conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=OWN_LRS),
     replace(FACT_PART, conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=FACT_OWN_LRS),
     replace(FACT_TIGHT, conditions=GRADIENT_CONDITIONS, frontier=(), own_lrs=FACT_OWN_LRS))
+# Routed MoE (issue 14): the Granite-4.0-H-style model on the text task at r4, 5 seeds: the fixed placements
+# (mlp_only = its channel mixers, routed and shared experts: placement_conditions.MEMBERS) and the allocator's
+# default. Its lr: uniform's lowest mean validation loss (`python -m benchmarks.lr_sweep --models
+# granite_moe_tiny`, docs/results/lr_sweep.md), in a part of its own so the other parts' setup ids stay
+MOE_LRS = (("granite_moe_tiny", 4, 1.6e-2),)
+MOE_PART = replace(CORE, models=("granite_moe_tiny",), seeds=(0, 1, 2, 3, 4), frontier=(), lrs=MOE_LRS,
+                   conditions=("uniform", "allocator", "attention_only", "recurrent_only", "mlp_only"))
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x
 # seed)
 GRIDS: dict[str, tuple[Grid, ...]] = {
@@ -180,7 +187,7 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
              replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=()),
              *GRADIENT_PARTS,
              replace(CORE, conditions=GRADIENT_INIT, frontier=()),
-             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=())),
+             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=()), MOE_PART),
 }
 
 

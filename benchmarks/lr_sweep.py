@@ -29,7 +29,8 @@ from benchmarks.placement_report import header, write_markdown
 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
 FACT_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
-PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep": (4,)}
+PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep": (4,),
+        "granite_moe_tiny": (4,)}
 # The fact task runs at r4 on the tiny models, and at r1 (the tight budget) on qwen3_5_tiny, the model that
 # learns the facts (benchmarks.grid.FACT_PART)
 FACT_PLAN = {"qwen3_5_tiny": (1, 4), "falcon_h1_tiny": (4,)}

@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                             deadline=deadline, zoo_dir=args.zoo)
     command = args.command or "python -m benchmarks.placement " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    write_report(rows, args.out, grid=parts[0], grid_name=args.grid, command=command.strip(),
-                 wall_s=time.time() - start, threads=args.threads)
+    # the report's lr line: every lr the grid gives the first part's tasks, also in parts the filters dropped
+    lrs = {x for p in GRIDS[args.grid] if p.tasks == parts[0].tasks for x in p.lrs}
+    write_report(rows, args.out, grid=replace(parts[0], lrs=tuple(sorted(lrs))), grid_name=args.grid,
+                 command=command.strip(), wall_s=time.time() - start, threads=args.threads)
     log(f"wrote {args.out / MD_NAME}, {args.out / CSV_NAME}, {args.out / PNG_NAME}")
     return 0
 

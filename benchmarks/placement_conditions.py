@@ -61,14 +61,22 @@ def uniform(eligible: Sequence[Component], rank: int) -> Ranks:
     return {c.name: rank for c in eligible}
 
 
+# What a single-family placement adapts: ``mlp`` is the channel mixer, on an MoE model its routed experts and
+# shared experts (family ``moe``) beside any dense MLP, so ``mlp_only`` means "the FFN only" on every model
+MEMBERS = {"attention": ("attention",), "recurrent": ("recurrent",), "mlp": ("mlp", "moe")}
+
+
 def single_family(eligible: Sequence[Component], family: str, budget: int) -> tuple[Ranks, int]:
-    """Uniform rank on ``family`` as close to ``budget`` as integers allow, then rank + 1 on modules by
-    name."""
-    members = [c for c in eligible if c.family == family]
+    """Uniform rank on ``family`` (:data:`MEMBERS`) as close to ``budget`` as integers allow, then rank + 1 on
+    modules by name."""
+    members = [c for c in eligible if c.family in MEMBERS[family]]
     per_rank = sum(c.n_params_per_rank for c in members)
+    if not per_rank:
+        raise ValueError(f"{family}_only: the model has no eligible {family} module")
     r = budget // per_rank
-    ranks = {c.name: (r if c.family == family else 0) for c in eligible}
-    return fill(ranks, {c.name: c for c in eligible}, budget, [c.name for c in members])
+    names = [c.name for c in members]
+    ranks = {c.name: (r if c.name in names else 0) for c in eligible}
+    return fill(ranks, {c.name: c for c in eligible}, budget, names)
 
 
 def random_placement(eligible: Sequence[Component], budget: int, seed: int) -> tuple[Ranks, int]:

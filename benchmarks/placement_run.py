@@ -66,7 +66,8 @@ class ModelSetup:
             self.weights_id = f"in-memory:{name}"
         self.model, self.tokenizer = model.eval(), tokenizer
         self.components = tuple(find_components(model, fused_kernels=False))  # CPU training: torch paths run
-        self.eligible = [c for c in self.components if c.eligible and not c.is_parameter]
+        # routed experts (3-D parameters, PEFT target_parameters) included: what `allocate` and rN budget
+        self.eligible = [c for c in self.components if c.eligible]
         self.comps = {c.name: c for c in self.eligible}
         sizes = {"fact_recall": {"n_train": grid.n_facts, "n_eval": None}}
         self.tasks = {t: tasks.TASKS[t](tokenizer, seed=0, **sizes.get(t, {"n_train": grid.n_train,
@@ -142,7 +143,10 @@ class ModelSetup:
             n, b = self.grid.n_calib, 4
             rows = range(n, min(pool["input_ids"].shape[0], n + settings.warmup_steps * b), b)
             warm = [{k: v[i:i + b] for k, v in pool.items()} for i in rows] or self.calib(task)
-            config = to_lora_config(pc.uniform(self.eligible, rank), self.components, alpha_ratio=2.0)
+            # the linear targets, as `allocate`'s warm-up (api.warmup_for): routed experts are probed at the
+            # warmed-up point without an adapter of their own (docs/moe.md)
+            linear = [c for c in self.eligible if not c.is_parameter]
+            config = to_lora_config(pc.uniform(linear, rank), self.components, alpha_ratio=2.0)
             meta = {"model_id": self.name, "weights": self.weights_id, "calibration": task}
             t0 = time.perf_counter()
             with warnings.catch_warnings():
@@ -404,6 +408,7 @@ def run_one(
     if condition not in ("full", "adalora"):
         note = _check_budget(setup, condition, ranks, trainable, run_budget, note)
     shares = _shares(setup, ranks, state)
+    note = "; ".join(x for x in (note, _moe_note(setup, ranks)) if x)
     row = {
         "model": setup.name,
         "task": task,
@@ -551,11 +556,23 @@ def _shares(setup: ModelSetup, ranks: dict, state: dict) -> dict:
     total = pc.cost(ranks, setup.comps) if ranks else 0
     out = {f"share_{f}": "" for f in FAMILIES}
     if total:
-        for f in FAMILIES:
-            part = pc.cost({n: r for n, r in ranks.items() if setup.comps[n].family == f}, setup.comps)
+        for f in FAMILIES:  # share_mlp: the channel mixers, an MoE model's experts included (pc.MEMBERS)
+            part = pc.cost({n: r for n, r in ranks.items() if setup.comps[n].family in pc.MEMBERS[f]},
+                           setup.comps)
             out[f"share_{f}"] = f"{part / total:.3f}"
     out["n_adapted"] = sum(1 for r in ranks.values() if r > 0) if ranks else ""
     return out
+
+
+def _moe_note(setup: ModelSetup, ranks: dict) -> str:
+    """On an MoE model, the routed and the shared experts' shares of the plan (both inside ``share_mlp``),
+    for the note: the CSV has no column of their own."""
+    total = pc.cost(ranks, setup.comps) if ranks else 0
+    if not total or not any(c.family == "moe" for c in setup.comps.values()):
+        return ""
+    part = {k: pc.cost({n: r for n, r in ranks.items() if setup.comps[n].kind == k}, setup.comps) / total
+            for k in ("expert", "shared_expert")}
+    return f"share_mlp = routed experts {part['expert']:.3f} + shared experts {part['shared_expert']:.3f}"
 
 
 def _prepared(init, target_bgt):

@@ -1,7 +1,8 @@
 """Build the reference models: ``python -m benchmarks.zoo [--only NAME] [--check]``.
 
-Each model is the exact transformers architecture (``Qwen3_5ForCausalLM`` / ``FalconH1ForCausalLM``) with
-the structure of the released config (layer-type pattern, head ratios, gates, multipliers) and small sizes. It
+Each model is the exact transformers architecture (``Qwen3_5ForCausalLM``, ``FalconH1ForCausalLM``,
+``GraniteMoeHybridForCausalLM``) with the structure of the released config (layer-type pattern, head ratios,
+gates, routed experts) and small sizes (``benchmarks.zoo_configs``). It
 is pretrained from a fixed seed for a fixed token budget on the Python standard library (``benchmarks.tasks``)
 with 10% associative-recall rows, then saved with its byte-level BPE tokenizer and a ``training.json``
 (recipe, loss curve, held-out loss of the stored weights) in ``allocator/zoo/<name>/``. ``--check`` reloads
@@ -12,6 +13,7 @@ stdlib and torch. The zoo is built from local text alone and never reaches the H
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -28,116 +30,17 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from allocator.reference import CHAT_TEMPLATE, REFERENCE_MODELS, ZOO_DIR
 from allocator.tuning.finetune import evaluate_loss, lr_at, token_loss_sum
 from benchmarks import tasks
 from benchmarks.log import log
+from benchmarks.zoo_configs import VOCAB_SIZE, falcon_h1, granite_moe_hybrid, qwen3_5
 
-VOCAB_SIZE = 2048
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"  # ids 0, 1, 2
 RECALL_FRACTION = 0.10
 N_CURVE_EVAL, N_FINAL_EVAL = 64, 256  # held-out windows (x128 tokens) for the curve and the final loss
-
-
-def _qwen3_5(n_layers: int) -> dict[str, Any]:
-    """Qwen3.5-0.8B text config with sizes / 8 (hidden 1024 -> 128) and 3 GatedDeltaNet : 1 attention."""
-    return {
-        "architectures": ["Qwen3_5ForCausalLM"],
-        "model_type": "qwen3_5_text",
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 128,
-        "intermediate_size": 448,  # 3.5 x hidden, as 3584 / 1024
-        "num_hidden_layers": n_layers,
-        "layer_types": [
-            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n_layers)
-        ],
-        "full_attention_interval": 4,
-        "num_attention_heads": 8,  # 8 q heads : 2 kv heads, q width 2 x hidden, as released
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "attn_output_gate": True,  # q_proj emits query and gate (2 x 8 x 32)
-        "linear_num_key_heads": 8,  # GatedDeltaNet: 16 x 128 at 1024 -> 8 x 32 at 128 (key width 2 x hidden)
-        "linear_num_value_heads": 8,
-        "linear_key_head_dim": 32,
-        "linear_value_head_dim": 32,
-        "linear_conv_kernel_dim": 4,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "max_position_embeddings": 2048,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000000,
-            "partial_rotary_factor": 0.25,
-            "mrope_interleaved": True,
-            "mrope_section": [2, 1, 1],  # sums to rotary_dim / 2 = 4 (released: [11, 11, 10] for 32)
-        },
-        "mamba_ssm_dtype": "float32",
-        "tie_word_embeddings": True,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "use_cache": True,
-    }
-
-
-def _falcon_h1() -> dict[str, Any]:
-    """Falcon-H1-0.5B config with sizes / 8 (hidden 1024 -> 128), 4 layers, neutral muP multipliers."""
-    return {
-        "architectures": ["FalconH1ForCausalLM"],
-        "model_type": "falcon_h1",
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 128,
-        "intermediate_size": 256,  # 2 x hidden, as 2048 / 1024
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,  # 4 q : 1 kv (released 8 : 2)
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-        "mamba_d_ssm": 192,  # 1.5 x hidden, as 1536 / 1024
-        "mamba_n_heads": 6,
-        "mamba_d_head": 32,
-        "mamba_d_state": 32,
-        "mamba_n_groups": 1,
-        "mamba_d_conv": 4,
-        "mamba_expand": 2,
-        "mamba_chunk_size": 128,
-        "mamba_conv_bias": True,
-        "mamba_proj_bias": False,
-        "mamba_norm_before_gate": False,
-        "mamba_rms_norm": False,
-        "mamba_use_mlp": True,
-        "attn_layer_indices": None,
-        # The released muP multipliers (embedding 5.66, lm_head 0.039, ssm_out 0.236, ...) were tuned for
-        # width 1024; at width 128 they stalled pretraining (held-out 7.04 vs 5.67 nats after 100 steps), so
-        # the tiny model keeps FalconH1Config's neutral defaults. The multiplier code paths still run.
-        "attention_in_multiplier": 1.0,
-        "attention_out_multiplier": 1.0,
-        "embedding_multiplier": 1.0,
-        "key_multiplier": 1.0,
-        "lm_head_multiplier": 1.0,
-        "mlp_multipliers": [1.0, 1.0],
-        "ssm_in_multiplier": 1.0,
-        "ssm_multipliers": [1.0, 1.0, 1.0, 1.0, 1.0],
-        "ssm_out_multiplier": 1.0,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "projectors_bias": False,
-        "initializer_range": 0.02,
-        "max_position_embeddings": 2048,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 100000000000.0},
-        "num_logits_to_keep": 1,
-        "tie_word_embeddings": False,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "use_cache": True,
-    }
 
 
 @dataclass(frozen=True)
@@ -155,12 +58,17 @@ class Recipe:
     seed: int = field(default=0, metadata={"help": "init, data order and recall episodes"})
     eval_every: int = field(default=50, metadata={"help": "steps between held-out evals on the curve"})
     store_dtype: str = field(default="float32", metadata={"help": "dtype of model.safetensors"})
+    router_aux_loss: float = field(default=0.0, metadata={
+        "help": "weight of the routers' load-balancing loss (routed MoE; 0: none)"})
 
 
 RECIPES: dict[str, Recipe] = {
-    "qwen3_5_tiny": Recipe(_qwen3_5(4), steps=700),
-    "falcon_h1_tiny": Recipe(_falcon_h1(), steps=700),
-    "qwen3_5_deep": Recipe(_qwen3_5(12), steps=500, store_dtype="bfloat16"),
+    "qwen3_5_tiny": Recipe(qwen3_5(4), steps=700),
+    "falcon_h1_tiny": Recipe(falcon_h1(), steps=700),
+    "qwen3_5_deep": Recipe(qwen3_5(12), steps=500, store_dtype="bfloat16"),
+    # the tiny models' recipe plus the routers' load-balancing loss (docs/reference-models.md says why)
+    "granite_moe_tiny": Recipe(granite_moe_hybrid(), steps=700,
+                               router_aux_loss=granite_moe_hybrid()["router_aux_loss_coef"]),
 }
 assert set(RECIPES) == set(REFERENCE_MODELS)
 
@@ -271,13 +179,20 @@ def _train(name: str, model: Any, recipe: Recipe, tokenizer: Any, train_windows:
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
     )
     curve: list[dict[str, float]] = []
-    start, window_loss, window_n, tokens = time.perf_counter(), 0.0, 0, 0
+    start, window_loss, window_n, tokens, window_aux = time.perf_counter(), 0.0, 0, 0, 0.0
     model.train()
+    stack, aux = contextlib.ExitStack(), []
+    if recipe.router_aux_loss:
+        stack.enter_context(_load_balancing(model, aux))
     for step, batch in enumerate(_batches(recipe, tokenizer, train_windows, recipe.seed)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
+        aux.clear()
         loss_sum, n = token_loss_sum(model, batch)
         loss = loss_sum / n
+        if aux:  # the routers' load-balancing loss of this batch's forward
+            loss = loss + recipe.router_aux_loss * aux[0]
+            window_aux += aux[0].item()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{name}: non-finite loss at step {step}; lower Recipe.lr")
         loss.backward()
@@ -297,10 +212,39 @@ def _train(name: str, model: Any, recipe: Recipe, tokenizer: Any, train_windows:
                     "elapsed_s": round(elapsed, 1),
                 }
             )
+            if recipe.router_aux_loss:  # the window's mean; num_experts_per_tok when perfectly balanced
+                window_steps = step + 1 - (curve[-2]["step"] if len(curve) > 1 else 0)
+                curve[-1]["router_aux_loss"] = round(window_aux / window_steps, 4)
             log(f"{name} step {step + 1}/{recipe.steps} train {window_loss / window_n:.3f} held-out "
                 f"{held:.3f} ({tokens / elapsed:,.0f} tok/s)", "zoo")
-            window_loss, window_n = 0.0, 0
+            window_loss, window_n, window_aux = 0.0, 0, 0.0
+    stack.close()
     return curve, tokens, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _load_balancing(model: Any, out: list):
+    """Within the block the model's routers return their logits and every forward appends its load-balancing
+    loss to ``out``: transformers' Switch loss per layer (``num_experts_per_tok`` when balanced), averaged
+    over the layers. transformers' own ``aux_loss`` pools the layers' routing first, so it is at its minimum
+    while single layers send most tokens to one expert (seen in a 150-step trial: 0.46 of one layer's tokens
+    to one of 8 experts). The config is restored after, so the saved model's forward stays as it was."""
+    config = model.config
+    before = config.output_router_logits
+
+    def hook(module, args, kwargs, output):
+        mask = kwargs.get("attention_mask")
+        layers = [load_balancing_loss_func((logits,), config.num_local_experts, config.num_experts_per_tok,
+                                           mask) for logits in output.router_logits]
+        out.append(sum(layers) / len(layers))
+
+    config.output_router_logits = True
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        model.config.output_router_logits = before
 
 
 def stdlib_description() -> str:

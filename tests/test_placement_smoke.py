@@ -111,3 +111,14 @@ def test_each_budget_runs_at_its_own_lr():
     assert core.lr_for("qwen3_5_tiny", 2) == core.lr  # a budget outside the sweep falls back to the grid's lr
     smoke = GRIDS["smoke"][0]
     assert smoke.lr_for("qwen3_5_tiny", 4) == smoke.lr
+
+
+def test_the_moe_model_runs_in_a_part_of_its_own_at_its_own_lr():
+    """The routed-MoE model's lr lives in its own part: an entry in the core grid's ``lrs`` would change the
+    setup id of every core row and refuse ``--resume``."""
+    from benchmarks.grid import MOE_LRS, MOE_PART
+
+    (part,) = subset(GRIDS["full"], models="granite_moe_tiny")
+    assert part == MOE_PART and part.lr_for("granite_moe_tiny", 4) == MOE_LRS[0][2] != part.lr
+    assert "mlp_only" in part.conditions and len(part.seeds) >= 5
+    assert all("granite_moe_tiny" not in m for p in GRIDS["full"] for m, _, _ in p.lrs if p != MOE_PART)

@@ -91,6 +91,28 @@ def test_layer_patterns_match_the_released_architectures():
     deep = zoo.RECIPES["qwen3_5_deep"].config["layer_types"]
     assert qwen == ["linear_attention"] * 3 + ["full_attention"] and deep == qwen * 3
     assert zoo.RECIPES["falcon_h1_tiny"].config["model_type"] == "falcon_h1"
+    granite = zoo.RECIPES["granite_moe_tiny"].config  # Granite-4.0-H-Tiny's first 6 of 40 layers
+    assert granite["layer_types"] == ["mamba"] * 5 + ["attention"]
+    assert granite["num_local_experts"] > granite["num_experts_per_tok"] > 1
+
+
+def test_moe_pretraining_adds_the_load_balancing_loss_and_leaves_the_config_as_it_was(tokenizer):
+    """Two steps of the MoE recipe: every forward's router loss is recorded on the curve and the stored config
+    does not ask for router logits (fine-tunes and probes run the plain forward)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    recipe = replace(zoo.RECIPES["granite_moe_tiny"], steps=2, warmup_steps=1, eval_every=2, batch_size=2)
+    assert recipe.router_aux_loss > 0
+    cfg = dict(recipe.config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    train, held = tasks.pretraining_files()
+    windows = tasks.token_windows(tokenizer, train[:2], max_windows=8)
+    curve, _, _ = zoo._train("moe", model, recipe, tokenizer, windows, windows)
+    # Switch loss: num_experts_per_tok when the routing is balanced, more when not
+    assert 0.5 * recipe.config["num_experts_per_tok"] < curve[-1]["router_aux_loss"] < 100
+    assert model.config.output_router_logits is False
+    assert model(input_ids=windows[:1]).aux_loss is None
 
 
 @pytest.mark.parametrize(
@@ -212,3 +234,49 @@ def test_fact_accuracy_measures_facts_stored_in_the_weights(tokenizer, default_m
         scores[name] = res.metrics["fact_accuracy"]
     assert scores["true"] >= 0.4, scores
     assert scores["control"] <= 0.1, scores
+
+
+def test_moe_reference_model_routes_to_every_expert_and_peft_counts_each_placements_cost():
+    """The routed-MoE model: held-out text reaches every expert of every layer (the probes see them all), and
+    the placement benchmark's placements on it, routed experts adapted through PEFT's target_parameters, train
+    exactly the parameters they cost; ``mlp_only`` is its channel mixers, routed and shared experts."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from allocator.discovery.components import find_components
+    from allocator.output.export import to_lora_config
+    from allocator.solver.budget import params_per_uniform_rank
+    from benchmarks import placement_conditions as pc
+
+    folder = reference.reference_model_path("granite_moe_tiny")
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    counts = {}
+
+    def count(name):
+        def hook(module, args, output):  # GraniteMoeHybridTopKRouter: (logits, weights, top-k expert ids)
+            counts[name] = torch.bincount(output[2].flatten(), minlength=module.num_experts)
+        return hook
+
+    routers = [(n, m) for n, m in model.named_modules() if n.endswith("block_sparse_moe.router")]
+    handles = [m.register_forward_hook(count(n)) for n, m in routers]
+    _, held = tasks.pretraining_files()
+    with torch.no_grad():
+        model(input_ids=tasks.token_windows(tok, held, max_windows=16))
+    for h in handles:
+        h.remove()
+    assert len(counts) == model.config.num_hidden_layers
+    assert all(int(c.min()) > 0 for c in counts.values()), counts
+    comps = [c for c in find_components(model, fused_kernels=False) if c.eligible]
+    assert {c.kind for c in comps if c.family == "moe"} == {"expert", "shared_expert"}
+    budget = 4 * params_per_uniform_rank(comps)
+    placements = {"uniform": pc.uniform(comps, 4)}
+    placements.update({f: pc.single_family(comps, f, budget)[0] for f in ("attention", "recurrent", "mlp")})
+    family = {c.name: c.family for c in comps}
+    assert {family[n] for n, r in placements["mlp"].items() if r} == {"moe"}
+    for name, ranks in placements.items():
+        peft_model = get_peft_model(copy.deepcopy(model), to_lora_config(ranks, comps))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        assert trainable == pc.cost(ranks, {c.name: c for c in comps}), name
+        assert name == "uniform" or budget - pc.cost(ranks, {c.name: c for c in comps}) < 0.01 * budget
