@@ -169,8 +169,8 @@ def accuracy_lines(rows: Sequence[dict]) -> list[str]:
         if a["condition"] != "uniform" and ours and base:
             d = stats.paired(ours, base)
             delta = f"**{d.fmt(3)}**" if d.n >= 2 and d.excludes_zero() else d.fmt(3)
-        lines.append(f"| {a['condition']} | {a['target_accuracy'].fmt(3)} | {a['target_chance'].mean:.3f} | "
-                     f"{delta} |")
+        chance = f"{a['target_chance'].mean:.3f}" if "target_chance" in a else "—"  # exact match: none
+        lines.append(f"| {a['condition']} | {a['target_accuracy'].fmt(3)} | {chance} | {delta} |")
     return lines
 
 
