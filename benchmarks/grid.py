@@ -164,9 +164,9 @@ GRADIENT_PARTS = (
 # only). Its rows are ~36 tokens, so 32 to a step see about the tokens of the text task's 8 x 128; calibration
 # keeps the grid's 32 rows, `allocate`'s default sample count. Its lr: the fact task's rule on its validation
 # split (`python -m benchmarks.lr_sweep --task instruction`, docs/results/lr_sweep_instruction.md)
-INSTR_LRS = (("qwen3_5_tiny", 4, 8e-3), ("falcon_h1_tiny", 4, 8e-3))
+INSTR_LRS = (("qwen3_5_tiny", 4, 2e-3), ("falcon_h1_tiny", 4, 2e-3))
 INSTR_CONDITIONS = ("uniform", "allocator", "attention_only", "recurrent_only", "mlp_only")
-INSTRUCTION_PART = replace(CORE, tasks=("instruction",), lrs=INSTR_LRS, batch_size=32,
+INSTRUCTION_PART = replace(CORE, tasks=("instruction",), seeds=(0, 1, 2, 3, 4), lrs=INSTR_LRS, batch_size=32,
                            conditions=INSTR_CONDITIONS, frontier=())
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x
 # seed)

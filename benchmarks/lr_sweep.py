@@ -110,7 +110,8 @@ def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_d
              "accuracy = exact match of the assistant turn (teacher-forced argmax). ") +
           "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean "
           "validation loss of the row.", "",
-          "The chosen lrs (`benchmarks.grid.LRS`, `FACT_LRS` for the fact task) and the rule behind them: "
+          "The chosen lrs (`benchmarks.grid.LRS`, `FACT_LRS` for the fact task, `INSTR_LRS` for the "
+          "instruction task) and the rule behind them: "
           "`docs/method.md`.", ""]
     best: dict[tuple, str] = {}
     for condition in sorted({r["condition"] for r in rows}, key=lambda c: (c != "uniform", c)):
