@@ -3,10 +3,10 @@
 ``benchmarks.placement`` (the command and grid runner), ``placement_run`` (one run), ``placement_report`` (the
 report), ``lr_sweep`` and ``pretrain_seeds`` import from here and never from each other's command modules, so
 the imports run one way. Here: the conditions and named allocator settings, :class:`Grid` and the grids
-(``GRIDS``, with the per-budget lrs ``LRS`` / ``FACT_LRS``), :func:`subset` (the CLI filters), the CSV (its
-columns, :func:`read_rows`, :func:`append_row`, :func:`run_key`, :func:`reuse_key`), the run order
-(:func:`planned_runs`) and the conditions of a run (:func:`check_setup`, :func:`model_ready`). Never imports
-torch.
+(``GRIDS``, with the per-budget lrs ``LRS`` / ``FACT_LRS`` / ``INSTR_LRS``), :func:`subset` (the CLI
+filters), the CSV (its columns, :func:`read_rows`, :func:`append_row`, :func:`run_key`, :func:`reuse_key`),
+the run order (:func:`planned_runs`) and the conditions of a run (:func:`check_setup`, :func:`model_ready`).
+Never imports torch.
 """
 
 from __future__ import annotations
@@ -170,6 +170,14 @@ GRADIENT_PARTS = (
 MOE_LRS = (("granite_moe_tiny", 4, 1.6e-2),)
 MOE_PART = replace(CORE, models=("granite_moe_tiny",), seeds=(0, 1, 2, 3, 4), frontier=(), lrs=MOE_LRS,
                    conditions=("uniform", "allocator", "attention_only", "recurrent_only", "mlp_only"))
+# The instruction task (benchmarks/instruction.py: chat rows, loss on the assistant turn only; full grid
+# only). Its rows are ~36 tokens, so 32 to a step see about the tokens of the text task's 8 x 128; calibration
+# keeps the grid's 32 rows, `allocate`'s default sample count. Its lr: the fact task's rule on its validation
+# split (`python -m benchmarks.lr_sweep --task instruction`, docs/results/lr_sweep_instruction.md)
+INSTR_LRS = (("qwen3_5_tiny", 4, 2e-3), ("falcon_h1_tiny", 4, 2e-3))
+INSTR_CONDITIONS = ("uniform", "allocator", "attention_only", "recurrent_only", "mlp_only")
+INSTRUCTION_PART = replace(CORE, tasks=("instruction",), seeds=(0, 1, 2, 3, 4), lrs=INSTR_LRS, batch_size=32,
+                           conditions=INSTR_CONDITIONS, frontier=())
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x
 # seed)
 GRIDS: dict[str, tuple[Grid, ...]] = {
@@ -178,7 +186,9 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
                    frontier=(("lr/4", 1, 0.25, 1),),
                    conditions=(*CONDITIONS, *EXTRA, *INIT, *TUNED_EVA, *GRADIENT, "pissa@lr",
                                "gora_keep_output"),
-                   own_lrs=(("pissa", "qwen3_5_tiny", 4, 2e-3),)),),
+                   own_lrs=(("pissa", "qwen3_5_tiny", 4, 2e-3),)),
+              Grid(("qwen3_5_tiny",), ("instruction",), (4,), (0,), steps=3, batch_size=4, n_train=16,
+                   n_eval=4, n_calib=4, conditions=INSTR_CONDITIONS, frontier=())),
     "core": (CORE,),
     # in order of what the claims need most: the tight budget and the deep model before r16 and the lr part
     "full": (CORE, FACT_PART, replace(BUDGET_PART, budgets=(1,)),
@@ -187,7 +197,7 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
              replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=()),
              *GRADIENT_PARTS,
              replace(CORE, conditions=GRADIENT_INIT, frontier=()),
-             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=()), MOE_PART),
+             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=()), MOE_PART, INSTRUCTION_PART),
 }
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import stats
-from benchmarks.grid import GRADIENT, GRIDS, RESULTS, Grid, append_row, read_rows
+from benchmarks.grid import GRADIENT, GRIDS, INSTRUCTION_PART, RESULTS, Grid, append_row, read_rows
 from benchmarks.log import log
 from benchmarks.placement_report import header, write_markdown
 
@@ -34,6 +34,10 @@ PLAN = {"qwen3_5_tiny": (1, 4, 16), "falcon_h1_tiny": (1, 4, 16), "qwen3_5_deep"
 # The fact task runs at r4 on the tiny models, and at r1 (the tight budget) on qwen3_5_tiny, the model that
 # learns the facts (benchmarks.grid.FACT_PART)
 FACT_PLAN = {"qwen3_5_tiny": (1, 4), "falcon_h1_tiny": (4,)}
+# The instruction task runs at r4 on the tiny models (benchmarks.grid.INSTRUCTION_PART), at its settings
+INSTR_PLAN = {"qwen3_5_tiny": (4,), "falcon_h1_tiny": (4,)}
+# Tasks scored by the fact task's rule (their higher lrs wreck the model, as the fact task's do)
+RETENTION_RULE_TASKS = ("fact_recall", "instruction")
 FULL_LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)  # full fine-tuning: the tiny models only
 FULL_MODELS = ("qwen3_5_tiny", "falcon_h1_tiny")
 COLUMNS = ("model", "task", "condition", "budget", "lr", "seed", "validation_loss", "retention_loss",
@@ -99,10 +103,16 @@ def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_d
              if task == "text_domain" else
              "validation = the same facts in a third order and grouping (neither the train rows' nor the "
              "eval rows'; `fact_recall_task(split=\"validation\")`), so a fact is scored outside its "
-             "training context and the eval rows are never used. ") +
+             "training context and the eval rows are never used. "
+             if task == "fact_recall" else
+             "validation = every made-up country's capital asked in its validation phrasing (neither its "
+             "train nor its eval phrasing) and the skills' validation items (disjoint from train and eval "
+             "by hash; `instruction_task(split=\"validation\")`); loss = mean over the assistant tokens, "
+             "accuracy = exact match of the assistant turn (teacher-forced argmax). ") +
           "Mean over seeds ± 95% t half-width; **bold** (in both tables) = the lr with the lowest mean "
           "validation loss of the row.", "",
-          "The chosen lrs (`benchmarks.grid.LRS`, `FACT_LRS` for the fact task) and the rule behind them: "
+          "The chosen lrs (`benchmarks.grid.LRS`, `FACT_LRS` for the fact task, `INSTR_LRS` for the "
+          "instruction task) and the rule behind them: "
           "`docs/method.md`.", ""]
     best: dict[tuple, str] = {}
     for condition in sorted({r["condition"] for r in rows}, key=lambda c: (c != "uniform", c)):
@@ -132,7 +142,7 @@ def report(rows: list[dict], *, command: str, wall_s: float, task: str = "text_d
             md += [f"## {condition}: answer accuracy (target task)", "", *head, *tables["accuracy"], ""]
     md += ["Lowest validation loss per cell: "
            + ", ".join(f"{c} {m} {b}: {lr}" for (c, m, b), lr in best.items()) + "."]
-    if task == "fact_recall":
+    if task in RETENTION_RULE_TASKS:
         md += ["", f"Chosen by the fact task's rule (the lowest validation loss among the lrs that raise the "
                f"retention loss by less than {FACT_RETENTION_RISE} nats over the base model's): "
                + ", ".join(f"{c} {m} {b}: {chosen_lr(rows, c, m, b, task) or 'none qualifies'}"
@@ -184,13 +194,21 @@ def chosen_lr(rows: list[dict], condition: str, model: str, budget: str, task: s
         by_lr.setdefault(r["lr"], []).append(r)
     mean = {lr: {k: sum(float(r[k]) for r in rs) / len(rs) for k in ("validation_loss", "retention_loss")}
             for lr, rs in by_lr.items()}
-    if task == "fact_recall":
+    if task in RETENTION_RULE_TASKS:
         bases = {r.get("base_retention_loss") for r in sub} - {"", None}
         if len(bases) != 1:
             return None
         base = float(bases.pop())
         mean = {lr: m for lr, m in mean.items() if m["retention_loss"] - base < FACT_RETENTION_RISE}
     return min(mean, key=lambda lr: mean[lr]["validation_loss"]) if mean else None
+
+
+def _grid(task: str, smoke: bool) -> Grid | None:
+    """The settings a task's runs use: its own part of the full grid, or the smoke grid's (None: the core
+    grid's)."""
+    if smoke:
+        return next(p for p in GRIDS["smoke"] if task in p.tasks)
+    return INSTRUCTION_PART if task == "instruction" else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per (model, budget, lr)")
     parser.add_argument("--models", default=None,
                         help="comma-separated reference models (default: all of the task's)")
-    parser.add_argument("--task", default="text_domain", choices=["text_domain", "fact_recall"],
+    parser.add_argument("--task", "--tasks", default="text_domain",
+                        choices=["text_domain", "fact_recall", "instruction"],
                         help="text_domain: scored on the validation windows; fact_recall (r4 on the tiny "
                         "models, r1 on qwen3_5_tiny; not full fine-tuning; writes lr_sweep_fact_recall.md): "
-                        "scored on the facts in a third order and grouping")
+                        "scored on the facts in a third order and grouping; instruction (r4 on the tiny "
+                        "models at its grid's settings; not full fine-tuning): scored on its validation "
+                        "split")
     parser.add_argument("--condition", default="all",
                         help="comma-separated: uniform LoRA (per model and budget), full fine-tuning (the "
                         f"tiny models; default lrs {','.join(f'{x:g}' for x in FULL_LRS)}), the gradient "
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lrs and "full" in conditions and len(conditions) > 1 and args.task == "text_domain":
         parser.error("--lrs needs full fine-tuning alone or LoRA conditions alone (their lr ranges differ)")
     try:
-        task_plan = FACT_PLAN if args.task == "fact_recall" else PLAN
+        task_plan = {"fact_recall": FACT_PLAN, "instruction": INSTR_PLAN}.get(args.task, PLAN)
         plan = {m: task_plan[m] for m in (args.models or ",".join(task_plan)).split(",")}
         given = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None
     except (ValueError, KeyError) as e:
@@ -238,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume and csv_path.exists():
         csv_path.unlink()
     start = time.time()
-    grid = GRIDS["smoke"][0] if args.smoke else None
+    grid = _grid(args.task, args.smoke)
     seeds = tuple(range(args.seeds))
     rows = read_rows(csv_path)
     for condition in conditions:
         if condition != "full":
-            default = FACT_LRS if args.task == "fact_recall" else LRS
+            default = FACT_LRS if args.task in RETENTION_RULE_TASKS else LRS
             rows = sweep(plan, given or default, seeds, args.task, args.cache_dir, csv_path, condition, grid)
         elif args.task == "text_domain":
             full_plan = {m: b for m, b in plan.items() if m in FULL_MODELS}

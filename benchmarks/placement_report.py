@@ -172,8 +172,8 @@ def accuracy_lines(rows: Sequence[dict]) -> list[str]:
         if a["condition"] != "uniform" and ours and base:
             d = stats.paired(ours, base)
             delta = f"**{d.fmt(3)}**" if d.n >= 2 and d.excludes_zero() else d.fmt(3)
-        lines.append(f"| {a['condition']} | {a['target_accuracy'].fmt(3)} | {a['target_chance'].mean:.3f} | "
-                     f"{delta} |")
+        chance = f"{a['target_chance'].mean:.3f}" if "target_chance" in a else "—"  # exact match: none
+        lines.append(f"| {a['condition']} | {a['target_accuracy'].fmt(3)} | {chance} | {delta} |")
     return lines
 
 
@@ -316,8 +316,10 @@ def write_report(rows: Sequence[dict], out: Path, *, grid: Any, grid_name: str, 
         md += [f"## {' / '.join(cell)}", ""]
         base = {r["base_retention_loss"] for r in sub}
         init = {r["initial_target_loss"] for r in sub if not r["frontier"]}
+        runs = ", ".join(sorted({f"{r['steps']} steps x {r['batch_size']} rows at lr {r['lr']}" for r in sub
+                                 if r["condition"] == "uniform"}))
         md += [f"Before fine-tuning: target loss {', '.join(sorted(init))}, retention loss "
-               f"{', '.join(sorted(base))}.", ""]
+               f"{', '.join(sorted(base))}. Uniform's runs (the cell's lr): {runs or 'none'}.", ""]
         md += cell_table(sub) + [""]
         md += ["Paired verdicts on target loss (ours − baseline, 95% t-interval):", ""]
         for ours in OURS:

@@ -107,6 +107,9 @@ class ModelSetup:
             elif task == "fact_recall":
                 self._validation[task] = tasks.fact_recall_task(self.tokenizer, seed=0,
                                                                 n_train=self.grid.n_facts, split="validation")
+            elif task == "instruction":  # the facts in their validation phrasings, the skills' own items
+                self._validation[task] = tasks.TASKS[task](self.tokenizer, seed=0, n_train=self.grid.n_train,
+                                                           n_eval=self.grid.n_eval, split="validation")
             else:
                 raise ValueError(f"no validation split for task {task!r}")
         return self._validation[task]
@@ -407,6 +410,10 @@ def run_one(
     effective = int(extra.get("effective_params", trainable))
     if condition not in ("full", "adalora"):
         note = _check_budget(setup, condition, ranks, trainable, run_budget, note)
+    for prefix, what in (("match_", "exact match"), ("answer_loss_", "answer loss")):  # instruction, per kind
+        kinds = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in extra.items()
+                          if k.startswith(prefix))
+        note = f"{note}; {what} {kinds}".lstrip("; ") if kinds else note
     shares = _shares(setup, ranks, state)
     note = "; ".join(x for x in (note, _moe_note(setup, ranks)) if x)
     row = {
@@ -483,6 +490,7 @@ def _finetune(
                     if k.endswith(f"_{kind}")
                 }
             )
+            out.update({k: v for k, v in scores.items() if k.startswith(("match_", "answer_loss_"))})
         if condition == "adalora":
             out["effective_params"] = pc.adalora_effective_params(model)
         return out

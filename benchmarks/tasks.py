@@ -22,7 +22,7 @@ import functools
 import hashlib
 import random
 import sysconfig
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,14 @@ import torch
 
 from allocator.errors import AllocatorError
 from allocator.tuning.finetune import evaluate_loss
+from benchmarks.instruction import instruction_task
+from benchmarks.taskdef import Batch, Task
 
 SEQ_LEN = 128
 RECALL_SEQ_LEN = 192
 EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 )
-Batch = dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------- text corpus
@@ -271,18 +272,6 @@ def recall_accuracy(model: torch.nn.Module, batches: Sequence[Batch]) -> tuple[f
 # ---------------------------------------------------------------- tasks
 
 
-@dataclass(frozen=True)
-class Task:
-    """A fine-tune task: batches for :func:`allocator.tuning.finetune.finetune` and a scorer for the trained
-    model."""
-
-    name: str
-    description: str
-    train_batches: tuple[Batch, ...]
-    eval_batches: tuple[Batch, ...]
-    evaluate: Callable[[torch.nn.Module], Mapping[str, float]] = field(repr=False)
-
-
 def _loss_metrics(prefix: str, batches: Sequence[Batch]) -> Callable[[torch.nn.Module], dict[str, float]]:
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return {f"{prefix}_loss": evaluate_loss(model, batches)}
@@ -445,4 +434,5 @@ TASKS: dict[str, Callable[..., Task]] = {
     "text_domain": text_domain_task,
     "recall": recall_task,
     "fact_recall": fact_recall_task,
+    "instruction": instruction_task,
 }

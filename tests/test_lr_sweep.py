@@ -50,3 +50,14 @@ def test_sweep_runs_each_lr_and_marks_the_best(tmp_path):
     assert f"uniform qwen3_5_tiny r4: {best}" in text
     with pytest.raises(SystemExit):  # throwaway smoke numbers never overwrite docs/results
         lr_sweep.main(["--smoke", "--models", "qwen3_5_tiny"])
+
+
+def test_instruction_task_takes_the_fact_tasks_lr_rule():
+    """Lowest validation loss among the lrs that raise retention by less than 0.5 nats over the base."""
+    def row(lr, validation, retention):
+        return {"condition": "uniform", "model": "m", "budget": "r4", "lr": lr, "seed": "0",
+                "validation_loss": validation, "retention_loss": retention, "base_retention_loss": "3.5"}
+
+    rows = [row("0.004", "2.0", "3.7"), row("0.008", "1.5", "3.9"), row("0.016", "1.0", "4.1")]
+    assert lr_sweep.chosen_lr(rows, "uniform", "m", "r4", "instruction") == "0.008"
+    assert lr_sweep.chosen_lr(rows, "uniform", "m", "r4", "text_domain") == "0.016"  # no retention rule

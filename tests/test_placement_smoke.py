@@ -10,7 +10,18 @@ import pytest
 from allocator.errors import AllocatorError
 from allocator.reference import reference_model_path
 from benchmarks import placement, stats
-from benchmarks.grid import CONDITIONS, CSV_NAME, GRADIENT, GRIDS, LRS, check_setup, planned_runs, subset
+from benchmarks.grid import (
+    CONDITIONS,
+    CSV_NAME,
+    GRADIENT,
+    GRIDS,
+    INSTR_CONDITIONS,
+    INSTR_LRS,
+    LRS,
+    check_setup,
+    planned_runs,
+    subset,
+)
 from benchmarks.placement_report import write_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +46,7 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
         reference_model_path("qwen3_5_tiny")
     except AllocatorError:
         pytest.skip("reference model qwen3_5_tiny not built (python -m benchmarks.zoo --only qwen3_5_tiny)")
-    (grid,) = GRIDS["smoke"]
+    grid = GRIDS["smoke"][0]
     rows = placement.run_grid(grid, tmp_path, resume=False, cache_dir=tmp_path / "cache")
     assert len(rows) == len(planned_runs(grid))
     assert (tmp_path / CSV_NAME).is_file()
@@ -91,6 +102,29 @@ def test_smoke_grid_matches_budgets_and_writes_results(tmp_path):
         check_setup(tmp_path / CSV_NAME, "qwen3_5_tiny", "text_domain", "0" * 12)
 
 
+def test_smoke_grid_runs_the_instruction_task(tmp_path):
+    """Chat rows with the loss on the assistant turn: every placement at the budget, scored by answer loss and
+    exact match (overall in ``target_accuracy``, per kind in the note); no chance level."""
+    try:
+        reference_model_path("qwen3_5_tiny")
+    except AllocatorError:
+        pytest.skip("reference model qwen3_5_tiny not built (python -m benchmarks.zoo --only qwen3_5_tiny)")
+    (grid,) = [p for p in GRIDS["smoke"] if p.tasks == ("instruction",)]
+    rows = placement.run_grid(grid, tmp_path, resume=False, cache_dir=tmp_path / "cache")
+    assert sorted(r["condition"] for r in rows) == sorted(INSTR_CONDITIONS)
+    (b,) = {int(r["budget_params"]) for r in rows}
+    for r in rows:
+        assert r["task"] == "instruction" and abs(int(r["trainable_params"]) - b) <= 0.01 * b
+        assert float(r["target_loss"]) < float(r["initial_target_loss"])  # the answers' loss falls
+        assert 0.0 <= float(r["target_accuracy"]) <= 1.0 and r["target_chance"] == ""
+        assert "exact match lookup " in r["note"] and " mul " in r["note"]
+    shares = {r["condition"]: float(r["share_recurrent"]) for r in rows}
+    assert shares["recurrent_only"] == 1.0 and shares["attention_only"] == 0.0
+    text = write_report(rows, tmp_path, grid=grid, grid_name="smoke", command="test", wall_s=1.0,
+                        threads=1).read_text()
+    assert "## qwen3_5_tiny / instruction / r4" in text and "Answer accuracy" in text
+
+
 def test_grid_filters_keep_each_part_and_name_unknown_values():
     parts = subset(GRIDS["full"], models="qwen3_5_deep")
     assert {p.models for p in parts} == {("qwen3_5_deep",)}
@@ -111,6 +145,9 @@ def test_each_budget_runs_at_its_own_lr():
     assert core.lr_for("qwen3_5_tiny", 2) == core.lr  # a budget outside the sweep falls back to the grid's lr
     smoke = GRIDS["smoke"][0]
     assert smoke.lr_for("qwen3_5_tiny", 4) == smoke.lr
+    (instruction,) = subset(GRIDS["full"], tasks="instruction")  # its own part, at its own lrs
+    assert instruction.lr_for("falcon_h1_tiny", 4) == dict(
+        ((m, b), lr) for m, b, lr in INSTR_LRS)[("falcon_h1_tiny", 4)]
 
 
 def test_the_moe_model_runs_in_a_part_of_its_own_at_its_own_lr():
