@@ -230,3 +230,19 @@ def test_an_unknown_expert_layout_is_refused_before_probing(tiny_tokenizer):
             allocator.allocate(
                 model, data=_batches(1), budget="r4", tokenizer=tiny_tokenizer, probe_settings=QUIET
             )
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_5_moe"])
+def test_the_rank_0_warning_names_only_fixes_that_bring_the_experts_back(model_type):
+    """``required`` is met by any module of the family: with shared experts in it (qwen3_5_moe) it would be
+    met at rank 1 on them, so the warning names it only where the routed experts are the family's only
+    members (mixtral); the uniform prior is named in both."""
+    from allocator.discovery.experts import idle_family_warning
+
+    comps = [c for c in find_components(_model(model_type)) if c.eligible]
+    ranks = {c.name: 0 if c.kind == "expert" else 4 for c in comps}
+    text = idle_family_warning(comps, ranks, 10**9, dict.fromkeys(ranks, "ok"), (0, 1, 2, 4), share=0.0)
+    shared = any(c.family == "moe" and c.kind != "expert" for c in comps)
+    assert shared == (model_type == "qwen3_5_moe")
+    assert "the evidence" in text and "--utility-uniform-prior 1" in text
+    assert ("--solver-required moe" in text) == (not shared)

@@ -146,8 +146,15 @@ def idle_family_warning(
             "the probes measured less utility per parameter in them than in the modules that got the "
             "budget (the evidence)"
         )
+    families = {c.family for c in experts}
+    # `required` is met by any module of the family: shared experts would satisfy it with the routed ones at 0
+    shared = any(c.family in families and c.kind != "expert" for c in offered)
+    require = "" if shared else (
+        f", or require them with SolverSettings(required={tuple(sorted(families))!r}) "
+        f"(--solver-required {','.join(sorted(families))})")
     return (
         f"the plan leaves all {len(experts)} routed-expert parameters ({mass / total:.0%} of the offered "
-        f"LoRA parameters per rank) at rank 0: {why}; raise the budget, or require them with "
-        "SolverSettings(required=('moe',)) (--solver-required moe)"
+        f"LoRA parameters per rank) at rank 0: {why}; raise the budget, weigh the uniform prior "
+        f"(UtilitySettings(uniform_prior=1), --utility-uniform-prior 1: each family gets uniform LoRA's "
+        f"share){require}"
     )
