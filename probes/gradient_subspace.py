@@ -20,9 +20,8 @@ from torch import nn
 
 from probes.errors import ProbeError
 from probes.hooks import ModuleProbe, Prober
-from probes.padding import model_inputs
 from probes.records import IGNORE_INDEX
-from probes.runner import _accepts, _check_batches, _loss, _probing_state, _resolve, check_token_ids
+from probes.runner import _accepts, _check_batches, _probing_state, _resolve, check_token_ids, probe_batch
 from probes.settings import ProbeSettings
 
 
@@ -96,25 +95,11 @@ def _labelled(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _backward_passes(model: nn.Module, batches: list[dict], prober: Prober, device: torch.device) -> None:
     """One forward and backward per batch, the hooks adding each module's δᵀX (or its sketches)."""
     accepts_cache = _accepts(model, "use_cache")
-    for i, raw in enumerate(batches):
-        batch = {key: value.to(device) for key, value in raw.items()}
-        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
-        if accepts_cache:
-            batch["use_cache"] = False
-        prober.begin_batch(i, batch["attention_mask"])
-        with torch.enable_grad():
-            loss = _loss(model(**model_inputs(model, batch)))  # right padding: the mask stays with the hooks
-        if not math.isfinite(float(loss.detach())):
-            prober.discard_batch()
-            raise ProbeError(f"loss is {float(loss.detach())} on calibration batch {i}; check that batch "
-                             "and the model dtype (load a float16 model in bfloat16 or float32)")
-        prober.end_forward()
-        prober.in_backward = True
-        try:
-            loss.backward()
-        finally:
-            prober.in_backward = False
-        prober.end_batch()
+    for i, batch in enumerate(batches):
+        value, _ = probe_batch(model, batch, i, device, prober, accepts_cache=accepts_cache)
+        if not math.isfinite(value):
+            raise ProbeError(f"loss is {value} on calibration batch {i}; check that batch and the model "
+                             "dtype (load a float16 model in bfloat16 or float32)")
 
 
 def _right_vectors(probe: ModuleProbe, k: int, seed: int) -> torch.Tensor:

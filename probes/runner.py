@@ -98,19 +98,8 @@ def _run_pass(model, batches, modules, settings: ProbeSettings, meta, every_expe
             bar = _progress(len(mine), settings.progress and rank == 0, pass_of)
             start = time.perf_counter()
             for i in mine:
-                batch = {k: v.to(device) for k, v in batches[i].items()}
-                batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
-                if accepts_cache:
-                    batch["use_cache"] = False
-                prober.begin_batch(i, batch["attention_mask"])
-                experts.begin_batch(i, batch["attention_mask"])
-                with torch.enable_grad():  # the hooks select tokens by the mask; the model may go without
-                    loss = _loss(model(**model_inputs(model, batch)))
-                value = float(loss.detach())
+                value, real = probe_batch(model, batches[i], i, device, prober, experts, accepts_cache)
                 if not math.isfinite(value):
-                    del loss
-                    prober.discard_batch()
-                    experts.discard_batch()
                     if not settings.skip_nonfinite:
                         raise ProbeRunError(
                             f"loss is {value} on batch {i}; check that batch and the model dtype, or set "
@@ -118,16 +107,7 @@ def _run_pass(model, batches, modules, settings: ProbeSettings, meta, every_expe
                         )
                     n_skipped += 1
                     continue
-                prober.end_forward()
-                prober.in_backward = experts.in_backward = True
-                try:
-                    loss.backward()
-                finally:
-                    prober.in_backward = experts.in_backward = False
-                del loss
-                prober.end_batch()
-                experts.end_batch()
-                n_tokens += int(batch["attention_mask"].sum())
+                n_tokens += real
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
             bar.close()
@@ -144,6 +124,40 @@ def _run_pass(model, batches, modules, settings: ProbeSettings, meta, every_expe
     info.update(meta or {})
     stats = {name: per_probe[id(probe)] for name, probe in by_name.items()}
     return ProbeReport({**stats, **experts.finalize(world)}, info)
+
+
+def probe_batch(model: nn.Module, raw: Mapping[str, torch.Tensor], index: int, device: torch.device,
+                prober: Prober, experts: ExpertProber | None = None, accepts_cache: bool = True
+                ) -> tuple[float, int]:
+    """One probed micro-batch: ``raw`` on ``device``, the forward (the hooks told of the batch and its mask;
+    the model called per :func:`probes.padding.model_inputs`) and the backward. A non-finite loss skips the
+    backward and discards the batch from the probers. Returns (the loss, the batch's real tokens)."""
+    batch = {k: v.to(device) for k, v in raw.items()}
+    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+    if accepts_cache:
+        batch["use_cache"] = False
+    probers = [prober] if experts is None else [prober, experts]
+    for p in probers:
+        p.begin_batch(index, batch["attention_mask"])
+    with torch.enable_grad():  # the hooks select tokens by the mask; the model may go without
+        loss = _loss(model(**model_inputs(model, batch)))
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        for p in probers:
+            p.discard_batch()
+        return value, 0
+    prober.end_forward()
+    for p in probers:
+        p.in_backward = True
+    try:
+        loss.backward()
+    finally:
+        for p in probers:
+            p.in_backward = False
+    del loss
+    for p in probers:
+        p.end_batch()
+    return value, int(batch["attention_mask"].sum())
 
 
 # --- setup
