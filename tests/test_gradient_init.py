@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import probes
 from allocator.commands.cli import main
@@ -18,20 +17,13 @@ from allocator.errors import InputError
 from allocator.output.lora_init import kaiming_row_norm
 from allocator.output.plan import Plan
 from probes.gradient_subspace import gradient_subspaces
+from tests.tiny_models import uneven_plan
 
 FAST = ["--data-samples", "4", "--data-seq-len", "32", "--data-batch-size", "2", "--quiet"]
 
 
 def _setup(saved_tiny_model, corpus_file, model_type="qwen3_5"):
-    folder = saved_tiny_model(model_type)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    batches = probes.load_batches(str(corpus_file), tokenizer, seq_len=32, samples=8, batch_size=4)
-    eligible = [c for c in find_components(model) if c.eligible and not c.is_parameter]
-    ranks = {c.name: (1, 2, 4, 0)[i % 4] for i, c in enumerate(eligible)}  # uneven ranks, some skipped
-    plan = Plan(model_id=str(folder), components=tuple(find_components(model)), ranks=ranks, budget=10**9,
-                init="gradient")
-    return model, batches, plan
+    return uneven_plan(saved_tiny_model(model_type), corpus_file, "gradient", samples=8)
 
 
 def _exact_gradient(model, name, batches):

@@ -8,29 +8,20 @@ import json
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import probes
 from allocator.commands.cli import main
 from allocator.discovery.components import find_components
 from allocator.errors import InputError
 from allocator.output.plan import Plan
+from tests.tiny_models import uneven_plan
 
 FAST = ["--data-samples", "4", "--data-seq-len", "32", "--data-batch-size", "2", "--quiet"]
 
 
 def _setup(saved_tiny_model, corpus_file, model_type="qwen3_5"):
-    folder = saved_tiny_model(model_type)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    batches = probes.load_batches(str(corpus_file), tokenizer, seq_len=32, samples=16, batch_size=4)
-    eligible = [c for c in find_components(model) if c.eligible and not c.is_parameter]
-    # uneven ranks, some modules skipped
-    ranks = {c.name: (1, 2, 4, 0)[i % 4] for i, c in enumerate(eligible)}
-    plan = Plan(
-        model_id=str(folder), components=tuple(find_components(model)), ranks=ranks, budget=10**9, init="eva"
-    )
-    return model, batches, plan
+    return uneven_plan(saved_tiny_model(model_type), corpus_file, "eva", samples=16)
 
 
 def _inputs(model, name, batches):

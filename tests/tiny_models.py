@@ -9,8 +9,12 @@ the same for MoE families without a recurrent mixer (mixtral, qwen3_moe, deepsee
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import probes
+from allocator.discovery.components import find_components
+from allocator.output.plan import Plan
 
 COMMON = dict(
     vocab_size=128,
@@ -297,3 +301,17 @@ def called_linears(model, input_ids=None) -> set[int]:
         for h in hooks:
             h.remove()
     return seen
+
+
+def uneven_plan(folder, corpus_file, init: str, samples: int):
+    """(model, calibration batches, plan) of a saved tiny model: ranks 1, 2, 4, 0 in turn over its eligible
+    linears (uneven, some skipped), lora_A init ``init``, ``samples`` rows of 32 tokens from ``corpus_file``
+    in micro-batches of 4."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batches = probes.load_batches(str(corpus_file), tokenizer, seq_len=32, samples=samples, batch_size=4)
+    eligible = [c for c in find_components(model) if c.eligible and not c.is_parameter]
+    ranks = {c.name: (1, 2, 4, 0)[i % 4] for i, c in enumerate(eligible)}
+    plan = Plan(model_id=str(folder), components=tuple(find_components(model)), ranks=ranks, budget=10**9,
+                init=init)
+    return model, batches, plan
