@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import stats
-from benchmarks.grid import GRIDS, RESULTS, append_row, read_rows
+from benchmarks.grid import CACHE_DIR, GRIDS, RESULTS, append_row, read_rows
 from benchmarks.log import log
 from benchmarks.placement_report import header, write_markdown
 
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep the CSV and skip runs already in it")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the CSV")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

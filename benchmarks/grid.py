@@ -23,6 +23,8 @@ from allocator.solver.settings import COARSE_RANKS, DENSE_RANKS
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 CSV_NAME, MD_NAME, PNG_NAME = "placement_runs.csv", "placement.md", "placement.png"
+# the benchmark scripts' probe cache (--cache-dir), shared so that their runs reuse each other's probes
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement"
 FAMILIES = ("attention", "recurrent", "mlp")
 SIGNALS = ("gradient_spectrum", "heldout_capture", "fisher", "activation_rank")
 CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "adalora",

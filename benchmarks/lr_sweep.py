@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import stats
-from benchmarks.grid import GRADIENT, GRIDS, INSTRUCTION_PART, RESULTS, Grid, append_row, read_rows
+from benchmarks.grid import CACHE_DIR, GRADIENT, GRIDS, INSTRUCTION_PART, RESULTS, Grid, append_row, read_rows
 from benchmarks.log import log
 from benchmarks.placement_report import header, write_markdown
 
@@ -235,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="the placement smoke grid's settings (a few steps), for the tests; needs --out")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.grid import (
+    CACHE_DIR,
     CONDITIONS,
     CSV_NAME,
     EXTRA,
@@ -126,8 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                         "full grid shares the core grid's runs, so extend with --grid full --resume)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default docs/results; for --grid smoke a new temporary folder)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "allocator-placement")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--zoo", type=Path, default=None,
                         help="folder of reference models (default allocator/zoo); e.g. a second pretraining "
