@@ -312,3 +312,19 @@ def test_gradient_init_study_starts_every_trial_from_the_gradient_directions(tin
         init=lambda m: init_lora_a(m, directions, plan.targets),
     )
     assert again.eval_loss == pytest.approx(result.trials[0].value, abs=1e-6)
+
+
+def test_step_budget_caps_the_pilots_steps_and_keeps_the_protected_baselines_whole(tiny, texts, tmp_path):
+    """8 pilots of 4 steps would train 32 steps; a budget of 18 stops searched pilots at their last eval step
+    within it (the default and uniform pilots, owed first, run whole), then prunes the rest before they
+    start."""
+    fast = {**FAST, "steps": 4, "eval_every": 1}
+    settings = TuneSettings(trials=8, pruner="none", lr="3e-3", alpha_ratio="2", step_budget=18,
+                            baselines=("default", "uniform"), **fast)  # no training setting searched: no
+    # uniform@winner pilot to reserve steps for
+    rows = _tune(tiny, texts, tmp_path / "capped", settings).trials
+    steps = [r.steps or 0 for r in rows]
+    assert sum(steps) == 18 and len(rows) == 8
+    assert [r.steps for r in rows if r.baseline in ("default", "uniform")] == [4, 4]
+    assert steps.count(0) >= 1 and any(0 < s < 4 for s in steps)  # one stopped early, later ones never ran
+    assert all(r.state == "pruned" for r in rows if (r.steps or 0) < 4)

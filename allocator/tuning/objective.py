@@ -27,6 +27,7 @@ from allocator.discovery.component import Component
 from allocator.errors import InputError
 from allocator.output.lora_init import init_components, init_lora_a, init_targets
 from allocator.output.plan import Plan
+from allocator.tuning.attribution import TRAINING, UNIFORM_AT_WINNER
 from allocator.tuning.finetune import FinetuneSettings, finetune
 from allocator.tuning.search import BaseTrial, FixedParams, Search, grid_up_to
 from allocator.tuning.settings import PROTECTED_BASELINES, TuneSettings
@@ -178,8 +179,13 @@ class Objective:
             work = time.perf_counter() - started - setup
         else:
             single = s.mode == "single"
-            protected = trial.user_attrs.get("baseline") in PROTECTED_BASELINES
+            baseline = trial.user_attrs.get("baseline")
+            protected = baseline in PROTECTED_BASELINES or baseline == UNIFORM_AT_WINNER
             prunable = single and s.pruner != "none" and not protected
+            left = steps_left(trial.study, s) if s.step_budget and not protected else None
+            if left is not None and left < (min(s.steps, s.eval_every or s.steps) if single else s.steps):
+                trial.set_user_attr("steps", 0)
+                raise Pruned(f"the study's step budget ({s.step_budget} steps) is spent")
             run = FinetuneSettings(
                 steps=s.steps,
                 lr=cfg["lr"],
@@ -194,7 +200,7 @@ class Objective:
                 self.train,
                 self.evals,
                 run,
-                callback=_reporter(trial, prunable) if single else None,
+                callback=_reporter(trial, prunable, left, s.eval_every) if single else None,
                 init=self.lora_a_init(plan) if plan.init != "default" else None,
             )
             value, work = result.eval_loss, result.wall_time_s
@@ -204,14 +210,33 @@ class Objective:
         return value if s.mode == "single" else (value, float(plan.cost))
 
 
-def _reporter(trial: Any, prunable: bool) -> Callable[[int, float], None]:
+def _reporter(trial: Any, prunable: bool, left: int | None = None, every: int = 0
+              ) -> Callable[[int, float], None]:
     """The fine-tune callback: report each intermediate eval loss; raise :class:`Pruned` when the pruner says
-    so."""
+    so, or when the next eval step would pass the ``left`` steps of the study's step budget."""
 
     def callback(step: int, loss: float) -> None:
         trial.report(loss, step)
         if prunable and trial.should_prune():
             trial.set_user_attr("steps", step)
             raise Pruned(f"eval loss {loss:.4f} at step {step} lags the other trials")
+        if left is not None and step + every > left:
+            trial.set_user_attr("steps", step)
+            raise Pruned(f"stopped at step {step}: the study's step budget has {left} steps for this trial")
 
     return callback
+
+
+def steps_left(study: Any, s: TuneSettings) -> int:
+    """Steps of ``s.step_budget`` a prunable trial may still train: the budget less the steps of the finished
+    trials and a whole pilot for each protected one still to come (the default and uniform baselines, and
+    ``uniform@winner``). Trials running in other workers are not counted, so parallel workers may pass the
+    budget by what they run at once."""
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    spent = sum(int(t.user_attrs.get("steps", s.steps * (t.state.name == "COMPLETE"))) for t in finished)
+    done = {t.user_attrs.get("baseline") for t in finished}
+    owed = [b for b in s.baselines if b in PROTECTED_BASELINES and b not in done]
+    if UNIFORM_AT_WINNER not in done and any(s.spaces[k].searched for k in TRAINING if k in s.spaces):
+        owed.append(UNIFORM_AT_WINNER)  # a winner at other training settings gets this extra pilot
+    return s.step_budget - spent - s.steps * len(owed)

@@ -155,6 +155,10 @@ class TuneSettings:
     batch_size: int = ranged(8, "sequences per fine-tune step", Range(1, integer=True))
     eval_every: int = ranged(10, "steps between intermediate eval losses (reported "
                                  "for pruning; 0: end only)", Range(0, integer=True))
+    step_budget: int = ranged(0, "optimizer steps all pilots of the study may train together (0: no cap); "
+                                 "a trial that would pass it is pruned at its last eval step within it, "
+                                 "counting the steps the default, uniform and uniform@winner pilots still "
+                                 "need", Range(0, integer=True))
     train_samples: int = ranged(256, "fine-tune training sequences drawn from --data", Range(1, integer=True))
     eval_samples: int = ranged(64, "eval sequences drawn from --eval-data", Range(1, integer=True))
     seed: int = ranged(0, "seed of every fine-tune (data order, LoRA init) and of "
