@@ -397,6 +397,11 @@ def uniform_rank(components: Sequence[Component], budget: int) -> int:
     return max(1, budget // per_rank) if per_rank else 1
 
 
+def warmup_targets(components: Sequence[Component], rank: int) -> dict[str, int]:
+    """The warm-up's uniform LoRA: ``rank`` on every eligible linear and routed-expert parameter."""
+    return {c.name: rank for c in components if c.eligible and (not c.is_parameter or c.kind == "expert")}
+
+
 def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component], rank: int,
                data_settings: DataSettings, probe_settings: ProbeSettings, alpha_ratio: float = 2.0
                ) -> probes.Warmup | None:
@@ -406,8 +411,7 @@ def warmup_for(data: DataSource, tokenizer: Any, components: Sequence[Component]
     ``probe_settings.warmup_steps`` is 0."""
     if not probe_settings.warmup_steps:
         return None
-    targets = {c.name: rank for c in components if c.eligible and (not c.is_parameter or c.kind == "expert")}
-    config = to_lora_config(targets, components, alpha_ratio=alpha_ratio)
+    config = to_lora_config(warmup_targets(components, rank), components, alpha_ratio=alpha_ratio)
     d, n = data_settings, probe_settings.warmup_steps * data_settings.batch_size
     token_rows = probes.is_token_source(data)  # taken in order: skip the calibration rows
     with as_input_error(ProbeError), warnings.catch_warnings():

@@ -36,6 +36,8 @@ V1_UTILITY: dict[str, Any] = {"signal": "combined", "uniform_prior": 0.5}
 V1_TUNE_TRIALS = 10
 # alloc_tuned's pilot length, a fraction of the fine-tune's steps (6 pilots pruned at quarters: <= 2x it)
 PILOT_FRACTION = 0.4
+# alloc_tuned's pilots together train at most this many times the fine-tune's steps (TuneSettings.step_budget)
+TUNE_STEP_FACTOR = 2
 # alloc_coarse: the solver's earlier default grid (0, 4, 8, 16, 32, 64), replaced by the dense one on this
 # benchmark (at uniform's best lr the coarse plan was worse in mean at Falcon-H1 r1, the dense one beat
 # uniform on the qwen fact task; docs/method.md). alloc_tuned: `allocate tune`, pilot fine-tunes choosing the
@@ -50,12 +52,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "alloc_evidence": ({"uniform_prior": 0.0}, {}),  # the probes' evidence alone, without the uniform prior
 }
 # Probes after the default warm-up (20 steps of uniform LoRA): "allocator" is `allocate`'s default (the
-# capacity signal, exponent e = 1); the others change e: a family's budget share grows like its capacity
-# demand per parameter to the power 2e (docs/utility.md)
+# capacity signal, demand read per family as the more cautious of the share and the energy reading, exponent
+# e = 1); alloc_energy: the default before the routed-MoE cell (the energy reading alone); alloc_share: the
+# share reading alone; the others change e: a family's budget share grows like its capacity demand to the
+# power 2e (docs/utility.md)
 WARM: dict[str, dict[str, Any]] = {
     "allocator": {},
-    "alloc_warm_e2": {"capacity_exponent": 2.0},
-    "alloc_warm_e05": {"capacity_exponent": 0.5},
+    "alloc_energy": {"capacity_measure": "energy"},
+    "alloc_share": {"capacity_measure": "share"},
+    "alloc_warm_e2": {"capacity_measure": "energy", "capacity_exponent": 2.0},
+    "alloc_warm_e05": {"capacity_measure": "energy", "capacity_exponent": 0.5},
+    "alloc_share_e2": {"capacity_measure": "share", "capacity_exponent": 2.0},
 }
 # EVA's gain may come from its data-driven lora_A rather than its placement: the same init on other placements
 INIT = ("uniform_eva_init", "allocator_eva_init", "eva_ranks", "eva_ranks_eva_init", "alloc_ev",
@@ -142,9 +149,9 @@ FACT_PART = replace(CORE, tasks=("fact_recall",), lrs=FACT_LRS,
 # Tight and generous budgets, and the 12-layer model: the conditions that answer the questions there
 # (EVA's init is left to the core grid: at uniform's best lr it tied uniform there and forgot more)
 BUDGET_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
-                     "alloc_retention", *EXTRA)
+                     "alloc_energy", "alloc_share", "alloc_retention", *EXTRA)
 DEEP_CONDITIONS = ("uniform", "attention_only", "recurrent_only", "mlp_only", "random", "eva", "allocator",
-                   "alloc_evidence")
+                   "alloc_energy", "alloc_share", "alloc_evidence")
 BUDGET_PART = replace(CORE, conditions=BUDGET_CONDITIONS,
                       frontier=(("lr/4", 1, 0.25, 1), ("steps/4", 1, 1, 0.25), ("rank/4", 0.25, 1, 1)))
 # The fact task at the tight budget, on the model that stores facts (Falcon-H1 stores none at r4)
@@ -171,13 +178,15 @@ GRADIENT_PARTS = (
 # granite_moe_tiny`, docs/results/lr_sweep.md), in a part of its own so the other parts' setup ids stay
 MOE_LRS = (("granite_moe_tiny", 4, 1.6e-2),)
 MOE_PART = replace(CORE, models=("granite_moe_tiny",), seeds=(0, 1, 2, 3, 4), frontier=(), lrs=MOE_LRS,
-                   conditions=("uniform", "allocator", "attention_only", "recurrent_only", "mlp_only"))
+                   conditions=("uniform", "allocator", "alloc_energy", "alloc_share", "attention_only",
+                               "recurrent_only", "mlp_only"))
 # The instruction task (benchmarks/instruction.py: chat rows, loss on the assistant turn only; full grid
 # only). Its rows are ~36 tokens, so 32 to a step see about the tokens of the text task's 8 x 128; calibration
 # keeps the grid's 32 rows, `allocate`'s default sample count. Its lr: the fact task's rule on its validation
 # split (`python -m benchmarks.lr_sweep --task instruction`, docs/results/lr_sweep_instruction.md)
 INSTR_LRS = (("qwen3_5_tiny", 4, 2e-3), ("falcon_h1_tiny", 4, 2e-3))
-INSTR_CONDITIONS = ("uniform", "allocator", "attention_only", "recurrent_only", "mlp_only")
+INSTR_CONDITIONS = ("uniform", "allocator", "alloc_energy", "alloc_share", "attention_only", "recurrent_only",
+                    "mlp_only")
 INSTRUCTION_PART = replace(CORE, tasks=("instruction",), seeds=(0, 1, 2, 3, 4), lrs=INSTR_LRS, batch_size=32,
                            conditions=INSTR_CONDITIONS, frontier=())
 # A grid is one or more parts run in order into one CSV (each part: every model x task x budget x condition x
@@ -199,7 +208,9 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
              replace(CORE, models=("qwen3_5_deep",), conditions=("alloc_tuned",), frontier=()),
              *GRADIENT_PARTS,
              replace(CORE, conditions=GRADIENT_INIT, frontier=()),
-             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=()), MOE_PART, INSTRUCTION_PART),
+             replace(FACT_PART, conditions=GRADIENT_INIT, frontier=()), MOE_PART, INSTRUCTION_PART,
+             replace(CORE, conditions=("alloc_energy", "alloc_share"), frontier=()),
+             replace(FACT_PART, conditions=("alloc_energy", "alloc_share"), frontier=())),
 }
 
 

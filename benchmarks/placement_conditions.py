@@ -256,7 +256,7 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
                 train: Sequence[Mapping], validation: Sequence[Mapping], budget: int, *, lr: float,
                 steps: int, batch_size: int, seed: int, trials: int, n_calib: int, probe_settings: Any,
                 out_dir: Any, init: str = "default", utility_settings: Any = None, eval_every: int = 0,
-                pruner: str = "none") -> tuple[Ranks, int, dict]:
+                pruner: str = "none", step_budget: int = 0) -> tuple[Ranks, int, dict]:
     """``allocate tune`` (:func:`allocator.tuning.tune`) at the fixed budget, lr and alpha: Optuna chooses the
     placement (the solver's plan, or uniform / one family, the study's enqueued baselines) and the solver
     utility's family priors and uniform prior, each trial a ``steps``-step pilot fine-tune on ``train`` scored
@@ -264,12 +264,13 @@ def tuned_ranks(model: torch.nn.Module, tokenizer: Any, eligible: Sequence[Compo
     ``single_family`` placement, any other plan closed by rank + 1 on its adapted modules first.
     ``init="eva"``: every pilot starts from EVA's lora_A (``allocate tune --init eva``), every token of the
     calibration rows counted as in :func:`eva_components` (``init_data`` without labels); ``init="gradient"``:
-    from the gradient init's, on the calibration rows with their labels."""
+    from the gradient init's, on the calibration rows with their labels. ``step_budget``: the pilots' steps
+    together (0: no cap)."""
     rows = sum(int(b["input_ids"].shape[0]) for b in train)
     seq_len = max(int(b["input_ids"].shape[1]) for b in (*train, *validation))
     settings = TuneSettings(
         trials=trials, steps=steps, batch_size=batch_size, eval_every=eval_every, pruner=pruner,
-        train_samples=rows,
+        step_budget=step_budget, train_samples=rows,
         eval_samples=sum(int(b["input_ids"].shape[0]) for b in validation), seed=seed, budget=str(budget),
         lr=f"{lr:g}", alpha_ratio="2", weights="", uniform_prior="0..1", family_priors="0.25..4",
         retention_weight="", granularity="", max_rank="")

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 import allocator.tuning.finetune as ft
 import probes
+from allocator.api import warmup_targets
 from allocator.discovery.components import find_components
 from allocator.discovery.modelio import load_model
 from allocator.output.export import to_lora_config
@@ -42,6 +43,7 @@ from benchmarks.grid import (
     PILOT_FRACTION,
     RETENTION_WEIGHT,
     SIGNALS,
+    TUNE_STEP_FACTOR,
     V1_TUNE_TRIALS,
     V1_UTILITY,
     VARIANTS,
@@ -146,10 +148,8 @@ class ModelSetup:
             n, b = self.grid.n_calib, 4
             rows = range(n, min(pool["input_ids"].shape[0], n + settings.warmup_steps * b), b)
             warm = [{k: v[i:i + b] for k, v in pool.items()} for i in rows] or self.calib(task)
-            # the linear targets, as `allocate`'s warm-up (api.warmup_for): routed experts are probed at the
-            # warmed-up point without an adapter of their own (docs/moe.md)
-            linear = [c for c in self.eligible if not c.is_parameter]
-            config = to_lora_config(pc.uniform(linear, rank), self.components, alpha_ratio=2.0)
+            # `allocate`'s warm-up targets (linears and routed experts)
+            config = to_lora_config(warmup_targets(self.components, rank), self.components, alpha_ratio=2.0)
             meta = {"model_id": self.name, "weights": self.weights_id, "calibration": task}
             t0 = time.perf_counter()
             with warnings.catch_warnings():
@@ -222,6 +222,10 @@ def _file_id(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return f"{path.stat().st_size}:{h.hexdigest()[:16]}"
+
+
+# the note's measured parts (instruction task, per kind), carried over when a deterministic run is reused
+MEASURED_NOTES = ("exact match", "answer loss")
 
 
 def plan_condition(setup: ModelSetup, task: str, condition: str, rank: int, budget: int, seed: int,
@@ -320,9 +324,10 @@ def _tuned(
     g, pilot_steps = setup.grid, max(2, round(steps * PILOT_FRACTION))
     # pilots pruned by successive halving at every quarter of their length; the default and uniform run whole
     trials, probe_settings, utility = g.tune_trials, setup.settings, None
-    every, pruner = max(1, pilot_steps // 4), "halving"
-    if v1:  # half-length pilots, every one whole, step-0 probes
+    every, pruner, step_budget = max(1, pilot_steps // 4), "halving", TUNE_STEP_FACTOR * steps
+    if v1:  # half-length pilots, every one whole, step-0 probes, no step budget
         trials, utility, every, pruner = V1_TUNE_TRIALS, UtilitySettings(**V1_UTILITY), 0, "none"
+        step_budget = 0
         probe_settings, pilot_steps = replace(setup.settings, warmup_steps=0), max(2, steps // 2)
     with warnings.catch_warnings():  # e.g. the fact task has fewer train rows than n_calib: known, not news
         warnings.simplefilter("ignore")
@@ -343,6 +348,7 @@ def _tuned(
             utility_settings=utility,
             eval_every=every,
             pruner=pruner,
+            step_budget=step_budget,
             init=init,
             out_dir=setup.cache_dir
             / "tune"
@@ -393,7 +399,9 @@ def run_one(
     key = (setup.name, task, plan_hash, seed, steps, f"{lr:g}", g.batch_size, setup.setup_ids[task])
     if plan_hash and reuse is not None and key in reuse:
         row = dict(reuse[key])
-        reused = f"{note}; same plan as {row['condition']}: its deterministic result reused"
+        measured = [p for p in row["note"].split("; ") if p.startswith(MEASURED_NOTES)]  # identical too
+        same = f"{note}; same plan as {row['condition']}: its deterministic result reused"
+        reused = "; ".join([same, *measured])
         row.update(
             condition=cond,
             frontier=frontier,
@@ -410,7 +418,7 @@ def run_one(
     effective = int(extra.get("effective_params", trainable))
     if condition not in ("full", "adalora"):
         note = _check_budget(setup, condition, ranks, trainable, run_budget, note)
-    for prefix, what in (("match_", "exact match"), ("answer_loss_", "answer loss")):  # instruction, per kind
+    for prefix, what in zip(("match_", "answer_loss_"), MEASURED_NOTES, strict=True):  # instruction, per kind
         kinds = ", ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in extra.items()
                           if k.startswith(prefix))
         note = f"{note}; {what} {kinds}".lstrip("; ") if kinds else note

@@ -35,15 +35,15 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("verdict")
     done: dict[str, tuple[str, Path]] = {}
 
-    def call(budget: str = "r8", default: bool = False, **utility) -> tuple[str, Path]:
+    def call(budget: str = "r8", default: bool = False, data: str = "builtin", **utility) -> tuple[str, Path]:
         """``default``: allocate's default settings (warm-up, capacity signal); else the step-0 probes and the
         combined signal at half the uniform prior, whose plan on this model and data is uniform's."""
-        key = repr((budget, default, sorted(utility.items())))
+        key = repr((budget, default, data, sorted(utility.items())))
         if key not in done:
             base = {} if default else {"signal": "combined", "uniform_prior": 0.5}
             plan = allocator.allocate(
                 None,
-                "builtin",
+                data,
                 budget,
                 data_settings=DataSettings(samples=4, seq_len=32, batch_size=2),
                 probe_settings=ProbeSettings(progress=False, warmup_steps=20 if default else 0),
@@ -262,11 +262,12 @@ def test_tune_splits_the_gain_into_placement_and_training_settings(tmp_path):
 
 
 def test_default_plan_reports_capacity_demand_and_moves_budget_toward_the_most_demanding_family(run):
-    printed, out = run(default=True)
+    printed, out = run(default=True, data="builtin-facts")  # the demo's task: storing facts binds capacity
     plan = Plan.load(out)
     rows = plan.evidence["capacity"]["families"]
     text = _verdict(printed)
-    assert plan.evidence["signal"] == "capacity" and "capacity demand (gradient energy in directions" in text
+    assert plan.evidence["signal"] == "capacity" and plan.evidence["capacity"]["measure"] == "consensus"
+    assert "capacity demand after the warm-up (gradient energy in directions 9..32, per parameter or" in text
     top = max(rows, key=lambda f: rows[f]["demand"])
     low = min(rows, key=lambda f: rows[f]["demand"])
     assert rows[top]["demand"] > 1 > rows[low]["demand"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -155,15 +157,31 @@ def test_capacity_moves_budget_to_the_family_whose_gradient_energy_lies_beyond_t
     row = table.index()
     ratio = [table.values[row[c.name], -1] / prior[i, -1] for i, c in enumerate(comps)]
     assert ratio[2] == ratio[3] > ratio[0] == ratio[1]  # per family, and toward the deep spectrum
-    # tail energy (ranks 5..16) per parameter: 12 vs 108 per module, mean 60: weights 0.2 and 1.8, ratio 9
-    assert ratio[2] / ratio[0] == pytest.approx(9.0)
-    squared = compute_utilities(
-        report,
-        comps,
-        grid,
-        UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4, capacity_exponent=2.0),
-    )
+    # the tail (ranks 5..16) as a share of each module's energy: 12/412 and 108/508
+    share = [12 / 412, 108 / 508]
+    assert ratio[2] / ratio[0] == pytest.approx(share[1] / share[0])
+    energy = UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4,
+                             capacity_measure="energy")
+    table = compute_utilities(report, comps, grid, energy)
+    # tail energy per parameter: 12 vs 108 per module, mean 60: weights 0.2 and 1.8, ratio 9
+    assert table.values[row["r0"], -1] / table.values[row["a0"], -1] == pytest.approx(9.0)
+    squared = compute_utilities(report, comps, grid, dataclasses.replace(energy, capacity_exponent=2.0))
     assert squared.values[row["r0"], -1] / squared.values[row["a0"], -1] == pytest.approx(81.0)
+    # a family whose gradients are 10x larger throughout: the share measure does not see the scale (under
+    # Adam the update does not grow with it), the energy measure takes it for 100x the demand
+    loud = type("R", (), {"modules": {**report.modules, "a0": _Stats(10 * flat), "a1": _Stats(10 * flat)}})()
+    by_share = dataclasses.replace(energy, capacity_measure="share")
+    for settings, expected in ((by_share, share[1] / share[0]), (energy, 108 / 1200)):
+        scaled = compute_utilities(loud, comps, grid, settings)
+        assert scaled.values[row["r0"], -1] / scaled.values[row["a0"], -1] == pytest.approx(expected)
+    # the default reads both and keeps, per family, the demand nearer average: where the two disagree (the
+    # share says recurrent, the energy says the loud attention) neither moves; where they agree, the cautious
+    consensus = dataclasses.replace(energy, capacity_measure="consensus")
+    scaled = compute_utilities(loud, comps, grid, consensus)
+    assert scaled.values[row["r0"], -1] == pytest.approx(scaled.values[row["a0"], -1])
+    table = compute_utilities(report, comps, grid, consensus)  # share 1.759 / 0.241, energy 1.8 / 0.2
+    weights = [share[0] / sum(share) * 2, share[1] / sum(share) * 2]
+    assert table.values[row["r0"], -1] / table.values[row["a0"], -1] == pytest.approx(weights[1] / weights[0])
     flat_report = type("R", (), {"modules": {c.name: _Stats(flat) for c in comps}})()
     flat_table = compute_utilities(
         flat_report, comps, grid, UtilitySettings(signal="capacity", uniform_prior=0.0, capacity_start=4)
@@ -188,9 +206,9 @@ def test_family_demand_and_its_layer_halves_flag_evidence_that_only_one_half_sho
         for layer in range(4)
         for f in ("attention", "recurrent")
     ]
-    # both halves agree: recurrent deep in every layer
+    # both halves agree: recurrent deep in every layer (window energy per parameter, as in the test above)
     agree = [_Stats(deep if c.family == "recurrent" else flat) for c in comps]
-    demand = family_demand(agree, comps, 4)
+    demand = family_demand(agree, comps, 4, "energy")
     assert demand["recurrent"] == pytest.approx((1.8, 1.8, 1.8)) and demand["attention"][0] == pytest.approx(
         0.2
     )
@@ -201,13 +219,13 @@ def test_family_demand_and_its_layer_halves_flag_evidence_that_only_one_half_sho
     # recurrent deep only in the even layers: the odd half is flat, which contradicts nothing
     huge = np.concatenate([np.full(4, 10.0), np.full(12, 9.0)])
     split = [_Stats(huge if c.family == "recurrent" and c.layer % 2 == 0 else flat) for c in comps]
-    whole, even, odd = family_demand(split, comps, 4)["recurrent"]
+    whole, even, odd = family_demand(split, comps, 4, "energy")["recurrent"]
     assert whole > 1.1 and even > 1.1 and odd == pytest.approx(1.0)  # odd half: recurrent == attention
-    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
+    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4, "energy"), comps, ranks)}
     assert rows["recurrent"].agrees  # a flat half does not contradict
     # ... and attention deep in one odd layer: the odd half now puts recurrent below average, the whole above
     split[comps.index(next(c for c in comps if c.layer == 1 and c.family == "attention"))] = _Stats(huge)
-    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4), comps, ranks)}
+    rows = {e.family: e for e in family_evidence(family_demand(split, comps, 4, "energy"), comps, ranks)}
     assert rows["recurrent"].demand > 1.1 and rows["recurrent"].demand_odd < 0.9
     assert not rows["recurrent"].agrees
 

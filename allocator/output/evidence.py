@@ -126,17 +126,18 @@ def gather(
 def capacity(
     report: Any, eligible: Sequence[Component], ranks: Mapping[str, int], utility: UtilitySettings
 ) -> dict[str, Any]:
-    """Per family: capacity demand (gradient energy beyond the budget's uniform rank per parameter, 1 =
-    average; :mod:`allocator.scoring.evidence`) from all its modules and from each half of them, whether the
-    halves agree, and its budget share under uniform and in the plan."""
+    """Per family: capacity demand (by ``utility.capacity_measure``: the share of its modules' gradient
+    energy beyond the budget's uniform rank, or that energy per parameter; 1 = average;
+    :mod:`allocator.scoring.evidence`) from all its modules and from each half of them, whether the halves
+    agree, and its budget share under uniform and in the plan."""
     ok = [c for c in eligible if str(getattr(report.modules.get(c.name), "status", "")) == "ok"]
     r0 = max(1, int(utility.capacity_start))
-    demand = family_demand([report.modules[c.name] for c in ok], ok, r0)
+    demand = family_demand([report.modules[c.name] for c in ok], ok, r0, utility.capacity_measure)
     rows = {
         e.family: {k: round(v, PLACES) if isinstance(v, float) else v for k, v in e.to_dict().items()}
         for e in family_evidence(demand, ok, ranks)
     }
-    return {"rank": r0, "window": list(window(r0)), "families": rows}
+    return {"rank": r0, "window": list(window(r0)), "measure": utility.capacity_measure, "families": rows}
 
 
 def consistency(report: Any, eligible: Sequence[Component], budget: int) -> dict[str, Any]:

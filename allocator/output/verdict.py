@@ -226,10 +226,15 @@ def _capacity_text(evidence: dict[str, Any]) -> str | None:
         else f"the halves disagree on {', '.join(split)}: weak evidence there; `allocate tune` checks it "
         "with pilot fine-tunes"
     )
-    return (
-        f"capacity demand (gradient energy in directions {lo + 1}..{hi} per parameter after the warm-up, "
-        f"1 = average): {values}; {trust}"
+    what = {
+        "energy": f"gradient energy in directions {lo + 1}..{hi} per parameter",
+        "share": f"share of each module's gradient energy in directions {lo + 1}..{hi}",
+    }.get(
+        found.get("measure"),
+        f"gradient energy in directions {lo + 1}..{hi}, per parameter or as a share of each module's, "
+        "whichever is nearer average",
     )
+    return f"capacity demand after the warm-up ({what}; 1 = average): {values}; {trust}"
 
 
 def _headline(plan: Plan, uniform: UniformComparison, ranks: set[int]) -> str:

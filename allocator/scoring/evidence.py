@@ -30,21 +30,37 @@ def window(r0: int) -> tuple[int, int]:
     return r0, max(TAIL_SPAN * r0, r0 + MIN_WINDOW)
 
 
-def family_tails(
-    stats: Iterable[Any], components: Iterable[Component], r0: int
-) -> dict[str, tuple[float, float]]:
-    """Per family: (gradient energy in the capacity window summed over its modules, LoRA parameters per
-    rank).
+# How a module's window energy counts (UtilitySettings.capacity_measure): its share of the module's own
+# measured gradient energy ("share"), the energy itself ("energy"), or per family the more cautious of the
+# two ("consensus", :func:`demand_weights`).
+MEASURES = ("consensus", "share", "energy")
 
-    ``stats`` are probe statistics with ``grad_singular_values`` (top singular values of the accumulated
-    calibration gradient, any order).
+
+def family_tails(
+    stats: Iterable[Any], components: Iterable[Component], r0: int, measure: str = "share"
+) -> dict[str, tuple[float, float]]:
+    """Per family: (capacity demand summed over its modules, LoRA parameters per rank).
+
+    ``measure="energy"``: a module adds the gradient energy in the capacity window. ``"share"``: it adds that
+    energy as a share of its own measured energy (all its kept singular values), times its parameters per
+    rank, so the family's demand per parameter is the parameter-weighted mean share: how much of what its
+    modules are still asked to learn lies beyond the uniform rank, whatever their gradients' scale. ``stats``
+    are probe statistics with ``grad_singular_values`` (top singular values of the accumulated calibration
+    gradient, any order).
     """
+    if measure not in ("share", "energy"):
+        raise ValueError(f"capacity measure {measure!r}; choose share or energy")
+    lo, hi = window(r0)
     out: dict[str, tuple[float, float]] = {}
     for s, c in zip(stats, components, strict=True):
         sigma = np.sort(np.abs(np.asarray(getattr(s, "grad_singular_values", ()), dtype=float).ravel()))[::-1]
-        tail, params = out.get(c.family, (0.0, 0.0))
-        lo, hi = window(r0)
-        out[c.family] = (tail + float((sigma[lo:hi] ** 2).sum()), params + c.n_params_per_rank)
+        energy = sigma**2
+        tail = float(energy[lo:hi].sum())
+        if measure == "share":
+            total = float(energy.sum())
+            tail = tail / total * c.n_params_per_rank if total > 0 else 0.0
+        family_tail, params = out.get(c.family, (0.0, 0.0))
+        out[c.family] = (family_tail + tail, params + c.n_params_per_rank)
     return out
 
 
@@ -58,6 +74,35 @@ def capacity_weights(tails: Mapping[str, tuple[float, float]], exponent: float) 
         return {}
     mean = total_tail / total_params
     return {f: (t / p / mean) ** exponent if t > 0 and p > 0 else 0.0 for f, (t, p) in tails.items()}
+
+
+def demand_weights(
+    stats: Sequence[Any], components: Sequence[Component], r0: int, measure: str, exponent: float = 1.0
+) -> dict[str, float]:
+    """Per family: capacity demand (1 = the parameter-weighted average) to the power ``exponent``; empty when
+    the evidence is flat.
+
+    ``"consensus"``: the share and the energy demand of each family, whichever lies nearer 1 (in log), and 1
+    where they fall on opposite sides of it. Each reading has its own failure: the energy takes a module's
+    gradient scale for demand (Adam does not: an update does not grow with it), the share ignores how much
+    the module's gradient matters at all. The plan moves only as far as both say it should.
+    """
+    if measure != "consensus":
+        return capacity_weights(family_tails(stats, components, r0, measure), exponent)
+    share, energy = (capacity_weights(family_tails(stats, components, r0, m), 1.0) for m in MEASURES[1:])
+    if not share or not energy:
+        return {}
+    return {f: _cautious(share[f], energy.get(f, 0.0)) ** exponent for f in share}
+
+
+def _cautious(a: float, b: float) -> float:
+    """Of two demands, the one nearer 1 in log; 1 when they fall on opposite sides of it."""
+    if min(a, b) <= 0:  # no window energy in one reading: the other's, if it too is below average
+        return min(max(a, b), 1.0)
+    la, lb = float(np.log(a)), float(np.log(b))
+    if la * lb <= 0:
+        return 1.0
+    return a if abs(la) < abs(lb) else b
 
 
 @dataclass(frozen=True)
@@ -89,7 +134,7 @@ def _side(demand: float) -> int:
 
 
 def family_demand(
-    stats: Sequence[Any], components: Sequence[Component], r0: int
+    stats: Sequence[Any], components: Sequence[Component], r0: int, measure: str = "consensus"
 ) -> dict[str, tuple[float, float, float]]:
     """Per family: capacity demand (window energy per parameter over the mean; 1 when the evidence is flat)
     from the whole model and from each half of every family's modules (alternate ones by layer). ``stats``
@@ -97,7 +142,7 @@ def family_demand(
 
     def demand(keep: Any) -> dict[str, float]:
         pairs = [(s, c) for s, c in zip(stats, components, strict=True) if keep(c)]
-        return capacity_weights(family_tails([s for s, _ in pairs], [c for _, c in pairs], r0), 1.0)
+        return demand_weights([s for s, _ in pairs], [c for _, c in pairs], r0, measure)
 
     # halves within each family (its modules by layer, alternately), so a family found only in odd layers
     # (attention every fourth layer) is still in both

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.errors import AllocatorError
-from allocator.scoring.evidence import capacity_weights, family_tails
+from allocator.scoring.evidence import demand_weights
 
 if TYPE_CHECKING:
     from allocator.discovery.component import Component
@@ -328,8 +328,7 @@ class CapacitySignal(Signal):
         phi = prior_curves(components, ranks, shift=CAPACITY_PRIOR_SHIFT)
         for s, c in zip(stats, components, strict=True):
             _vector(s, "grad_singular_values", c.name)  # a non-finite spectrum is a probe bug, not evidence
-        tails = family_tails(stats, components, r0)
-        weight = capacity_weights(tails, settings.capacity_exponent)
+        weight = demand_weights(stats, components, r0, settings.capacity_measure, settings.capacity_exponent)
         if not weight:
             return phi
         clip = settings.capacity_clip

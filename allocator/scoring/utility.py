@@ -26,6 +26,7 @@ import numpy as np
 
 from allocator.discovery.component import FAMILIES, Component
 from allocator.errors import AllocatorError, AllocatorWarning, InputError
+from allocator.scoring.evidence import MEASURES
 from allocator.scoring.signals import SIGNALS, check_curves, n_entries, prior_curves, scale_weights
 from probes.settings import Range, check_ranges, ranged
 
@@ -149,12 +150,21 @@ class UtilitySettings:
     capacity_exponent: float = ranged(
         1.0, "signal capacity: exponent e of the family weights; a family's budget share grows "
              "like its capacity demand per parameter to the power 2e", Range(0, 8))
+    capacity_measure: str = field(default="consensus", metadata={
+        "help": "signal capacity: how demand is read, one of share (a module's window as a share of its own "
+                "gradient energy: under Adam an update does not grow with the gradient's scale), energy (the "
+                "window energy itself, per parameter) or consensus (per family the one of the two nearer "
+                "average; average where they disagree)"})
     capacity_clip: float = ranged(
         64.0, "signal capacity: bound (>= 1) on a family's weight: each lies in [1/clip, clip]", Range(1))
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
             raise InputError(f"unknown utility signal {self.signal!r}; choose one of {sorted(SIGNALS)}")
+        if self.capacity_measure not in MEASURES:
+            raise InputError(
+                f"unknown capacity measure {self.capacity_measure!r}; choose one of {list(MEASURES)}"
+            )
         for name in ("weights", "family_priors"):
             if not isinstance(getattr(self, name), Mapping):
                 raise InputError(f"UtilitySettings.{name} must be a mapping of names to numbers, got "
